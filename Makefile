@@ -1,0 +1,35 @@
+# keyshard: `make test` (what CI runs) and `make demo`. Both install what they need first.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+# Debian packages the tests and the demo need beyond the Rust toolchain. Filled in as the
+# parts that need them (QEMU, swtpm, cryptsetup, ...) land.
+SYSTEM_PACKAGES :=
+
+FUZZ_SECONDS ?= 600
+
+.PHONY: test demo deps lint unit bench fuzz
+
+deps:
+	@scripts/ensure-packages.sh $(SYSTEM_PACKAGES)
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace
+
+test: deps lint unit
+
+demo: deps
+	$(CARGO) build --release --bin keyshard
+	scripts/demo.sh target/release/keyshard
+
+bench:
+	$(CARGO) bench -p keyshard-core --bench sharing
+
+# Fuzz the fragment parser (nightly and cargo-fuzz; cargo-fuzz is installed when missing).
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && $(CARGO) +nightly fuzz run fragment_parse -- -max_total_time=$(FUZZ_SECONDS)

@@ -1,0 +1,166 @@
+//! Fragments: one share with everything a combiner needs to trust and use it, signed by the
+//! dealer. [`Fragment`] is parsed but not yet trusted; [`VerifiedFragment`] passed the dealer's
+//! signature check (or was just signed by the dealer). The byte layout is in [`wire`].
+
+pub mod wire;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use zeroize::Zeroizing;
+
+use crate::holder::{HolderClass, HolderId, KeyId, NameError};
+use crate::kcv::KeyCheckValue;
+use crate::sharing::{Share, SharingError, Threshold};
+
+pub use wire::{MAGIC, MAX_FRAGMENT_LEN, VERSION};
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum FragmentError {
+    #[error("fragment is {len} bytes, larger than any valid fragment ({max})")]
+    TooLarge { len: usize, max: usize },
+    #[error("fragment is truncated: {field} is missing or short")]
+    Truncated { field: &'static str },
+    #[error("not a keyshard fragment (bad magic)")]
+    BadMagic,
+    #[error("unsupported fragment version {version} (this build reads version 1)")]
+    UnsupportedVersion { version: u8 },
+    #[error("unknown holder class code {code}")]
+    UnknownHolderClass { code: u8 },
+    #[error("invalid k/n: {0}")]
+    BadThreshold(SharingError),
+    #[error("share index {index} is outside 1..={n}")]
+    BadShareIndex { index: u8, n: u8 },
+    #[error("invalid key id: {0}")]
+    BadKeyId(NameError),
+    #[error("invalid holder id: {0}")]
+    BadHolderId(NameError),
+    #[error("share length {len} is outside 1..={max}", max = crate::sharing::MAX_SECRET_LEN)]
+    BadShareLength { len: usize },
+    #[error("{extra} unexpected bytes after the signature")]
+    TrailingBytes { extra: usize },
+    #[error("dealer signature does not verify (tampered, or signed by another dealer)")]
+    BadSignature,
+}
+
+pub type Result<T> = std::result::Result<T, FragmentError>;
+
+/// Everything in a fragment but the share bytes and the signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FragmentHeader {
+    pub key_id: KeyId,
+    pub epoch: u64,
+    /// The share's x coordinate, 1..=n.
+    pub index: u8,
+    pub threshold: Threshold,
+    pub class: HolderClass,
+    pub holder_id: HolderId,
+    pub kcv: KeyCheckValue,
+}
+
+/// A parsed fragment whose signature has not been checked: look, but do not combine.
+pub struct Fragment {
+    header: FragmentHeader,
+    share: Zeroizing<Vec<u8>>,
+    encoded: Zeroizing<Vec<u8>>,
+    signed_len: usize,
+    signature: [u8; wire::SIGNATURE_LEN],
+}
+
+impl Fragment {
+    /// Parses `bytes` strictly: bounded lengths, known version and class, nothing trailing.
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let parsed = wire::parse(bytes)?;
+        Ok(Self {
+            header: parsed.header,
+            share: parsed.share,
+            encoded: Zeroizing::new(bytes.to_vec()),
+            signed_len: parsed.signed_len,
+            signature: parsed.signature,
+        })
+    }
+
+    pub fn header(&self) -> &FragmentHeader {
+        &self.header
+    }
+
+    pub fn share_len(&self) -> usize {
+        self.share.len()
+    }
+
+    /// Checks the dealer's Ed25519 signature (strict: no malleable or small-order forms).
+    pub fn verify(self, dealer: &VerifyingKey) -> Result<VerifiedFragment> {
+        let signed = self
+            .encoded
+            .get(..self.signed_len)
+            .ok_or(FragmentError::Truncated { field: "signature" })?;
+        dealer
+            .verify_strict(signed, &Signature::from_bytes(&self.signature))
+            .map_err(|_| FragmentError::BadSignature)?;
+        Ok(VerifiedFragment {
+            share: Share::new(self.header.index, self.share),
+            header: self.header,
+            encoded: self.encoded,
+        })
+    }
+}
+
+impl std::fmt::Debug for Fragment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fragment")
+            .field("header", &self.header)
+            .field("share_len", &self.share.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A fragment the dealer is known to have signed.
+pub struct VerifiedFragment {
+    header: FragmentHeader,
+    share: Share,
+    encoded: Zeroizing<Vec<u8>>,
+}
+
+impl VerifiedFragment {
+    /// Signs `share` with `header` as the dealer. `header.index` names the share's x.
+    pub fn sign(header: FragmentHeader, share: &Share, dealer: &SigningKey) -> Result<Self> {
+        if share.index() != header.index || header.index == 0 || header.index > header.threshold.n()
+        {
+            return Err(FragmentError::BadShareIndex {
+                index: share.index(),
+                n: header.threshold.n(),
+            });
+        }
+        let mut encoded = wire::encode_signed_part(&header, share.value())?;
+        let signature = dealer.sign(&encoded);
+        encoded.extend_from_slice(&signature.to_bytes());
+        Ok(Self {
+            header,
+            share: share.clone(),
+            encoded,
+        })
+    }
+
+    pub fn header(&self) -> &FragmentHeader {
+        &self.header
+    }
+
+    pub fn share(&self) -> &Share {
+        &self.share
+    }
+
+    /// The fragment's bytes, as written to a fragment file or device.
+    pub fn encoded(&self) -> &[u8] {
+        &self.encoded
+    }
+}
+
+impl std::fmt::Debug for VerifiedFragment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifiedFragment")
+            .field("header", &self.header)
+            .field("share", &self.share)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests;

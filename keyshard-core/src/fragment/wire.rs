@@ -1,0 +1,188 @@
+//! The byte layout of fragment format v1, and its strict parser.
+//!
+//! All integers are little-endian. Offsets after the key id depend on its length.
+//!
+//! | field         | size       | meaning                                                      |
+//! |---------------|------------|--------------------------------------------------------------|
+//! | magic         | 4          | `KSHF`                                                       |
+//! | version       | 1          | 1                                                            |
+//! | holder class  | 1          | 1 `vhd`, 2 `tpm`, 3 `sev`, 4 `host`                          |
+//! | k             | 1          | threshold, 2..=n                                             |
+//! | n             | 1          | number of shares in this epoch                               |
+//! | share index   | 1          | the share's x coordinate, 1..=n                              |
+//! | epoch         | 8          | sharing epoch; rotation makes a new one                      |
+//! | key id length | 1          | 1..=64                                                       |
+//! | key id        | 1..=64     | ASCII `A-Z a-z 0-9 . _ -`                                    |
+//! | holder length | 1          | 1..=16                                                       |
+//! | holder id     | 1..=16     | ASCII `a-z 0-9 . _ -`                                        |
+//! | share length  | 2          | 1..=1024, the secret's length                                |
+//! | share         | share len  | the share's y values, one per secret byte                    |
+//! | key check     | 32         | HMAC-SHA-256 key check value of the secret (see `kcv`)       |
+//! | signature     | 64         | Ed25519 signature by the dealer over every byte before it    |
+//!
+//! Nothing may follow the signature.
+
+use zeroize::Zeroizing;
+
+use super::{FragmentError, FragmentHeader, Result};
+use crate::holder::{HolderClass, HolderId, KeyId, MAX_HOLDER_ID_LEN, MAX_KEY_ID_LEN};
+use crate::kcv::{KCV_LEN, KeyCheckValue};
+use crate::sharing::{MAX_SECRET_LEN, Threshold};
+
+pub const MAGIC: [u8; 4] = *b"KSHF";
+pub const VERSION: u8 = 1;
+pub const SIGNATURE_LEN: usize = 64;
+/// The largest valid fragment: every variable field at its maximum.
+pub const MAX_FRAGMENT_LEN: usize = 4
+    + 1
+    + 1
+    + 1
+    + 1
+    + 1
+    + 8
+    + 1
+    + MAX_KEY_ID_LEN
+    + 1
+    + MAX_HOLDER_ID_LEN
+    + 2
+    + MAX_SECRET_LEN
+    + KCV_LEN
+    + SIGNATURE_LEN;
+
+/// What a successful parse yields: the header, the share bytes, and where the signed part ends.
+pub(super) struct Parsed {
+    pub header: FragmentHeader,
+    pub share: Zeroizing<Vec<u8>>,
+    pub signed_len: usize,
+    pub signature: [u8; SIGNATURE_LEN],
+}
+
+/// Reads fields front to back; every read names its field so a short input says what is missing.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, len: usize, field: &'static str) -> Result<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(len)
+            .ok_or(FragmentError::Truncated { field })?;
+        let slice = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or(FragmentError::Truncated { field })?;
+        self.pos = end;
+        Ok(slice)
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N]> {
+        let slice = self.take(N, field)?;
+        <[u8; N]>::try_from(slice).map_err(|_| FragmentError::Truncated { field })
+    }
+
+    fn u8(&mut self, field: &'static str) -> Result<u8> {
+        Ok(u8::from_le_bytes(self.array(field)?))
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.array(field)?))
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(field)?))
+    }
+
+    fn ascii(&mut self, field: &'static str) -> Result<&'a str> {
+        let len = self.u8(field)?;
+        let bytes = self.take(usize::from(len), field)?;
+        // Non-ASCII is refused by the name checks; a lossy view is enough to report it.
+        std::str::from_utf8(bytes).or(Ok("\u{fffd}"))
+    }
+}
+
+pub(super) fn parse(bytes: &[u8]) -> Result<Parsed> {
+    if bytes.len() > MAX_FRAGMENT_LEN {
+        return Err(FragmentError::TooLarge {
+            len: bytes.len(),
+            max: MAX_FRAGMENT_LEN,
+        });
+    }
+    let mut r = Reader { bytes, pos: 0 };
+    if r.array::<4>("magic")? != MAGIC {
+        return Err(FragmentError::BadMagic);
+    }
+    let version = r.u8("version")?;
+    if version != VERSION {
+        return Err(FragmentError::UnsupportedVersion { version });
+    }
+    let code = r.u8("holder class")?;
+    let class = HolderClass::from_code(code).ok_or(FragmentError::UnknownHolderClass { code })?;
+    let k = r.u8("k")?;
+    let n = r.u8("n")?;
+    let threshold = Threshold::new(k, n).map_err(FragmentError::BadThreshold)?;
+    let index = r.u8("share index")?;
+    if index == 0 || index > n {
+        return Err(FragmentError::BadShareIndex { index, n });
+    }
+    let epoch = r.u64("epoch")?;
+    let key_id = KeyId::new(r.ascii("key id")?).map_err(FragmentError::BadKeyId)?;
+    let holder_id = HolderId::new(r.ascii("holder id")?).map_err(FragmentError::BadHolderId)?;
+    let share_len = usize::from(r.u16("share length")?);
+    if share_len == 0 || share_len > MAX_SECRET_LEN {
+        return Err(FragmentError::BadShareLength { len: share_len });
+    }
+    let share = Zeroizing::new(r.take(share_len, "share")?.to_vec());
+    let kcv = KeyCheckValue::from_bytes(r.array("key check value")?);
+    let signed_len = r.pos;
+    let signature = r.array("signature")?;
+    let extra = bytes.len() - r.pos;
+    if extra != 0 {
+        return Err(FragmentError::TrailingBytes { extra });
+    }
+    Ok(Parsed {
+        header: FragmentHeader {
+            key_id,
+            epoch,
+            index,
+            threshold,
+            class,
+            holder_id,
+            kcv,
+        },
+        share,
+        signed_len,
+        signature,
+    })
+}
+
+/// The signed part of a fragment: every field but the signature.
+pub(super) fn encode_signed_part(
+    header: &FragmentHeader,
+    share: &[u8],
+) -> Result<Zeroizing<Vec<u8>>> {
+    let share_len = u16::try_from(share.len())
+        .ok()
+        .filter(|len| (1..=MAX_SECRET_LEN).contains(&usize::from(*len)))
+        .ok_or(FragmentError::BadShareLength { len: share.len() })?;
+    let key_id = header.key_id.as_str().as_bytes();
+    let holder_id = header.holder_id.as_str().as_bytes();
+    let mut out = Zeroizing::new(Vec::with_capacity(MAX_FRAGMENT_LEN));
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(header.class.code());
+    out.push(header.threshold.k());
+    out.push(header.threshold.n());
+    out.push(header.index);
+    out.extend_from_slice(&header.epoch.to_le_bytes());
+    // The id constructors bound both lengths far below 256, so `as u8` cannot truncate.
+    out.push(key_id.len() as u8);
+    out.extend_from_slice(key_id);
+    out.push(holder_id.len() as u8);
+    out.extend_from_slice(holder_id);
+    out.extend_from_slice(&share_len.to_le_bytes());
+    out.extend_from_slice(share);
+    out.extend_from_slice(header.kcv.as_bytes());
+    Ok(out)
+}

@@ -1,0 +1,20 @@
+//! keyshard-core: what the host dealer and the guest agent share.
+//!
+//! A secret is split with Shamir's scheme ([`sharing`]), each share is wrapped in a signed
+//! [`fragment`], and a [`quorum`] of verified fragments of one epoch rebuilds it. The [`policy`]
+//! says how many shares each holder class gets and how many rebuild the secret.
+
+pub mod dealer;
+pub mod fragment;
+pub mod holder;
+pub mod kcv;
+pub mod keys;
+pub mod policy;
+pub mod quorum;
+pub mod sharing;
+
+pub use fragment::{Fragment, FragmentHeader, VerifiedFragment};
+pub use holder::{HolderClass, HolderId, KeyId};
+pub use kcv::KeyCheckValue;
+pub use quorum::{QuorumOutcome, QuorumRequest};
+pub use sharing::Threshold;

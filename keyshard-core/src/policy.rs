@@ -1,0 +1,313 @@
+//! Sharing policy (TOML): how many shares each holder class gets, the threshold k, and the PCRs
+//! a `tpm` share is sealed to. [`Policy::parse`] reads and checks; a policy that parses is valid.
+//!
+//! ```toml
+//! threshold = 3
+//!
+//! [holders]
+//! vhd = 2
+//! tpm = 1
+//!
+//! [tpm]
+//! pcr_bank = "sha256"
+//! pcrs = [0, 7]
+//! ```
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+
+use crate::dealer::HolderSlot;
+use crate::holder::HolderClass;
+
+/// PCR indices a PC client TPM has.
+pub const MAX_PCR_INDEX: u8 = 23;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("not a valid policy file: {0}")]
+    Syntax(String),
+    #[error("the policy gives out no shares")]
+    NoShares,
+    #[error("the policy gives out {n} shares, at most 255 are possible")]
+    TooManyShares { n: u32 },
+    #[error("threshold = {k} is below 2: a single holder would hold the secret")]
+    ThresholdTooLow { k: u8 },
+    #[error("threshold = {k} exceeds the {n} shares the policy gives out")]
+    ThresholdAboveShares { k: u8, n: u32 },
+    #[error(
+        "the {vhd} vhd shares alone reach threshold {k}: whoever runs the host could rebuild the \
+         secret without any attestation; raise the threshold, or set allow_host_visible_quorum = true \
+         to accept that"
+    )]
+    HostVisibleQuorum { vhd: u8, k: u8 },
+    #[error("the policy gives tpm shares but has no [tpm] section with the PCRs to seal to")]
+    MissingTpmSection,
+    #[error("[tpm] pcrs is empty: a tpm share must be sealed to at least one PCR")]
+    NoPcrs,
+    #[error("[tpm] PCR {index} does not exist (0..={MAX_PCR_INDEX})")]
+    PcrOutOfRange { index: u8 },
+    #[error("[tpm] PCR {index} is listed twice")]
+    DuplicatePcr { index: u8 },
+}
+
+pub type Result<T> = std::result::Result<T, PolicyError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PcrBank {
+    Sha1,
+    Sha256,
+    Sha384,
+}
+
+impl PcrBank {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sha1 => "sha1",
+            Self::Sha256 => "sha256",
+            Self::Sha384 => "sha384",
+        }
+    }
+}
+
+/// Shares per holder class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HolderCounts {
+    #[serde(default)]
+    pub vhd: u8,
+    #[serde(default)]
+    pub tpm: u8,
+    #[serde(default)]
+    pub sev: u8,
+    #[serde(default)]
+    pub host: u8,
+}
+
+impl HolderCounts {
+    pub fn get(&self, class: HolderClass) -> u8 {
+        match class {
+            HolderClass::Vhd => self.vhd,
+            HolderClass::Tpm => self.tpm,
+            HolderClass::Sev => self.sev,
+            HolderClass::Host => self.host,
+        }
+    }
+
+    /// n: all shares together (a u32, so that an oversized sum is reported, not wrapped).
+    pub fn total(&self) -> u32 {
+        HolderClass::ALL
+            .into_iter()
+            .map(|c| u32::from(self.get(c)))
+            .sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmPolicy {
+    pub pcr_bank: PcrBank,
+    pub pcrs: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub threshold: u8,
+    pub holders: HolderCounts,
+    #[serde(default)]
+    pub allow_host_visible_quorum: bool,
+    #[serde(default)]
+    pub tpm: Option<TpmPolicy>,
+}
+
+impl Policy {
+    /// Parses and checks a policy; the first problem found is the error.
+    pub fn parse(text: &str) -> Result<Self> {
+        let policy: Policy = toml::from_str(text).map_err(|e| PolicyError::Syntax(one_line(&e)))?;
+        policy.check()?;
+        Ok(policy)
+    }
+
+    fn check(&self) -> Result<()> {
+        let n = self.holders.total();
+        let k = self.threshold;
+        if n == 0 {
+            return Err(PolicyError::NoShares);
+        }
+        if n > 255 {
+            return Err(PolicyError::TooManyShares { n });
+        }
+        if k < 2 {
+            return Err(PolicyError::ThresholdTooLow { k });
+        }
+        if u32::from(k) > n {
+            return Err(PolicyError::ThresholdAboveShares { k, n });
+        }
+        if self.host_visible_shares() >= k && !self.allow_host_visible_quorum {
+            return Err(PolicyError::HostVisibleQuorum {
+                vhd: self.holders.vhd,
+                k,
+            });
+        }
+        if self.holders.tpm > 0 {
+            let tpm = self.tpm.as_ref().ok_or(PolicyError::MissingTpmSection)?;
+            if tpm.pcrs.is_empty() {
+                return Err(PolicyError::NoPcrs);
+            }
+            let mut seen = BTreeSet::new();
+            for &index in &tpm.pcrs {
+                if index > MAX_PCR_INDEX {
+                    return Err(PolicyError::PcrOutOfRange { index });
+                }
+                if !seen.insert(index) {
+                    return Err(PolicyError::DuplicatePcr { index });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// n, the number of shares; at most 255 once the policy parsed.
+    pub fn shares(&self) -> u8 {
+        u8::try_from(self.holders.total()).unwrap_or(u8::MAX)
+    }
+
+    /// Shares that whoever runs the host can read without attestation.
+    pub fn host_visible_shares(&self) -> u8 {
+        HolderClass::ALL
+            .into_iter()
+            .filter(|c| c.is_host_visible())
+            .map(|c| self.holders.get(c))
+            .sum()
+    }
+
+    /// Whether host-visible shares alone rebuild the secret (allowed only by the override).
+    pub fn host_visible_quorum(&self) -> bool {
+        self.host_visible_shares() >= self.threshold
+    }
+
+    /// The holders in share-index order: all `vhd`, then `tpm`, `sev`, `host`.
+    pub fn holder_slots(&self) -> Vec<HolderSlot> {
+        HolderClass::ALL
+            .into_iter()
+            .flat_map(|class| HolderSlot::numbered(class, self.holders.get(class)))
+            .collect()
+    }
+}
+
+/// toml's errors span several lines with a caret diagram; a CLI wants one line.
+fn one_line(error: &toml::de::Error) -> String {
+    let message = error.message().trim().to_owned();
+    match error.span() {
+        Some(span) => format!("{message} (at byte {})", span.start),
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE_VHD_ONLY: &str = include_str!("../../examples/vhd-only.toml");
+    const EXAMPLE_VHD_TPM: &str = include_str!("../../examples/vhd-tpm.toml");
+
+    fn parse_err(text: &str) -> PolicyError {
+        Policy::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        let vhd_only = Policy::parse(EXAMPLE_VHD_ONLY).unwrap();
+        assert_eq!((vhd_only.threshold, vhd_only.shares()), (3, 3));
+        assert!(vhd_only.host_visible_quorum() && vhd_only.allow_host_visible_quorum);
+
+        let vhd_tpm = Policy::parse(EXAMPLE_VHD_TPM).unwrap();
+        assert_eq!((vhd_tpm.threshold, vhd_tpm.shares()), (3, 3));
+        assert!(!vhd_tpm.host_visible_quorum());
+        let tpm = vhd_tpm.tpm.as_ref().unwrap();
+        assert_eq!(
+            (tpm.pcr_bank, tpm.pcrs.as_slice()),
+            (PcrBank::Sha256, &[0, 7][..])
+        );
+        let ids: Vec<String> = vhd_tpm
+            .holder_slots()
+            .iter()
+            .map(|h| h.id.to_string())
+            .collect();
+        assert_eq!(ids, ["vhd-1", "vhd-2", "tpm-1"]);
+    }
+
+    #[test]
+    fn host_visible_quorum_needs_the_override() {
+        let text = "threshold = 3\n[holders]\nvhd = 3\n";
+        assert_eq!(
+            parse_err(text),
+            PolicyError::HostVisibleQuorum { vhd: 3, k: 3 }
+        );
+        let allowed = format!("allow_host_visible_quorum = true\n{text}");
+        assert!(Policy::parse(&allowed).is_ok());
+        // More vhd shares than k is just as host-visible.
+        let text = "threshold = 2\n[holders]\nvhd = 2\nsev = 1\n";
+        assert_eq!(
+            parse_err(text),
+            PolicyError::HostVisibleQuorum { vhd: 2, k: 2 }
+        );
+    }
+
+    #[test]
+    fn thresholds_and_counts_are_checked() {
+        assert_eq!(
+            parse_err("threshold = 4\n[holders]\nvhd = 1\nsev = 2\n"),
+            PolicyError::ThresholdAboveShares { k: 4, n: 3 }
+        );
+        assert_eq!(
+            parse_err("threshold = 1\n[holders]\nsev = 2\n"),
+            PolicyError::ThresholdTooLow { k: 1 }
+        );
+        assert_eq!(
+            parse_err("threshold = 2\n[holders]\n"),
+            PolicyError::NoShares
+        );
+        assert_eq!(
+            parse_err("threshold = 2\n[holders]\nsev = 200\nhost = 100\n"),
+            PolicyError::TooManyShares { n: 300 }
+        );
+    }
+
+    #[test]
+    fn tpm_shares_need_valid_pcrs() {
+        let base = "threshold = 2\n[holders]\nvhd = 1\ntpm = 1\n";
+        assert_eq!(parse_err(base), PolicyError::MissingTpmSection);
+        let with = |pcrs: &str| format!("{base}[tpm]\npcr_bank = \"sha256\"\npcrs = {pcrs}\n");
+        assert_eq!(parse_err(&with("[]")), PolicyError::NoPcrs);
+        assert_eq!(
+            parse_err(&with("[0, 24]")),
+            PolicyError::PcrOutOfRange { index: 24 }
+        );
+        assert_eq!(
+            parse_err(&with("[7, 7]")),
+            PolicyError::DuplicatePcr { index: 7 }
+        );
+        assert!(Policy::parse(&with("[0, 7, 14]")).is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_classes_and_banks_are_refused() {
+        for text in [
+            "threshold = 2\nthreshhold = 3\n[holders]\nsev = 2\n",
+            "threshold = 2\n[holders]\nsev = 2\nusb = 1\n",
+            "threshold = 2\n[holders]\nsev = 1\ntpm = 1\n[tpm]\npcr_bank = \"md5\"\npcrs = [0]\n",
+            "threshold = 300\n[holders]\nsev = 2\n",
+            "not toml at all",
+        ] {
+            let err = parse_err(text);
+            assert!(
+                matches!(err, PolicyError::Syntax(_)),
+                "{text:?} gave {err:?}"
+            );
+            assert!(!err.to_string().contains('\n'), "multi-line error: {err}");
+        }
+    }
+}

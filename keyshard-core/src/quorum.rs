@@ -1,0 +1,379 @@
+//! Quorum: from whatever fragments turned up, rebuild the secret or say exactly why not.
+//!
+//! Each candidate is parsed and its dealer signature checked; fragments of another key, or that
+//! disagree with the rest of their epoch, are set aside with a reason. The newest epoch that has
+//! k valid shares is combined and the result checked against the key check value. An invalid
+//! fragment is never fatal while a quorum remains.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use ed25519_dalek::VerifyingKey;
+use zeroize::Zeroizing;
+
+use crate::fragment::{Fragment, FragmentError, FragmentHeader, VerifiedFragment};
+use crate::holder::KeyId;
+use crate::sharing::{self, Share};
+
+/// What the combiner trusts: the dealer key, and optionally the key id and k from a manifest.
+#[derive(Debug, Clone, Copy)]
+pub struct QuorumRequest<'a> {
+    pub dealer: &'a VerifyingKey,
+    /// The secret wanted. `None`: every valid fragment must name the same key id.
+    pub key_id: Option<&'a KeyId>,
+    /// The threshold the caller expects. `None`: take the fragments' own.
+    pub threshold: Option<u8>,
+}
+
+/// One expected fragment, named by where it came from (a file, a device serial): its bytes, or
+/// why they could not be read.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub source: String,
+    pub content: std::result::Result<Zeroizing<Vec<u8>>, String>,
+}
+
+impl Candidate {
+    pub fn new(source: impl Into<String>, bytes: Vec<u8>) -> Self {
+        Self {
+            source: source.into(),
+            content: Ok(Zeroizing::new(bytes)),
+        }
+    }
+
+    /// A holder that could not be read (missing device, I/O error, timeout).
+    pub fn unavailable(source: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            source: source.into(),
+            content: Err(reason.into()),
+        }
+    }
+}
+
+/// Why a fragment was not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RejectReason {
+    Unavailable(String),
+    Malformed(FragmentError),
+    BadSignature,
+    ForeignKeyId {
+        found: KeyId,
+        expected: KeyId,
+    },
+    ThresholdMismatch {
+        found: u8,
+        expected: u8,
+    },
+    InconsistentThreshold {
+        epoch: u64,
+        k: u8,
+        n: u8,
+        epoch_k: u8,
+        epoch_n: u8,
+    },
+    InconsistentKeyCheck {
+        epoch: u64,
+    },
+    DuplicateIndex {
+        epoch: u64,
+        index: u8,
+        first_source: String,
+    },
+    IncompleteEpoch {
+        epoch: u64,
+        valid: usize,
+        k: u8,
+    },
+    Superseded {
+        epoch: u64,
+        used_epoch: u64,
+    },
+    KeyCheckFailed {
+        epoch: u64,
+    },
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unavailable(why) => write!(f, "unavailable: {why}"),
+            Self::Malformed(e) => write!(f, "unparseable: {e}"),
+            Self::BadSignature => {
+                f.write_str("bad signature: tampered, or not signed by the trusted dealer key")
+            }
+            Self::ForeignKeyId { found, expected } => {
+                write!(f, "foreign key id {found:?} (expected {expected:?})")
+            }
+            Self::ThresholdMismatch { found, expected } => {
+                write!(f, "k = {found}, but k = {expected} is expected")
+            }
+            Self::InconsistentThreshold {
+                epoch,
+                k,
+                n,
+                epoch_k,
+                epoch_n,
+            } => write!(
+                f,
+                "k/n = {k}/{n} disagrees with the other fragments of epoch {epoch} ({epoch_k}/{epoch_n})"
+            ),
+            Self::InconsistentKeyCheck { epoch } => write!(
+                f,
+                "key check value disagrees with the other fragments of epoch {epoch}"
+            ),
+            Self::DuplicateIndex {
+                epoch,
+                index,
+                first_source,
+            } => write!(
+                f,
+                "duplicate share index {index} of epoch {epoch} (already taken from {first_source})"
+            ),
+            Self::IncompleteEpoch { epoch, valid, k } => write!(
+                f,
+                "epoch {epoch} has only {valid} valid of the {k} shares it needs"
+            ),
+            Self::Superseded { epoch, used_epoch } => {
+                write!(f, "stale: epoch {epoch}, newer epoch {used_epoch} was used")
+            }
+            Self::KeyCheckFailed { epoch } => write!(
+                f,
+                "the shares of epoch {epoch} rebuild a secret that fails the key check"
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub source: String,
+    pub reason: RejectReason,
+}
+
+/// A valid fragment and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub source: String,
+    pub header: FragmentHeader,
+}
+
+/// The rebuilt secret, and an account of every candidate.
+#[derive(Debug)]
+pub struct QuorumOutcome {
+    pub secret: Zeroizing<Vec<u8>>,
+    pub key_id: KeyId,
+    pub epoch: u64,
+    pub k: u8,
+    /// The k fragments combined.
+    pub used: Vec<Accepted>,
+    /// Valid fragments of the same epoch beyond the k needed.
+    pub spare: Vec<Accepted>,
+    pub rejected: Vec<Rejection>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QuorumError {
+    #[error("quorum not met: {valid} valid fragment(s) of one epoch, {} needed", needed.map_or_else(|| "k (unknown)".to_owned(), |k| k.to_string()))]
+    NotMet {
+        /// Valid fragments in the best epoch.
+        valid: usize,
+        /// k, when any valid fragment or the caller said it.
+        needed: Option<u8>,
+        rejected: Vec<Rejection>,
+    },
+    #[error("fragments of several keys ({}); name the one wanted", key_ids.iter().map(KeyId::as_str).collect::<Vec<_>>().join(", "))]
+    AmbiguousKeyId { key_ids: Vec<KeyId> },
+}
+
+pub type Result<T> = std::result::Result<T, QuorumError>;
+
+struct Valid {
+    source: String,
+    fragment: VerifiedFragment,
+}
+
+/// Rebuilds the secret from `candidates`, or reports why it cannot.
+pub fn rebuild(request: &QuorumRequest<'_>, candidates: &[Candidate]) -> Result<QuorumOutcome> {
+    let mut rejected = Vec::new();
+    let mut reject = |source: &str, reason| {
+        rejected.push(Rejection {
+            source: source.to_owned(),
+            reason,
+        })
+    };
+
+    let mut valid = Vec::new();
+    for candidate in candidates {
+        let verified = candidate
+            .content
+            .as_ref()
+            .map_err(|why| RejectReason::Unavailable(why.clone()))
+            .and_then(|bytes| Fragment::parse(bytes).map_err(RejectReason::Malformed))
+            .and_then(|f| {
+                f.verify(request.dealer)
+                    .map_err(|_| RejectReason::BadSignature)
+            });
+        match verified {
+            Ok(fragment) => valid.push(Valid {
+                source: candidate.source.clone(),
+                fragment,
+            }),
+            Err(reason) => reject(&candidate.source, reason),
+        }
+    }
+
+    let key_id = match request.key_id {
+        Some(id) => id.clone(),
+        None => {
+            let ids: BTreeSet<&KeyId> = valid.iter().map(|v| &v.fragment.header().key_id).collect();
+            if ids.len() > 1 {
+                return Err(QuorumError::AmbiguousKeyId {
+                    key_ids: ids.into_iter().cloned().collect(),
+                });
+            }
+            match ids.into_iter().next() {
+                Some(id) => id.clone(),
+                None => {
+                    return Err(QuorumError::NotMet {
+                        valid: 0,
+                        needed: request.threshold,
+                        rejected,
+                    });
+                }
+            }
+        }
+    };
+
+    // Group what remains by epoch, keeping only fragments that agree with their epoch.
+    let mut epochs: BTreeMap<u64, Vec<Valid>> = BTreeMap::new();
+    for v in valid {
+        let header = v.fragment.header();
+        if header.key_id != key_id {
+            let found = header.key_id.clone();
+            reject(
+                &v.source,
+                RejectReason::ForeignKeyId {
+                    found,
+                    expected: key_id.clone(),
+                },
+            );
+            continue;
+        }
+        if let Some(expected) = request.threshold.filter(|k| *k != header.threshold.k()) {
+            let found = header.threshold.k();
+            reject(
+                &v.source,
+                RejectReason::ThresholdMismatch { found, expected },
+            );
+            continue;
+        }
+        let members = epochs.entry(header.epoch).or_default();
+        match disagreement(members, &v) {
+            Some(reason) => reject(&v.source, reason),
+            None => members.push(v),
+        }
+    }
+
+    let mut best: Option<(usize, u8)> = None;
+    let mut outcome = None;
+    // Newest epoch first; an older complete epoch is the fallback while a rotation is under way.
+    while let Some((epoch, mut members)) = epochs.pop_last() {
+        let k = members
+            .first()
+            .map_or(0, |v| v.fragment.header().threshold.k());
+        if best.is_none_or(|(count, _)| members.len() > count) {
+            best = Some((members.len(), k));
+        }
+        if outcome.is_some() {
+            for v in &members {
+                let used_epoch = outcome.as_ref().map_or(0, |o: &QuorumOutcome| o.epoch);
+                reject(&v.source, RejectReason::Superseded { epoch, used_epoch });
+            }
+            continue;
+        }
+        if members.len() < usize::from(k) {
+            for v in &members {
+                let valid = members.len();
+                reject(&v.source, RejectReason::IncompleteEpoch { epoch, valid, k });
+            }
+            continue;
+        }
+        members.sort_by_key(|v| v.fragment.header().index);
+        let spare_members = members.split_off(usize::from(k));
+        match combine_checked(&members, &key_id, k) {
+            Some(secret) => {
+                outcome = Some(QuorumOutcome {
+                    secret,
+                    key_id: key_id.clone(),
+                    epoch,
+                    k,
+                    used: members.iter().map(accepted).collect(),
+                    spare: spare_members.iter().map(accepted).collect(),
+                    rejected: Vec::new(),
+                });
+            }
+            None => {
+                for v in members.iter().chain(&spare_members) {
+                    reject(&v.source, RejectReason::KeyCheckFailed { epoch });
+                }
+            }
+        }
+    }
+
+    match outcome {
+        Some(mut outcome) => {
+            outcome.rejected = rejected;
+            Ok(outcome)
+        }
+        None => Err(QuorumError::NotMet {
+            valid: best.map_or(0, |(count, _)| count),
+            needed: request.threshold.or(best.map(|(_, k)| k)),
+            rejected,
+        }),
+    }
+}
+
+/// Why `candidate` cannot join the fragments already accepted for its epoch, if it cannot.
+fn disagreement(members: &[Valid], candidate: &Valid) -> Option<RejectReason> {
+    let header = candidate.fragment.header();
+    let first = members.first()?.fragment.header();
+    if first.threshold != header.threshold {
+        return Some(RejectReason::InconsistentThreshold {
+            epoch: header.epoch,
+            k: header.threshold.k(),
+            n: header.threshold.n(),
+            epoch_k: first.threshold.k(),
+            epoch_n: first.threshold.n(),
+        });
+    }
+    if first.kcv != header.kcv {
+        return Some(RejectReason::InconsistentKeyCheck {
+            epoch: header.epoch,
+        });
+    }
+    members
+        .iter()
+        .find(|m| m.fragment.header().index == header.index)
+        .map(|m| RejectReason::DuplicateIndex {
+            epoch: header.epoch,
+            index: header.index,
+            first_source: m.source.clone(),
+        })
+}
+
+fn combine_checked(members: &[Valid], key_id: &KeyId, k: u8) -> Option<Zeroizing<Vec<u8>>> {
+    let shares: Vec<Share> = members.iter().map(|v| v.fragment.share().clone()).collect();
+    let secret = sharing::combine(&shares, k).ok()?;
+    let kcv = members.first()?.fragment.header().kcv;
+    kcv.matches(&secret, key_id).then_some(secret)
+}
+
+fn accepted(v: &Valid) -> Accepted {
+    Accepted {
+        source: v.source.clone(),
+        header: v.fragment.header().clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,388 @@
+//! Quorum tests: each reason a fragment is set aside, epochs, and the not-met report.
+
+use ed25519_dalek::SigningKey;
+
+use super::*;
+use crate::dealer::{self, DealPlan, HolderSlot};
+use crate::holder::HolderClass;
+use crate::keys;
+
+const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+fn key_id(name: &str) -> KeyId {
+    KeyId::new(name).unwrap()
+}
+
+fn deal(secret: &[u8], id: &str, epoch: u64, k: u8, n: u8, key: &SigningKey) -> Vec<Candidate> {
+    let plan = DealPlan {
+        key_id: key_id(id),
+        epoch,
+        k,
+        holders: HolderSlot::numbered(HolderClass::Vhd, n).collect(),
+    };
+    dealer::deal(secret, &plan, key)
+        .unwrap()
+        .iter()
+        .map(|f| {
+            Candidate::new(
+                format!("e{epoch}-f{}", f.header().index),
+                f.encoded().to_vec(),
+            )
+        })
+        .collect()
+}
+
+fn request(key: &VerifyingKey) -> QuorumRequest<'_> {
+    QuorumRequest {
+        dealer: key,
+        key_id: None,
+        threshold: None,
+    }
+}
+
+fn sources(list: &[Accepted]) -> Vec<&str> {
+    list.iter().map(|a| a.source.as_str()).collect()
+}
+
+fn reasons(rejected: &[Rejection]) -> Vec<(&str, RejectReason)> {
+    rejected
+        .iter()
+        .map(|r| (r.source.as_str(), r.reason.clone()))
+        .collect()
+}
+
+#[test]
+fn k_of_n_rebuilds_and_reports_used_and_spare() {
+    let key = keys::generate().unwrap();
+    let fragments = deal(SECRET, "vol", 1, 3, 5, &key);
+    let picked = [
+        fragments[4].clone(),
+        fragments[1].clone(),
+        fragments[3].clone(),
+        fragments[0].clone(),
+    ];
+    let out = rebuild(&request(&key.verifying_key()), &picked).unwrap();
+    assert_eq!(out.secret.as_slice(), SECRET);
+    assert_eq!((out.key_id.as_str(), out.epoch, out.k), ("vol", 1, 3));
+    assert_eq!(sources(&out.used), ["e1-f1", "e1-f2", "e1-f4"]);
+    assert_eq!(sources(&out.spare), ["e1-f5"]);
+    assert!(out.rejected.is_empty());
+}
+
+#[test]
+fn below_k_is_not_met_with_counts() {
+    let key = keys::generate().unwrap();
+    let fragments = deal(SECRET, "vol", 1, 3, 5, &key);
+    let err = rebuild(&request(&key.verifying_key()), &fragments[..2]).unwrap_err();
+    assert_eq!(
+        err,
+        QuorumError::NotMet {
+            valid: 2,
+            needed: Some(3),
+            rejected: vec![
+                Rejection {
+                    source: "e1-f1".into(),
+                    reason: RejectReason::IncompleteEpoch {
+                        epoch: 1,
+                        valid: 2,
+                        k: 3
+                    }
+                },
+                Rejection {
+                    source: "e1-f2".into(),
+                    reason: RejectReason::IncompleteEpoch {
+                        epoch: 1,
+                        valid: 2,
+                        k: 3
+                    }
+                },
+            ]
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "quorum not met: 2 valid fragment(s) of one epoch, 3 needed"
+    );
+}
+
+#[test]
+fn tampered_garbled_and_foreign_fragments_are_skipped_while_a_quorum_remains() {
+    let key = keys::generate().unwrap();
+    let mut fragments = deal(SECRET, "vol", 1, 2, 5, &key);
+    let mut tampered = fragments[0].content.clone().unwrap().to_vec();
+    let last = tampered.len() - 70;
+    tampered[last] ^= 1;
+    fragments[0] = Candidate::new("e1-f1", tampered);
+    fragments[1] = Candidate::new("e1-f2", b"not a fragment".to_vec());
+    fragments.push(Candidate::unavailable("vhd-9", "no such device"));
+    let other_dealer = keys::generate().unwrap();
+    let mut foreign_dealer = deal(SECRET, "vol", 1, 2, 5, &other_dealer);
+    foreign_dealer[0].source = "forged".into();
+    fragments.insert(0, foreign_dealer[0].clone());
+
+    let out = rebuild(&request(&key.verifying_key()), &fragments).unwrap();
+    assert_eq!(out.secret.as_slice(), SECRET);
+    assert_eq!(sources(&out.used), ["e1-f3", "e1-f4"]);
+    let got = reasons(&out.rejected);
+    assert_eq!(got[0], ("forged", RejectReason::BadSignature));
+    assert_eq!(got[1], ("e1-f1", RejectReason::BadSignature));
+    assert_eq!(
+        got[2],
+        ("e1-f2", RejectReason::Malformed(FragmentError::BadMagic))
+    );
+    assert_eq!(
+        got[3],
+        ("vhd-9", RejectReason::Unavailable("no such device".into()))
+    );
+}
+
+#[test]
+fn foreign_key_id_is_named_when_a_key_id_is_requested() {
+    let key = keys::generate().unwrap();
+    let mut fragments = deal(SECRET, "vol", 1, 2, 3, &key);
+    let mut other = deal(b"another secret!!", "data", 1, 2, 3, &key);
+    other[0].source = "data-f1".into();
+    fragments.push(other[0].clone());
+    let wanted = key_id("vol");
+    let vk = key.verifying_key();
+    let req = QuorumRequest {
+        key_id: Some(&wanted),
+        ..request(&vk)
+    };
+    let out = rebuild(&req, &fragments).unwrap();
+    assert_eq!(out.secret.as_slice(), SECRET);
+    assert_eq!(
+        reasons(&out.rejected),
+        [(
+            "data-f1",
+            RejectReason::ForeignKeyId {
+                found: key_id("data"),
+                expected: wanted.clone()
+            }
+        )]
+    );
+    // Without a requested key id, mixed keys are ambiguous rather than silently chosen.
+    let err = rebuild(&request(&vk), &fragments).unwrap_err();
+    assert_eq!(
+        err,
+        QuorumError::AmbiguousKeyId {
+            key_ids: vec![key_id("data"), key_id("vol")]
+        }
+    );
+}
+
+#[test]
+fn threshold_expected_by_the_caller_is_enforced() {
+    let key = keys::generate().unwrap();
+    let fragments = deal(SECRET, "vol", 1, 2, 3, &key);
+    let vk = key.verifying_key();
+    let req = QuorumRequest {
+        threshold: Some(3),
+        ..request(&vk)
+    };
+    let err = rebuild(&req, &fragments).unwrap_err();
+    let QuorumError::NotMet {
+        valid,
+        needed,
+        rejected,
+    } = err
+    else {
+        panic!("{err:?}")
+    };
+    assert_eq!((valid, needed), (0, Some(3)));
+    assert!(rejected.iter().all(|r| r.reason
+        == RejectReason::ThresholdMismatch {
+            found: 2,
+            expected: 3
+        }));
+}
+
+#[test]
+fn newest_complete_epoch_wins_and_older_ones_are_stale() {
+    let key = keys::generate().unwrap();
+    let old = deal(SECRET, "vol", 1, 2, 3, &key);
+    let new = deal(SECRET, "vol", 2, 2, 3, &key);
+    let all = [
+        old[0].clone(),
+        new[2].clone(),
+        old[1].clone(),
+        new[0].clone(),
+    ];
+    let out = rebuild(&request(&key.verifying_key()), &all).unwrap();
+    assert_eq!(out.epoch, 2);
+    assert_eq!(sources(&out.used), ["e2-f1", "e2-f3"]);
+    assert_eq!(
+        reasons(&out.rejected),
+        [
+            (
+                "e1-f1",
+                RejectReason::Superseded {
+                    epoch: 1,
+                    used_epoch: 2
+                }
+            ),
+            (
+                "e1-f2",
+                RejectReason::Superseded {
+                    epoch: 1,
+                    used_epoch: 2
+                }
+            ),
+        ]
+    );
+}
+
+#[test]
+fn an_incomplete_new_epoch_falls_back_to_the_old_one() {
+    // A rotation that has committed one share of epoch 2 so far.
+    let key = keys::generate().unwrap();
+    let old = deal(SECRET, "vol", 1, 2, 3, &key);
+    let new = deal(SECRET, "vol", 2, 2, 3, &key);
+    let all = [new[0].clone(), old[1].clone(), old[2].clone()];
+    let out = rebuild(&request(&key.verifying_key()), &all).unwrap();
+    assert_eq!((out.epoch, out.secret.as_slice()), (1, SECRET));
+    assert_eq!(
+        reasons(&out.rejected),
+        [(
+            "e2-f1",
+            RejectReason::IncompleteEpoch {
+                epoch: 2,
+                valid: 1,
+                k: 2
+            }
+        )]
+    );
+}
+
+#[test]
+fn shares_of_different_epochs_are_never_mixed() {
+    let key = keys::generate().unwrap();
+    let old = deal(SECRET, "vol", 1, 2, 3, &key);
+    let new = deal(SECRET, "vol", 2, 2, 3, &key);
+    let err = rebuild(
+        &request(&key.verifying_key()),
+        &[old[0].clone(), new[1].clone()],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            QuorumError::NotMet {
+                valid: 1,
+                needed: Some(2),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn duplicate_index_and_inconsistent_epoch_members_are_rejected() {
+    let key = keys::generate().unwrap();
+    let fragments = deal(SECRET, "vol", 1, 2, 3, &key);
+    let mut copy = fragments[0].clone();
+    copy.source = "copy".into();
+    // Same key id and epoch, another split: k/n and key check value disagree.
+    let mut odd = deal(b"a different secret", "vol", 1, 3, 4, &key)[3].clone();
+    odd.source = "odd-kn".into();
+    let mut odd_kcv = deal(b"a different secret", "vol", 1, 2, 3, &key)[2].clone();
+    odd_kcv.source = "odd-kcv".into();
+    let all = [
+        fragments[0].clone(),
+        copy,
+        odd,
+        odd_kcv,
+        fragments[1].clone(),
+    ];
+    let out = rebuild(&request(&key.verifying_key()), &all).unwrap();
+    assert_eq!(out.secret.as_slice(), SECRET);
+    assert_eq!(
+        reasons(&out.rejected),
+        [
+            (
+                "copy",
+                RejectReason::DuplicateIndex {
+                    epoch: 1,
+                    index: 1,
+                    first_source: "e1-f1".into()
+                }
+            ),
+            (
+                "odd-kn",
+                RejectReason::InconsistentThreshold {
+                    epoch: 1,
+                    k: 3,
+                    n: 4,
+                    epoch_k: 2,
+                    epoch_n: 3
+                }
+            ),
+            ("odd-kcv", RejectReason::InconsistentKeyCheck { epoch: 1 }),
+        ]
+    );
+}
+
+#[test]
+fn a_dealer_that_signed_a_wrong_key_check_value_is_caught() {
+    let key = keys::generate().unwrap();
+    let id = key_id("vol");
+    let shares = sharing::split(SECRET, crate::Threshold::new(2, 2).unwrap()).unwrap();
+    let candidates: Vec<Candidate> = shares
+        .iter()
+        .map(|share| {
+            let header = FragmentHeader {
+                key_id: id.clone(),
+                epoch: 1,
+                index: share.index(),
+                threshold: crate::Threshold::new(2, 2).unwrap(),
+                class: HolderClass::Vhd,
+                holder_id: crate::HolderId::numbered(HolderClass::Vhd, share.index()),
+                kcv: crate::KeyCheckValue::compute(b"some other secret", &id),
+            };
+            let f = VerifiedFragment::sign(header, share, &key).unwrap();
+            Candidate::new(format!("f{}", share.index()), f.encoded().to_vec())
+        })
+        .collect();
+    let err = rebuild(&request(&key.verifying_key()), &candidates).unwrap_err();
+    let QuorumError::NotMet { rejected, .. } = err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        rejected
+            .iter()
+            .all(|r| r.reason == RejectReason::KeyCheckFailed { epoch: 1 })
+    );
+    assert_eq!(rejected.len(), 2);
+}
+
+#[test]
+fn nothing_valid_reports_zero_and_unknown_k() {
+    let key = keys::generate().unwrap();
+    let err = rebuild(
+        &request(&key.verifying_key()),
+        &[Candidate::new("junk", vec![1, 2, 3])],
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "quorum not met: 0 valid fragment(s) of one epoch, k (unknown) needed"
+    );
+}
+
+#[test]
+fn reasons_read_as_sentences() {
+    let text = RejectReason::IncompleteEpoch {
+        epoch: 4,
+        valid: 1,
+        k: 3,
+    }
+    .to_string();
+    assert_eq!(text, "epoch 4 has only 1 valid of the 3 shares it needs");
+    let text = RejectReason::Superseded {
+        epoch: 1,
+        used_epoch: 2,
+    }
+    .to_string();
+    assert_eq!(text, "stale: epoch 1, newer epoch 2 was used");
+}

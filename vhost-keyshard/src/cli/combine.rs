@@ -1,0 +1,107 @@
+//! `keyshard combine`: rebuild the secret from fragment files.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use keyshard_core::KeyId;
+use keyshard_core::quorum::{self, QuorumRequest};
+
+use super::{CliError, load};
+use crate::files::{self, Overwrite};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The dealer's public key: only fragments it signed are used.
+    #[arg(long, value_name = "FILE.pub")]
+    pub verify_key: PathBuf,
+    /// Fragment files; unreadable or invalid ones are skipped with a reason.
+    #[arg(value_name = "FRAGMENT", required = true)]
+    pub fragments: Vec<PathBuf>,
+    /// Write the secret to FILE (mode 0600) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Rebuild this key when the fragments belong to several.
+    #[arg(long, value_name = "ID")]
+    pub key_id: Option<String>,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub verify_key: PathBuf,
+    pub fragments: Vec<PathBuf>,
+    pub out: Option<PathBuf>,
+    pub key_id: Option<KeyId>,
+    pub overwrite: Overwrite,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = CliError;
+
+    fn try_from(args: Args) -> Result<Self, CliError> {
+        let key_id = args
+            .key_id
+            .map(KeyId::new)
+            .transpose()
+            .map_err(|e| CliError::InvalidArgument(format!("--key-id: {e}")))?;
+        Ok(Self {
+            verify_key: args.verify_key,
+            fragments: args.fragments,
+            out: args.out,
+            key_id,
+            overwrite: if args.force {
+                Overwrite::Replace
+            } else {
+                Overwrite::Refuse
+            },
+        })
+    }
+}
+
+pub fn run(config: Config) -> Result<(), CliError> {
+    let dealer = load::verifying_key(&config.verify_key)?;
+    match &config.out {
+        Some(path) => files::check_writable(path, config.overwrite)?,
+        None if std::io::stdout().is_terminal() => return Err(CliError::SecretToTerminal),
+        None => {}
+    }
+    let candidates: Vec<_> = config
+        .fragments
+        .iter()
+        .map(|p| load::fragment_candidate(p))
+        .collect();
+    let request = QuorumRequest {
+        dealer: &dealer,
+        key_id: config.key_id.as_ref(),
+        threshold: None,
+    };
+    let outcome = quorum::rebuild(&request, &candidates)?;
+    for rejection in &outcome.rejected {
+        eprintln!(
+            "keyshard: skipped {}: {}",
+            rejection.source, rejection.reason
+        );
+    }
+    match &config.out {
+        Some(path) => files::write_private(path, &outcome.secret, config.overwrite)?,
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(&outcome.secret)
+                .and_then(|()| stdout.flush())
+                .map_err(CliError::Stdout)?;
+        }
+    }
+    let used: Vec<&str> = outcome.used.iter().map(|u| u.source.as_str()).collect();
+    eprintln!(
+        "keyshard: rebuilt key {} (epoch {}) from {} of {} fragments: {}",
+        outcome.key_id,
+        outcome.epoch,
+        outcome.used.len(),
+        candidates.len(),
+        used.join(", ")
+    );
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! CLI errors and how they reach the user: one line each on stderr, and the exit code.
+
+use std::path::PathBuf;
+
+use keyshard_core::dealer::DealError;
+use keyshard_core::keys::KeyError;
+use keyshard_core::policy::PolicyError;
+use keyshard_core::quorum::{QuorumError, RejectReason};
+
+use crate::files::FileError;
+
+/// Exit code when fewer than k valid fragments were found.
+pub const EXIT_QUORUM_NOT_MET: u8 = 2;
+/// Exit code for every other error.
+pub const EXIT_FAILURE: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{}: {source}", path.display())]
+    Key { path: PathBuf, source: KeyError },
+    #[error("{}: {source}", path.display())]
+    Policy { path: PathBuf, source: PolicyError },
+    #[error("{0}")]
+    Deal(#[from] DealError),
+    #[error("{0}")]
+    Quorum(#[from] QuorumError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("refusing to write the secret to a terminal: redirect stdout or pass --out FILE")]
+    SecretToTerminal,
+    #[error("could not write the secret to stdout: {0}")]
+    Stdout(std::io::Error),
+    #[error("{bad} of {total} fragments are unreadable or fail the signature check")]
+    InspectFailed { bad: usize, total: usize },
+    #[error("no randomness from the operating system: {0}")]
+    Random(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Quorum(QuorumError::NotMet { .. }) => EXIT_QUORUM_NOT_MET,
+            _ => EXIT_FAILURE,
+        }
+    }
+
+    /// The lines to print on stderr: the error, then one line per rejected fragment.
+    pub fn report(&self) -> Vec<String> {
+        let mut lines = vec![self.to_string()];
+        if let Self::Quorum(QuorumError::NotMet { rejected, .. }) = self {
+            lines.extend(rejected.iter().map(|r| {
+                // A valid fragment of an epoch short of k is not at fault: say "unused".
+                let verdict = match r.reason {
+                    RejectReason::IncompleteEpoch { .. } | RejectReason::Superseded { .. } => {
+                        "unused"
+                    }
+                    _ => "rejected",
+                };
+                format!("{verdict} {}: {}", r.source, r.reason)
+            }));
+        }
+        lines
+    }
+}

@@ -1,0 +1,54 @@
+//! The `keyshard` command line: argument structs, their validation into configs, and dispatch.
+//! Each subcommand lives in its own module with `Args` (what clap parses), `Config` (what was
+//! validated, via `TryFrom<Args>`) and `run`.
+
+pub mod combine;
+pub mod error;
+pub mod inspect;
+pub mod keygen;
+mod load;
+pub mod policy;
+pub mod split;
+
+use clap::{Parser, Subcommand};
+
+pub use error::CliError;
+
+/// keyshard: a secret only a quorum of attested holders can rebuild.
+#[derive(Debug, Parser)]
+#[command(name = "keyshard", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make a dealer key pair (Ed25519, PKCS#8 PEM): FILE (0600) and FILE.pub.
+    Keygen(keygen::Args),
+    /// Split a secret k of n into signed fragment files.
+    Split(split::Args),
+    /// Rebuild the secret from fragment files.
+    Combine(combine::Args),
+    /// Show fragment metadata (never share bytes).
+    Inspect(inspect::Args),
+    /// Sharing policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy file and say what it means.
+    Check(policy::CheckArgs),
+}
+
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Keygen(args) => keygen::run(args.try_into()?),
+        Command::Split(args) => split::run(args.try_into()?),
+        Command::Combine(args) => combine::run(args.try_into()?),
+        Command::Inspect(args) => inspect::run(args.try_into()?),
+        Command::Policy(PolicyCommand::Check(args)) => policy::check(args.into()),
+    }
+}

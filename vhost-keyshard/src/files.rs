@@ -1,0 +1,172 @@
+//! Files the CLI reads and writes: secrets and private keys go through here so that they are
+//! written whole (temporary file, fsync, rename), mode 0600, and never over an existing file
+//! unless the caller asked for it.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{}: already exists (pass --force to replace it)", path.display())]
+    Exists { path: PathBuf },
+    #[error("{}: larger than {max} bytes", path.display())]
+    TooLarge { path: PathBuf, max: usize },
+}
+
+pub type Result<T> = std::result::Result<T, FileError>;
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> FileError + '_ {
+    move |source| FileError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Whether existing files may be replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overwrite {
+    Refuse,
+    Replace,
+}
+
+/// Fails if `path` exists and `overwrite` refuses: check every output before writing any.
+pub fn check_writable(path: &Path, overwrite: Overwrite) -> Result<()> {
+    if overwrite == Overwrite::Refuse && path.symlink_metadata().is_ok() {
+        return Err(FileError::Exists {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically with `mode`: readers see the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, overwrite: Overwrite) -> Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    // NamedTempFile is created 0600, so secret bytes are never readable by others on the way.
+    let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(io_error(dir))?;
+    temp.write_all(bytes).map_err(io_error(path))?;
+    temp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_error(path))?;
+    temp.as_file().sync_all().map_err(io_error(path))?;
+    let persisted = match overwrite {
+        Overwrite::Replace => temp.persist(path),
+        Overwrite::Refuse => temp.persist_noclobber(path),
+    };
+    persisted.map_err(|e| {
+        if e.error.kind() == io::ErrorKind::AlreadyExists {
+            FileError::Exists {
+                path: path.to_owned(),
+            }
+        } else {
+            io_error(path)(e.error)
+        }
+    })?;
+    // Make the rename itself durable.
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))
+}
+
+/// Writes secret or private bytes: mode 0600.
+pub fn write_private(path: &Path, bytes: &[u8], overwrite: Overwrite) -> Result<()> {
+    write_atomic(path, bytes, 0o600, overwrite)
+}
+
+/// Creates `dir` (and parents) with mode 0700 if it is missing.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_error(dir))
+}
+
+/// Reads at most `max` bytes from `path`, or from stdin when `path` is `-`.
+pub fn read_limited(path: &Path, max: usize) -> Result<Zeroizing<Vec<u8>>> {
+    let mut bytes = Zeroizing::new(Vec::new());
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    if path == Path::new("-") {
+        io::stdin()
+            .lock()
+            .take(limit)
+            .read_to_end(&mut bytes)
+            .map_err(io_error(path))?;
+    } else {
+        fs::File::open(path)
+            .and_then(|f| f.take(limit).read_to_end(&mut bytes))
+            .map_err(io_error(path))?;
+    }
+    if bytes.len() > max {
+        return Err(FileError::TooLarge {
+            path: path.to_owned(),
+            max,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Reads a small text file (a PEM key, a policy).
+pub fn read_text(path: &Path, max: usize) -> Result<Zeroizing<String>> {
+    let bytes = read_limited(path, max)?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| FileError::Io {
+        path: path.to_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"),
+    })?;
+    Ok(Zeroizing::new(text.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_files_are_0600_and_not_overwritten_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        write_private(&path, b"one", Overwrite::Refuse).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(
+            write_private(&path, b"two", Overwrite::Refuse),
+            Err(FileError::Exists { .. })
+        ));
+        assert!(matches!(
+            check_writable(&path, Overwrite::Refuse),
+            Err(FileError::Exists { .. })
+        ));
+        assert_eq!(fs::read(&path).unwrap(), b"one");
+        write_private(&path, b"two", Overwrite::Replace).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        // No temporary files are left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn reads_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        fs::write(&path, [0u8; 11]).unwrap();
+        assert!(matches!(
+            read_limited(&path, 10),
+            Err(FileError::TooLarge { max: 10, .. })
+        ));
+        assert_eq!(read_limited(&path, 11).unwrap().len(), 11);
+        assert!(matches!(
+            read_limited(&dir.path().join("missing"), 10),
+            Err(FileError::Io { .. })
+        ));
+    }
+}

@@ -1,0 +1,409 @@
+//! The `keyshard` binary as a user runs it: files, exit codes, and what reaches stdout/stderr.
+
+// Test code: a panic here is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use keyshard_core::Fragment;
+use keyshard_core::keys;
+
+struct Workspace {
+    dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    /// A dealer key, a random 32-byte secret, and a 3-of-5 split of it.
+    fn split_3_of_5() -> Self {
+        let ws = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        ws.ok(&["keygen", "--out", "dealer.pem"]);
+        fs::write(ws.path("secret"), random_secret()).unwrap();
+        ws.ok(&[
+            "split",
+            "--secret-file",
+            "secret",
+            "--threshold",
+            "3",
+            "--shares",
+            "5",
+            "--signing-key",
+            "dealer.pem",
+            "--out-dir",
+            "frags",
+            "--key-id",
+            "root",
+        ]);
+        ws
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_with_stdin(args, &[])
+    }
+
+    fn run_with_stdin(&self, args: &[&str], stdin: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keyshard"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> Output {
+        let out = self.run(args);
+        assert!(out.status.success(), "{args:?} failed: {}", stderr(&out));
+        out
+    }
+
+    fn secret(&self) -> Vec<u8> {
+        fs::read(self.path("secret")).unwrap()
+    }
+}
+
+fn random_secret() -> Vec<u8> {
+    keys::generate().unwrap().to_bytes().to_vec()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn combine(ws: &Workspace, fragments: &[&str]) -> Output {
+    let mut args = vec!["combine", "--verify-key", "dealer.pem.pub"];
+    args.extend_from_slice(fragments);
+    ws.run(&args)
+}
+
+#[test]
+fn keygen_writes_a_private_0600_key_and_refuses_to_overwrite_it() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let out = ws.ok(&["keygen", "--out", "dealer.pem"]);
+    assert!(stdout(&out).contains("dealer.pem.pub"));
+    assert_eq!(mode(&ws.path("dealer.pem")), 0o600);
+    let before = fs::read(ws.path("dealer.pem")).unwrap();
+    assert!(String::from_utf8_lossy(&before).starts_with("-----BEGIN PRIVATE KEY-----"));
+
+    let again = ws.run(&["keygen", "--out", "dealer.pem"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(fs::read(ws.path("dealer.pem")).unwrap(), before);
+
+    ws.ok(&["keygen", "--out", "dealer.pem", "--force"]);
+    assert_ne!(fs::read(ws.path("dealer.pem")).unwrap(), before);
+}
+
+#[test]
+fn split_writes_n_private_fragments_and_any_three_rebuild_the_secret() {
+    let ws = Workspace::split_3_of_5();
+    for i in 1..=5 {
+        assert_eq!(mode(&ws.path(&format!("frags/fragment-{i}.ksf"))), 0o600);
+    }
+    assert!(!ws.path("frags/fragment-6.ksf").exists());
+    let out = combine(
+        &ws,
+        &[
+            "frags/fragment-5.ksf",
+            "frags/fragment-2.ksf",
+            "frags/fragment-3.ksf",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout, ws.secret());
+    assert!(stderr(&out).contains("rebuilt key root (epoch 1) from 3 of 3"));
+}
+
+#[test]
+fn combine_out_writes_a_0600_file_and_nothing_on_stdout() {
+    let ws = Workspace::split_3_of_5();
+    let out = ws.ok(&[
+        "combine",
+        "--verify-key",
+        "dealer.pem.pub",
+        "--out",
+        "key.bin",
+        "frags/fragment-1.ksf",
+        "frags/fragment-2.ksf",
+        "frags/fragment-4.ksf",
+    ]);
+    assert!(out.stdout.is_empty());
+    assert_eq!(fs::read(ws.path("key.bin")).unwrap(), ws.secret());
+    assert_eq!(mode(&ws.path("key.bin")), 0o600);
+}
+
+#[test]
+fn two_fragments_of_three_needed_exit_2_with_nothing_on_stdout() {
+    let ws = Workspace::split_3_of_5();
+    let out = combine(&ws, &["frags/fragment-1.ksf", "frags/fragment-4.ksf"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    let err = stderr(&out);
+    assert!(
+        err.contains("quorum not met: 2 valid fragment(s) of one epoch, 3 needed"),
+        "{err}"
+    );
+    assert!(err.contains("unused frags/fragment-1.ksf"), "{err}");
+    assert!(err.contains("unused frags/fragment-4.ksf"), "{err}");
+}
+
+#[test]
+fn a_tampered_fragment_is_named_and_skipped() {
+    let ws = Workspace::split_3_of_5();
+    let mut bytes = fs::read(ws.path("frags/fragment-2.ksf")).unwrap();
+    bytes[40] ^= 0x01;
+    fs::write(ws.path("frags/fragment-2.ksf"), bytes).unwrap();
+    let out = combine(
+        &ws,
+        &[
+            "frags/fragment-1.ksf",
+            "frags/fragment-2.ksf",
+            "frags/fragment-3.ksf",
+            "frags/fragment-4.ksf",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout, ws.secret());
+    assert!(
+        stderr(&out).contains("skipped frags/fragment-2.ksf: bad signature"),
+        "{}",
+        stderr(&out)
+    );
+
+    // With only three fragments, the tampered one leaves the quorum short: exit 2, named.
+    let out = combine(
+        &ws,
+        &[
+            "frags/fragment-1.ksf",
+            "frags/fragment-2.ksf",
+            "frags/fragment-3.ksf",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("rejected frags/fragment-2.ksf: bad signature"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn another_dealers_key_rebuilds_nothing() {
+    let ws = Workspace::split_3_of_5();
+    ws.ok(&["keygen", "--out", "other.pem"]);
+    let out = ws.run(&[
+        "combine",
+        "--verify-key",
+        "other.pem.pub",
+        "frags/fragment-1.ksf",
+        "frags/fragment-2.ksf",
+        "frags/fragment-3.ksf",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    assert!(stderr(&out).contains("0 valid"), "{}", stderr(&out));
+}
+
+#[test]
+fn split_reads_the_secret_from_stdin_exactly() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    ws.ok(&["keygen", "--out", "dealer.pem"]);
+    let secret = b"secret with a trailing newline\n";
+    let out = ws.run_with_stdin(
+        &[
+            "split",
+            "--secret-file",
+            "-",
+            "--threshold",
+            "2",
+            "--shares",
+            "2",
+            "--signing-key",
+            "dealer.pem",
+            "--out-dir",
+            "f",
+        ],
+        secret,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = combine(&ws, &["f/fragment-1.ksf", "f/fragment-2.ksf"]);
+    assert_eq!(out.stdout, secret);
+}
+
+#[test]
+fn split_refuses_to_replace_fragments_and_changes_nothing() {
+    let ws = Workspace::split_3_of_5();
+    let before = fs::read(ws.path("frags/fragment-3.ksf")).unwrap();
+    let out = ws.run(&[
+        "split",
+        "--secret-file",
+        "secret",
+        "--threshold",
+        "2",
+        "--shares",
+        "5",
+        "--signing-key",
+        "dealer.pem",
+        "--out-dir",
+        "frags",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("already exists (pass --force"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fs::read(ws.path("frags/fragment-3.ksf")).unwrap(), before);
+}
+
+#[test]
+fn inspect_shows_metadata_and_never_share_bytes() {
+    let ws = Workspace::split_3_of_5();
+    let bytes = fs::read(ws.path("frags/fragment-2.ksf")).unwrap();
+    let dealer =
+        keys::verifying_key_from_pem(&fs::read_to_string(ws.path("dealer.pem.pub")).unwrap())
+            .unwrap();
+    let verified = Fragment::parse(&bytes).unwrap().verify(&dealer).unwrap();
+    let share_hex = hex::encode(verified.share().value());
+
+    let out = ws.ok(&[
+        "inspect",
+        "--json",
+        "--verify-key",
+        "dealer.pem.pub",
+        "frags/fragment-2.ksf",
+    ]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let info = &json[0];
+    assert_eq!(info["key_id"], "root");
+    assert_eq!(
+        (
+            info["index"].as_u64(),
+            info["k"].as_u64(),
+            info["n"].as_u64()
+        ),
+        (Some(2), Some(3), Some(5))
+    );
+    assert_eq!(
+        (info["class"].as_str(), info["holder_id"].as_str()),
+        (Some("vhd"), Some("vhd-2"))
+    );
+    assert_eq!(info["share_len"], 32);
+    assert_eq!(info["signature_valid"], true);
+    assert!(!stdout(&out).contains(&share_hex[..16]));
+
+    let text = ws.ok(&["inspect", "frags/fragment-2.ksf"]);
+    assert!(
+        stdout(&text).contains("share 2 of 5 (k = 3), vhd holder vhd-2"),
+        "{}",
+        stdout(&text)
+    );
+    assert!(!stdout(&text).contains(&share_hex[..16]));
+}
+
+#[test]
+fn inspect_reports_garbage_and_exits_1() {
+    let ws = Workspace::split_3_of_5();
+    fs::write(ws.path("junk.ksf"), b"KSHF\x09").unwrap();
+    let out = ws.run(&["inspect", "frags/fragment-1.ksf", "junk.ksf"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("frags/fragment-1.ksf: key root"));
+    assert!(
+        stderr(&out).contains("junk.ksf: unsupported fragment version 9"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn policy_check_accepts_the_examples_and_refuses_a_host_visible_quorum() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for name in ["vhd-only.toml", "vhd-tpm.toml"] {
+        let path = examples.join(name);
+        ws.ok(&["policy", "check", path.to_str().unwrap()]);
+    }
+    let out = ws.ok(&[
+        "policy",
+        "check",
+        examples.join("vhd-only.toml").to_str().unwrap(),
+    ]);
+    assert!(stdout(&out).contains("warning: the 3 vhd shares alone reach the threshold"));
+
+    fs::write(ws.path("p.toml"), "threshold = 3\n[holders]\nvhd = 3\n").unwrap();
+    let out = ws.run(&["policy", "check", "p.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("allow_host_visible_quorum"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+}
+
+#[test]
+fn usage_errors_exit_1_and_help_exits_0() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    assert_eq!(ws.run(&["frobnicate"]).status.code(), Some(1));
+    assert_eq!(
+        ws.run(&["split", "--threshold", "x"]).status.code(),
+        Some(1)
+    );
+    assert_eq!(ws.run(&["--help"]).status.code(), Some(0));
+    let out = ws.run(&[
+        "split",
+        "--secret-file",
+        "s",
+        "--threshold",
+        "4",
+        "--shares",
+        "3",
+        "--signing-key",
+        "k",
+        "--out-dir",
+        "d",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("exceeds the number of shares"),
+        "{}",
+        stderr(&out)
+    );
+}
