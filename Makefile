@@ -32,4 +32,6 @@ bench:
 # Fuzz the fragment parser (nightly and cargo-fuzz; cargo-fuzz is installed when missing).
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	cd fuzz && $(CARGO) +nightly fuzz run fragment_parse -- -max_total_time=$(FUZZ_SECONDS)
+	mkdir -p fuzz/corpus/fragment_parse
+	cd fuzz && $(CARGO) +nightly fuzz run fragment_parse corpus/fragment_parse seeds/fragment_parse -- \
+		-max_total_time=$(FUZZ_SECONDS) -max_len=1400
