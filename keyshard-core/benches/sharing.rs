@@ -61,6 +61,7 @@ fn fragments(c: &mut Criterion) {
         dealer: &verifying_key,
         key_id: None,
         threshold: None,
+        key_check_value: None,
     };
     c.bench_function(
         "quorum rebuild 3-of-5 (verify 3 + combine + key check)",

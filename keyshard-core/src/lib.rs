@@ -9,9 +9,11 @@ pub mod fragment;
 pub mod holder;
 pub mod kcv;
 pub mod keys;
+pub mod manifest;
 pub mod policy;
 pub mod quorum;
 pub mod sharing;
+pub mod volume;
 
 pub use fragment::{Fragment, FragmentHeader, VerifiedFragment};
 pub use holder::{HolderClass, HolderId, KeyId};

@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::fragment::{Fragment, FragmentError, FragmentHeader, VerifiedFragment};
 use crate::holder::KeyId;
+use crate::kcv::KeyCheckValue;
 use crate::sharing::{self, Share};
 
 /// What the combiner trusts: the dealer key, and optionally the key id and k from a manifest.
@@ -23,6 +24,8 @@ pub struct QuorumRequest<'a> {
     pub key_id: Option<&'a KeyId>,
     /// The threshold the caller expects. `None`: take the fragments' own.
     pub threshold: Option<u8>,
+    /// The key check value of the one secret wanted (from a manifest). `None`: any.
+    pub key_check_value: Option<&'a KeyCheckValue>,
 }
 
 /// One expected fragment, named by where it came from (a file, a device serial): its bytes, or
@@ -64,6 +67,8 @@ pub enum RejectReason {
         found: u8,
         expected: u8,
     },
+    /// Signed by the dealer for the same key id, but for another secret than the one wanted.
+    ForeignSecret,
     InconsistentThreshold {
         epoch: u64,
         k: u8,
@@ -107,6 +112,9 @@ impl fmt::Display for RejectReason {
             Self::ThresholdMismatch { found, expected } => {
                 write!(f, "k = {found}, but k = {expected} is expected")
             }
+            Self::ForeignSecret => f.write_str(
+                "key check value differs from the expected one: a share of another secret",
+            ),
             Self::InconsistentThreshold {
                 epoch,
                 k,
@@ -265,6 +273,13 @@ pub fn rebuild(request: &QuorumRequest<'_>, candidates: &[Candidate]) -> Result<
                 &v.source,
                 RejectReason::ThresholdMismatch { found, expected },
             );
+            continue;
+        }
+        if request
+            .key_check_value
+            .is_some_and(|kcv| *kcv != header.kcv)
+        {
+            reject(&v.source, RejectReason::ForeignSecret);
             continue;
         }
         let members = epochs.entry(header.epoch).or_default();

@@ -61,7 +61,7 @@ proptest! {
         let (key, all) = deal(k, n, &secret, &seed);
         let chosen: Vec<Candidate> = picks.iter().map(|&i| all[i].clone()).collect();
         let vk = key.verifying_key();
-        let out = quorum::rebuild(&QuorumRequest { dealer: &vk, key_id: None, threshold: None }, &chosen)
+        let out = quorum::rebuild(&QuorumRequest { dealer: &vk, key_id: None, threshold: None, key_check_value: None }, &chosen)
             .unwrap();
         prop_assert_eq!(out.secret.as_slice(), secret.as_slice());
         prop_assert_eq!(out.used.len(), usize::from(k));
@@ -78,7 +78,7 @@ proptest! {
         let (key, all) = deal(k, n, &secret, &seed);
         let chosen: Vec<Candidate> = picks.iter().map(|&i| all[i].clone()).collect();
         let vk = key.verifying_key();
-        let err = quorum::rebuild(&QuorumRequest { dealer: &vk, key_id: None, threshold: None }, &chosen)
+        let err = quorum::rebuild(&QuorumRequest { dealer: &vk, key_id: None, threshold: None, key_check_value: None }, &chosen)
             .unwrap_err();
         let is_not_met = matches!(err, QuorumError::NotMet { valid, needed: Some(needed), .. }
             if valid == usize::from(k) - 1 && needed == k);
@@ -99,7 +99,7 @@ proptest! {
         bytes[at] ^= flip;
         chosen[victim] = Candidate::new(chosen[victim].source.clone(), bytes);
         let vk = key.verifying_key();
-        let out = quorum::rebuild(&QuorumRequest { dealer: &vk, key_id: None, threshold: None }, &chosen)
+        let out = quorum::rebuild(&QuorumRequest { dealer: &vk, key_id: None, threshold: None, key_check_value: None }, &chosen)
             .unwrap();
         prop_assert_eq!(out.secret.as_slice(), secret.as_slice());
         prop_assert_eq!(out.rejected.len(), 1);

@@ -407,3 +407,48 @@ fn usage_errors_exit_1_and_help_exits_0() {
         stderr(&out)
     );
 }
+
+#[test]
+fn split_writes_a_manifest_that_pins_dealer_key_and_secret() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    ws.ok(&["keygen", "--out", "dealer.pem"]);
+    fs::write(ws.path("secret"), random_secret()).unwrap();
+    ws.ok(&[
+        "split",
+        "--secret-file",
+        "secret",
+        "--threshold",
+        "2",
+        "--shares",
+        "3",
+        "--signing-key",
+        "dealer.pem",
+        "--out-dir",
+        "f",
+        "--key-id",
+        "root",
+        "--manifest-out",
+        "manifest.toml",
+    ]);
+    let text = fs::read_to_string(ws.path("manifest.toml")).unwrap();
+    let manifest = keyshard_core::manifest::Manifest::parse(&text).unwrap();
+    let dealer =
+        keys::verifying_key_from_pem(&fs::read_to_string(ws.path("dealer.pem.pub")).unwrap())
+            .unwrap();
+    assert_eq!(manifest.dealer, dealer);
+    assert_eq!(
+        (
+            manifest.key_id.as_str(),
+            manifest.threshold,
+            manifest.holders.len()
+        ),
+        ("root", 2, 3)
+    );
+    assert!(
+        manifest
+            .key_check_value
+            .matches(&ws.secret(), &manifest.key_id)
+    );
+}

@@ -37,6 +37,7 @@ fn request(key: &VerifyingKey) -> QuorumRequest<'_> {
         dealer: key,
         key_id: None,
         threshold: None,
+        key_check_value: None,
     }
 }
 
@@ -385,4 +386,34 @@ fn reasons_read_as_sentences() {
     }
     .to_string();
     assert_eq!(text, "stale: epoch 1, newer epoch 2 was used");
+}
+
+#[test]
+fn a_manifest_key_check_value_refuses_shares_of_another_secret() {
+    // Same dealer, same key id, another secret: a replaced or stale deal.
+    let key = keys::generate().unwrap();
+    let wanted = deal(SECRET, "vol", 1, 2, 3, &key);
+    let other = deal(b"another secret of the same name", "vol", 2, 2, 3, &key);
+    let id = key_id("vol");
+    let kcv = crate::KeyCheckValue::compute(SECRET, &id);
+    let vk = key.verifying_key();
+    let req = QuorumRequest {
+        key_check_value: Some(&kcv),
+        ..request(&vk)
+    };
+    let all = [
+        other[0].clone(),
+        other[1].clone(),
+        wanted[0].clone(),
+        wanted[2].clone(),
+    ];
+    let out = rebuild(&req, &all).unwrap();
+    assert_eq!((out.epoch, out.secret.as_slice()), (1, SECRET));
+    assert_eq!(
+        reasons(&out.rejected),
+        [
+            ("e2-f1", RejectReason::ForeignSecret),
+            ("e2-f2", RejectReason::ForeignSecret)
+        ]
+    );
 }

@@ -76,6 +76,7 @@ pub fn run(config: Config) -> Result<(), CliError> {
         dealer: &dealer,
         key_id: config.key_id.as_ref(),
         threshold: None,
+        key_check_value: None,
     };
     let outcome = quorum::rebuild(&request, &candidates)?;
     for rejection in &outcome.rejected {

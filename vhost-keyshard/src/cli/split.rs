@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 use keyshard_core::dealer::{self, DealPlan, HolderSlot};
+use keyshard_core::manifest::Manifest;
 use keyshard_core::sharing::MAX_SECRET_LEN;
-use keyshard_core::{HolderClass, KeyId};
+use keyshard_core::{HolderClass, KeyCheckValue, KeyId};
 
 use super::{CliError, load};
 use crate::files::{self, Overwrite};
@@ -35,7 +36,10 @@ pub struct Args {
     /// Name of the secret; a random `key-…` id when omitted.
     #[arg(long, value_name = "ID")]
     pub key_id: Option<String>,
-    /// Replace existing fragment files.
+    /// Also write the guest manifest (dealer public key, key id, k, holders) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub manifest_out: Option<PathBuf>,
+    /// Replace existing fragment and manifest files.
     #[arg(long)]
     pub force: bool,
 }
@@ -45,6 +49,7 @@ pub struct Config {
     pub secret_file: PathBuf,
     pub signing_key: PathBuf,
     pub out_dir: PathBuf,
+    pub manifest_out: Option<PathBuf>,
     pub plan: DealPlan,
     pub overwrite: Overwrite,
 }
@@ -66,6 +71,7 @@ impl TryFrom<Args> for Config {
             secret_file: args.secret_file,
             signing_key: args.signing_key,
             out_dir: args.out_dir,
+            manifest_out: args.manifest_out,
             plan: DealPlan {
                 key_id,
                 epoch: args.epoch,
@@ -103,6 +109,9 @@ pub fn run(config: Config) -> Result<(), CliError> {
     let fragments = dealer::deal(&secret, &config.plan, &dealer_key)?;
     files::create_private_dir(&config.out_dir)?;
     // Refuse before writing anything, so a refused split leaves no mix of old and new fragments.
+    if let Some(path) = &config.manifest_out {
+        files::check_writable(path, config.overwrite)?;
+    }
     for fragment in &fragments {
         files::check_writable(
             &fragment_path(&config.out_dir, fragment.header().index),
@@ -112,6 +121,16 @@ pub fn run(config: Config) -> Result<(), CliError> {
     for fragment in &fragments {
         let path = fragment_path(&config.out_dir, fragment.header().index);
         files::write_private(&path, fragment.encoded(), config.overwrite)?;
+    }
+    if let Some(path) = &config.manifest_out {
+        let manifest = Manifest {
+            key_id: config.plan.key_id.clone(),
+            threshold: config.plan.k,
+            key_check_value: KeyCheckValue::compute(&secret, &config.plan.key_id),
+            dealer: dealer_key.verifying_key(),
+            holders: config.plan.holders.clone(),
+        };
+        files::write_atomic(path, manifest.to_toml().as_bytes(), 0o644, config.overwrite)?;
     }
     println!(
         "split key {} (epoch {}) {} of {} into {}",
