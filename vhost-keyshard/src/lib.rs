@@ -1,5 +1,9 @@
-//! keyshard's host side: the dealer and admin CLI `keyshard` (see [`cli`]); the fragment device
-//! daemon and the coordinator join it later.
+//! keyshard's host side: the virtio-blk device engine ([`device`]) and the fragment device
+//! daemon built on it ([`daemon`], [`fragment_volume`]), and the dealer and admin CLI
+//! `keyshard` ([`cli`]).
 
 pub mod cli;
+pub mod daemon;
+pub mod device;
 pub mod files;
+pub mod fragment_volume;

@@ -1,0 +1,136 @@
+//! The `vhost-keyshard` daemon: loads each device's fragment volume, binds every socket, says it
+//! is ready, serves until SIGTERM or SIGINT, and removes its sockets on the way out.
+
+pub mod config;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread;
+
+use log::{error, info};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::device::media::BlockMedia;
+use crate::device::serve::{BoundSocket, ServeError, Stopper};
+use crate::files::{self, FileError, Overwrite};
+use crate::fragment_volume::{FragmentVolume, FragmentVolumeError, SERIAL_PREFIX};
+pub use config::{Args, Config, ConfigError, DeviceConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("device {socket}: {source}", socket = socket.display())]
+    Volume {
+        socket: PathBuf,
+        source: FragmentVolumeError,
+    },
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("pidfile: {0}")]
+    Pidfile(FileError),
+    #[error("signal handling: {0}")]
+    Signals(std::io::Error),
+    #[error("a device thread failed")]
+    Thread,
+}
+
+struct Device {
+    name: String,
+    socket: BoundSocket,
+    media: Arc<FragmentVolume>,
+}
+
+/// Runs until a stop signal; every socket is bound before "ready" is announced.
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    // Signal handlers first, so a SIGTERM during start-up is not lost.
+    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    let devices = config
+        .devices
+        .iter()
+        .map(|device| {
+            let media = FragmentVolume::load(&device.fragments, device.holder_id.clone()).map_err(
+                |source| DaemonError::Volume {
+                    socket: device.socket.clone(),
+                    source,
+                },
+            )?;
+            Ok(Device {
+                name: format!("{SERIAL_PREFIX}{}", media.holder_id()),
+                socket: BoundSocket::bind(&device.socket)?,
+                media: Arc::new(media),
+            })
+        })
+        .collect::<Result<Vec<_>, DaemonError>>()?;
+
+    announce_ready(&devices, config.pidfile.as_ref())?;
+    let stopper = Stopper::new().map_err(DaemonError::Signals)?;
+    let threads: Vec<_> = devices
+        .into_iter()
+        .map(|device| {
+            let stopper = stopper.clone();
+            thread::Builder::new()
+                .name(device.name.clone())
+                .spawn(move || {
+                    let media: Arc<dyn BlockMedia> = device.media;
+                    let served = device.socket.serve(&device.name, media, &stopper);
+                    if served.is_err() && !stopper.is_stopped() {
+                        // One broken device stops the daemon rather than leave it half-serving.
+                        let _ = signal_hook::low_level::raise(SIGTERM);
+                    }
+                    served
+                })
+        })
+        .collect::<Result<_, _>>()
+        .map_err(DaemonError::Signals)?;
+
+    if let Some(signal) = signals.forever().next() {
+        info!("signal {signal}: stopping");
+    }
+    stopper.stop();
+    let mut result = Ok(());
+    for thread in threads {
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!("{e}");
+                result = Err(DaemonError::Serve(e));
+            }
+            Err(_) => result = Err(DaemonError::Thread),
+        }
+    }
+    if let Some(pidfile) = &config.pidfile {
+        let _ = std::fs::remove_file(pidfile);
+    }
+    result
+}
+
+/// Tells whoever started us that every socket listens: a line on stdout, the pidfile, and
+/// sd_notify when run by systemd.
+fn announce_ready(devices: &[Device], pidfile: Option<&PathBuf>) -> Result<(), DaemonError> {
+    if let Some(path) = pidfile {
+        let pid = format!("{}\n", std::process::id());
+        files::write_atomic(path, pid.as_bytes(), 0o644, Overwrite::Replace)
+            .map_err(DaemonError::Pidfile)?;
+    }
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        log::debug!("sd_notify: {e}");
+    }
+    let list: Vec<String> = devices
+        .iter()
+        .map(|d| format!("{} at {}", d.name, d.socket.path().display()))
+        .collect();
+    let mut stdout = std::io::stdout().lock();
+    // A launcher waits for this line; losing it is not worth failing over.
+    let _ = writeln!(
+        stdout,
+        "ready: serving {} device(s): {}",
+        devices.len(),
+        list.join(", ")
+    );
+    let _ = stdout.flush();
+    info!("ready");
+    Ok(())
+}

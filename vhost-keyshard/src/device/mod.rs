@@ -1,0 +1,12 @@
+//! The virtio-blk device engine shared by every keyshard device: spec constants ([`spec`]),
+//! the medium behind a trait ([`media`]), request handling ([`request`]), the vhost-user
+//! backend ([`backend`]) and the socket serving loop ([`serve`]).
+
+pub mod backend;
+pub mod media;
+pub mod request;
+pub mod serve;
+pub mod spec;
+
+#[cfg(test)]
+mod tests;
