@@ -29,9 +29,13 @@ demo: deps
 bench:
 	$(CARGO) bench -p keyshard-core --bench sharing
 
-# Fuzz the fragment parser (nightly and cargo-fuzz; cargo-fuzz is installed when missing).
+# Fuzz a parser of untrusted bytes (nightly and cargo-fuzz; cargo-fuzz is installed when
+# missing): `make fuzz FUZZ_TARGET=descriptor_chain`. Targets: fragment_parse, descriptor_chain.
+FUZZ_TARGET ?= fragment_parse
+FUZZ_MAX_LEN_fragment_parse := 1400
+FUZZ_MAX_LEN_descriptor_chain := 16384
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	mkdir -p fuzz/corpus/fragment_parse
-	cd fuzz && $(CARGO) +nightly fuzz run fragment_parse corpus/fragment_parse seeds/fragment_parse -- \
-		-max_total_time=$(FUZZ_SECONDS) -max_len=1400
+	mkdir -p fuzz/corpus/$(FUZZ_TARGET)
+	cd fuzz && $(CARGO) +nightly fuzz run $(FUZZ_TARGET) corpus/$(FUZZ_TARGET) seeds/$(FUZZ_TARGET) -- \
+		-max_total_time=$(FUZZ_SECONDS) -max_len=$(FUZZ_MAX_LEN_$(FUZZ_TARGET))

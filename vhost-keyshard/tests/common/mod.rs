@@ -1,0 +1,132 @@
+//! Shared by the daemon tests: a dealt key on disk, and a daemon process that is killed when the
+//! test ends, pass or fail.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use keyshard_core::dealer::{self, DealPlan, HolderSlot};
+use keyshard_core::{HolderClass, KeyId};
+
+/// A random 32-byte key split k of n, fragment files written to a temporary directory.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub secret: Vec<u8>,
+    pub dealer: ed25519_dalek::SigningKey,
+    pub k: u8,
+}
+
+impl Setup {
+    pub fn new(k: u8, n: u8) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let dealer = keyshard_core::keys::generate().unwrap();
+        let secret = keyshard_core::keys::generate().unwrap().to_bytes().to_vec();
+        let plan = DealPlan {
+            key_id: KeyId::new("root").unwrap(),
+            epoch: 1,
+            k,
+            holders: HolderSlot::numbered(HolderClass::Vhd, n).collect(),
+        };
+        for fragment in dealer::deal(&secret, &plan, &dealer).unwrap() {
+            let path = dir
+                .path()
+                .join(format!("fragment-{}.ksf", fragment.header().index));
+            std::fs::write(path, fragment.encoded()).unwrap();
+        }
+        Self {
+            dir,
+            secret,
+            dealer,
+            k,
+        }
+    }
+
+    pub fn fragment(&self, index: u8) -> PathBuf {
+        self.dir.path().join(format!("fragment-{index}.ksf"))
+    }
+
+    pub fn socket(&self, index: u8) -> PathBuf {
+        self.dir.path().join(format!("vhd-{index}.sock"))
+    }
+
+    /// `--device socket=...,fragment=...` for each holder index.
+    pub fn device_args(&self, indices: &[u8]) -> Vec<String> {
+        indices
+            .iter()
+            .flat_map(|&i| {
+                [
+                    "--device".to_owned(),
+                    format!(
+                        "socket={},fragment={}",
+                        self.socket(i).display(),
+                        self.fragment(i).display()
+                    ),
+                ]
+            })
+            .collect()
+    }
+}
+
+/// A running `vhost-keyshard`; killed on drop.
+pub struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    pub fn start(args: &[String]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vhost-keyshard"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        // A thread drains stdout so the daemon never blocks on a full pipe, and so that a daemon
+        // that never gets ready fails the test instead of hanging it.
+        let stdout = child.stdout.take().unwrap();
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Waits (at most 10 s) for the daemon's first line, the ready line, and returns it.
+    pub fn ready_line(&self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("vhost-keyshard did not get ready within 10 s")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) with a pid we spawned and have not reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        self.child.wait().unwrap()
+    }
+
+    /// Kills the daemon the hard way, as a crash would: its sockets stay behind.
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
