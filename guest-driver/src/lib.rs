@@ -1,5 +1,16 @@
-//! The guest side of keyshard: finds fragment devices, reads their fragments and rebuilds the
-//! secret with `keyshard-core`'s quorum. The device readers and the `keyshard-guest` binary
-//! arrive with the fragment-device work; until then this crate only re-exports the quorum.
+//! The guest side of keyshard: finds fragment devices, reads their fragment volumes (as block
+//! devices in a guest, or over their vhost-user sockets on a host), and rebuilds the secret with
+//! `keyshard-core`'s quorum. `keyshard-guest` is the command line over this library.
+
+pub mod agent;
+pub mod block_device;
+pub mod cli;
+pub mod discovery;
+pub mod serial;
+pub mod source;
+pub mod vhost_user;
+
+#[cfg(test)]
+mod testing;
 
 pub use keyshard_core::quorum;

@@ -5,6 +5,7 @@
 //! says how many shares each holder class gets and how many rebuild the secret.
 
 pub mod dealer;
+pub mod files;
 pub mod fragment;
 pub mod holder;
 pub mod kcv;

@@ -5,5 +5,4 @@
 pub mod cli;
 pub mod daemon;
 pub mod device;
-pub mod files;
 pub mod fragment_volume;

@@ -1,13 +1,12 @@
 //! `keyshard combine`: rebuild the secret from fragment files.
 
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use keyshard_core::KeyId;
 use keyshard_core::quorum::{self, QuorumRequest};
 
 use super::{CliError, load};
-use crate::files::{self, Overwrite};
+use keyshard_core::files::{Overwrite, SecretSink};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -32,9 +31,8 @@ pub struct Args {
 pub struct Config {
     pub verify_key: PathBuf,
     pub fragments: Vec<PathBuf>,
-    pub out: Option<PathBuf>,
+    pub sink: SecretSink,
     pub key_id: Option<KeyId>,
-    pub overwrite: Overwrite,
 }
 
 impl TryFrom<Args> for Config {
@@ -49,24 +47,22 @@ impl TryFrom<Args> for Config {
         Ok(Self {
             verify_key: args.verify_key,
             fragments: args.fragments,
-            out: args.out,
+            sink: SecretSink::new(
+                args.out,
+                if args.force {
+                    Overwrite::Replace
+                } else {
+                    Overwrite::Refuse
+                },
+            ),
             key_id,
-            overwrite: if args.force {
-                Overwrite::Replace
-            } else {
-                Overwrite::Refuse
-            },
         })
     }
 }
 
 pub fn run(config: Config) -> Result<(), CliError> {
     let dealer = load::verifying_key(&config.verify_key)?;
-    match &config.out {
-        Some(path) => files::check_writable(path, config.overwrite)?,
-        None if std::io::stdout().is_terminal() => return Err(CliError::SecretToTerminal),
-        None => {}
-    }
+    config.sink.check()?;
     let candidates: Vec<_> = config
         .fragments
         .iter()
@@ -85,16 +81,7 @@ pub fn run(config: Config) -> Result<(), CliError> {
             rejection.source, rejection.reason
         );
     }
-    match &config.out {
-        Some(path) => files::write_private(path, &outcome.secret, config.overwrite)?,
-        None => {
-            let mut stdout = std::io::stdout().lock();
-            stdout
-                .write_all(&outcome.secret)
-                .and_then(|()| stdout.flush())
-                .map_err(CliError::Stdout)?;
-        }
-    }
+    config.sink.deliver(&outcome.secret)?;
     let used: Vec<&str> = outcome.used.iter().map(|u| u.source.as_str()).collect();
     eprintln!(
         "keyshard: rebuilt key {} (epoch {}) from {} of {} fragments: {}",

@@ -7,7 +7,7 @@ use keyshard_core::keys::KeyError;
 use keyshard_core::policy::PolicyError;
 use keyshard_core::quorum::{QuorumError, RejectReason};
 
-use crate::files::FileError;
+use keyshard_core::files::FileError;
 
 /// Exit code when fewer than k valid fragments were found.
 pub const EXIT_QUORUM_NOT_MET: u8 = 2;
@@ -28,10 +28,6 @@ pub enum CliError {
     Quorum(#[from] QuorumError),
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("refusing to write the secret to a terminal: redirect stdout or pass --out FILE")]
-    SecretToTerminal,
-    #[error("could not write the secret to stdout: {0}")]
-    Stdout(std::io::Error),
     #[error("{bad} of {total} fragments are unreadable or fail the signature check")]
     InspectFailed { bad: usize, total: usize },
     #[error("no randomness from the operating system: {0}")]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use keyshard_core::keys;
 
 use super::CliError;
-use crate::files::{self, Overwrite};
+use keyshard_core::files::{self, Overwrite};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

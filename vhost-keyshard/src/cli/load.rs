@@ -7,7 +7,7 @@ use keyshard_core::keys::{self, DealerSigningKey, DealerVerifyingKey};
 use keyshard_core::quorum::Candidate;
 
 use super::CliError;
-use crate::files;
+use keyshard_core::files;
 
 /// PEM keys are a few hundred bytes; anything much larger is not a key.
 const MAX_KEY_FILE_LEN: usize = 16 * 1024;

@@ -6,7 +6,7 @@ use keyshard_core::HolderClass;
 use keyshard_core::policy::Policy;
 
 use super::CliError;
-use crate::files;
+use keyshard_core::files;
 
 const MAX_POLICY_LEN: usize = 64 * 1024;
 

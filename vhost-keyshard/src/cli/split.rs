@@ -8,7 +8,7 @@ use keyshard_core::sharing::MAX_SECRET_LEN;
 use keyshard_core::{HolderClass, KeyCheckValue, KeyId};
 
 use super::{CliError, load};
-use crate::files::{self, Overwrite};
+use keyshard_core::files::{self, Overwrite};
 
 /// Below this many bytes a secret could be guessed offline against the key check value.
 const SHORT_SECRET_WARNING: usize = 16;

@@ -14,9 +14,9 @@ use signal_hook::iterator::Signals;
 
 use crate::device::media::BlockMedia;
 use crate::device::serve::{BoundSocket, ServeError, Stopper};
-use crate::files::{self, FileError, Overwrite};
 use crate::fragment_volume::{FragmentVolume, FragmentVolumeError, SERIAL_PREFIX};
 pub use config::{Args, Config, ConfigError, DeviceConfig};
+use keyshard_core::files::{self, FileError, Overwrite};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {

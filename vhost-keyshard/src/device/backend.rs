@@ -131,7 +131,12 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        // CONFIG: the config space (cloud-hypervisor and QEMU need it). MQ: GET_QUEUE_NUM.
+        // CONFIGURE_MEM_SLOTS: memory regions one by one (libblkio's virtio-driver requires it).
+        // REPLY_ACK is added by the vhost crate.
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn set_event_idx(&self, enabled: bool) {

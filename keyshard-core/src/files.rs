@@ -1,9 +1,9 @@
-//! Files the CLI reads and writes: secrets and private keys go through here so that they are
-//! written whole (temporary file, fsync, rename), mode 0600, and never over an existing file
-//! unless the caller asked for it.
+//! Files the host and guest tools read and write. Secrets and private keys go through here so
+//! that they are written whole (temporary file, fsync, rename), mode 0600, and never over an
+//! existing file unless the caller asked for it; reads are bounded.
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, IsTerminal, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -17,6 +17,10 @@ pub enum FileError {
     Exists { path: PathBuf },
     #[error("{}: larger than {max} bytes", path.display())]
     TooLarge { path: PathBuf, max: usize },
+    #[error("refusing to write the secret to a terminal: redirect stdout or pass --out FILE")]
+    Terminal,
+    #[error("could not write the secret to stdout: {0}")]
+    Stdout(io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, FileError>;
@@ -128,6 +132,44 @@ pub fn read_text(path: &Path, max: usize) -> Result<Zeroizing<String>> {
     Ok(Zeroizing::new(text.to_owned()))
 }
 
+/// Where a rebuilt secret goes: a file (mode 0600) or stdout, which must not be a terminal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSink {
+    File { path: PathBuf, overwrite: Overwrite },
+    Stdout,
+}
+
+impl SecretSink {
+    pub fn new(out: Option<PathBuf>, overwrite: Overwrite) -> Self {
+        match out {
+            Some(path) => Self::File { path, overwrite },
+            None => Self::Stdout,
+        }
+    }
+
+    /// Fails early, before any work, if the secret could not be delivered.
+    pub fn check(&self) -> Result<()> {
+        match self {
+            Self::File { path, overwrite } => check_writable(path, *overwrite),
+            Self::Stdout if io::stdout().is_terminal() => Err(FileError::Terminal),
+            Self::Stdout => Ok(()),
+        }
+    }
+
+    pub fn deliver(&self, secret: &[u8]) -> Result<()> {
+        match self {
+            Self::File { path, overwrite } => write_private(path, secret, *overwrite),
+            Self::Stdout => {
+                let mut stdout = io::stdout().lock();
+                stdout
+                    .write_all(secret)
+                    .and_then(|()| stdout.flush())
+                    .map_err(FileError::Stdout)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,9 +206,29 @@ mod tests {
             Err(FileError::TooLarge { max: 10, .. })
         ));
         assert_eq!(read_limited(&path, 11).unwrap().len(), 11);
+        assert_eq!(&read_text(&path, 11).unwrap()[..], "\0".repeat(11));
         assert!(matches!(
             read_limited(&dir.path().join("missing"), 10),
             Err(FileError::Io { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod sink_tests {
+    use super::*;
+
+    #[test]
+    fn a_file_sink_checks_before_and_writes_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        let sink = SecretSink::new(Some(path.clone()), Overwrite::Refuse);
+        sink.check().unwrap();
+        sink.deliver(b"k").unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(matches!(sink.check(), Err(FileError::Exists { .. })));
     }
 }

@@ -1,0 +1,38 @@
+//! The `keyshard-guest` command line: argument structs, their validation into configs, and
+//! dispatch. Each subcommand lives in its own module with `Args` (what clap parses), `Config`
+//! (what was validated, via `TryFrom<Args>`) and `run`.
+
+pub mod error;
+pub mod read;
+pub mod sources;
+pub mod unlock;
+
+use clap::{Parser, Subcommand};
+
+pub use error::CliError;
+
+/// The program name, which prefixes every line on stderr.
+pub const PROGRAM: &str = "keyshard-guest";
+
+/// keyshard-guest: reads fragment devices and rebuilds the secret when a quorum agrees.
+#[derive(Debug, Parser)]
+#[command(name = "keyshard-guest", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List each fragment device's serial and its fragments' metadata (never share bytes).
+    Read(read::Args),
+    /// Rebuild the secret named by a manifest from the fragment devices.
+    Unlock(unlock::Args),
+}
+
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Read(args) => read::run(args.try_into()?),
+        Command::Unlock(args) => unlock::run(args.try_into()?),
+    }
+}
