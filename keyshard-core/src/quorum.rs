@@ -158,6 +158,20 @@ pub struct Rejection {
     pub reason: RejectReason,
 }
 
+/// "missing vhd-2: ...", "unused ksf-vhd-1 (/dev/vdb): ...", "rejected f.ksf: ...": one line
+/// that says whether the holder was absent, fine but not enough, or at fault.
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.reason {
+            RejectReason::Unavailable(why) => write!(f, "missing {}: {why}", self.source),
+            RejectReason::IncompleteEpoch { .. } | RejectReason::Superseded { .. } => {
+                write!(f, "unused {}: {}", self.source, self.reason)
+            }
+            reason => write!(f, "rejected {}: {reason}", self.source),
+        }
+    }
+}
+
 /// A valid fragment and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use keyshard_core::manifest::ManifestError;
-use keyshard_core::quorum::{QuorumError, RejectReason};
+use keyshard_core::quorum::QuorumError;
 
 use crate::discovery::DiscoveryError;
 use keyshard_core::files::FileError;
@@ -48,17 +48,7 @@ impl CliError {
         let Self::Quorum(QuorumError::NotMet { rejected, .. }) = self else {
             return vec![self.to_string()];
         };
-        let mut lines: Vec<String> = rejected
-            .iter()
-            .map(|r| match &r.reason {
-                RejectReason::Unavailable(why) => format!("missing {}: {why}", r.source),
-                // A valid fragment of an epoch short of k is not at fault.
-                RejectReason::IncompleteEpoch { .. } | RejectReason::Superseded { .. } => {
-                    format!("unused {}: {}", r.source, r.reason)
-                }
-                reason => format!("rejected {}: {reason}", r.source),
-            })
-            .collect();
+        let mut lines: Vec<String> = rejected.iter().map(ToString::to_string).collect();
         lines.push(self.to_string());
         lines
     }
@@ -67,7 +57,7 @@ impl CliError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keyshard_core::quorum::Rejection;
+    use keyshard_core::quorum::{RejectReason, Rejection};
 
     #[test]
     fn quorum_not_met_lists_each_holder_then_the_count() {

@@ -417,3 +417,27 @@ fn a_manifest_key_check_value_refuses_shares_of_another_secret() {
         ]
     );
 }
+
+#[test]
+fn rejection_lines_say_missing_unused_or_rejected() {
+    let line = |reason| {
+        Rejection {
+            source: "src".into(),
+            reason,
+        }
+        .to_string()
+    };
+    assert_eq!(
+        line(RejectReason::Unavailable("no device".into())),
+        "missing src: no device"
+    );
+    assert!(
+        line(RejectReason::IncompleteEpoch {
+            epoch: 1,
+            valid: 1,
+            k: 2
+        })
+        .starts_with("unused src: ")
+    );
+    assert!(line(RejectReason::BadSignature).starts_with("rejected src: bad signature"));
+}

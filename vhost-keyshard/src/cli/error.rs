@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use keyshard_core::dealer::DealError;
 use keyshard_core::keys::KeyError;
 use keyshard_core::policy::PolicyError;
-use keyshard_core::quorum::{QuorumError, RejectReason};
+use keyshard_core::quorum::QuorumError;
 
 use keyshard_core::files::FileError;
 
@@ -46,16 +46,7 @@ impl CliError {
     pub fn report(&self) -> Vec<String> {
         let mut lines = vec![self.to_string()];
         if let Self::Quorum(QuorumError::NotMet { rejected, .. }) = self {
-            lines.extend(rejected.iter().map(|r| {
-                // A valid fragment of an epoch short of k is not at fault: say "unused".
-                let verdict = match r.reason {
-                    RejectReason::IncompleteEpoch { .. } | RejectReason::Superseded { .. } => {
-                        "unused"
-                    }
-                    _ => "rejected",
-                };
-                format!("{verdict} {}: {}", r.source, r.reason)
-            }));
+            lines.extend(rejected.iter().map(ToString::to_string));
         }
         lines
     }
