@@ -2,15 +2,24 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-# Debian packages the tests and the demo need beyond the Rust toolchain. Filled in as the
-# parts that need them (QEMU, swtpm, cryptsetup, ...) land.
-SYSTEM_PACKAGES :=
+# Debian packages the tests and the demo need beyond the Rust toolchain, from the stock
+# bookworm sources. The end-to-end boot (images/, qemu-configs/, tests/) needs:
+#   qemu-system-x86          QEMU 7.2 (its qemu-system-common also ships qemu-storage-daemon)
+#   linux-image-cloud-amd64  the guest kernel and the modules the initramfs takes
+#   busybox-static cryptsetup-bin cpio e2fsprogs   the initramfs and the LUKS2 test volume
+#   qemu-utils               qemu-img; see `deps` for why it is listed
+SYSTEM_PACKAGES := qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static \
+	cryptsetup-bin cpio e2fsprogs
 
 FUZZ_SECONDS ?= 600
 
-.PHONY: test demo deps lint unit bench fuzz
+.PHONY: test demo deps lint unit bench bench-devices fuzz e2e e2e-bins guest-static images
 
+# Twice on purpose: where a newer qemu-utils is preinstalled (bookworm-backports), it breaks
+# bookworm's qemu-system-common, so the first pass replaces it and the second puts qemu-utils
+# back at the matching version. When everything is installed both passes do nothing.
 deps:
+	@scripts/ensure-packages.sh $(SYSTEM_PACKAGES)
 	@scripts/ensure-packages.sh $(SYSTEM_PACKAGES)
 
 lint:
@@ -20,14 +29,59 @@ lint:
 unit:
 	$(CARGO) test --workspace
 
-test: deps lint unit
+test: deps lint unit e2e
 
-demo: deps
-	$(CARGO) build --release --bin keyshard
-	scripts/demo.sh target/release/keyshard
+# End-to-end tests under QEMU (TCG unless KEYSHARD_ACCEL=kvm): tests/tests/boot.rs, marked
+# #[ignore] so `unit` skips them. Each test splits a key with `keyshard split`, starts the
+# `vhost-keyshard` daemons, builds its volume and initramfs with images/*.sh, and boots through
+# qemu-configs/run-qemu.sh. The tests get their paths from these variables (tests/src/env.rs):
+#   KEYSHARD_E2E_KEYSHARD_BIN, KEYSHARD_E2E_VHOST_KEYSHARD_BIN   host binaries (debug profile,
+#                                                               shared with `unit`)
+#   KEYSHARD_E2E_GUEST_BIN     keyshard-guest, static (guest-static)
+#   KEYSHARD_E2E_KERNEL        guest kernel: the newest /boot/vmlinuz-*-cloud-amd64 unless set
+# and optionally KEYSHARD_E2E_BOOT_TIMEOUT (seconds, default 240), KEYSHARD_E2E_KEEP=1 (keep
+# each test's directory), and run-qemu.sh's KEYSHARD_ACCEL, KEYSHARD_QEMU, KEYSHARD_CPU.
+E2E_TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
+GUEST_TARGET_DIR := $(E2E_TARGET_DIR)/guest-static
+GUEST_BIN := $(GUEST_TARGET_DIR)/x86_64-unknown-linux-gnu/release/keyshard-guest
+# (shell text, expanded when a recipe runs: after `deps` has installed the kernel)
+E2E_KERNEL = "$${KEYSHARD_E2E_KERNEL:-$$(ls -1 /boot/vmlinuz-*-cloud-amd64 2>/dev/null | sort -V | tail -n 1)}"
+E2E_ENV = KEYSHARD_E2E_KEYSHARD_BIN=$(E2E_TARGET_DIR)/debug/keyshard \
+	KEYSHARD_E2E_VHOST_KEYSHARD_BIN=$(E2E_TARGET_DIR)/debug/vhost-keyshard \
+	KEYSHARD_E2E_GUEST_BIN=$(GUEST_BIN) \
+	KEYSHARD_E2E_KERNEL=$(E2E_KERNEL)
+
+e2e: deps e2e-bins guest-static images
+	$(E2E_ENV) $(CARGO) test -p keyshard-e2e --test boot -- --ignored
+
+e2e-bins:
+	$(CARGO) build --bin keyshard --bin vhost-keyshard
+
+# keyshard-guest for the initramfs: glibc, statically linked (no musl target to download). Its
+# own target dir keeps RUSTFLAGS from invalidating the workspace build; --target keeps them off
+# build scripts and proc macros.
+guest-static:
+	CARGO_TARGET_DIR=$(GUEST_TARGET_DIR) RUSTFLAGS='-C target-feature=+crt-static' \
+		$(CARGO) build --release -p guest-driver --bin keyshard-guest --target x86_64-unknown-linux-gnu
+
+# A bootable example (3-of-3 fragments, volume, initramfs) in $(E2E_TARGET_DIR)/images; it prints
+# the commands that serve and boot it.
+images: deps e2e-bins guest-static
+	images/build-example.sh --keyshard $(E2E_TARGET_DIR)/debug/keyshard --guest-bin $(GUEST_BIN) \
+		--kernel $(E2E_KERNEL) --out-dir $(E2E_TARGET_DIR)/images
+
+demo: deps guest-static
+	$(CARGO) build --release --bin keyshard --bin vhost-keyshard
+	scripts/demo.sh $(E2E_TARGET_DIR)/release/keyshard
+	scripts/demo-vm.sh $(E2E_TARGET_DIR)/release/keyshard $(E2E_TARGET_DIR)/release/vhost-keyshard \
+		$(GUEST_BIN) $(E2E_KERNEL)
 
 bench:
 	$(CARGO) bench -p keyshard-core --bench sharing
+
+# Fragment devices: 4 KiB read latency against qemu-storage-daemon, and resident memory.
+bench-devices: deps
+	$(CARGO) bench -p vhost-keyshard --bench device_read
 
 # Fuzz a parser of untrusted bytes (nightly and cargo-fuzz; cargo-fuzz is installed when
 # missing): `make fuzz FUZZ_TARGET=descriptor_chain`. Targets: fragment_parse, descriptor_chain.

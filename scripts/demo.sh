@@ -56,4 +56,4 @@ set -e
 echo "exit code $code"
 [[ $code -eq 1 ]]
 
-printf '\ndemo complete: files are in %s/\n' "$work"
+printf "\ncommand-line demo complete: files are in %s/\n" "$work"

@@ -265,7 +265,7 @@ mod tests {
         let reports = read_sources(sources, Duration::from_millis(400));
         let took = start.elapsed();
         assert!(
-            took >= Duration::from_millis(400) && took < Duration::from_millis(1000),
+            took >= Duration::from_millis(400) && took < Duration::from_millis(2400),
             "{took:?}"
         );
         let outcomes: Vec<_> = reports
@@ -297,7 +297,8 @@ mod tests {
         let dealt = dealt_fragments(3);
         let start = Instant::now();
         let error = unlock(&dealt.manifest, Vec::new(), Duration::from_secs(5)).unwrap_err();
-        assert!(start.elapsed() < Duration::from_secs(1));
+        // Far below the 5 s deadline: with nothing to wait for, the agent does not wait.
+        assert!(start.elapsed() < Duration::from_secs(3));
         let QuorumError::NotMet { rejected, .. } = error else {
             panic!("{error:?}");
         };

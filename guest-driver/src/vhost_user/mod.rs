@@ -527,7 +527,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(error, FrontendError::Connect(_)), "{error}");
-        assert!(start.elapsed() < Duration::from_secs(1));
+        // Far below the 5 s deadline: a refused connection is not waited out.
+        assert!(start.elapsed() < Duration::from_secs(3));
     }
 
     #[test]
@@ -542,7 +543,7 @@ mod tests {
         let took = start.elapsed();
         assert!(matches!(error, FrontendError::HandshakeTimeout), "{error}");
         assert!(
-            took >= Duration::from_millis(250) && took < Duration::from_millis(1000),
+            took >= Duration::from_millis(250) && took < Duration::from_millis(2300),
             "{took:?}"
         );
     }

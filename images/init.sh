@@ -1,0 +1,159 @@
+#!/bin/sh
+# /init of the keyshard guest initramfs (busybox sh). It unlocks the LUKS2 volume with the key
+# that `keyshard-guest unlock` rebuilds from the fragment devices, shows one known file, and
+# powers the VM off in every case, so the VM always ends on its own.
+#
+# Console markers (the e2e tests match them; keep them stable):
+#   KEYSHARD-E2E: init started
+#   KEYSHARD-E2E: device /dev/vdX serial=...        one line per virtio-blk disk
+#   KEYSHARD-E2E: keyshard-guest stderr begin/end   what keyshard-guest said, between the two
+#   KEYSHARD-E2E: unlocked                          then the file between 'file begin'/'file end'
+#   KEYSHARD-E2E: locked (...)                      the volume was not opened, and why
+#   KEYSHARD-E2E: error: ...                        something else went wrong
+#   KEYSHARD-E2E: poweroff
+#
+# Kernel command line options (all optional):
+#   keyshard.volume_serial=ks-volume   virtio-blk serial of the LUKS2 volume
+#   keyshard.file=keyshard-volume.txt  file on the volume to print
+#   keyshard.device_wait=2             seconds to wait for the fragment devices the manifest lists
+#   keyshard.watchdog=120              seconds after which the VM powers off whatever happens
+
+export PATH=/bin
+MANIFEST=/etc/keyshard/manifest.toml
+MAPPER_NAME=ks-volume
+
+say() { echo "KEYSHARD-E2E: $*"; }
+
+finish() {
+    sync
+    say "poweroff"
+    poweroff -f
+    # poweroff -f does not return; if it ever did, stay here rather than let init exit (panic).
+    while :; do sleep 60; done
+}
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+# CONFIG_DEVTMPFS_MOUNT is off in the Debian cloud kernel: mount /dev ourselves.
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /run/cryptsetup /tmp /mnt
+
+volume_serial=ks-volume
+known_file=keyshard-volume.txt
+device_wait=2
+watchdog=120
+# shellcheck disable=SC2013 # the command line is split into words on purpose
+for opt in $(cat /proc/cmdline); do
+    case "$opt" in
+        keyshard.volume_serial=*) volume_serial=${opt#*=} ;;
+        keyshard.file=*) known_file=${opt#*=} ;;
+        keyshard.device_wait=*) device_wait=${opt#*=} ;;
+        keyshard.watchdog=*) watchdog=${opt#*=} ;;
+    esac
+done
+
+# Whatever hangs (a device that never answers, a stuck tool), the VM still ends.
+(sleep "$watchdog"; echo "KEYSHARD-E2E: error: watchdog fired after ${watchdog}s"; poweroff -f) &
+
+say "init started, kernel $(uname -r)"
+
+while read -r module; do
+    insmod "$module" || say "error: insmod $module failed"
+done < /etc/keyshard/modules.order
+
+# Prints /dev/NAME of the block device whose virtio serial is exactly $1.
+device_by_serial() {
+    for dev in /sys/block/*; do
+        [ -r "$dev/serial" ] || continue
+        if [ "$(cat "$dev/serial" 2>/dev/null)" = "$1" ]; then
+            echo "/dev/${dev##*/}"
+            return 0
+        fi
+    done
+    return 1
+}
+
+count_fragment_devices() {
+    n=0
+    for dev in /sys/block/*; do
+        case "$(cat "$dev/serial" 2>/dev/null)" in ksf-*) n=$((n + 1)) ;; esac
+    done
+    echo "$n"
+}
+
+# The volume must appear; then give the fragment devices the manifest lists a moment.
+volume=
+ticks=0
+while [ $ticks -lt 100 ]; do
+    volume=$(device_by_serial "$volume_serial") && [ -b "$volume" ] && break
+    volume=
+    usleep 100000
+    ticks=$((ticks + 1))
+done
+expected=$(grep -c '^class *= *"vhd"' "$MANIFEST")
+ticks=0
+while [ "$(count_fragment_devices)" -lt "$expected" ] && [ $ticks -lt $((device_wait * 10)) ]; do
+    usleep 100000
+    ticks=$((ticks + 1))
+done
+for dev in /sys/block/*; do
+    [ -r "$dev/serial" ] && say "device /dev/${dev##*/} serial=$(cat "$dev/serial" 2>/dev/null)"
+done
+say "fragment devices: $(count_fragment_devices) of $expected in the manifest"
+
+if [ -z "$volume" ]; then
+    say "error: no block device with serial $volume_serial"
+    say "locked (no volume)"
+    finish
+fi
+
+# The secret never touches a file: keyshard-guest's stdout is held hex-encoded in this shell and
+# replayed into cryptsetup only when keyshard-guest succeeded and printed something.
+# keyshard-guest's stderr goes straight to the console.
+# busybox ash has pipefail: the pipeline fails when keyshard-guest does.
+# shellcheck disable=SC3040
+set -o pipefail
+say "keyshard-guest stderr begin"
+secret_hex=$(keyshard-guest unlock --manifest "$MANIFEST" --timeout 30 | od -An -v -tx1 | tr -d ' \n')
+status=$?
+say "keyshard-guest stderr end"
+# shellcheck disable=SC3040
+set +o pipefail
+
+if [ "$status" -ne 0 ]; then
+    case "$status" in
+        2) reason="quorum not met" ;;
+        *) reason="error" ;;
+    esac
+    secret_hex=
+    say "locked (keyshard-guest exit $status: $reason)"
+    finish
+fi
+if [ -z "$secret_hex" ]; then
+    say "locked (keyshard-guest exit 0 but printed no secret)"
+    finish
+fi
+
+# printf is a busybox ash builtin: the escaped secret is not put on any process's command line.
+# The format string is the secret as \xHH escapes, on purpose.
+# shellcheck disable=SC2059
+if ! printf "$(echo "$secret_hex" | sed 's/../\\x&/g')" \
+    | cryptsetup open --readonly --key-file=- "$volume" "$MAPPER_NAME"; then
+    secret_hex=
+    say "locked (cryptsetup open failed: the rebuilt key does not open $volume)"
+    finish
+fi
+secret_hex=
+
+if ! mount -t ext4 -o ro "/dev/mapper/$MAPPER_NAME" /mnt; then
+    say "error: mounting /dev/mapper/$MAPPER_NAME failed"
+    cryptsetup close "$MAPPER_NAME"
+    finish
+fi
+say "unlocked"
+say "file $known_file begin"
+cat "/mnt/$known_file" || say "error: cannot read /mnt/$known_file"
+say "file end"
+umount /mnt
+cryptsetup close "$MAPPER_NAME"
+finish
