@@ -4,7 +4,10 @@
 //! [`fragment`], and a [`quorum`] of verified fragments of one epoch rebuilds it. The [`policy`]
 //! says how many shares each holder class gets and how many rebuild the secret.
 
+pub mod broker;
+pub mod bytes;
 pub mod dealer;
+pub mod envelope;
 pub mod files;
 pub mod fragment;
 pub mod holder;

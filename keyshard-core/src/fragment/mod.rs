@@ -43,6 +43,12 @@ pub enum FragmentError {
 
 pub type Result<T> = std::result::Result<T, FragmentError>;
 
+impl From<crate::bytes::Truncated> for FragmentError {
+    fn from(t: crate::bytes::Truncated) -> Self {
+        Self::Truncated { field: t.field }
+    }
+}
+
 /// Everything in a fragment but the share bytes and the signature.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FragmentHeader {

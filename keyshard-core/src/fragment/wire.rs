@@ -25,6 +25,7 @@
 use zeroize::Zeroizing;
 
 use super::{FragmentError, FragmentHeader, Result};
+use crate::bytes::Reader;
 use crate::holder::{HolderClass, HolderId, KeyId, MAX_HOLDER_ID_LEN, MAX_KEY_ID_LEN};
 use crate::kcv::{KCV_LEN, KeyCheckValue};
 use crate::sharing::{MAX_SECRET_LEN, Threshold};
@@ -57,51 +58,6 @@ pub(super) struct Parsed {
     pub signature: [u8; SIGNATURE_LEN],
 }
 
-/// Reads fields front to back; every read names its field so a short input says what is missing.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, len: usize, field: &'static str) -> Result<&'a [u8]> {
-        let end = self
-            .pos
-            .checked_add(len)
-            .ok_or(FragmentError::Truncated { field })?;
-        let slice = self
-            .bytes
-            .get(self.pos..end)
-            .ok_or(FragmentError::Truncated { field })?;
-        self.pos = end;
-        Ok(slice)
-    }
-
-    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N]> {
-        let slice = self.take(N, field)?;
-        <[u8; N]>::try_from(slice).map_err(|_| FragmentError::Truncated { field })
-    }
-
-    fn u8(&mut self, field: &'static str) -> Result<u8> {
-        Ok(u8::from_le_bytes(self.array(field)?))
-    }
-
-    fn u16(&mut self, field: &'static str) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.array(field)?))
-    }
-
-    fn u64(&mut self, field: &'static str) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.array(field)?))
-    }
-
-    fn ascii(&mut self, field: &'static str) -> Result<&'a str> {
-        let len = self.u8(field)?;
-        let bytes = self.take(usize::from(len), field)?;
-        // Non-ASCII is refused by the name checks; a lossy view is enough to report it.
-        std::str::from_utf8(bytes).or(Ok("\u{fffd}"))
-    }
-}
-
 pub(super) fn parse(bytes: &[u8]) -> Result<Parsed> {
     if bytes.len() > MAX_FRAGMENT_LEN {
         return Err(FragmentError::TooLarge {
@@ -109,7 +65,7 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Parsed> {
             max: MAX_FRAGMENT_LEN,
         });
     }
-    let mut r = Reader { bytes, pos: 0 };
+    let mut r = Reader::new(bytes);
     if r.array::<4>("magic")? != MAGIC {
         return Err(FragmentError::BadMagic);
     }
@@ -127,17 +83,17 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Parsed> {
         return Err(FragmentError::BadShareIndex { index, n });
     }
     let epoch = r.u64("epoch")?;
-    let key_id = KeyId::new(r.ascii("key id")?).map_err(FragmentError::BadKeyId)?;
-    let holder_id = HolderId::new(r.ascii("holder id")?).map_err(FragmentError::BadHolderId)?;
+    let key_id = KeyId::new(r.short_str("key id")?).map_err(FragmentError::BadKeyId)?;
+    let holder_id = HolderId::new(r.short_str("holder id")?).map_err(FragmentError::BadHolderId)?;
     let share_len = usize::from(r.u16("share length")?);
     if share_len == 0 || share_len > MAX_SECRET_LEN {
         return Err(FragmentError::BadShareLength { len: share_len });
     }
     let share = Zeroizing::new(r.take(share_len, "share")?.to_vec());
     let kcv = KeyCheckValue::from_bytes(r.array("key check value")?);
-    let signed_len = r.pos;
+    let signed_len = r.position();
     let signature = r.array("signature")?;
-    let extra = bytes.len() - r.pos;
+    let extra = r.remaining();
     if extra != 0 {
         return Err(FragmentError::TrailingBytes { extra });
     }

@@ -1,0 +1,214 @@
+//! Broker message tests: every kind round-trips, and every malformation is its own error.
+
+use super::*;
+
+fn holder(id: &str) -> HolderId {
+    HolderId::new(id).unwrap()
+}
+
+fn samples() -> Vec<Message> {
+    let bodies = vec![
+        Body::NonceRequest,
+        Body::Release {
+            class: HolderClass::Tpm,
+            holder_id: holder("tpm-1"),
+            request_key: [7; 32],
+            evidence: Evidence::None,
+        },
+        Body::Release {
+            class: HolderClass::Sev,
+            holder_id: holder("sev-1"),
+            request_key: [8; 32],
+            evidence: Evidence::Snp {
+                nonce: [9; 32],
+                report: vec![1; 1184],
+                vcek: vec![2; 1360],
+            },
+        },
+        Body::Nonce {
+            nonce: [3; 32],
+            valid_for_ms: 60_000,
+        },
+        Body::Pending,
+        Body::Released {
+            class: HolderClass::Tpm,
+            holder_id: holder("tpm-1"),
+            envelope: Envelope {
+                encapped_key: [4; 32],
+                ciphertext: vec![5; 181],
+            },
+        },
+        Body::Refused {
+            code: RefusalCode::HostAttestation,
+            reason: "PCR 7 differs from its golden value".into(),
+        },
+    ];
+    bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, body)| Message {
+            request_id: 0x1122_3344_5566_7700 + i as u64,
+            body,
+        })
+        .collect()
+}
+
+#[test]
+fn every_kind_round_trips_with_and_without_sector_padding() {
+    for message in samples() {
+        let mut bytes = message.encode().unwrap();
+        assert_eq!(Message::parse(&bytes).unwrap(), message);
+        bytes.resize(bytes.len().div_ceil(512) * 512, 0);
+        assert_eq!(Message::parse(&bytes).unwrap(), message);
+    }
+}
+
+#[test]
+fn header_layout_is_as_documented() {
+    let bytes = Message {
+        request_id: 0x0102_0304_0506_0708,
+        body: Body::Pending,
+    }
+    .encode()
+    .unwrap();
+    assert_eq!(
+        bytes,
+        [
+            b'K', b'S', b'B', b'M', 1, 0x82, 0, 0, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0, 0, 0
+        ]
+    );
+}
+
+#[test]
+fn every_truncation_is_reported() {
+    for message in samples() {
+        let bytes = message.encode().unwrap();
+        for len in 0..bytes.len() {
+            assert!(
+                matches!(
+                    Message::parse(&bytes[..len]),
+                    Err(MessageError::Truncated { .. })
+                ),
+                "{:?} cut at {len}",
+                message.body
+            );
+        }
+    }
+}
+
+#[test]
+fn header_malformations() {
+    let good = samples()[0].encode().unwrap();
+    let with = |pos: usize, byte: u8| {
+        let mut bytes = good.clone();
+        bytes[pos] = byte;
+        Message::parse(&bytes).unwrap_err()
+    };
+    assert_eq!(with(0, b'X'), MessageError::BadMagic);
+    assert_eq!(with(4, 2), MessageError::UnsupportedVersion(2));
+    assert_eq!(with(5, 0x42), MessageError::UnknownKind(0x42));
+    assert_eq!(with(6, 1), MessageError::Reserved);
+    // Body length past the area: refused before anything is read.
+    assert_eq!(with(18, 1), MessageError::TooLarge { len: 0x1_0000 });
+    let mut bytes = good.clone();
+    bytes.extend([0, 0, 1]);
+    assert_eq!(
+        Message::parse(&bytes).unwrap_err(),
+        MessageError::TrailingBytes(3)
+    );
+}
+
+#[test]
+fn body_malformations() {
+    let release = samples()[2].encode().unwrap();
+    let with = |pos: usize, byte: u8| {
+        let mut bytes = release.clone();
+        bytes[pos] = byte;
+        Message::parse(&bytes).unwrap_err()
+    };
+    // Body starts at 20: class, holder id length, "sev-1", key (32), evidence tag.
+    assert_eq!(with(20, 9), MessageError::UnknownClass(9));
+    assert!(matches!(with(22, b'S'), MessageError::HolderId(_)));
+    assert_eq!(with(20 + 1 + 6 + 32, 5), MessageError::UnknownEvidence(5));
+    let report_len_at = 20 + 1 + 6 + 32 + 1 + 32;
+    let mut bytes = release.clone();
+    bytes[report_len_at..report_len_at + 2].copy_from_slice(&0u16.to_le_bytes());
+    assert!(matches!(
+        Message::parse(&bytes).unwrap_err(),
+        MessageError::FieldLength {
+            field: "report",
+            len: 0,
+            ..
+        }
+    ));
+    let mut bytes = release.clone();
+    bytes[report_len_at..report_len_at + 2].copy_from_slice(&4001u16.to_le_bytes());
+    assert!(matches!(
+        Message::parse(&bytes).unwrap_err(),
+        MessageError::FieldLength {
+            field: "report",
+            len: 4001,
+            ..
+        }
+    ));
+    // Extra bytes inside the declared body.
+    let mut nonce = samples()[3].encode().unwrap();
+    nonce[16] += 1;
+    nonce.push(0xAA);
+    assert_eq!(
+        Message::parse(&nonce).unwrap_err(),
+        MessageError::TrailingBytes(1)
+    );
+    // A reason that is not UTF-8.
+    let mut refused = samples()[6].encode().unwrap();
+    let last = refused.len() - 1;
+    refused[last] = 0xFF;
+    assert_eq!(
+        Message::parse(&refused).unwrap_err(),
+        MessageError::ReasonEncoding
+    );
+}
+
+#[test]
+fn encoding_refuses_oversized_fields_and_cuts_long_reasons() {
+    let too_big = Message {
+        request_id: 1,
+        body: Body::Release {
+            class: HolderClass::Sev,
+            holder_id: holder("sev-1"),
+            request_key: [0; 32],
+            evidence: Evidence::Snp {
+                nonce: [0; 32],
+                report: vec![0; MAX_REPORT_LEN + 1],
+                vcek: Vec::new(),
+            },
+        },
+    };
+    assert!(matches!(
+        too_big.encode(),
+        Err(MessageError::FieldLength {
+            field: "report",
+            ..
+        })
+    ));
+    let long = Message {
+        request_id: 2,
+        body: Body::Refused {
+            code: RefusalCode::Other(77),
+            reason: "é".repeat(400),
+        },
+    };
+    let Body::Refused { code, reason } = Message::parse(&long.encode().unwrap()).unwrap().body
+    else {
+        panic!("not a refusal");
+    };
+    assert_eq!(code, RefusalCode::Other(77));
+    assert_eq!(reason.len(), MAX_REASON_LEN);
+}
+
+#[test]
+fn refusal_codes_round_trip() {
+    for code in 0..=12u16 {
+        assert_eq!(RefusalCode::from_u16(code).to_u16(), code);
+    }
+}
