@@ -8,8 +8,10 @@ CARGO ?= cargo
 #   linux-image-cloud-amd64  the guest kernel and the modules the initramfs takes
 #   busybox-static cryptsetup-bin cpio e2fsprogs   the initramfs and the LUKS2 test volume
 #   qemu-utils               qemu-img; see `deps` for why it is listed
+#   libtss2-dev pkg-config   tpm2-tss for tss-esapi (with its swtpm TCTI)
+#   swtpm                    the software TPM the TPM tests and the demo run against
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static \
-	cryptsetup-bin cpio e2fsprogs
+	cryptsetup-bin cpio e2fsprogs libtss2-dev pkg-config swtpm
 
 FUZZ_SECONDS ?= 600
 
@@ -22,11 +24,11 @@ deps:
 	@scripts/ensure-packages.sh $(SYSTEM_PACKAGES)
 	@scripts/ensure-packages.sh $(SYSTEM_PACKAGES)
 
-lint:
+lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-unit:
+unit: deps
 	$(CARGO) test --workspace
 
 test: deps lint unit e2e

@@ -3,6 +3,7 @@
 //! `keyshard` ([`cli`]).
 
 pub mod cli;
+pub mod coordinator;
 pub mod daemon;
 pub mod device;
 pub mod fragment_volume;

@@ -1,0 +1,232 @@
+//! Mailbox tests through the medium interface the device engine uses: whole requests at offset 0,
+//! answers in the answer area, nothing changed by reads, bad input answered and survived.
+
+use std::sync::Condvar;
+use std::time::{Duration, Instant};
+
+use keyshard_core::HolderId;
+use keyshard_core::broker::{Evidence, HEADER_LEN};
+use keyshard_core::holder::HolderClass;
+
+use super::*;
+
+/// A handler that answers a nonce to nonce requests and refuses releases, after an optional
+/// wait it is released from (to observe `pending`).
+struct ScriptedHandler {
+    gate: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl ScriptedHandler {
+    fn new(open: bool) -> Arc<Self> {
+        Arc::new(Self {
+            gate: Mutex::new(open),
+            opened: Condvar::new(),
+        })
+    }
+
+    fn open(&self) {
+        *self.gate.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+impl RequestHandler for ScriptedHandler {
+    fn answer(&self, vm_id: &str, request: &Message) -> Body {
+        let mut open = self.gate.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+        match request.body {
+            Body::NonceRequest => Body::Nonce {
+                nonce: [request.request_id as u8; 32],
+                valid_for_ms: 60_000,
+            },
+            _ => Body::Refused {
+                code: RefusalCode::UnknownHolder,
+                reason: format!("{vm_id} has no such holder"),
+            },
+        }
+    }
+}
+
+fn read_answer(mailbox: &BrokerMailbox) -> Vec<u8> {
+    let mut out = Vec::new();
+    mailbox
+        .read_into(ANSWER_OFFSET, AREA_LEN, &mut out)
+        .unwrap();
+    out
+}
+
+/// Reads the answer area until it stops saying `pending` (at most 5 s).
+fn final_answer(mailbox: &BrokerMailbox) -> Message {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = Message::parse(&read_answer(mailbox)).unwrap();
+        if answer.body != Body::Pending || Instant::now() > until {
+            return answer;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn write(mailbox: &BrokerMailbox, message: &Message) {
+    let mut bytes = message.encode().unwrap();
+    bytes.resize(bytes.len().div_ceil(512) * 512, 0);
+    mailbox.write_at(0, &bytes).unwrap();
+}
+
+fn nonce_request(request_id: u64) -> Message {
+    Message {
+        request_id,
+        body: Body::NonceRequest,
+    }
+}
+
+#[test]
+fn geometry_and_serial() {
+    let mailbox = BrokerMailbox::new("vm1", ScriptedHandler::new(true)).unwrap();
+    assert_eq!(mailbox.capacity_bytes(), 32 * 1024);
+    assert!(!mailbox.read_only());
+    assert_eq!(&mailbox.serial()[..8], b"ksb-vm1\0");
+    // Before any request the answer area is all zeros: no answer names any request.
+    assert!(read_answer(&mailbox).iter().all(|b| *b == 0));
+}
+
+#[test]
+fn a_request_is_pending_then_answered_with_its_id() {
+    let handler = ScriptedHandler::new(false);
+    let mailbox = BrokerMailbox::new("vm1", handler.clone()).unwrap();
+    write(&mailbox, &nonce_request(42));
+    let pending = Message::parse(&read_answer(&mailbox)).unwrap();
+    assert_eq!(
+        pending,
+        Message {
+            request_id: 42,
+            body: Body::Pending
+        }
+    );
+    // Reads have no side effects: the same answer again.
+    assert_eq!(Message::parse(&read_answer(&mailbox)).unwrap(), pending);
+    handler.open();
+    let answer = final_answer(&mailbox);
+    assert_eq!(answer.request_id, 42);
+    assert!(matches!(answer.body, Body::Nonce { nonce, .. } if nonce == [42; 32]));
+}
+
+#[test]
+fn a_newer_request_supersedes_an_older_one() {
+    let handler = ScriptedHandler::new(false);
+    let mailbox = BrokerMailbox::new("vm1", handler.clone()).unwrap();
+    write(&mailbox, &nonce_request(1));
+    write(&mailbox, &nonce_request(2));
+    handler.open();
+    let answer = final_answer(&mailbox);
+    assert_eq!(answer.request_id, 2);
+    // The late answer to request 1 never replaces it.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        Message::parse(&read_answer(&mailbox)).unwrap().request_id,
+        2
+    );
+}
+
+#[test]
+fn malformed_truncated_oversized_and_unknown_version_requests_are_refused_and_survived() {
+    let mailbox = BrokerMailbox::new("vm1", ScriptedHandler::new(true)).unwrap();
+    let good = nonce_request(7).encode().unwrap();
+    let mut unknown_version = good.clone();
+    unknown_version[4] = 9;
+    let mut oversized = good.clone();
+    oversized[16..20].copy_from_slice(&(AREA_LEN as u32).to_le_bytes());
+    let release = Message {
+        request_id: 7,
+        body: Body::Release {
+            class: HolderClass::Tpm,
+            holder_id: HolderId::new("tpm-1").unwrap(),
+            request_key: [1; 32],
+            evidence: Evidence::None,
+        },
+    }
+    .encode()
+    .unwrap();
+    let truncated = release[..release.len() - 5].to_vec();
+    let mut answer_kind = Message {
+        request_id: 7,
+        body: Body::Pending,
+    }
+    .encode()
+    .unwrap();
+    answer_kind.resize(512, 0);
+    let cases: Vec<(&str, Vec<u8>, RefusalCode)> = vec![
+        ("garbage", vec![0xAB; 512], RefusalCode::Malformed),
+        (
+            "unknown version",
+            unknown_version,
+            RefusalCode::UnsupportedVersion,
+        ),
+        ("oversized", oversized, RefusalCode::TooLarge),
+        ("truncated", truncated, RefusalCode::Malformed),
+        ("an answer kind", answer_kind, RefusalCode::UnknownKind),
+    ];
+    for (what, bytes, code) in cases {
+        mailbox.write_at(0, &bytes).unwrap();
+        let answer = Message::parse(&read_answer(&mailbox)).unwrap();
+        match answer.body {
+            Body::Refused {
+                code: got,
+                ref reason,
+            } => {
+                assert_eq!(got, code, "{what}: {reason}");
+                assert!(!reason.is_empty());
+            }
+            other => panic!("{what}: answered {other:?}"),
+        }
+        if what != "garbage" {
+            assert_eq!(
+                answer.request_id, 7,
+                "{what}: the refusal names the request"
+            );
+        }
+        // The next good request is served as usual.
+        write(&mailbox, &nonce_request(100));
+        assert!(
+            matches!(final_answer(&mailbox).body, Body::Nonce { .. }),
+            "after {what}"
+        );
+    }
+}
+
+#[test]
+fn writes_outside_the_request_area_fail_and_change_nothing() {
+    let mailbox = BrokerMailbox::new("vm1", ScriptedHandler::new(true)).unwrap();
+    write(&mailbox, &nonce_request(5));
+    let before = final_answer(&mailbox);
+    for (offset, len) in [(512, 512), (ANSWER_OFFSET, 512), (0, AREA_LEN + 512)] {
+        assert!(
+            mailbox.write_at(offset, &vec![0xCC; len]).is_err(),
+            "{offset}+{len}"
+        );
+    }
+    assert_eq!(Message::parse(&read_answer(&mailbox)).unwrap(), before);
+    assert!(
+        mailbox
+            .read_into(CAPACITY - 512, 1024, &mut Vec::new())
+            .is_err()
+    );
+}
+
+#[test]
+fn the_answer_area_is_zero_padded_and_the_request_area_reads_zero() {
+    let mailbox = BrokerMailbox::new("vm1", ScriptedHandler::new(true)).unwrap();
+    write(&mailbox, &nonce_request(3));
+    let answer = final_answer(&mailbox);
+    let encoded = answer.encode().unwrap();
+    let area = read_answer(&mailbox);
+    assert_eq!(&area[..encoded.len()], encoded.as_slice());
+    assert!(area[encoded.len()..].iter().all(|b| *b == 0));
+    assert!(encoded.len() > HEADER_LEN);
+    let mut request_area = Vec::new();
+    mailbox.read_into(0, 1024, &mut request_area).unwrap();
+    assert!(request_area.iter().all(|b| *b == 0));
+}
