@@ -87,11 +87,12 @@ bench-devices: deps
 
 # Fuzz a parser of untrusted bytes (nightly and cargo-fuzz; cargo-fuzz is installed when
 # missing): `make fuzz FUZZ_TARGET=descriptor_chain`. Targets: fragment_parse, descriptor_chain,
-# broker_message.
+# broker_message, attestation_evidence.
 FUZZ_TARGET ?= fragment_parse
 FUZZ_MAX_LEN_fragment_parse := 1400
 FUZZ_MAX_LEN_descriptor_chain := 16384
 FUZZ_MAX_LEN_broker_message := 16384
+FUZZ_MAX_LEN_attestation_evidence := 8192
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	mkdir -p fuzz/corpus/$(FUZZ_TARGET)

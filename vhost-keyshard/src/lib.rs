@@ -7,3 +7,5 @@ pub mod coordinator;
 pub mod daemon;
 pub mod device;
 pub mod fragment_volume;
+pub mod snp;
+pub mod tpm;

@@ -32,6 +32,8 @@ pub enum CliError {
     InspectFailed { bad: usize, total: usize },
     #[error("no randomness from the operating system: {0}")]
     Random(String),
+    #[error("SEV-SNP evidence refused: {0}")]
+    SnpRefused(#[from] crate::snp::VerifyError),
 }
 
 impl CliError {

@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod keygen;
 mod load;
 pub mod policy;
+pub mod snp;
 pub mod split;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,8 @@ pub enum Command {
     /// Sharing policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// AMD SEV-SNP attestation evidence.
+    Snp(snp::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,5 +53,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Combine(args) => combine::run(args.try_into()?),
         Command::Inspect(args) => inspect::run(args.try_into()?),
         Command::Policy(PolicyCommand::Check(args)) => policy::check(args.into()),
+        Command::Snp(args) => snp::run(args.try_into()?),
     }
 }

@@ -184,13 +184,15 @@ impl VhostUserBackend for BlockBackend {
             warn!("event for unknown queue {device_event}");
             return Ok(());
         };
-        let mem = self.guest_memory()?;
         // Drain with notifications off, then re-enable and re-check: a request that arrived in
         // between would otherwise wait for the next kick (works with and without EVENT_IDX).
         loop {
             if let Err(e) = vring.disable_notification() {
                 debug!("disable_notification: {e}");
             }
+            // A fresh view of guest memory on every pass: the frontend may have added a region
+            // (and then used it) while this thread was still in the previous pass.
+            let mem = self.guest_memory()?;
             self.drain(vring, &mem);
             match vring.enable_notification() {
                 Ok(true) => continue,

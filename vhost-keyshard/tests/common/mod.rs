@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod snp_chain;
+pub mod swtpm;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -81,7 +84,10 @@ impl Daemon {
     pub fn start(args: &[String]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_vhost-keyshard"))
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
