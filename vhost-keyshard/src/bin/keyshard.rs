@@ -8,6 +8,12 @@ use clap::Parser;
 use vhost_keyshard::cli::{self, Cli, error::EXIT_FAILURE};
 
 fn main() -> ExitCode {
+    // libtss2 prints every refused TPM command to stderr, refusals keyshard expects and reports
+    // itself included; keep it quiet unless the user asked for its logging.
+    if std::env::var_os("TSS2_LOG").is_none() {
+        // SAFETY: main is still single-threaded here: nothing reads the environment concurrently.
+        unsafe { std::env::set_var("TSS2_LOG", "all+NONE") };
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format(|buf, record| {
             let level = record.level().as_str().to_ascii_lowercase();

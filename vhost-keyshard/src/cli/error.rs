@@ -34,6 +34,14 @@ pub enum CliError {
     Random(String),
     #[error("SEV-SNP evidence refused: {0}")]
     SnpRefused(#[from] crate::snp::VerifyError),
+    #[error(transparent)]
+    Init(#[from] crate::coordinator::init::InitError),
+    #[error(transparent)]
+    Setup(#[from] crate::coordinator::setup::SetupError),
+    #[error(transparent)]
+    Daemon(#[from] crate::daemon::DaemonError),
+    #[error("TPM: {0}")]
+    Tpm(#[from] crate::tpm::TpmError),
 }
 
 impl CliError {

@@ -3,7 +3,9 @@
 //! validated, via `TryFrom<Args>`) and `run`.
 
 pub mod combine;
+pub mod coordinator;
 pub mod error;
+pub mod init;
 pub mod inspect;
 pub mod keygen;
 mod load;
@@ -38,6 +40,10 @@ pub enum Command {
     Policy(PolicyCommand),
     /// AMD SEV-SNP attestation evidence.
     Snp(snp::Args),
+    /// Set up a coordinator state directory: deal a key by a policy, seal tpm/sev shares to the TPM.
+    Init(init::Args),
+    /// Serve broker mailboxes (one per VM) and release attested shares.
+    Coordinator(coordinator::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -54,5 +60,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Inspect(args) => inspect::run(args.try_into()?),
         Command::Policy(PolicyCommand::Check(args)) => policy::check(args.into()),
         Command::Snp(args) => snp::run(args.try_into()?),
+        Command::Init(args) => init::run(args.try_into()?),
+        Command::Coordinator(args) => coordinator::run(args.try_into()?),
     }
 }

@@ -3,6 +3,11 @@
 
 pub mod at_rest;
 pub mod audit;
+pub mod init;
 pub mod mailbox;
 pub mod nonces;
 pub mod release;
+pub mod setup;
+pub mod sev_release;
+pub mod state;
+pub mod tpm_release;

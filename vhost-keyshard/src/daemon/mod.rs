@@ -37,16 +37,18 @@ pub enum DaemonError {
     Thread,
 }
 
-struct Device {
-    name: String,
-    socket: BoundSocket,
-    media: Arc<FragmentVolume>,
+/// A bound socket and what it serves.
+pub struct ServedDevice {
+    /// The device's serial, for logs and thread names.
+    pub name: String,
+    pub socket: BoundSocket,
+    pub media: Arc<dyn BlockMedia>,
 }
 
 /// Runs until a stop signal; every socket is bound before "ready" is announced.
 pub fn run(config: Config) -> Result<(), DaemonError> {
     // Signal handlers first, so a SIGTERM during start-up is not lost.
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    let signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
     let devices = config
         .devices
         .iter()
@@ -57,15 +59,24 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
                     source,
                 },
             )?;
-            Ok(Device {
+            Ok(ServedDevice {
                 name: format!("{SERIAL_PREFIX}{}", media.holder_id()),
                 socket: BoundSocket::bind(&device.socket)?,
                 media: Arc::new(media),
             })
         })
         .collect::<Result<Vec<_>, DaemonError>>()?;
+    serve_until_signal(devices, config.pidfile.as_deref(), signals)
+}
 
-    announce_ready(&devices, config.pidfile.as_ref())?;
+/// Announces readiness, serves every device on its own thread, and on SIGTERM or SIGINT stops
+/// them, removes their sockets and the pidfile.
+pub fn serve_until_signal(
+    devices: Vec<ServedDevice>,
+    pidfile: Option<&std::path::Path>,
+    mut signals: Signals,
+) -> Result<(), DaemonError> {
+    announce_ready(&devices, pidfile)?;
     let stopper = Stopper::new().map_err(DaemonError::Signals)?;
     let threads: Vec<_> = devices
         .into_iter()
@@ -74,8 +85,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             thread::Builder::new()
                 .name(device.name.clone())
                 .spawn(move || {
-                    let media: Arc<dyn BlockMedia> = device.media;
-                    let served = device.socket.serve(&device.name, media, &stopper);
+                    let served = device.socket.serve(&device.name, device.media, &stopper);
                     if served.is_err() && !stopper.is_stopped() {
                         // One broken device stops the daemon rather than leave it half-serving.
                         let _ = signal_hook::low_level::raise(SIGTERM);
@@ -101,7 +111,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             Err(_) => result = Err(DaemonError::Thread),
         }
     }
-    if let Some(pidfile) = &config.pidfile {
+    if let Some(pidfile) = pidfile {
         let _ = std::fs::remove_file(pidfile);
     }
     result
@@ -109,7 +119,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
 
 /// Tells whoever started us that every socket listens: a line on stdout, the pidfile, and
 /// sd_notify when run by systemd.
-fn announce_ready(devices: &[Device], pidfile: Option<&PathBuf>) -> Result<(), DaemonError> {
+fn announce_ready(
+    devices: &[ServedDevice],
+    pidfile: Option<&std::path::Path>,
+) -> Result<(), DaemonError> {
     if let Some(path) = pidfile {
         let pid = format!("{}\n", std::process::id());
         files::write_atomic(path, pid.as_bytes(), 0o644, Overwrite::Replace)

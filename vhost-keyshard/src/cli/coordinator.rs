@@ -1,0 +1,107 @@
+//! `keyshard coordinator`: serve one broker mailbox per VM from a state directory until SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use keyshard_core::HolderId;
+use keyshard_core::broker::SERIAL_PREFIX;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use super::CliError;
+use crate::coordinator::mailbox::{BrokerMailbox, RequestHandler};
+use crate::coordinator::setup;
+use crate::coordinator::state::StateDir;
+use crate::daemon::{self, DaemonError, ServedDevice};
+use crate::device::serve::BoundSocket;
+use crate::tpm::{TpmConfig, TpmService, resolve_tcti};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The state directory `keyshard init` made.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// A VM's broker device: VMID=SOCKET (serial ksb-VMID). Repeat for each VM.
+    #[arg(long, value_name = "VMID=SOCKET", required = true)]
+    pub broker: Vec<String>,
+    /// The TPM (default: $TPM2TOOLS_TCTI, else $TCTI, else device:/dev/tpmrm0).
+    #[arg(long, value_name = "TCTI")]
+    pub tcti: Option<String>,
+    /// Write the process id here once every socket listens.
+    #[arg(long, value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub state_dir: StateDir,
+    /// (vm id, socket)
+    pub brokers: Vec<(String, PathBuf)>,
+    pub tcti: String,
+    pub pidfile: Option<PathBuf>,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = CliError;
+
+    fn try_from(args: Args) -> Result<Self, CliError> {
+        let mut brokers: Vec<(String, PathBuf)> = Vec::new();
+        for spec in &args.broker {
+            let (vm, socket) = spec
+                .split_once('=')
+                .filter(|(vm, socket)| !vm.is_empty() && !socket.is_empty())
+                .ok_or_else(|| {
+                    CliError::InvalidArgument(format!("--broker {spec:?}: expected VMID=SOCKET"))
+                })?;
+            // The serial ksb-<vm id> must fit virtio-blk's 20 bytes: same rules as a holder id.
+            HolderId::new(vm)
+                .map_err(|e| CliError::InvalidArgument(format!("--broker {spec:?}: vm id: {e}")))?;
+            if brokers
+                .iter()
+                .any(|(other, path)| other == vm || path.as_path() == std::path::Path::new(socket))
+            {
+                return Err(CliError::InvalidArgument(format!(
+                    "--broker {spec:?}: vm id or socket given twice"
+                )));
+            }
+            brokers.push((vm.to_owned(), PathBuf::from(socket)));
+        }
+        Ok(Self {
+            state_dir: StateDir::new(args.state_dir),
+            brokers,
+            tcti: resolve_tcti(args.tcti.as_deref()),
+            pidfile: args.pidfile,
+        })
+    }
+}
+
+pub fn run(config: Config) -> Result<(), CliError> {
+    let signals =
+        Signals::new([SIGTERM, SIGINT]).map_err(|e| CliError::from(DaemonError::Signals(e)))?;
+    let state = setup::load_state(&config.state_dir)?;
+    let tpm = if state.attested_holders().next().is_some() {
+        let service = TpmService::spawn(TpmConfig::new(config.tcti.clone()))?;
+        if service.info().software {
+            log::warn!("{} is a software TPM ({})", config.tcti, service.info());
+        }
+        Some(service)
+    } else {
+        None
+    };
+    let handler: Arc<dyn RequestHandler> =
+        Arc::new(setup::coordinator(&config.state_dir, &state, tpm)?);
+    let devices = config
+        .brokers
+        .iter()
+        .map(|(vm, socket)| {
+            let mailbox = BrokerMailbox::new(vm, handler.clone()).map_err(DaemonError::Signals)?;
+            Ok(ServedDevice {
+                name: format!("{SERIAL_PREFIX}{vm}"),
+                socket: BoundSocket::bind(socket).map_err(DaemonError::from)?,
+                media: Arc::new(mailbox),
+            })
+        })
+        .collect::<Result<Vec<_>, CliError>>()?;
+    daemon::serve_until_signal(devices, config.pidfile.as_deref(), signals)?;
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! `keyshard init`: set up a coordinator state directory from a policy.
+
+use std::path::PathBuf;
+
+use keyshard_core::files::{self, Overwrite};
+use keyshard_core::holder::HolderClass;
+use keyshard_core::sharing::MAX_SECRET_LEN;
+use zeroize::Zeroizing;
+
+use super::{CliError, load, policy};
+use crate::coordinator::init::init;
+use crate::coordinator::state::StateDir;
+use crate::tpm::{Tpm, resolve_tcti};
+
+/// A new random key has this many bytes.
+const GENERATED_SECRET_LEN: usize = 32;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The sharing policy (TOML): shares per holder class, k, and the PCRs for tpm/sev shares.
+    #[arg(long, value_name = "FILE")]
+    pub policy: PathBuf,
+    /// The coordinator state directory to create.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// The secret to share (raw bytes; `-` reads stdin). A new random 32-byte key when omitted.
+    #[arg(long, value_name = "FILE|-")]
+    pub secret_file: Option<PathBuf>,
+    /// The dealer's private key. When omitted, a new one is made in DIR/dealer.pem.
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
+    /// The TPM: a TCTI string (e.g. device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321).
+    /// Default: $TPM2TOOLS_TCTI, else $TCTI, else device:/dev/tpmrm0.
+    #[arg(long, value_name = "TCTI")]
+    pub tcti: Option<String>,
+    /// Replace an existing state directory's files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub policy: PathBuf,
+    pub state_dir: StateDir,
+    pub secret_file: Option<PathBuf>,
+    pub signing_key: Option<PathBuf>,
+    pub tcti: String,
+    pub overwrite: Overwrite,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = CliError;
+
+    fn try_from(args: Args) -> Result<Self, CliError> {
+        Ok(Self {
+            policy: args.policy,
+            state_dir: StateDir::new(args.state_dir),
+            secret_file: args.secret_file,
+            signing_key: args.signing_key,
+            tcti: resolve_tcti(args.tcti.as_deref()),
+            overwrite: if args.force {
+                Overwrite::Replace
+            } else {
+                Overwrite::Refuse
+            },
+        })
+    }
+}
+
+pub fn run(config: Config) -> Result<(), CliError> {
+    let policy = policy::load(&config.policy)?;
+    if config.overwrite == Overwrite::Refuse && config.state_dir.state_file().exists() {
+        return Err(crate::coordinator::init::InitError::Exists(
+            config.state_dir.root().to_owned(),
+        )
+        .into());
+    }
+    let secret = match &config.secret_file {
+        Some(path) => files::read_limited(path, MAX_SECRET_LEN)?,
+        None => {
+            let mut secret = Zeroizing::new(vec![0u8; GENERATED_SECRET_LEN]);
+            getrandom::fill(&mut secret).map_err(|e| CliError::Random(e.to_string()))?;
+            secret
+        }
+    };
+    let dealer = match &config.signing_key {
+        Some(path) => load::signing_key(path)?,
+        None => new_dealer_key(&config)?,
+    };
+    let needs_tpm =
+        policy.holders.get(HolderClass::Tpm) > 0 || policy.holders.get(HolderClass::Sev) > 0;
+    let mut tpm = if needs_tpm {
+        let tpm = Tpm::open(&config.tcti)?;
+        if tpm.info().software {
+            log::warn!(
+                "{} is a software TPM ({}): fine for tests, not for keeping secrets",
+                config.tcti,
+                tpm.info()
+            );
+        } else {
+            log::info!("TPM {}: {}", config.tcti, tpm.info());
+        }
+        Some(tpm)
+    } else {
+        None
+    };
+    let report = init(
+        &config.state_dir,
+        &policy,
+        &secret,
+        &dealer,
+        tpm.as_mut(),
+        config.overwrite,
+    )?;
+    let dir = config.state_dir.root().display();
+    println!(
+        "initialised {dir}: key {} ({} of {} shares rebuild it)",
+        report.key_id,
+        policy.threshold,
+        policy.shares()
+    );
+    println!(
+        "  {} vhd fragment(s) in {dir}/fragments: serve each with vhost-keyshard",
+        report.vhd
+    );
+    if let Some(selection) = &report.selection {
+        println!(
+            "  {} share(s) sealed to the TPM under PCRs {selection}",
+            report.sealed
+        );
+    }
+    println!("  guest manifest: {dir}/manifest.toml");
+    if policy.holders.get(HolderClass::Sev) > 0 {
+        println!(
+            "  sev shares need {dir}/snp/policy.toml (SEV-SNP policy) before the coordinator releases them"
+        );
+    }
+    Ok(())
+}
+
+fn new_dealer_key(config: &Config) -> Result<keyshard_core::keys::DealerSigningKey, CliError> {
+    let key = keyshard_core::keys::generate().map_err(|e| CliError::Random(e.to_string()))?;
+    let private = config.state_dir.root().join("dealer.pem");
+    let public = config.state_dir.root().join("dealer.pem.pub");
+    let key_error = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| CliError::Key { path, source }
+    };
+    files::create_private_dir(config.state_dir.root())?;
+    let pem = keyshard_core::keys::signing_key_to_pem(&key).map_err(key_error(&private))?;
+    files::write_private(&private, pem.as_bytes(), config.overwrite)?;
+    let pem = keyshard_core::keys::verifying_key_to_pem(&key.verifying_key())
+        .map_err(key_error(&public))?;
+    files::write_atomic(&public, pem.as_bytes(), 0o644, config.overwrite)?;
+    Ok(key)
+}

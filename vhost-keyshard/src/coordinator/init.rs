@@ -1,0 +1,183 @@
+//! `keyshard init`: deal a secret by a policy into a coordinator state directory. `vhd` fragments
+//! are written for the fragment devices; each `tpm` and `sev` fragment is encrypted under its own
+//! data key, which is sealed to the TPM under the policy's PCRs (below the persistent storage
+//! root key); the golden PCR values and the attestation key are recorded; and the guest
+//! manifest is written.
+
+use std::path::Path;
+
+use keyshard_core::dealer::{self, DealError, DealPlan};
+use keyshard_core::files::{self, FileError, Overwrite};
+use keyshard_core::holder::{HolderClass, KeyId};
+use keyshard_core::kcv::KeyCheckValue;
+use keyshard_core::keys::DealerSigningKey;
+use keyshard_core::manifest::Manifest;
+use keyshard_core::policy::Policy;
+
+use super::at_rest::{self, AtRestError};
+use super::state::{State, StateDir};
+use crate::tpm::{PcrError, PcrSelection, Tpm, TpmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("{}: already holds a coordinator state (pass --force to replace it)", .0.display())]
+    Exists(std::path::PathBuf),
+    #[error(
+        "the policy gives {class} shares, which are sealed to the TPM: it needs a [tpm] section with the PCRs"
+    )]
+    NoPcrs { class: HolderClass },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Deal(#[from] DealError),
+    #[error("TPM: {0}")]
+    Tpm(#[from] TpmError),
+    #[error("PCR selection: {0}")]
+    Pcrs(#[from] PcrError),
+    #[error("encrypting a fragment: {0}")]
+    AtRest(#[from] AtRestError),
+    #[error("no randomness from the operating system")]
+    Random,
+}
+
+/// What `init` made, for its report.
+#[derive(Debug)]
+pub struct InitReport {
+    pub key_id: KeyId,
+    pub vhd: usize,
+    pub sealed: usize,
+    pub selection: Option<String>,
+}
+
+/// Deals `secret` by `policy` into `dir`. `tpm` is needed when the policy has `tpm` or `sev`
+/// holders.
+pub fn init(
+    dir: &StateDir,
+    policy: &Policy,
+    secret: &[u8],
+    dealer_key: &DealerSigningKey,
+    tpm: Option<&mut Tpm>,
+    overwrite: Overwrite,
+) -> Result<InitReport, InitError> {
+    if overwrite == Overwrite::Refuse && dir.state_file().exists() {
+        return Err(InitError::Exists(dir.root().to_owned()));
+    }
+    let key_id = KeyId::random().map_err(|_| InitError::Random)?;
+    let holders = policy.holder_slots();
+    let plan = DealPlan {
+        key_id: key_id.clone(),
+        epoch: 1,
+        k: policy.threshold,
+        holders: holders.clone(),
+    };
+    let fragments = dealer::deal(secret, &plan, dealer_key)?;
+
+    let attested: Vec<_> = fragments
+        .iter()
+        .filter(|f| matches!(f.header().class, HolderClass::Tpm | HolderClass::Sev))
+        .collect();
+    let mut selection_text = None;
+    let mut sealed = Vec::new();
+    if let Some(first) = attested.first() {
+        let class = first.header().class;
+        let tpm_policy = policy.tpm.as_ref().ok_or(InitError::NoPcrs { class })?;
+        let tpm = tpm.ok_or(InitError::Tpm(TpmError::Unreachable {
+            tcti: String::new(),
+            detail: "no TPM was opened".into(),
+        }))?;
+        let selection = PcrSelection::try_from(tpm_policy)?;
+        let golden = tpm.read_pcrs(&selection)?;
+        for fragment in &attested {
+            let holder = &fragment.header().holder_id;
+            let data_key = at_rest::new_data_key()?;
+            let blob = tpm.seal(&golden, data_key.as_slice())?;
+            let encrypted = at_rest::encrypt(&data_key, holder, fragment.encoded())?;
+            sealed.push((
+                dir.sealed_key(holder),
+                blob.to_bytes(),
+                dir.sealed_fragment(holder),
+                encrypted,
+            ));
+        }
+        create_dirs(dir, &["sealed", "tpm"])?;
+        files::write_atomic(
+            &dir.golden_pcrs(),
+            &golden.to_bytes(),
+            0o644,
+            Overwrite::Replace,
+        )?;
+        files::write_atomic(
+            &dir.ak_public(),
+            &tpm.ak_public().to_sec1(),
+            0o644,
+            Overwrite::Replace,
+        )?;
+        selection_text = Some(selection.to_string());
+    }
+    create_dirs(dir, &["fragments", "snp", "snp/vcek"])?;
+    let mut vhd = 0;
+    for fragment in fragments
+        .iter()
+        .filter(|f| f.header().class == HolderClass::Vhd)
+    {
+        files::write_private(
+            &dir.fragment(&fragment.header().holder_id),
+            fragment.encoded(),
+            Overwrite::Replace,
+        )?;
+        vhd += 1;
+    }
+    for (key_path, blob, fragment_path, encrypted) in &sealed {
+        files::write_private(key_path, blob, Overwrite::Replace)?;
+        files::write_private(fragment_path, encrypted, Overwrite::Replace)?;
+    }
+    let manifest = Manifest {
+        key_id: key_id.clone(),
+        threshold: policy.threshold,
+        key_check_value: KeyCheckValue::compute(secret, &key_id),
+        dealer: dealer_key.verifying_key(),
+        holders: holders.clone(),
+    };
+    files::write_atomic(
+        &dir.manifest(),
+        manifest.to_toml().as_bytes(),
+        0o644,
+        Overwrite::Replace,
+    )?;
+    let state = State {
+        key_id: key_id.clone(),
+        threshold: policy.threshold,
+        tpm: if sealed.is_empty() {
+            None
+        } else {
+            policy.tpm.clone()
+        },
+        holders,
+    };
+    // Last: a state file means the directory is complete.
+    files::write_atomic(
+        &dir.state_file(),
+        state.to_toml().as_bytes(),
+        0o644,
+        Overwrite::Replace,
+    )?;
+    Ok(InitReport {
+        key_id,
+        vhd,
+        sealed: sealed.len(),
+        selection: selection_text,
+    })
+}
+
+fn create_dirs(dir: &StateDir, names: &[&str]) -> Result<(), FileError> {
+    files::create_private_dir(dir.root())?;
+    for name in names {
+        files::create_private_dir(&dir.root().join(name))?;
+    }
+    Ok(())
+}
+
+/// Whether `path` looks like a state directory already.
+pub fn is_initialised(path: &Path) -> bool {
+    StateDir::new(path).state_file().exists()
+}
