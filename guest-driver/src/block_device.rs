@@ -1,6 +1,7 @@
-//! Reading a block device or an image file (`--device PATH`): `O_DIRECT` through a 4096-aligned
-//! buffer, so a guest reads what the device serves now rather than a cached copy, with a plain
-//! read where the file system refuses `O_DIRECT` (tmpfs, for instance).
+//! Reading and writing a block device or an image file (`--device PATH`, `--broker-device
+//! PATH`): `O_DIRECT` through a 4096-aligned buffer, so a guest sees what the device serves now
+//! rather than a cached copy, and its writes reach the device before they return; plain I/O where
+//! the file system refuses `O_DIRECT` (sysfs, some tmpfs).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -11,6 +12,8 @@ use zeroize::Zeroizing;
 
 /// Alignment of offsets, lengths and the buffer for `O_DIRECT`: enough for 4K-sector disks.
 pub const DIRECT_ALIGN: u64 = 4096;
+/// Writes are made of whole sectors of this size.
+pub const SECTOR_SIZE: u64 = 512;
 
 /// Why a device could not be read. The path is not repeated in each variant: the caller names
 /// the device.
@@ -32,6 +35,12 @@ pub enum BlockDeviceError {
     },
     #[error("ended at byte {got} while reading up to {wanted}")]
     ShortRead { got: u64, wanted: u64 },
+    #[error("write at byte {offset} failed: {source}")]
+    Write { offset: u64, source: io::Error },
+    #[error("opened read-only; cannot write")]
+    NotWritable,
+    #[error("a write of {len} bytes at byte {offset} is not in whole 512-byte sectors")]
+    Unaligned { offset: u64, len: usize },
 }
 
 pub type Result<T> = std::result::Result<T, BlockDeviceError>;
@@ -42,6 +51,7 @@ pub struct BlockDevice {
     path: PathBuf,
     file: File,
     direct: bool,
+    writable: bool,
     is_block_device: bool,
     capacity: u64,
 }
@@ -49,15 +59,25 @@ pub struct BlockDevice {
 impl BlockDevice {
     /// Opens `path` read-only, with `O_DIRECT` when the file system allows it.
     pub fn open(path: &Path) -> Result<Self> {
-        let (file, direct) = match open_read_only(path, true) {
+        Self::open_with(path, false)
+    }
+
+    /// Opens `path` for reading and writing (a broker mailbox), with `O_DIRECT` when the file
+    /// system allows it.
+    pub fn open_read_write(path: &Path) -> Result<Self> {
+        Self::open_with(path, true)
+    }
+
+    fn open_with(path: &Path, writable: bool) -> Result<Self> {
+        let (file, direct) = match open_file(path, true, writable) {
             Ok(file) => (file, true),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 log::debug!(
-                    "{}: the file system refuses O_DIRECT; reading through the page cache",
+                    "{}: the file system refuses O_DIRECT; going through the page cache",
                     path.display()
                 );
                 (
-                    open_read_only(path, false).map_err(BlockDeviceError::Open)?,
+                    open_file(path, false, writable).map_err(BlockDeviceError::Open)?,
                     false,
                 )
             }
@@ -76,6 +96,7 @@ impl BlockDevice {
             path: path.to_owned(),
             file,
             direct,
+            writable,
             is_block_device,
             capacity,
         })
@@ -89,9 +110,14 @@ impl BlockDevice {
         self.capacity
     }
 
-    /// Whether reads bypass the page cache.
+    /// Whether reads and writes bypass the page cache.
     pub fn is_direct(&self) -> bool {
         self.direct
+    }
+
+    /// Whether this is a block device (not an image file).
+    pub fn is_block_device(&self) -> bool {
+        self.is_block_device
     }
 
     /// The serial the kernel reports in `<sysfs_root>/block/<name>/serial` for a whole-disk
@@ -125,9 +151,7 @@ impl BlockDevice {
                         "{}: O_DIRECT read refused; reading through the page cache",
                         self.path.display()
                     );
-                    self.file =
-                        open_read_only(&self.path, false).map_err(BlockDeviceError::Open)?;
-                    self.direct = false;
+                    self.reopen_buffered()?;
                 }
                 other => return other,
             }
@@ -138,6 +162,90 @@ impl BlockDevice {
             return Err(self.short_read(offset + got as u64, end));
         }
         Ok(out)
+    }
+
+    /// Writes `data` at byte `offset`, both in whole 512-byte sectors; returns once the device
+    /// has the bytes (`O_DIRECT`, or a buffered write and `fdatasync` on a block device).
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if !self.writable {
+            return Err(BlockDeviceError::NotWritable);
+        }
+        let len = data.len();
+        if !offset.is_multiple_of(SECTOR_SIZE) || !(len as u64).is_multiple_of(SECTOR_SIZE) {
+            return Err(BlockDeviceError::Unaligned { offset, len });
+        }
+        offset
+            .checked_add(len as u64)
+            .filter(|end| *end <= self.capacity)
+            .ok_or(BlockDeviceError::OutOfRange {
+                offset,
+                end: offset.saturating_add(len as u64),
+                capacity: self.capacity,
+            })?;
+        if self.direct {
+            match self.write_direct(offset, data) {
+                Err(BlockDeviceError::Write { source, .. })
+                    if source.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    log::debug!(
+                        "{}: O_DIRECT write refused; writing through the page cache",
+                        self.path.display()
+                    );
+                    self.reopen_buffered()?;
+                }
+                other => return other,
+            }
+        }
+        self.write_all(data, offset)?;
+        if self.is_block_device {
+            self.file
+                .sync_data()
+                .map_err(|source| BlockDeviceError::Write { offset, source })?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` from a buffer aligned for `O_DIRECT`.
+    fn write_direct(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let align = DIRECT_ALIGN as usize;
+        let mut storage = Zeroizing::new(vec![0u8; data.len() + align]);
+        let skip = storage.as_ptr().align_offset(align);
+        let buffer =
+            storage
+                .get_mut(skip..skip + data.len())
+                .ok_or(BlockDeviceError::Unaligned {
+                    offset,
+                    len: data.len(),
+                })?;
+        buffer.copy_from_slice(data);
+        self.write_all(buffer, offset)
+    }
+
+    /// Writes all of `data` at `offset`.
+    fn write_all(&self, data: &[u8], offset: u64) -> Result<()> {
+        let mut written = 0;
+        while let Some(rest) = data.get(written..).filter(|rest| !rest.is_empty()) {
+            let at = offset + written as u64;
+            match self.file.write_at(rest, at) {
+                Ok(0) => {
+                    return Err(BlockDeviceError::Write {
+                        offset: at,
+                        source: io::Error::from(io::ErrorKind::WriteZero),
+                    });
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(BlockDeviceError::Write { offset: at, source }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops `O_DIRECT` after the file system refused it.
+    fn reopen_buffered(&mut self) -> Result<()> {
+        self.file = open_file(&self.path, false, self.writable).map_err(BlockDeviceError::Open)?;
+        self.direct = false;
+        Ok(())
     }
 
     /// Reads `offset..end` in whole aligned blocks through an aligned buffer.
@@ -191,10 +299,11 @@ impl BlockDevice {
     }
 }
 
-fn open_read_only(path: &Path, direct: bool) -> io::Result<File> {
+fn open_file(path: &Path, direct: bool, writable: bool) -> io::Result<File> {
     let flags = if direct { libc::O_DIRECT } else { 0 };
     OpenOptions::new()
         .read(true)
+        .write(writable)
         .custom_flags(flags | libc::O_CLOEXEC)
         .open(path)
 }
@@ -272,6 +381,57 @@ mod tests {
         assert!(!device.is_direct());
         let first = device.read_at(0, 1).unwrap();
         assert!(first[0].is_ascii_digit(), "{first:?}");
+    }
+
+    #[test]
+    fn writes_whole_sectors_and_reads_them_back() {
+        let dir = disk_dir();
+        let path = image(dir.path(), &vec![0u8; 32 * 1024]);
+        let mut device = BlockDevice::open_read_write(&path).unwrap();
+        let request = patterned(1024);
+        device.write_at(0, &request).unwrap();
+        device.write_at(16 * 1024, &request[..512]).unwrap();
+        assert_eq!(&device.read_at(0, 1024).unwrap()[..], &request[..]);
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[..1024], &request[..]);
+        assert_eq!(&on_disk[16 * 1024..16 * 1024 + 512], &request[..512]);
+        assert!(on_disk[1024..16 * 1024].iter().all(|b| *b == 0));
+        // Another reader of the same file sees the bytes at once.
+        let mut other = BlockDevice::open(&path).unwrap();
+        assert_eq!(&other.read_at(0, 1024).unwrap()[..], &request[..]);
+    }
+
+    #[test]
+    fn partial_sectors_writes_past_the_end_and_read_only_opens_are_refused() {
+        let dir = disk_dir();
+        let path = image(dir.path(), &vec![0u8; 4096]);
+        let mut device = BlockDevice::open_read_write(&path).unwrap();
+        assert!(matches!(
+            device.write_at(0, &[1; 100]),
+            Err(BlockDeviceError::Unaligned {
+                offset: 0,
+                len: 100
+            })
+        ));
+        assert!(matches!(
+            device.write_at(256, &[1; 512]),
+            Err(BlockDeviceError::Unaligned { offset: 256, .. })
+        ));
+        assert!(matches!(
+            device.write_at(3584, &[1; 1024]),
+            Err(BlockDeviceError::OutOfRange { end: 4608, .. })
+        ));
+        assert!(matches!(
+            device.write_at(u64::MAX - 511, &[1; 512]),
+            Err(BlockDeviceError::OutOfRange { .. })
+        ));
+        let mut read_only = BlockDevice::open(&path).unwrap();
+        assert!(matches!(
+            read_only.write_at(0, &[1; 512]),
+            Err(BlockDeviceError::NotWritable)
+        ));
+        // Nothing was written by any of them.
+        assert!(std::fs::read(&path).unwrap().iter().all(|b| *b == 0));
     }
 
     #[test]

@@ -1,10 +1,13 @@
-//! Device serials: how the raw bytes a device reports become printable text, and which holder a
-//! fragment device's serial (`ksf-<holder-id>`) names.
+//! Device serials: how the raw bytes a device reports become printable text, which holder a
+//! fragment device's serial (`ksf-<holder-id>`) names, and which serials are broker mailboxes'
+//! (`ksb-<vm-id>`).
 
 use keyshard_core::HolderId;
 
 /// The serial prefix of a fragment device.
 pub const FRAGMENT_SERIAL_PREFIX: &str = "ksf-";
+/// The serial prefix of a broker mailbox device.
+pub const BROKER_SERIAL_PREFIX: &str = keyshard_core::broker::SERIAL_PREFIX;
 
 /// A serial as text: cut at the first NUL, surrounding whitespace trimmed, and every character
 /// that is not printable ASCII replaced by `?`, so a device cannot write escape sequences to a
@@ -32,6 +35,11 @@ pub fn is_fragment_serial(serial: &str) -> bool {
     serial.starts_with(FRAGMENT_SERIAL_PREFIX)
 }
 
+/// Whether a serial is a broker mailbox device's.
+pub fn is_broker_serial(serial: &str) -> bool {
+    serial.starts_with(BROKER_SERIAL_PREFIX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +64,7 @@ mod tests {
         assert_eq!(holder_id("ksf-NOT VALID"), None);
         assert!(is_fragment_serial("ksf-x"));
         assert!(!is_fragment_serial("ksb-vm1"));
+        assert!(is_broker_serial("ksb-vm1"));
+        assert!(!is_broker_serial("ksf-vhd-1"));
     }
 }

@@ -32,16 +32,26 @@ struct StorageDaemon {
 
 impl StorageDaemon {
     fn serve(image: &Path, socket: &Path) -> Self {
+        Self::start(image, socket, false)
+    }
+
+    fn start(image: &Path, socket: &Path, writable: bool) -> Self {
         let log = socket.with_extension("log");
+        let (read_only, writable) = if writable {
+            ("off", "on")
+        } else {
+            ("on", "off")
+        };
         let child = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
             .arg(format!(
-                "driver=file,node-name=f0,filename={},read-only=on",
+                "driver=file,node-name=f0,filename={},read-only={read_only}",
                 image.display()
             ))
             .arg("--export")
             .arg(format!(
-                "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=off",
+                "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},\
+                 writable={writable}",
                 socket.display()
             ))
             .stdin(Stdio::null())
@@ -131,6 +141,66 @@ fn reads_capacity_serial_and_bytes_over_the_socket() {
 
     // A new connection works once the old one is gone (the daemon serves one at a time).
     let mut device = device.reconnect(deadline(10)).unwrap();
+    assert_eq!(
+        &device.read_at(0, 512, deadline(10)).unwrap()[..],
+        &image[..512]
+    );
+}
+
+#[test]
+fn writes_whole_sectors_to_a_writable_device_and_reads_them_back() {
+    let fixture = Fixture::new();
+    let image = fixture.dir.path().join("rw.img");
+    fs::write(&image, vec![0u8; 256 * 1024]).unwrap();
+    let daemon = StorageDaemon::start(&image, &fixture.dir.path().join("rw.sock"), true);
+    let mut device = VhostUserBlk::connect(&daemon.socket, deadline(10)).unwrap();
+    assert!(!device.is_read_only());
+
+    // One sector, and a span larger than the frontend's 64 KiB buffer (several requests).
+    let sector: Vec<u8> = (0..512).map(|i| (i % 253) as u8).collect();
+    let span: Vec<u8> = (0..150 * 1024).map(|i| (i % 241) as u8 | 1).collect();
+    device.write_at(0, &sector, deadline(10)).unwrap();
+    device.write_at(8192, &span, deadline(10)).unwrap();
+    assert_eq!(
+        &device.read_at(0, 512, deadline(10)).unwrap()[..],
+        &sector[..]
+    );
+    assert_eq!(
+        &device.read_at(8192, span.len(), deadline(10)).unwrap()[..],
+        &span[..]
+    );
+    // The backend wrote through to the file.
+    let on_disk = fs::read(&image).unwrap();
+    assert_eq!(&on_disk[..512], &sector[..]);
+    assert_eq!(&on_disk[8192..8192 + span.len()], &span[..]);
+    assert!(on_disk[512..8192].iter().all(|b| *b == 0));
+
+    // Partial sectors and writes past the end are refused before reaching the device.
+    assert!(matches!(
+        device.write_at(0, &[1; 100], deadline(10)),
+        Err(FrontendError::Unaligned { len: 100, .. })
+    ));
+    assert!(matches!(
+        device.write_at(256 * 1024 - 512, &[1; 1024], deadline(10)),
+        Err(FrontendError::OutOfRange { .. })
+    ));
+    // And the connection is still good.
+    assert_eq!(
+        &device.read_at(0, 512, deadline(10)).unwrap()[..],
+        &sector[..]
+    );
+}
+
+#[test]
+fn a_read_only_device_refuses_writes() {
+    let fixture = Fixture::new();
+    let daemon = serve(&fixture, 1);
+    let mut device = VhostUserBlk::connect(&daemon.socket, deadline(10)).unwrap();
+    assert!(matches!(
+        device.write_at(0, &[0; 512], deadline(10)),
+        Err(FrontendError::ReadOnly)
+    ));
+    let image = fs::read(&fixture.images[0]).unwrap();
     assert_eq!(
         &device.read_at(0, 512, deadline(10)).unwrap()[..],
         &image[..512]

@@ -82,9 +82,14 @@ fn the_agent_rebuilds_the_key_from_daemon_sockets() {
     )
     .unwrap();
     assert_eq!(outcome.secret.as_slice(), setup.secret.as_slice());
+    // The agent stops at the first k shares to arrive: which two is up to timing.
     assert_eq!(outcome.used.len(), 2);
+    assert_ne!(outcome.used[0].header.index, outcome.used[1].header.index);
     assert!(
-        outcome.used[0].source.starts_with("ksf-vhd-1"),
+        outcome
+            .used
+            .iter()
+            .all(|u| u.source.starts_with("ksf-vhd-")),
         "{:?}",
         outcome.used
     );

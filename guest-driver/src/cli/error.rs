@@ -24,7 +24,7 @@ pub enum CliError {
     },
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
-    #[error("no fragment devices found (no block device serial starts with ksf-)")]
+    #[error("no keyshard devices found (no block device serial starts with ksf- or ksb-)")]
     NoDevices,
     #[error("{0}")]
     Quorum(#[from] QuorumError),

@@ -14,7 +14,8 @@ pub use error::CliError;
 /// The program name, which prefixes every line on stderr.
 pub const PROGRAM: &str = "keyshard-guest";
 
-/// keyshard-guest: reads fragment devices and rebuilds the secret when a quorum agrees.
+/// keyshard-guest: reads fragment devices, asks the coordinator for the attested shares, and
+/// rebuilds the secret when a quorum agrees.
 #[derive(Debug, Parser)]
 #[command(name = "keyshard-guest", version, about, long_about = None)]
 pub struct Cli {
@@ -24,9 +25,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// List each fragment device's serial and its fragments' metadata (never share bytes).
+    /// List each fragment device's serial and its fragments' metadata (never share bytes), and
+    /// the broker mailbox.
     Read(read::Args),
-    /// Rebuild the secret named by a manifest from the fragment devices.
+    /// Rebuild the secret named by a manifest from the fragment devices and the shares the
+    /// coordinator releases through the broker mailbox.
     Unlock(unlock::Args),
 }
 

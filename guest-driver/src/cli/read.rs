@@ -1,11 +1,12 @@
 //! `keyshard-guest read`: each fragment device's serial and what its fragments say about
-//! themselves, never their share bytes.
+//! themselves, never their share bytes; and which broker mailbox there is (not asked anything).
 
 use keyshard_core::fragment::Fragment;
 
 use super::sources::{SourceArgs, SourceConfig};
 use super::{CliError, PROGRAM};
 use crate::agent;
+use crate::broker::mailbox::MailboxSpec;
 use crate::source::SourceReport;
 
 #[derive(Debug, clap::Args)]
@@ -85,11 +86,30 @@ pub fn list(report: &SourceReport) -> Listing {
     listing
 }
 
+/// The line that names the broker mailbox: its location, and its serial when discovery found it.
+pub fn broker_line(broker: &MailboxSpec) -> String {
+    match broker {
+        MailboxSpec::Device {
+            serial: Some(serial),
+            ..
+        } => format!("{}: serial {serial}, broker mailbox", broker.location()),
+        _ => format!("{}: broker mailbox", broker.location()),
+    }
+}
+
 pub fn run(config: Config) -> Result<(), CliError> {
-    let sources = config.sources.sources()?;
-    if sources.is_empty() {
+    let selected = config.sources.select()?;
+    if selected.sources.is_empty() && selected.broker.is_none() {
         return Err(CliError::NoDevices);
     }
+    if let Some(broker) = &selected.broker {
+        println!("{}", broker_line(broker));
+    }
+    let sources = selected
+        .sources
+        .into_iter()
+        .map(|spec| spec.into_source(&config.sources.sysfs_root))
+        .collect();
     let reports = agent::read_sources(sources, config.sources.timeout);
     let mut bad = 0;
     for report in &reports {
@@ -187,6 +207,21 @@ mod tests {
             .to_vec();
         let hex: String = share.iter().map(|b| format!("{b:02x}")).collect();
         assert!(listing.lines.iter().all(|line| !line.contains(&hex)));
+    }
+
+    #[test]
+    fn the_broker_is_listed_by_location_and_serial() {
+        assert_eq!(
+            broker_line(&MailboxSpec::Device {
+                path: "/dev/vdd".into(),
+                serial: Some("ksb-vm-7".into())
+            }),
+            "/dev/vdd: serial ksb-vm-7, broker mailbox"
+        );
+        assert_eq!(
+            broker_line(&MailboxSpec::VhostUser("/run/ksb.sock".into())),
+            "socket /run/ksb.sock: broker mailbox"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! `keyshard-guest unlock`: read the fragment devices and rebuild the secret the manifest names;
-//! the secret goes raw to stdout (never a terminal) or to a 0600 file.
+//! `keyshard-guest unlock`: read the fragment devices, ask the broker for the attested shares,
+//! and rebuild the secret the manifest names; the secret goes raw to stdout (never a terminal)
+//! or to a 0600 file.
 
 use std::path::PathBuf;
 
@@ -7,7 +8,8 @@ use keyshard_core::manifest::Manifest;
 
 use super::sources::{SourceArgs, SourceConfig};
 use super::{CliError, PROGRAM};
-use crate::agent;
+use crate::agent::{self, Inputs};
+use crate::snp::{self, ReportSource, SevGuestFirmware};
 use keyshard_core::files::{self, Overwrite, SecretSink};
 
 /// A manifest is well under a kilobyte per holder; anything this large is not one.
@@ -67,8 +69,24 @@ pub fn run(config: Config) -> Result<(), CliError> {
     })?;
     // Refuse a bad destination before any device is read.
     config.sink.check()?;
-    let sources = config.sources.sources()?;
-    let outcome = agent::unlock(&manifest, sources, config.sources.timeout)?;
+    let selected = config.sources.select()?;
+    let sysfs_root = &config.sources.sysfs_root;
+    let snp: Option<Box<dyn ReportSource>> = if snp::is_snp_guest() {
+        log::info!("an SEV-SNP guest: sev shares are asked for with an attestation report");
+        Some(Box::new(SevGuestFirmware))
+    } else {
+        None
+    };
+    let inputs = Inputs {
+        sources: selected
+            .sources
+            .into_iter()
+            .map(|spec| spec.into_source(sysfs_root))
+            .collect(),
+        broker: selected.broker.map(|spec| spec.into_mailbox(sysfs_root)),
+        snp,
+    };
+    let outcome = agent::unlock_with(&manifest, inputs, config.sources.timeout)?;
     for rejection in &outcome.rejected {
         log::warn!("skipped {}: {}", rejection.source, rejection.reason);
     }
@@ -93,7 +111,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::cli::sources::SourceSelection;
+    use crate::cli::sources::{BrokerSelection, SourceSelection};
     use crate::cli::{Cli, Command};
     use crate::source::SourceSpec;
 
@@ -178,6 +196,7 @@ mod tests {
             sources: SourceConfig {
                 // Would fail loudly if read: there is no such sysfs tree.
                 selection: SourceSelection::Discover,
+                broker: BrokerSelection::Discover,
                 timeout: Duration::from_secs(1),
                 sysfs_root: dir.path().join("no-sysfs"),
             },

@@ -1,6 +1,6 @@
 //! A vhost-user-blk frontend over `virtio-driver`: connect to a device socket, learn its capacity
-//! and serial, and read sectors. Every wait is bounded by a deadline, and a device that stops
-//! answering or misbehaves yields a typed error, never a hang or a panic.
+//! and serial, and read and write sectors. Every wait is bounded by a deadline, and a device that
+//! stops answering or misbehaves yields a typed error, never a hang or a panic.
 //!
 //! `virtio-driver` has no timeouts of its own and no disconnect notice: its control calls block,
 //! and a dead device simply never completes a request. So the handshake and the liveness checks
@@ -77,6 +77,14 @@ pub enum FrontendError {
         end: u64,
         capacity: u64,
     },
+    #[error("a write of {len} bytes at byte {offset} is not in whole blocks of {block_size} bytes")]
+    Unaligned {
+        offset: u64,
+        len: usize,
+        block_size: u64,
+    },
+    #[error("the device is read-only")]
+    ReadOnly,
     #[error("the connection failed earlier and is no longer used; reconnect")]
     Broken,
     #[error("cannot start a helper thread: {0}")]
@@ -92,6 +100,26 @@ type Transport = VhostUser<VirtioBlkConfig, BlkRequest>;
 fn wanted_features() -> u64 {
     VirtioFeatureFlags::VERSION_1.bits()
         | (VirtioBlkFeatureFlags::RO | VirtioBlkFeatureFlags::BLK_SIZE).bits()
+}
+
+/// Which way a request's data goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataDirection {
+    /// The device fills the buffer (reads, GET_ID).
+    FromDevice,
+    /// The device reads the buffer (writes).
+    ToDevice,
+}
+
+/// One virtio-blk request, its data in the registered buffer.
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    request_type: u32,
+    sector: u64,
+    len: usize,
+    data: DataDirection,
+    /// How errors name it: "a read", "a write", "GET_ID".
+    name: &'static str,
 }
 
 fn remaining(deadline: Instant) -> Duration {
@@ -262,7 +290,14 @@ impl VhostUserBlk {
     /// `None` if the device does not support GET_ID.
     pub fn serial(&mut self, deadline: Instant) -> Result<Option<String>> {
         const REQUEST: &str = "GET_ID";
-        match self.submit_and_wait(spec::REQUEST_GET_ID, 0, SERIAL_LEN, deadline, REQUEST) {
+        let request = Request {
+            request_type: spec::REQUEST_GET_ID,
+            sector: 0,
+            len: SERIAL_LEN,
+            data: DataDirection::FromDevice,
+            name: REQUEST,
+        };
+        match self.submit_and_wait(request, deadline) {
             Ok(()) => {}
             Err(FrontendError::Unsupported { .. }) => return Ok(None),
             Err(e) => return Err(e),
@@ -304,8 +339,14 @@ impl VhostUserBlk {
             if let Some(area) = self.buffer.as_mut_slice().get_mut(..chunk_len) {
                 area.fill(0);
             }
-            let sector = position / SECTOR_SIZE;
-            self.submit_and_wait(spec::REQUEST_READ, sector, chunk_len, deadline, REQUEST)?;
+            let request = Request {
+                request_type: spec::REQUEST_READ,
+                sector: position / SECTOR_SIZE,
+                len: chunk_len,
+                data: DataDirection::FromDevice,
+                name: REQUEST,
+            };
+            self.submit_and_wait(request, deadline)?;
             // The part of this chunk inside offset..end.
             let from = offset.max(position) - position;
             let to = end.min(position + chunk) - position;
@@ -320,20 +361,62 @@ impl VhostUserBlk {
         Ok(out)
     }
 
-    /// Runs one request whose device-writable data is the first `len` bytes of the buffer, and
-    /// waits for it until `deadline`.
-    fn submit_and_wait(
-        &mut self,
-        request_type: u32,
-        sector: u64,
-        len: usize,
-        deadline: Instant,
-        request: &'static str,
-    ) -> Result<()> {
+    /// Writes `data` at byte `offset`, both in whole blocks (512 bytes, or the device's larger
+    /// block size), with VIRTIO_BLK_T_OUT requests of at most the buffer's size. Returns when the
+    /// device has completed every request.
+    pub fn write_at(&mut self, offset: u64, data: &[u8], deadline: Instant) -> Result<()> {
+        const REQUEST: &str = "a write";
+        if self.read_only {
+            return Err(FrontendError::ReadOnly);
+        }
+        let len = data.len();
+        if !offset.is_multiple_of(self.block_size) || !(len as u64).is_multiple_of(self.block_size)
+        {
+            return Err(FrontendError::Unaligned {
+                offset,
+                len,
+                block_size: self.block_size,
+            });
+        }
+        let capacity = self.capacity_bytes();
+        offset
+            .checked_add(len as u64)
+            .filter(|end| *end <= capacity)
+            .ok_or(FrontendError::OutOfRange {
+                offset,
+                end: offset.saturating_add(len as u64),
+                capacity,
+            })?;
+        // BUFFER_LEN is a multiple of the block size, so every chunk stays aligned.
+        let mut position = offset;
+        for chunk in data.chunks(BUFFER_LEN) {
+            let area = self
+                .buffer
+                .as_mut_slice()
+                .get_mut(..chunk.len())
+                .ok_or_else(|| FrontendError::Protocol("write chunk out of buffer".into()))?;
+            area.copy_from_slice(chunk);
+            let request = Request {
+                request_type: spec::REQUEST_WRITE,
+                sector: position / SECTOR_SIZE,
+                len: chunk.len(),
+                data: DataDirection::ToDevice,
+                name: REQUEST,
+            };
+            self.submit_and_wait(request, deadline)?;
+            // Within the capacity, checked above.
+            position += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Runs one request whose data is the first `request.len` bytes of the buffer, and waits
+    /// for it until `deadline`.
+    fn submit_and_wait(&mut self, request: Request, deadline: Instant) -> Result<()> {
         if self.broken {
             return Err(FrontendError::Broken);
         }
-        let result = self.run_request(request_type, sector, len, deadline, request);
+        let result = self.run_request(request, deadline);
         // Only a clean answer from the device leaves the queue in a known state.
         let clean_answer = matches!(
             result,
@@ -343,14 +426,15 @@ impl VhostUserBlk {
         result
     }
 
-    fn run_request(
-        &mut self,
-        request_type: u32,
-        sector: u64,
-        len: usize,
-        deadline: Instant,
-        request: &'static str,
-    ) -> Result<()> {
+    fn run_request(&mut self, request: Request, deadline: Instant) -> Result<()> {
+        let Request {
+            request_type,
+            sector,
+            len,
+            data: direction,
+            name: request,
+        } = request;
+        let device_writes = direction == DataDirection::FromDevice;
         let data_len = u32::try_from(len)
             .ok()
             .filter(|_| len <= self.buffer.len())
@@ -372,7 +456,7 @@ impl VhostUserBlk {
                         iov_base: data.cast(),
                         iov_len: data_len as usize,
                     },
-                    true,
+                    device_writes,
                 )?;
                 let status_ptr: *mut u8 = &mut header.status;
                 add_descriptor(

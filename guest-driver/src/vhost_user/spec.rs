@@ -5,6 +5,8 @@
 pub const SECTOR_SIZE: u64 = 512;
 /// VIRTIO_BLK_T_IN: read sectors.
 pub const REQUEST_READ: u32 = 0;
+/// VIRTIO_BLK_T_OUT: write sectors.
+pub const REQUEST_WRITE: u32 = 1;
 /// VIRTIO_BLK_T_GET_ID: the device's serial.
 pub const REQUEST_GET_ID: u32 = 8;
 /// The serial is at most 20 bytes, NUL-padded (not NUL-terminated when 20 long).

@@ -28,34 +28,45 @@ pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub manifest: Manifest,
     pub images: Vec<PathBuf>,
+    /// The encoded fragments, in the manifest's holder order.
+    pub fragments: Vec<Vec<u8>>,
 }
 
 impl Fixture {
     pub fn new() -> Self {
+        Self::dealt(HolderSlot::numbered(HolderClass::Vhd, 3).collect(), 2)
+    }
+
+    /// [`SECRET`] split `k` of `holders.len()` over `holders`; image i and fragment i are
+    /// `holders[i]`'s.
+    pub fn dealt(holders: Vec<HolderSlot>, k: u8) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let dealer_key = keys::generate().unwrap();
         let key_id = KeyId::new("root").unwrap();
-        let holders: Vec<_> = HolderSlot::numbered(HolderClass::Vhd, 3).collect();
         let plan = DealPlan {
             key_id: key_id.clone(),
             epoch: 1,
-            k: 2,
+            k,
             holders: holders.clone(),
         };
-        let fragments = dealer::deal(SECRET, &plan, &dealer_key).unwrap();
+        let fragments: Vec<Vec<u8>> = dealer::deal(SECRET, &plan, &dealer_key)
+            .unwrap()
+            .iter()
+            .map(|f| f.encoded().to_vec())
+            .collect();
         let images = fragments
             .iter()
-            .enumerate()
-            .map(|(i, fragment)| {
-                let path = dir.path().join(format!("vhd-{}.img", i + 1));
-                fs::write(&path, image_bytes(fragment.encoded())).unwrap();
+            .zip(&holders)
+            .map(|(fragment, holder)| {
+                let path = dir.path().join(format!("{}.img", holder.id));
+                fs::write(&path, image_bytes(fragment)).unwrap();
                 path
             })
             .collect();
         let manifest = Manifest {
             key_check_value: KeyCheckValue::compute(SECRET, &key_id),
             key_id,
-            threshold: 2,
+            threshold: k,
             dealer: dealer_key.verifying_key(),
             holders,
         };
@@ -64,6 +75,7 @@ impl Fixture {
             dir,
             manifest,
             images,
+            fragments,
         }
     }
 

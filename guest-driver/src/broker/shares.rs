@@ -1,0 +1,93 @@
+//! The attested holders' shares as quorum candidates: one request to the coordinator per `tpm` or
+//! `sev` holder of the manifest, one after another over the one mailbox, each answer (a signed
+//! fragment, or why not) named after its holder.
+
+use std::time::Instant;
+
+use keyshard_core::HolderClass;
+use keyshard_core::dealer::HolderSlot;
+use keyshard_core::fragment::Fragment;
+use keyshard_core::quorum::Candidate;
+use zeroize::Zeroizing;
+
+use super::{BrokerClient, BrokerError, Result};
+use crate::snp::{ReportSource, SnpError};
+
+/// Whether the coordinator releases this class's shares.
+pub fn is_brokered(class: HolderClass) -> bool {
+    matches!(class, HolderClass::Tpm | HolderClass::Sev)
+}
+
+/// Asks for one holder's share: `tpm` with no evidence, `sev` with an SNP report from `reports`
+/// (`None`: not an SNP guest).
+pub fn fetch(
+    client: &mut BrokerClient,
+    holder: &HolderSlot,
+    reports: Option<&mut (dyn ReportSource + '_)>,
+    deadline: Instant,
+) -> Result<Zeroizing<Vec<u8>>> {
+    match (holder.class, reports) {
+        (HolderClass::Tpm, _) => client.release_tpm(&holder.id, deadline),
+        (HolderClass::Sev, Some(reports)) => client.release_sev(&holder.id, reports, deadline),
+        (HolderClass::Sev, None) => Err(BrokerError::Snp(SnpError::NoDevice)),
+        (class, _) => Err(BrokerError::Protocol(format!(
+            "{class} shares are not released by the coordinator"
+        ))),
+    }
+}
+
+/// What the coordinator's answer for `holder` contributes to the quorum: the fragment, named
+/// `<holder> (broker <location>)`, or an unavailable candidate named `<holder>` with the reason.
+/// A fragment that names another holder is not passed off as this one's.
+pub fn candidate(
+    holder: &HolderSlot,
+    location: &str,
+    fetched: Result<Zeroizing<Vec<u8>>>,
+) -> Candidate {
+    let id = holder.id.to_string();
+    let bytes = match fetched {
+        Ok(bytes) => bytes,
+        Err(BrokerError::Refused { code, reason }) => {
+            log::error!("{id}: refused by the coordinator ({code:?}): {reason}");
+            return Candidate::unavailable(id, format!("refused by the coordinator: {reason}"));
+        }
+        Err(error) => return Candidate::unavailable(id, error.to_string()),
+    };
+    // An unparseable fragment is the quorum's to reject, with its reason.
+    if let Ok(fragment) = Fragment::parse(&bytes) {
+        let header = fragment.header();
+        if header.holder_id != holder.id || header.class != holder.class {
+            return Candidate::unavailable(
+                id,
+                format!(
+                    "the coordinator released {} holder {}'s fragment instead",
+                    header.class, header.holder_id
+                ),
+            );
+        }
+    }
+    log::info!("{id}: share released by the coordinator");
+    Candidate::new(format!("{id} (broker {location})"), bytes.to_vec())
+}
+
+/// Asks for each of `holders` in turn until `deadline`, handing each candidate to `deliver`
+/// as it comes (with the holder's index in `holders`); stops early when `deliver` returns
+/// false or the client is cancelled.
+pub fn fetch_all(
+    client: &mut BrokerClient,
+    holders: &[(usize, HolderSlot)],
+    mut reports: Option<Box<dyn ReportSource>>,
+    deadline: Instant,
+    mut deliver: impl FnMut(usize, Candidate) -> bool,
+) {
+    let location = client.location();
+    for (index, holder) in holders {
+        let fetched = fetch(client, holder, reports.as_deref_mut(), deadline);
+        if matches!(fetched, Err(BrokerError::Cancelled)) {
+            return;
+        }
+        if !deliver(*index, candidate(holder, &location, fetched)) {
+            return;
+        }
+    }
+}
