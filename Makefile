@@ -10,12 +10,14 @@ CARGO ?= cargo
 #   qemu-utils               qemu-img; see `deps` for why it is listed
 #   libtss2-dev pkg-config   tpm2-tss for tss-esapi (with its swtpm TCTI)
 #   swtpm                    the software TPM the TPM tests and the demo run against
+#   tpm2-tools               tpm2_pcrextend/tpm2_pcrread: the e2e test and the demo change the
+#                            (software) host TPM's PCR 7 to show the coordinator refusing
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static \
-	cryptsetup-bin cpio e2fsprogs libtss2-dev pkg-config swtpm
+	cryptsetup-bin cpio e2fsprogs libtss2-dev pkg-config swtpm tpm2-tools
 
 FUZZ_SECONDS ?= 600
 
-.PHONY: test demo deps lint unit bench bench-devices fuzz e2e e2e-bins guest-static images
+.PHONY: test demo deps lint unit bench bench-devices bench-release fuzz e2e e2e-bins guest-static images
 
 # Twice on purpose: where a newer qemu-utils is preinstalled (bookworm-backports), it breaks
 # bookworm's qemu-system-common, so the first pass replaces it and the second puts qemu-utils
@@ -33,14 +35,17 @@ unit: deps
 
 test: deps lint unit e2e
 
-# End-to-end tests under QEMU (TCG unless KEYSHARD_ACCEL=kvm): tests/tests/boot.rs, marked
-# #[ignore] so `unit` skips them. Each test splits a key with `keyshard split`, starts the
-# `vhost-keyshard` daemons, builds its volume and initramfs with images/*.sh, and boots through
-# qemu-configs/run-qemu.sh. The tests get their paths from these variables (tests/src/env.rs):
+# End-to-end tests under QEMU (TCG unless KEYSHARD_ACCEL=kvm): tests/tests/boot.rs and
+# tests/tests/tpm.rs, marked #[ignore] so `unit` skips them. Each test deals a key (boot.rs:
+# `keyshard split`; tpm.rs: `keyshard init --policy examples/vhd-tpm.toml` against its own swtpm),
+# starts the `vhost-keyshard` daemons (and `keyshard coordinator` for the broker mailbox), builds
+# its volume and initramfs with images/*.sh, and boots through qemu-configs/run-qemu.sh. The
+# tests get their paths from these variables (tests/src/env.rs):
 #   KEYSHARD_E2E_KEYSHARD_BIN, KEYSHARD_E2E_VHOST_KEYSHARD_BIN   host binaries (debug profile,
 #                                                               shared with `unit`)
 #   KEYSHARD_E2E_GUEST_BIN     keyshard-guest, static (guest-static)
 #   KEYSHARD_E2E_KERNEL        guest kernel: the newest /boot/vmlinuz-*-cloud-amd64 unless set
+# swtpm and tpm2_pcrextend come from PATH (packages above),
 # and optionally KEYSHARD_E2E_BOOT_TIMEOUT (seconds, default 240), KEYSHARD_E2E_KEEP=1 (keep
 # each test's directory), and run-qemu.sh's KEYSHARD_ACCEL, KEYSHARD_QEMU, KEYSHARD_CPU.
 E2E_TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
@@ -54,7 +59,7 @@ E2E_ENV = KEYSHARD_E2E_KEYSHARD_BIN=$(E2E_TARGET_DIR)/debug/keyshard \
 	KEYSHARD_E2E_KERNEL=$(E2E_KERNEL)
 
 e2e: deps e2e-bins guest-static images
-	$(E2E_ENV) $(CARGO) test -p keyshard-e2e --test boot -- --ignored
+	$(E2E_ENV) $(CARGO) test -p keyshard-e2e --test boot --test tpm -- --ignored
 
 e2e-bins:
 	$(CARGO) build --bin keyshard --bin vhost-keyshard
@@ -84,6 +89,10 @@ bench:
 # Fragment devices: 4 KiB read latency against qemu-storage-daemon, and resident memory.
 bench-devices: deps
 	$(CARGO) bench -p vhost-keyshard --bench device_read
+
+# The coordinator: tpm release latency on swtpm, sev releases on test-signed evidence, SNP checks/s.
+bench-release: deps
+	$(CARGO) bench -p vhost-keyshard --bench release
 
 # Fuzz a parser of untrusted bytes (nightly and cargo-fuzz; cargo-fuzz is installed when
 # missing): `make fuzz FUZZ_TARGET=descriptor_chain`. Targets: fragment_parse, descriptor_chain,

@@ -1,7 +1,8 @@
 #!/bin/sh
 # /init of the keyshard guest initramfs (busybox sh). It unlocks the LUKS2 volume with the key
-# that `keyshard-guest unlock` rebuilds from the fragment devices, shows one known file, and
-# powers the VM off in every case, so the VM always ends on its own.
+# that `keyshard-guest unlock` rebuilds from the fragment devices (and, when the manifest has tpm
+# or sev holders, the shares the coordinator releases over the broker mailbox), shows one known
+# file, and powers the VM off in every case, so the VM always ends on its own.
 #
 # Console markers (the e2e tests match them; keep them stable):
 #   KEYSHARD-E2E: init started
@@ -16,6 +17,7 @@
 #   keyshard.volume_serial=ks-volume   virtio-blk serial of the LUKS2 volume
 #   keyshard.file=keyshard-volume.txt  file on the volume to print
 #   keyshard.device_wait=2             seconds to wait for the fragment devices the manifest lists
+#                                      (and for the broker device, when it lists tpm/sev holders)
 #   keyshard.watchdog=120              seconds after which the VM powers off whatever happens
 
 export PATH=/bin
@@ -73,15 +75,19 @@ device_by_serial() {
     return 1
 }
 
-count_fragment_devices() {
+# Prints how many block devices have a virtio serial starting with $1.
+count_devices() {
     n=0
     for dev in /sys/block/*; do
-        case "$(cat "$dev/serial" 2>/dev/null)" in ksf-*) n=$((n + 1)) ;; esac
+        case "$(cat "$dev/serial" 2>/dev/null)" in "$1"*) n=$((n + 1)) ;; esac
     done
     echo "$n"
 }
+count_fragment_devices() { count_devices ksf-; }
 
-# The volume must appear; then give the fragment devices the manifest lists a moment.
+# The volume must appear; then give the fragment devices the manifest lists a moment, and the
+# broker mailbox (serial ksb-<vm id>) too when the manifest has holders only the coordinator
+# releases. keyshard-guest finds them all by serial itself and names any that is missing.
 volume=
 ticks=0
 while [ $ticks -lt 100 ]; do
@@ -91,8 +97,12 @@ while [ $ticks -lt 100 ]; do
     ticks=$((ticks + 1))
 done
 expected=$(grep -c '^class *= *"vhd"' "$MANIFEST")
+brokers_expected=0
+grep -qE '^class *= *"(tpm|sev)"' "$MANIFEST" && brokers_expected=1
 ticks=0
-while [ "$(count_fragment_devices)" -lt "$expected" ] && [ $ticks -lt $((device_wait * 10)) ]; do
+while { [ "$(count_fragment_devices)" -lt "$expected" ] \
+        || [ "$(count_devices ksb-)" -lt "$brokers_expected" ]; } \
+    && [ $ticks -lt $((device_wait * 10)) ]; do
     usleep 100000
     ticks=$((ticks + 1))
 done

@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
 # Boots a keyshard guest under QEMU: the kernel and initramfs from images/, the LUKS2 volume as a
-# plain virtio-blk disk found by its serial, and one vhost-user-blk device per fragment socket
-# (each served by `vhost-keyshard --socket-path SOCKET --fragment FILE`). The serial console is
+# plain virtio-blk disk found by its serial, one vhost-user-blk device per fragment socket (each
+# served by `vhost-keyshard --socket-path SOCKET --fragment FILE`) and, when the manifest has
+# tpm or sev holders, the VM's broker mailbox (served by `keyshard coordinator --broker
+# VMID=SOCKET`), through which the guest asks the coordinator for them. The serial console is
 # this script's stdout; the VM ends when the guest powers off (-no-reboot), so this script returns
 # when the guest is done. The e2e tests (tests/) run exactly this script.
 #
 # Usage:
 #   qemu-configs/run-qemu.sh --kernel FILE --initrd FILE --volume IMG
-#                            [--fragment-socket SOCKET]... [--volume-serial SERIAL]
+#                            [--fragment-socket SOCKET]... [--broker-socket SOCKET]
+#                            [--volume-serial SERIAL]
 #                            [--memory MIB] [--append 'KERNEL ARGS'] [--dry-run]
 #
 #   --fragment-socket  a vhost-keyshard socket; repeat for each fragment device. A socket that
 #                      does not accept connections is left out (with a note on stderr), so a
 #                      stopped holder does not block the boot; the guest then reports it missing.
 #                      KEYSHARD_MISSING_FRAGMENT=fail refuses to boot instead.
+#   --broker-socket    the VM's broker mailbox socket (`keyshard coordinator --broker
+#                      VMID=SOCKET`; the guest sees serial ksb-VMID), at most one. It is
+#                      attached the same way but writable: the guest writes its requests to it.
+#                      A socket that does not accept connections is left out like a fragment
+#                      socket (the guest then reports its tpm/sev holders missing), or refused
+#                      with KEYSHARD_MISSING_FRAGMENT=fail.
 #   --volume-serial    the volume disk's virtio-blk serial (default ks-volume, what init.sh seeks)
 #   --memory           guest RAM in MiB (default 512)
 #   --append           extra kernel command line (e.g. keyshard.watchdog=60)
@@ -34,7 +43,7 @@ die() { echo "run-qemu: $*" >&2; exit 1; }
 usage() { sed -n '/^# Usage:/,/^# Environment:/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 kernel='' initrd='' volume='' volume_serial=ks-volume memory=512 append='' dry_run=0
-sockets=()
+sockets=() broker=''
 while [ $# -gt 0 ]; do
     case "$1" in
         --kernel) kernel=${2:?}; shift 2 ;;
@@ -42,6 +51,9 @@ while [ $# -gt 0 ]; do
         --volume) volume=${2:?}; shift 2 ;;
         --volume-serial) volume_serial=${2:?}; shift 2 ;;
         --fragment-socket) sockets+=("${2:?}"); shift 2 ;;
+        --broker-socket)
+            [ -z "$broker" ] || die "--broker-socket given twice: a VM has one broker mailbox"
+            broker=${2:?}; shift 2 ;;
         --memory) memory=${2:?}; shift 2 ;;
         --append) append=${2?}; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
@@ -101,14 +113,19 @@ args=(
     -device "virtio-blk-pci,drive=volume,serial=$volume_serial"
 )
 
+# True when $1 ($2 names it in messages) can be attached; otherwise says why and leaves it out,
+# or stops here under KEYSHARD_MISSING_FRAGMENT=fail.
+attachable() {
+    [[ "$1" != *,* ]] || die "QEMU options cannot take a path with a comma: $1"
+    socket_accepts "$1" && return 0
+    [ "${KEYSHARD_MISSING_FRAGMENT:-skip}" = fail ] && die "$2 socket $1 does not accept connections"
+    echo "run-qemu: $2 socket $1 does not accept connections; booting without it" >&2
+    return 1
+}
+
 index=0
 for socket in "${sockets[@]}"; do
-    [[ "$socket" != *,* ]] || die "QEMU options cannot take a path with a comma: $socket"
-    if ! socket_accepts "$socket"; then
-        [ "${KEYSHARD_MISSING_FRAGMENT:-skip}" = fail ] && die "fragment socket $socket does not accept connections"
-        echo "run-qemu: fragment socket $socket does not accept connections; booting without it" >&2
-        continue
-    fi
+    attachable "$socket" fragment || continue
     args+=(
         # reconnect=1: if the device process restarts, QEMU connects again after 1 s.
         # (QEMU 9.2 added reconnect-ms= and deprecated reconnect=; 7.2 knows only reconnect=.)
@@ -121,6 +138,18 @@ for socket in "${sockets[@]}"; do
     index=$((index + 1))
 done
 
+broker_attached=no
+if [ -n "$broker" ] && attachable "$broker" broker; then
+    args+=(
+        # The broker mailbox, attached like a fragment device. It is writable because the
+        # coordinator does not offer VIRTIO_BLK_F_RO: vhost-user-blk-pci has no read-only
+        # property, the device decides. Its serial (ksb-<vm id>) comes from the coordinator.
+        -chardev "socket,id=broker,path=$broker,reconnect=1"
+        -device "vhost-user-blk-pci,chardev=broker,num-queues=1"
+    )
+    broker_attached=yes
+fi
+
 if [ -n "${KEYSHARD_QEMU_EXTRA_ARGS:-}" ]; then
     read -r -a extra <<< "$KEYSHARD_QEMU_EXTRA_ARGS"
     args+=("${extra[@]}")
@@ -131,5 +160,7 @@ if [ "$dry_run" = 1 ]; then
     exit 0
 fi
 version=$("$qemu" --version) || die "cannot run $qemu (apt-get install qemu-system-x86)"
-echo "run-qemu: ${version%%$'\n'*}; accel $accel; ${#sockets[@]} fragment socket(s) given, $index attached" >&2
+broker_note=
+[ -n "$broker" ] && broker_note="; broker attached: $broker_attached"
+echo "run-qemu: ${version%%$'\n'*}; accel $accel; ${#sockets[@]} fragment socket(s) given, $index attached$broker_note" >&2
 exec "$qemu" "${args[@]}" < /dev/null

@@ -2,12 +2,14 @@
 //!
 //! | variable | what |
 //! |---|---|
-//! | `KEYSHARD_E2E_KEYSHARD_BIN` | the `keyshard` CLI (keygen, split) |
+//! | `KEYSHARD_E2E_KEYSHARD_BIN` | the `keyshard` CLI (keygen, split, init, coordinator) |
 //! | `KEYSHARD_E2E_VHOST_KEYSHARD_BIN` | the fragment device daemon `vhost-keyshard` |
 //! | `KEYSHARD_E2E_GUEST_BIN` | `keyshard-guest`, statically linked, for the initramfs |
 //! | `KEYSHARD_E2E_KERNEL` | the guest kernel (default: the newest `/boot/vmlinuz-*-cloud-amd64`) |
 //! | `KEYSHARD_E2E_BOOT_TIMEOUT` | seconds before a boot is killed (default 240) |
 //! | `KEYSHARD_E2E_KEEP` | `1` keeps each test's work directory (keys, images, logs) |
+//!
+//! `swtpm` and `tpm2_pcrextend` (Debian packages swtpm and tpm2-tools) are run from `PATH`.
 //!
 //! `qemu-configs/run-qemu.sh` also reads `KEYSHARD_ACCEL` (default `tcg`), `KEYSHARD_QEMU`,
 //! `KEYSHARD_CPU` and `KEYSHARD_QEMU_EXTRA_ARGS` from the same environment.

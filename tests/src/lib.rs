@@ -1,5 +1,6 @@
-//! Harness for keyshard's end-to-end tests: starts real processes (fragment daemons, QEMU) on
-//! temporary sockets and stops them when a test ends, pass or fail.
+//! Harness for keyshard's end-to-end tests: starts real processes (fragment daemons, the
+//! coordinator, swtpm, QEMU) on temporary sockets and ports and stops them when a test ends, pass
+//! or fail.
 //!
 //! - [`process`]: a guard that kills a child's whole process group on drop (also while a test
 //!   panics), daemons that are ready once they print a line, and one-shot tools.
@@ -7,14 +8,19 @@
 //!   its console; [`console`] reads the init's `KEYSHARD-E2E:` markers back out of it.
 //! - [`images`]: the guest initramfs and the LUKS2 test volume, through `images/*.sh`.
 //! - [`env`]: where the binaries and the kernel are (environment variables set by `make e2e`).
-//! - [`scenario`]: a split key, its volume and initramfs, its fragment daemons: what a test boots.
+//! - [`scenario`]: a split key (or a coordinator state from `keyshard init`), its volume and
+//!   initramfs, its fragment daemons and coordinator: what a test boots.
+//! - [`swtpm`]: a software TPM for the coordinator, and PCR extends with tpm2-tools.
+//! - [`audit`]: the coordinator's audit log, read back.
 
+pub mod audit;
 pub mod console;
 pub mod env;
 pub mod images;
 pub mod process;
 pub mod qemu;
 pub mod scenario;
+pub mod swtpm;
 
 use std::io;
 use std::path::PathBuf;
@@ -27,6 +33,11 @@ pub enum HarnessError {
     MissingEnv { var: &'static str },
     #[error("{var}: {reason}")]
     BadEnv { var: &'static str, reason: String },
+    #[error("{tool} is not installed: run `make deps` (Debian package {package})")]
+    MissingTool {
+        tool: &'static str,
+        package: &'static str,
+    },
     #[error("{what} not found at {}", path.display())]
     MissingFile { what: &'static str, path: PathBuf },
     #[error("cannot start {name}: {source}")]
@@ -64,6 +75,16 @@ pub enum HarnessError {
     Manifest {
         path: PathBuf,
         source: keyshard_core::manifest::ManifestError,
+    },
+    #[error(
+        "this scenario has no coordinator state or TPM: deal it with Scenario::init, not Scenario::split"
+    )]
+    NoCoordinatorState,
+    #[error("{}:{line}: not an audit entry: {source}", path.display())]
+    Audit {
+        path: PathBuf,
+        line: usize,
+        source: serde_json::Error,
     },
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },

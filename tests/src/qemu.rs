@@ -19,6 +19,8 @@ pub struct QemuBoot {
     pub initrd: PathBuf,
     pub volume: PathBuf,
     pub fragment_sockets: Vec<PathBuf>,
+    /// The VM's broker mailbox (`keyshard coordinator --broker VM=SOCKET`), if it has one.
+    pub broker_socket: Option<PathBuf>,
     /// Extra kernel command line.
     pub append: String,
     pub timeout: Duration,
@@ -77,6 +79,9 @@ impl QemuBoot {
         for socket in &self.fragment_sockets {
             command.arg("--fragment-socket").arg(socket);
         }
+        if let Some(socket) = &self.broker_socket {
+            command.arg("--broker-socket").arg(socket);
+        }
         if !self.append.is_empty() {
             command.arg("--append").arg(&self.append);
         }
@@ -134,6 +139,7 @@ mod tests {
             initrd: dir.join("initrd"),
             volume: dir.join("volume"),
             fragment_sockets: vec![dir.join("a.sock"), dir.join("b.sock")],
+            broker_socket: Some(dir.join("broker.sock")),
             append: "keyshard.device_wait=1".to_owned(),
             timeout,
             console_log: dir.join("console.log"),
@@ -157,7 +163,7 @@ mod tests {
         let expected = format!(
             "args: --kernel {d}/vmlinuz --initrd {d}/initrd --volume {d}/volume \
              --fragment-socket {d}/a.sock --fragment-socket {d}/b.sock \
-             --append keyshard.device_wait=1"
+             --broker-socket {d}/broker.sock --append keyshard.device_wait=1"
         );
         assert!(
             outcome.console.text().contains(&expected),

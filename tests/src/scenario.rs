@@ -1,6 +1,12 @@
-//! What a test boots: a random key split with `keyshard split`, the LUKS2 volume it unlocks, the
-//! initramfs that carries the manifest, and one `vhost-keyshard` daemon per fragment, all in one
-//! temporary directory that goes away with the scenario (unless `KEYSHARD_E2E_KEEP=1`).
+//! What a test boots: a random volume key dealt onto holders, the LUKS2 volume it unlocks, the
+//! initramfs that carries the manifest, and the processes that serve the shares: one
+//! `vhost-keyshard` daemon per fragment and, for a key with `tpm` holders, `keyshard coordinator`
+//! over a software TPM. Everything lives in one temporary directory that goes away with the
+//! scenario (unless `KEYSHARD_E2E_KEEP=1`).
+//!
+//! Two ways to deal the key, as an operator would: [`Scenario::split`] (`keyshard split`, `vhd`
+//! holders only) and [`Scenario::init`] (`keyshard init --policy`, which also seals shares to the
+//! TPM and writes the coordinator's state directory).
 
 use std::fs;
 use std::io::Read;
@@ -9,21 +15,26 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use keyshard_core::Fragment;
 use keyshard_core::manifest::Manifest;
+use keyshard_core::{Fragment, HolderClass};
 
+use crate::audit::{self, AuditEntry};
 use crate::env::E2eEnv;
 use crate::images::{build_initramfs, make_volume};
 use crate::process::{Daemon, run_tool};
 use crate::qemu::{BootOutcome, QemuBoot};
+use crate::swtpm::Swtpm;
 use crate::{HarnessError, Result, io_context};
 
-/// The line `vhost-keyshard` prints on stdout once its sockets listen.
+/// The line `vhost-keyshard` and `keyshard coordinator` print on stdout once their sockets listen.
 pub const DAEMON_READY_PREFIX: &str = "ready";
 const DAEMON_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The LUKS2 key length: the secret that is split is the raw volume key file.
 pub const VOLUME_KEY_LEN: usize = 32;
+
+/// The shipped policy with two `vhd` holders and one `tpm` holder (k = 3), from the repository root.
+pub const VHD_TPM_POLICY: &str = "examples/vhd-tpm.toml";
 
 /// One fragment file and the holder it belongs to.
 #[derive(Debug, Clone)]
@@ -47,23 +58,53 @@ pub struct FragmentDaemon {
     pub daemon: Daemon,
 }
 
+/// A running `keyshard coordinator` serving one VM's broker mailbox.
+#[derive(Debug)]
+pub struct CoordinatorDaemon {
+    pub vm_id: String,
+    pub socket: PathBuf,
+    pub audit_log: PathBuf,
+    pub daemon: Daemon,
+}
+
+impl CoordinatorDaemon {
+    /// The virtio-blk serial of the VM's broker mailbox.
+    pub fn serial(&self) -> String {
+        format!("ksb-{}", self.vm_id)
+    }
+
+    /// Everything in the audit log so far.
+    pub fn audit(&self) -> Result<Vec<AuditEntry>> {
+        audit::read(&self.audit_log)
+    }
+}
+
 #[derive(Debug)]
 pub struct Scenario {
+    /// Declared before `work`: killed before the directory that holds its state is removed.
+    swtpm: Option<Swtpm>,
     pub env: E2eEnv,
     work: tempfile::TempDir,
     pub secret: PathBuf,
     pub manifest: PathBuf,
     pub fragments: Vec<FragmentFile>,
+    /// The coordinator's state directory, when `keyshard init` dealt the key.
+    pub state_dir: Option<PathBuf>,
     pub volume: PathBuf,
     /// The known file's content on the volume; random, so no other boot can print it.
     pub volume_content: String,
     pub initramfs: PathBuf,
 }
 
-impl Scenario {
-    /// Splits a fresh random volume key k-of-n (`vhd` holders) and builds the volume and the
-    /// initramfs for it.
-    pub fn split(name: &str, k: u8, n: u8) -> Result<Self> {
+/// A work directory, and a random volume key in it, before the key is dealt.
+struct Dealing {
+    env: E2eEnv,
+    work: tempfile::TempDir,
+    secret: PathBuf,
+}
+
+impl Dealing {
+    fn new(name: &str) -> Result<Self> {
         let env = E2eEnv::from_env()?;
         let mut work = tempfile::Builder::new()
             .prefix(&format!("keyshard-e2e-{name}-"))
@@ -73,19 +114,66 @@ impl Scenario {
             work.disable_cleanup(true);
             eprintln!("keyshard-e2e: {name}: keeping {}", work.path().display());
         }
-        let dir = work.path();
-        let keyshard = |args: &[&str]| {
-            run_tool(
-                "keyshard",
-                Command::new(&env.keyshard).args(args).current_dir(dir),
-            )
-        };
-
-        keyshard(&["keygen", "--out", "dealer.pem"])?;
-        let secret = dir.join("volume.key");
+        let secret = work.path().join("volume.key");
         write_private(&secret, &random_bytes(VOLUME_KEY_LEN)?)?;
+        Ok(Self { env, work, secret })
+    }
+
+    fn dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    fn keyshard(&self, args: &[&str]) -> Result<()> {
+        run_tool(
+            "keyshard",
+            Command::new(&self.env.keyshard)
+                .args(args)
+                .current_dir(self.dir()),
+        )
+        .map(drop)
+    }
+
+    /// Builds the volume for the key and the initramfs for `manifest`.
+    fn finish(
+        self,
+        name: &str,
+        manifest: PathBuf,
+        fragments: Vec<FragmentFile>,
+        state_dir: Option<PathBuf>,
+        swtpm: Option<Swtpm>,
+    ) -> Result<Scenario> {
+        let dir = self.dir();
+        let volume_content = format!(
+            "keyshard e2e {name}: volume {} opened",
+            hex(&random_bytes(8)?)
+        );
+        let volume = dir.join("volume.img");
+        make_volume(&self.env, &self.secret, &volume_content, &volume)?;
+        let initramfs = dir.join("initramfs.cpio");
+        build_initramfs(&self.env, &manifest, &initramfs)?;
+        Ok(Scenario {
+            swtpm,
+            env: self.env,
+            work: self.work,
+            secret: self.secret,
+            manifest,
+            fragments,
+            state_dir,
+            volume,
+            volume_content,
+            initramfs,
+        })
+    }
+}
+
+impl Scenario {
+    /// Splits a fresh random volume key k-of-n (`vhd` holders) with `keyshard split` and builds
+    /// the volume and the initramfs for it.
+    pub fn split(name: &str, k: u8, n: u8) -> Result<Self> {
+        let dealing = Dealing::new(name)?;
+        dealing.keyshard(&["keygen", "--out", "dealer.pem"])?;
         let (k, n) = (k.to_string(), n.to_string());
-        keyshard(&[
+        dealing.keyshard(&[
             "split",
             "--secret-file",
             "volume.key",
@@ -102,43 +190,59 @@ impl Scenario {
             "--manifest-out",
             "manifest.toml",
         ])?;
-        let manifest = dir.join("manifest.toml");
-        let fragments = read_fragments(&dir.join("fragments"))?;
+        let manifest = dealing.dir().join("manifest.toml");
+        let fragments = read_split_fragments(&dealing.dir().join("fragments"))?;
+        dealing.finish(name, manifest, fragments, None, None)
+    }
 
-        let volume_content = format!(
-            "keyshard e2e {name}: volume {} opened",
-            hex(&random_bytes(8)?)
-        );
-        let volume = dir.join("volume.img");
-        make_volume(&env, &secret, &volume_content, &volume)?;
-        let initramfs = dir.join("initramfs.cpio");
-        build_initramfs(&env, &manifest, &initramfs)?;
-
-        Ok(Self {
-            env,
-            work,
-            secret,
-            manifest,
-            fragments,
-            volume,
-            volume_content,
-            initramfs,
-        })
+    /// Deals a fresh random volume key by `policy` (a path under the repository root, e.g.
+    /// [`VHD_TPM_POLICY`]) with `keyshard init` into the state directory `<work>/state`, sealing
+    /// its `tpm` shares to a new swtpm that the scenario owns; then builds the volume and the
+    /// initramfs with the manifest `init` wrote.
+    pub fn init(name: &str, policy: &str) -> Result<Self> {
+        let dealing = Dealing::new(name)?;
+        let swtpm = Swtpm::start(&dealing.dir().join("swtpm"))?;
+        let policy = dealing.env.repo.join(policy);
+        let state_dir = dealing.dir().join("state");
+        let tcti = swtpm.tcti();
+        dealing.keyshard(&[
+            "init",
+            "--policy",
+            &policy.to_string_lossy(),
+            "--state-dir",
+            &state_dir.to_string_lossy(),
+            "--secret-file",
+            "volume.key",
+            "--tcti",
+            &tcti,
+        ])?;
+        let manifest = state_dir.join("manifest.toml");
+        let fragments = parse_manifest(&manifest)?
+            .holders
+            .iter()
+            .filter(|h| h.class == HolderClass::Vhd)
+            .map(|h| {
+                let path = state_dir
+                    .join("fragments")
+                    .join(format!("{}.ksf", h.id.as_str()));
+                read_fragment(&path)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        dealing.finish(name, manifest, fragments, Some(state_dir), Some(swtpm))
     }
 
     pub fn dir(&self) -> &Path {
         self.work.path()
     }
 
+    /// The software TPM the key's `tpm` shares are sealed to (scenarios made by [`Self::init`]).
+    pub fn swtpm(&self) -> Option<&Swtpm> {
+        self.swtpm.as_ref()
+    }
+
     /// The holders the manifest lists, in its order.
     pub fn manifest_holders(&self) -> Result<Vec<String>> {
-        let text = fs::read_to_string(&self.manifest)
-            .map_err(io_context(format!("reading {}", self.manifest.display())))?;
-        let manifest = Manifest::parse(&text).map_err(|source| HarnessError::Manifest {
-            path: self.manifest.clone(),
-            source,
-        })?;
-        Ok(manifest
+        Ok(parse_manifest(&self.manifest)?
             .holders
             .iter()
             .map(|h| h.id.as_str().to_owned())
@@ -178,15 +282,50 @@ impl Scenario {
             .collect()
     }
 
-    /// Boots the guest with these fragment sockets through `qemu-configs/run-qemu.sh`; the
-    /// console goes to `<label>.console.log` in the work directory.
-    pub fn boot(&self, label: &str, fragment_sockets: Vec<PathBuf>) -> Result<BootOutcome> {
+    /// Starts `keyshard coordinator --state-dir DIR --broker VM=SOCKET --tcti SWTPM` and waits
+    /// until it says it is ready (scenarios made by [`Self::init`]).
+    pub fn start_coordinator(&self, vm_id: &str) -> Result<CoordinatorDaemon> {
+        let (Some(state_dir), Some(swtpm)) = (&self.state_dir, &self.swtpm) else {
+            return Err(HarnessError::NoCoordinatorState);
+        };
+        let socket = self.dir().join(format!("broker-{vm_id}.sock"));
+        let daemon = Daemon::start(
+            &format!("keyshard coordinator {vm_id}"),
+            Command::new(&self.env.keyshard)
+                .arg("coordinator")
+                .arg("--state-dir")
+                .arg(state_dir)
+                .arg("--broker")
+                .arg(format!("{vm_id}={}", socket.display()))
+                .arg("--tcti")
+                .arg(swtpm.tcti()),
+            DAEMON_READY_PREFIX,
+            DAEMON_READY_TIMEOUT,
+            &self.dir().join(format!("coordinator-{vm_id}.stderr.log")),
+        )?;
+        Ok(CoordinatorDaemon {
+            vm_id: vm_id.to_owned(),
+            socket,
+            audit_log: state_dir.join("audit.log"),
+            daemon,
+        })
+    }
+
+    /// Boots the guest with these fragment sockets, and the broker socket if given, through
+    /// `qemu-configs/run-qemu.sh`; the console goes to `<label>.console.log` in the work directory.
+    pub fn boot(
+        &self,
+        label: &str,
+        fragment_sockets: Vec<PathBuf>,
+        broker_socket: Option<PathBuf>,
+    ) -> Result<BootOutcome> {
         QemuBoot {
             script: self.env.run_qemu_script(),
             kernel: self.env.kernel.clone(),
             initrd: self.initramfs.clone(),
             volume: self.volume.clone(),
             fragment_sockets,
+            broker_socket,
             append: String::new(),
             timeout: self.env.boot_timeout,
             console_log: self.dir().join(format!("{label}.console.log")),
@@ -196,23 +335,37 @@ impl Scenario {
     }
 }
 
-/// fragment-1.ksf ... fragment-N.ksf in `dir`, with the holder each names.
-fn read_fragments(dir: &Path) -> Result<Vec<FragmentFile>> {
+fn parse_manifest(path: &Path) -> Result<Manifest> {
+    let text =
+        fs::read_to_string(path).map_err(io_context(format!("reading {}", path.display())))?;
+    Manifest::parse(&text).map_err(|source| HarnessError::Manifest {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A fragment file, with the holder it names.
+fn read_fragment(path: &Path) -> Result<FragmentFile> {
+    let bytes = fs::read(path).map_err(io_context(format!("reading {}", path.display())))?;
+    let fragment = Fragment::parse(&bytes).map_err(|source| HarnessError::Fragment {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(FragmentFile {
+        holder_id: fragment.header().holder_id.as_str().to_owned(),
+        path: path.to_owned(),
+    })
+}
+
+/// fragment-1.ksf ... fragment-N.ksf in `dir` (what `keyshard split` writes).
+fn read_split_fragments(dir: &Path) -> Result<Vec<FragmentFile>> {
     let mut fragments = Vec::new();
     for index in 1.. {
         let path = dir.join(format!("fragment-{index}.ksf"));
         if !path.exists() {
             break;
         }
-        let bytes = fs::read(&path).map_err(io_context(format!("reading {}", path.display())))?;
-        let fragment = Fragment::parse(&bytes).map_err(|source| HarnessError::Fragment {
-            path: path.clone(),
-            source,
-        })?;
-        fragments.push(FragmentFile {
-            holder_id: fragment.header().holder_id.as_str().to_owned(),
-            path,
-        });
+        fragments.push(read_fragment(&path)?);
     }
     if fragments.is_empty() {
         return Err(HarnessError::MissingFile {

@@ -32,7 +32,11 @@ fn guest_unlocks_the_volume_from_three_fragment_devices() {
         );
     }
 
-    let outcome = ok(scenario.boot("unlock", daemons.iter().map(|d| d.socket.clone()).collect()));
+    let outcome = ok(scenario.boot(
+        "unlock",
+        daemons.iter().map(|d| d.socket.clone()).collect(),
+        None,
+    ));
     let report = outcome.report();
     eprintln!("unlock: boot took {:.1} s", outcome.elapsed.as_secs_f64());
 
@@ -86,6 +90,7 @@ fn guest_stays_locked_and_names_the_holder_whose_daemon_is_stopped() {
     let outcome = ok(scenario.boot(
         "missing",
         daemons.iter().map(|d| d.socket.clone()).collect(),
+        None,
     ));
     let report = outcome.report();
     eprintln!("missing: boot took {:.1} s", outcome.elapsed.as_secs_f64());

@@ -1,6 +1,6 @@
 //! `qemu-configs/run-qemu.sh --dry-run`: the QEMU command line a boot gets, checked without
 //! QEMU (so this runs in `make unit`): shared memory for vhost-user, one device per live
-//! fragment socket, dead sockets left out or refused.
+//! fragment socket and the broker mailbox, dead sockets left out or refused.
 
 // Test code: a panic here is a failed test.
 #![allow(
@@ -36,6 +36,15 @@ impl Files {
     }
 
     fn dry_run(&self, sockets: &[PathBuf], env: &[(&str, &str)]) -> Output {
+        self.dry_run_with(sockets, &[], env)
+    }
+
+    fn dry_run_with(
+        &self,
+        sockets: &[PathBuf],
+        brokers: &[PathBuf],
+        env: &[(&str, &str)],
+    ) -> Output {
         let mut command = Command::new(script());
         command
             .arg("--kernel")
@@ -50,6 +59,9 @@ impl Files {
             .env_remove("KEYSHARD_MISSING_FRAGMENT");
         for socket in sockets {
             command.arg("--fragment-socket").arg(socket);
+        }
+        for broker in brokers {
+            command.arg("--broker-socket").arg(broker);
         }
         command.envs(env.iter().copied()).output().unwrap()
     }
@@ -136,6 +148,88 @@ fn a_socket_nobody_listens_on_is_left_out_and_said_so() {
             "{stderr}"
         );
     }
+}
+
+#[test]
+fn attaches_the_broker_mailbox_like_a_fragment_device() {
+    let files = Files::new();
+    let fragment = files.path("vhd-1.sock");
+    let broker = files.path("broker-vm1.sock");
+    let _listeners: Vec<UnixListener> = [&fragment, &broker]
+        .iter()
+        .map(|s| UnixListener::bind(s).unwrap())
+        .collect();
+    let output = files.dry_run_with(
+        std::slice::from_ref(&fragment),
+        std::slice::from_ref(&broker),
+        &[],
+    );
+    let args = arguments(&output);
+
+    let chardev = format!("socket,id=broker,path={},reconnect=1", broker.display());
+    assert!(has(&args, "-chardev", &chardev), "{args:?}");
+    // Writable: no read-only knob anywhere, the device (the coordinator) does not offer RO.
+    assert!(
+        has(
+            &args,
+            "-device",
+            "vhost-user-blk-pci,chardev=broker,num-queues=1"
+        ),
+        "{args:?}"
+    );
+    assert!(
+        has(
+            &args,
+            "-device",
+            "vhost-user-blk-pci,chardev=fragment0,num-queues=1"
+        ),
+        "{args:?}"
+    );
+    assert_eq!(
+        args.iter()
+            .filter(|a| a.starts_with("vhost-user-blk-pci"))
+            .count(),
+        2,
+        "{args:?}"
+    );
+}
+
+#[test]
+fn a_dead_broker_socket_is_left_out_and_said_so_or_refused() {
+    let files = Files::new();
+    let broker = files.path("broker-vm1.sock");
+    let output = files.dry_run_with(&[], std::slice::from_ref(&broker), &[]);
+    let args = arguments(&output).join("\n");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!args.contains("vhost-user-blk-pci"), "{args}");
+    assert!(
+        stderr.contains(&format!(
+            "broker socket {} does not accept connections; booting without it",
+            broker.display()
+        )),
+        "{stderr}"
+    );
+
+    let output = files.dry_run_with(
+        &[],
+        std::slice::from_ref(&broker),
+        &[("KEYSHARD_MISSING_FRAGMENT", "fail")],
+    );
+    assert!(!output.status.success());
+}
+
+#[test]
+fn a_second_broker_socket_is_refused() {
+    let files = Files::new();
+    let (a, b) = (files.path("broker-a.sock"), files.path("broker-b.sock"));
+    let _listeners: Vec<UnixListener> = [&a, &b]
+        .iter()
+        .map(|s| UnixListener::bind(s).unwrap())
+        .collect();
+    let output = files.dry_run_with(&[], &[a, b], &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--broker-socket given twice"), "{stderr}");
 }
 
 #[test]

@@ -1,0 +1,239 @@
+//! A software TPM for the tests that seal shares to "the host's" TPM: `swtpm` (Debian package
+//! swtpm) on 127.0.0.1, its state in a directory of the test, killed with the test; and PCR
+//! extends through `tpm2_pcrextend` (Debian package tpm2-tools), which is how a test changes the
+//! host's measured state. The tests never touch a real TPM.
+
+use std::fs;
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::process::{ChildGuard, describe_status, run_tool};
+use crate::{HarnessError, Result, io_context};
+
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+const PORT_ATTEMPTS: u32 = 8;
+
+/// A running swtpm; dropping it kills it. The TCTI uses `port` for TPM commands and `port + 1`
+/// for its control channel.
+#[derive(Debug)]
+pub struct Swtpm {
+    guard: ChildGuard,
+    port: u16,
+    state: PathBuf,
+}
+
+impl Swtpm {
+    /// Starts a fresh TPM (new seeds, PCRs reset) with its state in `state`, which is created.
+    /// A port pair lost to another process is retried on another pair.
+    pub fn start(state: &Path) -> Result<Self> {
+        fs::create_dir_all(state).map_err(io_context(format!("creating {}", state.display())))?;
+        let stderr_log = state.join("swtpm.stderr.log");
+        let mut lost = Vec::new();
+        for attempt in 0..PORT_ATTEMPTS {
+            let port = free_port_pair(attempt)?;
+            let stderr = fs::File::create(&stderr_log)
+                .map_err(io_context(format!("creating {}", stderr_log.display())))?;
+            let mut command = Command::new("swtpm");
+            command
+                .arg("socket")
+                .arg("--tpm2")
+                .arg("--tpmstate")
+                .arg(format!("dir={}", state.display()))
+                .arg("--server")
+                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+                .arg("--ctrl")
+                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+                .arg("--flags")
+                .arg("not-need-init,startup-clear")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr);
+            let mut guard = match ChildGuard::spawn("swtpm", &mut command) {
+                Err(HarnessError::Spawn { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound =>
+                {
+                    return Err(HarnessError::MissingTool {
+                        tool: "swtpm",
+                        package: "swtpm",
+                    });
+                }
+                other => other?,
+            };
+            let deadline = Instant::now() + LISTEN_TIMEOUT;
+            loop {
+                if let Some(status) = guard.try_wait()? {
+                    let stderr = fs::read_to_string(&stderr_log).unwrap_or_default();
+                    if stderr.contains("Address already in use") {
+                        lost.push(port);
+                        break;
+                    }
+                    return Err(HarnessError::ExitedBeforeReady {
+                        name: format!("swtpm on port {port}"),
+                        prefix: "(listening)".to_owned(),
+                        status: describe_status(&status),
+                        stderr,
+                    });
+                }
+                // The control port is bound after the server port: when it answers, both do.
+                if TcpStream::connect(("127.0.0.1", port + 1)).is_ok() {
+                    return Ok(Self {
+                        guard,
+                        port,
+                        state: state.to_owned(),
+                    });
+                }
+                if Instant::now() >= deadline {
+                    return Err(HarnessError::NotReady {
+                        name: format!("swtpm on ports {port}/{}", port + 1),
+                        prefix: "(listening)".to_owned(),
+                        seconds: LISTEN_TIMEOUT.as_secs(),
+                        stderr: fs::read_to_string(&stderr_log).unwrap_or_default(),
+                    });
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Err(HarnessError::Io {
+            context: format!("starting swtpm: ports {lost:?} were all taken by other processes"),
+            source: io::Error::from(io::ErrorKind::AddrInUse),
+        })
+    }
+
+    /// `swtpm:host=127.0.0.1,port=P`: for `keyshard init/coordinator --tcti` and
+    /// `TPM2TOOLS_TCTI`.
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
+    /// The sha256 bank's value of `pcr`, lower-case hex (`tpm2_pcrread`).
+    pub fn read_pcr(&self, pcr: u8) -> Result<String> {
+        let output = self.tpm2_tool("tpm2_pcrread", &format!("sha256:{pcr}"))?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        // "  sha256:\n    7 : 0x3D45...\n"
+        text.lines()
+            .filter_map(|line| line.trim().split_once(':'))
+            .find(|(index, _)| index.trim() == pcr.to_string())
+            .and_then(|(_, value)| value.trim().strip_prefix("0x"))
+            .map(str::to_ascii_lowercase)
+            .ok_or_else(|| HarnessError::ToolFailed {
+                name: "tpm2_pcrread".to_owned(),
+                status: "no value in its output".to_owned(),
+                stderr: text.into_owned(),
+            })
+    }
+
+    /// `tpm2_pcrextend PCR:sha256=DIGEST`: the host's measured state changes, as after booting
+    /// another bootloader or with Secure Boot turned off (PCR 7).
+    pub fn extend_pcr(&self, pcr: u8, digest: &[u8; 32]) -> Result<()> {
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        self.tpm2_tool("tpm2_pcrextend", &format!("{pcr}:sha256={hex}"))
+            .map(drop)
+    }
+
+    /// Runs a tpm2-tools command against this TPM.
+    fn tpm2_tool(&self, tool: &'static str, arg: &str) -> Result<Output> {
+        let result = run_tool(
+            tool,
+            Command::new(tool)
+                .arg(arg)
+                .env("TPM2TOOLS_TCTI", self.tcti()),
+        );
+        match result {
+            Err(HarnessError::Spawn { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Err(HarnessError::MissingTool {
+                    tool,
+                    package: "tpm2-tools",
+                })
+            }
+            other => other,
+        }
+    }
+}
+
+/// P such that P and P+1 look free, in 20000..32000: below Linux's ephemeral range
+/// (32768..60999), where the TIME_WAIT sockets the swtpm TCTI leaves behind (one TCP connection
+/// per TPM command) would make collisions likely. Another process can still take them before
+/// swtpm binds: [`Swtpm::start`] retries then.
+fn free_port_pair(attempt: u32) -> Result<u16> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let seed = std::process::id()
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(nanos)
+        .wrapping_add(attempt.wrapping_mul(7919));
+    for i in 0..500u32 {
+        let offset = seed.wrapping_add(i.wrapping_mul(37)) % 6000;
+        let Ok(port) = u16::try_from(20_000 + offset * 2) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 1)).is_ok()
+        {
+            return Ok(port);
+        }
+    }
+    Err(HarnessError::Io {
+        context: "no free port pair in 20000..32000 for swtpm".to_owned(),
+        source: io::Error::from(io::ErrorKind::AddrInUse),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alive(pid: u32) -> bool {
+        let pid = libc::pid_t::try_from(pid).unwrap();
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(pid, 0) == 0 }
+    }
+
+    #[test]
+    fn a_pcr_extend_changes_the_pcr_and_the_tpm_dies_with_its_guard() {
+        let dir = tempfile::tempdir().unwrap();
+        let swtpm = Swtpm::start(&dir.path().join("tpm")).unwrap();
+        assert!(
+            swtpm.tcti().ends_with(&format!(",port={}", swtpm.port())),
+            "{}",
+            swtpm.tcti()
+        );
+        let before = swtpm.read_pcr(7).unwrap();
+        assert_eq!(before, "0".repeat(64), "a fresh TPM starts with PCR 7 zero");
+        swtpm.extend_pcr(7, &[0x5a; 32]).unwrap();
+        let after = swtpm.read_pcr(7).unwrap();
+        assert_eq!(after.len(), 64);
+        assert_ne!(after, before);
+        assert_eq!(swtpm.read_pcr(0).unwrap(), before, "only PCR 7 moved");
+
+        let pid = swtpm.pid();
+        drop(swtpm);
+        assert!(!alive(pid), "swtpm outlived its guard");
+    }
+
+    #[test]
+    fn port_pairs_stay_below_the_ephemeral_range_and_start_even() {
+        for attempt in 0..20 {
+            let port = free_port_pair(attempt).unwrap();
+            assert!((20_000..32_000).contains(&port), "{port}");
+            assert_eq!(port % 2, 0);
+        }
+    }
+}
