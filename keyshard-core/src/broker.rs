@@ -26,6 +26,10 @@
 //!   encapsulated key (32), ciphertext (2 + ...): the signed fragment, sealed to the request key.
 //! - `0xFF` refused (coordinator): a code (2) and a reason (2 + 0..=512 bytes of UTF-8).
 
+mod binding;
+
+pub use binding::{REPORT_DATA_LEN, report_data_binding};
+
 use crate::bytes::{Reader, Truncated};
 use crate::envelope::{ENCAPPED_KEY_LEN, Envelope, PUBLIC_KEY_LEN};
 use crate::fragment::MAX_FRAGMENT_LEN;

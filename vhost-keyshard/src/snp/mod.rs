@@ -6,7 +6,6 @@
 //! `/dev/sev-guest` is the guest's business, not this module's.
 
 pub mod anchors;
-pub mod binding;
 pub mod cache;
 pub mod chain;
 pub mod policy;
@@ -22,7 +21,7 @@ pub mod verify;
 mod fixtures;
 
 pub use anchors::TrustAnchors;
-pub use binding::report_data_binding;
+pub use keyshard_core::broker::report_data_binding;
 pub use policy::SnpPolicy;
 pub use product::Product;
 pub use report::Report;

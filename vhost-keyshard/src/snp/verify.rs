@@ -151,7 +151,7 @@ impl SnpVerifier {
     }
 
     /// Everything, in order: evidence, policy, then REPORT_DATA against the binding the caller
-    /// expects (for a share request, [`super::binding::report_data_binding`]).
+    /// expects (for a share request, [`keyshard_core::broker::report_data_binding`]).
     pub fn verify(
         &self,
         report: &Report,

@@ -1,11 +1,17 @@
-//! The REPORT_DATA a guest must put in its report for a share request: SHA-512 over the
-//! coordinator's nonce and the request's ephemeral public key, so a replayed or relayed report
-//! does not match.
+//! The REPORT_DATA an SEV-SNP guest puts in its report for a share request, and the coordinator
+//! expects: SHA-512 over the coordinator's nonce and the request's public key, so a replayed
+//! report (old nonce) or a relayed one (another key) does not match. One function for both sides.
 
 use sha2::{Digest, Sha512};
 
+/// An SNP report's REPORT_DATA field.
+pub const REPORT_DATA_LEN: usize = 64;
+
 /// SHA-512(nonce || request_key): the 64 bytes a report for this request must carry.
-pub fn report_data_binding(nonce: &[u8; 32], request_key: &[u8; 32]) -> [u8; 64] {
+pub fn report_data_binding(
+    nonce: &[u8; super::NONCE_LEN],
+    request_key: &[u8; crate::envelope::PUBLIC_KEY_LEN],
+) -> [u8; REPORT_DATA_LEN] {
     Sha512::new()
         .chain_update(nonce)
         .chain_update(request_key)
