@@ -48,7 +48,8 @@ pub fn candidate(
     let bytes = match fetched {
         Ok(bytes) => bytes,
         Err(BrokerError::Refused { code, reason }) => {
-            log::error!("{id}: refused by the coordinator ({code:?}): {reason}");
+            // The quorum report names the holder with this reason; the code is for debugging.
+            log::debug!("{id}: refused by the coordinator ({code:?}): {reason}");
             return Candidate::unavailable(id, format!("refused by the coordinator: {reason}"));
         }
         Err(error) => return Candidate::unavailable(id, error.to_string()),
