@@ -132,16 +132,21 @@ impl BlockDevice {
         Some(crate::serial::printable(&raw)).filter(|s| !s.is_empty())
     }
 
-    /// Reads `len` bytes at byte `offset`.
-    pub fn read_at(&mut self, offset: u64, len: usize) -> Result<Zeroizing<Vec<u8>>> {
-        let end = offset
+    /// The end of `len` bytes at `offset`, if they lie inside the device.
+    fn end_of(&self, offset: u64, len: usize) -> Result<u64> {
+        offset
             .checked_add(len as u64)
             .filter(|end| *end <= self.capacity)
             .ok_or(BlockDeviceError::OutOfRange {
                 offset,
                 end: offset.saturating_add(len as u64),
                 capacity: self.capacity,
-            })?;
+            })
+    }
+
+    /// Reads `len` bytes at byte `offset`.
+    pub fn read_at(&mut self, offset: u64, len: usize) -> Result<Zeroizing<Vec<u8>>> {
+        let end = self.end_of(offset, len)?;
         if self.direct {
             match self.read_direct(offset, end) {
                 Err(BlockDeviceError::Read { source, .. })
@@ -174,14 +179,7 @@ impl BlockDevice {
         if !offset.is_multiple_of(SECTOR_SIZE) || !(len as u64).is_multiple_of(SECTOR_SIZE) {
             return Err(BlockDeviceError::Unaligned { offset, len });
         }
-        offset
-            .checked_add(len as u64)
-            .filter(|end| *end <= self.capacity)
-            .ok_or(BlockDeviceError::OutOfRange {
-                offset,
-                end: offset.saturating_add(len as u64),
-                capacity: self.capacity,
-            })?;
+        self.end_of(offset, len)?;
         if self.direct {
             match self.write_direct(offset, data) {
                 Err(BlockDeviceError::Write { source, .. })

@@ -7,7 +7,7 @@
 //! TPM2_Clear leaves that seed alone, so a re-created AK is the same key).
 
 use tss_esapi::Context;
-use tss_esapi::attributes::ObjectAttributesBuilder;
+use tss_esapi::attributes::{ObjectAttributes, ObjectAttributesBuilder};
 use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::dynamic_handles::Persistent;
@@ -16,7 +16,7 @@ use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
     EccPoint, EccScheme, HashScheme, KeyDerivationFunctionScheme, Public, PublicBuilder,
-    PublicEccParametersBuilder, SymmetricDefinitionObject,
+    PublicEccParameters, PublicEccParametersBuilder, SymmetricDefinitionObject,
 };
 
 use super::device::handles_from;
@@ -174,14 +174,7 @@ pub(crate) fn srk_template() -> Result<Public> {
     )
     .build()
     .map_err(command("CreatePrimary"))?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attrs)
-        .with_ecc_parameters(params)
-        .with_ecc_unique_identifier(EccPoint::default())
-        .build()
-        .map_err(command("CreatePrimary"))
+    ecc_p256_public(attrs, params)
 }
 
 /// ECC P-256 restricted signing key, ECDSA with SHA-256: it signs only digests the TPM made
@@ -207,6 +200,11 @@ pub(crate) fn ak_template() -> Result<Public> {
         .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
         .build()
         .map_err(command("CreatePrimary"))?;
+    ecc_p256_public(attrs, params)
+}
+
+/// The part both templates share: an ECC key named with SHA-256, its point left to the TPM.
+fn ecc_p256_public(attrs: ObjectAttributes, params: PublicEccParameters) -> Result<Public> {
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
