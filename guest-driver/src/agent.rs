@@ -2,12 +2,16 @@
 //! holder at once, each until one shared deadline, and rebuild the secret as soon as k valid
 //! shares of one epoch are in hand; with fewer, name each holder that failed and why.
 //!
-//! Each source is read on its own thread, and the broker's holders are asked one after another
-//! on one more (the mailbox takes one request at a time). After every share that arrives the
-//! quorum is tried; once it is met, the threads still working are left behind (the broker's is
-//! told to stop). A source or holder that has not answered by the deadline (plus a short grace
-//! for its own timeout report to arrive) is reported unavailable: a dead holder never delays the
-//! agent past the deadline.
+//! Nothing here waits on a device without a deadline, and the calling thread never touches one.
+//! Named sources are read on threads of their own; in a guest, devices are found by listing
+//! `<sysfs>/block` again and again (until every holder of the manifest has a device, or the
+//! device wait has passed), and each device found is probed on its own thread by a
+//! [`DeviceProber`], which reads it in a worker process. The broker's holders are asked one after
+//! another by one more thread, through a [`ShareFetcher`]. After every share that arrives the
+//! quorum is tried; once it is met, whatever is still working is left behind (workers are
+//! killed). A source or holder that has not answered by the deadline (plus a short grace for its
+//! own timeout report to arrive) is reported unavailable: a dead holder never delays the agent
+//! past the deadline.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -20,12 +24,12 @@ use keyshard_core::manifest::Manifest;
 use keyshard_core::quorum::{self, Candidate, QuorumOutcome};
 use keyshard_core::{HolderClass, HolderId};
 
-use crate::broker::BrokerClient;
-use crate::broker::mailbox::Mailbox;
-use crate::broker::shares;
+use crate::broker::shares::{self, ShareFetcher};
+use crate::discovery::{self, DeviceKind, Discovery, SCAN_INTERVAL};
 use crate::serial::{BROKER_SERIAL_PREFIX, FRAGMENT_SERIAL_PREFIX};
-use crate::snp::{ReportSource, SnpError};
+use crate::snp::SnpError;
 use crate::source::{SourceReport, VolumeSource};
+use crate::worker::probe::{ProbeFailure, ProbeScope, Probed};
 
 /// How long the agent waits for the sources unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,30 +46,32 @@ pub fn describe_timeout(timeout: Duration) -> String {
 }
 
 /// Everything the agent may get shares from.
+#[derive(Default)]
 pub struct Inputs {
-    /// Fragment devices.
+    /// Fragment sources named by the caller.
     pub sources: Vec<Box<dyn VolumeSource>>,
-    /// The broker mailbox, when there is one.
-    pub broker: Option<Box<dyn Mailbox>>,
-    /// Where SNP reports come from; `None` when this is not an SEV-SNP guest.
-    pub snp: Option<Box<dyn ReportSource>>,
+    /// The broker mailbox named by the caller, when there is one.
+    pub broker: Option<Box<dyn ShareFetcher>>,
+    /// Find fragment devices and the broker in sysfs (in a guest).
+    pub discovery: Option<Discovery>,
 }
 
 impl Inputs {
-    /// Fragment devices only: no broker, no SNP.
+    /// Fragment sources only: no broker, no discovery.
     pub fn fragments_only(sources: Vec<Box<dyn VolumeSource>>) -> Self {
         Self {
             sources,
-            broker: None,
-            snp: None,
+            ..Self::default()
         }
     }
 }
 
 /// What reaches the agent from its threads.
 enum Arrival {
-    /// Fragment source `index` was read (or failed).
+    /// Named fragment source `index` was read (or failed).
     Source(usize, SourceReport),
+    /// Discovered device `index` was probed.
+    Probe(usize, Probed),
     /// Brokered holder `index` answered.
     Share(usize, Candidate),
 }
@@ -148,69 +154,253 @@ impl SourceSlots {
     }
 }
 
+/// A device found in sysfs, and what its probe said.
+struct FoundDevice {
+    name: String,
+    location: String,
+    probed: Option<Probed>,
+}
+
+/// Discovery at work: lists `<sysfs>/block` until every expected device is there or the device
+/// wait is over, and probes each new device on a thread of its own.
+struct Scanner {
+    discovery: Discovery,
+    scope: ProbeScope,
+    devices: Vec<FoundDevice>,
+    pending: usize,
+    /// No new device is looked for after this.
+    scan_until: Instant,
+    next_scan: Instant,
+    scanning: bool,
+    listing_failed: Option<String>,
+}
+
+impl Scanner {
+    fn new(discovery: Discovery, scope: ProbeScope, now: Instant) -> Self {
+        let scan_until = now + discovery.device_wait;
+        Self {
+            discovery,
+            scope,
+            devices: Vec::new(),
+            pending: 0,
+            scan_until,
+            next_scan: now,
+            scanning: true,
+            listing_failed: None,
+        }
+    }
+
+    /// Lists the block devices again when it is time, and starts a probe for each new one.
+    fn scan(&mut self, deadline: Instant, sender: &Sender<Arrival>) {
+        let now = Instant::now();
+        if !self.scanning || now < self.next_scan {
+            return;
+        }
+        self.next_scan = now + SCAN_INTERVAL;
+        let names = match discovery::block_devices(&self.discovery.sysfs_root) {
+            Ok(names) => names,
+            Err(e) => {
+                // The tree may appear late (sysfs mounted after us); say why if it never does.
+                self.listing_failed = Some(e.to_string());
+                Vec::new()
+            }
+        };
+        for name in names {
+            if self.devices.iter().any(|d| d.name == name) {
+                continue;
+            }
+            let index = self.devices.len();
+            let location = self.discovery.prober.location(&name);
+            log::debug!("found block device {location}");
+            let prober = self.discovery.prober.clone();
+            let (thread_name, scope, sender) = (name.clone(), self.scope, sender.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("probe-{name}"))
+                .spawn(move || {
+                    let probed = prober.probe(&thread_name, scope, deadline);
+                    let _ = sender.send(Arrival::Probe(index, probed));
+                });
+            let probed = match spawned {
+                Ok(_) => {
+                    self.pending += 1;
+                    None
+                }
+                Err(e) => Some(Probed {
+                    location: location.clone(),
+                    serial: Err(ProbeFailure::Failed(format!(
+                        "cannot start a probe thread: {e}"
+                    ))),
+                    volume: None,
+                }),
+            };
+            self.devices.push(FoundDevice {
+                name,
+                location,
+                probed,
+            });
+        }
+    }
+
+    /// Records a probe's answer; the device's name and serial when it was news.
+    fn fill(&mut self, index: usize, probed: Probed) -> Option<(String, Option<String>)> {
+        let device = self.devices.get_mut(index)?;
+        if device.probed.is_some() {
+            return None;
+        }
+        match probed.serial() {
+            Some(serial) => log::info!("found {} ({serial})", device.location),
+            None => log::debug!("{}: {:?}", device.location, probed.serial),
+        }
+        let serial = probed.serial().map(str::to_owned);
+        device.probed = Some(probed);
+        self.pending = self.pending.saturating_sub(1);
+        Some((device.name.clone(), serial))
+    }
+
+    /// Stops looking for new devices when `done` or when the device wait is over.
+    fn settle(&mut self, done: bool) {
+        if self.scanning && (done || Instant::now() >= self.scan_until) {
+            self.scanning = false;
+            log::debug!(
+                "discovery over: {} block device(s), {} still probed",
+                self.devices.len(),
+                self.pending
+            );
+        }
+    }
+
+    /// When the next listing is due, if any.
+    fn wake_at(&self) -> Option<Instant> {
+        self.scanning.then_some(self.next_scan.min(self.scan_until))
+    }
+
+    /// The serials seen so far.
+    fn serials(&self) -> impl Iterator<Item = (&FoundDevice, &str)> {
+        self.devices
+            .iter()
+            .filter_map(|d| Some((d, d.probed.as_ref()?.serial()?)))
+    }
+
+    /// The fragment devices probed so far, as source reports.
+    fn fragment_reports(&self, timeout: Duration) -> impl Iterator<Item = SourceReport> + '_ {
+        self.serials()
+            .filter(|(_, serial)| DeviceKind::of_serial(serial) == DeviceKind::Fragment)
+            .map(move |(device, serial)| {
+                let fragments = match device.probed.as_ref().and_then(|p| p.volume.as_ref()) {
+                    Some(Ok(volume)) => SourceReport::from_volume(volume),
+                    Some(Err(failure)) => Err(failure.describe(timeout)),
+                    None => Err("not read".to_owned()),
+                };
+                SourceReport {
+                    location: device.location.clone(),
+                    serial: Some(serial.to_owned()),
+                    fragments,
+                }
+            })
+    }
+
+    /// The devices whose serial never came, as unavailable sources: any may have been a holder.
+    fn unanswered(&self, timeout: Duration) -> impl Iterator<Item = SourceReport> + '_ {
+        self.devices.iter().filter_map(move |device| {
+            let failure = match &device.probed {
+                None => &ProbeFailure::NoAnswer,
+                Some(probed) => probed.serial.as_ref().err()?,
+            };
+            let reason = match failure {
+                ProbeFailure::NoAnswer => {
+                    format!("{} (serial unknown)", failure.describe(timeout))
+                }
+                ProbeFailure::Failed(why) => why.clone(),
+            };
+            Some(SourceReport::unavailable(
+                device.location.clone(),
+                None,
+                reason,
+            ))
+        })
+    }
+}
+
 /// The `tpm` and `sev` holders of the manifest: the coordinator's answers as they arrive.
 struct ShareSlots {
     holders: Vec<HolderSlot>,
     answers: Vec<Option<Candidate>>,
+    /// Holders not answered yet (asked, or waiting for a broker to be found).
     pending: usize,
+    /// Whether a broker was given or found.
+    attached: bool,
 }
 
 impl ShareSlots {
-    /// Answers at once what needs no broker (no SNP, no broker device) and starts the broker
-    /// thread for the rest.
-    fn start(
-        manifest: &Manifest,
-        broker: Option<Box<dyn Mailbox>>,
-        snp: Option<Box<dyn ReportSource>>,
-        deadline: Instant,
-        sender: &Sender<Arrival>,
-        cancel: &Arc<AtomicBool>,
-    ) -> Self {
+    fn new(manifest: &Manifest) -> Self {
         let holders: Vec<HolderSlot> = manifest
             .holders
             .iter()
             .filter(|h| shares::is_brokered(h.class))
             .cloned()
             .collect();
-        let mut answers: Vec<Option<Candidate>> = holders
-            .iter()
-            .map(|h| {
-                (h.class == HolderClass::Sev && snp.is_none()).then(|| {
-                    Candidate::unavailable(h.id.to_string(), SnpError::NoDevice.to_string())
-                })
-            })
-            .collect();
-        let to_ask: Vec<(usize, HolderSlot)> = holders
+        Self {
+            answers: vec![None; holders.len()],
+            pending: holders.len(),
+            holders,
+            attached: false,
+        }
+    }
+
+    /// Asks `fetcher` for every holder not answered yet, on a thread of its own. `sev` holders
+    /// are answered at once when there are no SNP reports to offer.
+    fn attach(
+        &mut self,
+        fetcher: Box<dyn ShareFetcher>,
+        deadline: Instant,
+        sender: &Sender<Arrival>,
+        cancel: &Arc<AtomicBool>,
+    ) {
+        if self.attached {
+            log::warn!(
+                "ignoring a second broker device {}: one is expected",
+                fetcher.location()
+            );
+            return;
+        }
+        self.attached = true;
+        if !fetcher.has_snp() {
+            self.fail_where(
+                |h| h.class == HolderClass::Sev,
+                &SnpError::NoDevice.to_string(),
+            );
+        }
+        let to_ask: Vec<(usize, HolderSlot)> = self
+            .holders
             .iter()
             .cloned()
             .enumerate()
-            .filter(|(i, _)| answers.get(*i).is_some_and(Option::is_none))
+            .filter(|(i, _)| self.answers.get(*i).is_some_and(Option::is_none))
             .collect();
-        let asked = match broker {
-            _ if to_ask.is_empty() => Ok(()),
-            None => Err(format!(
-                "no broker device (no block device serial starts with {BROKER_SERIAL_PREFIX})"
-            )),
-            Some(mailbox) => {
-                let client = BrokerClient::new(mailbox).with_cancel(cancel.clone());
-                spawn_broker(client, to_ask.clone(), snp, deadline, sender.clone())
+        if to_ask.is_empty() {
+            return;
+        }
+        let (sender, cancel) = (sender.clone(), cancel.clone());
+        let spawned = std::thread::Builder::new()
+            .name("broker".into())
+            .spawn(move || {
+                fetcher.fetch_all(to_ask, deadline, cancel, &mut |index, candidate| {
+                    // False once the agent has stopped listening.
+                    sender.send(Arrival::Share(index, candidate)).is_ok()
+                });
+            });
+        if let Err(e) = spawned {
+            self.fail_where(|_| true, &format!("cannot start the broker thread: {e}"));
+        }
+    }
+
+    /// Answers every holder still unanswered that `which` picks as unavailable for `why`.
+    fn fail_where(&mut self, which: impl Fn(&HolderSlot) -> bool, why: &str) {
+        for (holder, answer) in self.holders.iter().zip(self.answers.iter_mut()) {
+            if answer.is_none() && which(holder) {
+                *answer = Some(Candidate::unavailable(holder.id.to_string(), why));
+                self.pending = self.pending.saturating_sub(1);
             }
-        };
-        let pending = match asked {
-            Ok(()) => to_ask.len(),
-            Err(why) => {
-                for (index, holder) in &to_ask {
-                    if let Some(slot) = answers.get_mut(*index) {
-                        *slot = Some(Candidate::unavailable(holder.id.to_string(), why.clone()));
-                    }
-                }
-                0
-            }
-        };
-        Self {
-            holders,
-            answers,
-            pending,
         }
     }
 
@@ -245,49 +435,127 @@ impl ShareSlots {
     }
 }
 
-/// Starts the thread that asks the coordinator for each of `holders` in turn.
-fn spawn_broker(
-    mut client: BrokerClient,
-    holders: Vec<(usize, HolderSlot)>,
-    snp: Option<Box<dyn ReportSource>>,
-    deadline: Instant,
-    sender: Sender<Arrival>,
-) -> Result<(), String> {
-    std::thread::Builder::new()
-        .name("broker".into())
-        .spawn(move || {
-            shares::fetch_all(&mut client, &holders, snp, deadline, |index, candidate| {
-                // False once the agent has stopped listening.
-                sender.send(Arrival::Share(index, candidate)).is_ok()
-            });
-        })
-        .map(|_| ())
-        .map_err(|e| format!("cannot start the broker thread: {e}"))
-}
-
-/// Waits for the next arrival until `give_up`; `None` at `give_up`, or when no thread is left.
-fn next(receiver: &Receiver<Arrival>, give_up: Instant) -> Option<Arrival> {
+/// Waits for the next arrival until `wake`; `None` then, or when no thread is left.
+fn next(receiver: &Receiver<Arrival>, wake: Instant) -> Option<Arrival> {
     receiver
-        .recv_timeout(give_up.saturating_duration_since(Instant::now()))
+        .recv_timeout(wake.saturating_duration_since(Instant::now()))
         .ok()
 }
 
-/// Reads every source concurrently; returns one report per source, in the order given, within
-/// about `timeout` whatever the sources do.
-pub fn read_sources(sources: Vec<Box<dyn VolumeSource>>, timeout: Duration) -> Vec<SourceReport> {
+/// What a survey found: every fragment source (named or discovered) and the broker, if any.
+pub struct Survey {
+    pub reports: Vec<SourceReport>,
+    /// The broker device's location and serial, when discovery found one.
+    pub broker: Option<(String, String)>,
+}
+
+/// Reads every named source and, with `discovery`, every fragment device sysfs lists (waiting
+/// `discovery.device_wait` for devices to appear); one report per source within about `timeout`
+/// whatever the devices do.
+pub fn survey(inputs: Inputs, timeout: Duration) -> Survey {
     let deadline = Instant::now() + timeout;
     let (sender, receiver) = mpsc::channel();
-    let mut slots = SourceSlots::start(sources, deadline, &sender);
-    drop(sender);
+    let mut sources = SourceSlots::start(inputs.sources, deadline, &sender);
+    let mut scanner = inputs
+        .discovery
+        .map(|d| Scanner::new(d, ProbeScope::FragmentVolume, Instant::now()));
     let give_up = deadline + REPORT_GRACE;
-    while slots.pending > 0 {
-        match next(&receiver, give_up) {
-            Some(Arrival::Source(index, report)) => slots.fill(index, report),
+    loop {
+        if let Some(scanner) = scanner.as_mut() {
+            scanner.scan(deadline, &sender);
+            scanner.settle(false);
+        }
+        let scanning = scanner.as_ref().is_some_and(|s| s.scanning);
+        let probing = scanner.as_ref().map_or(0, |s| s.pending);
+        if !scanning && sources.pending + probing == 0 {
+            break;
+        }
+        let wake = scanner
+            .as_ref()
+            .and_then(Scanner::wake_at)
+            .map_or(give_up, |at| at.min(give_up));
+        match next(&receiver, wake) {
+            Some(Arrival::Source(index, report)) => sources.fill(index, report),
+            Some(Arrival::Probe(index, probed)) => {
+                if let Some(scanner) = scanner.as_mut() {
+                    scanner.fill(index, probed);
+                }
+            }
             Some(Arrival::Share(..)) => {}
-            None => break,
+            None if Instant::now() >= give_up => break,
+            None => {}
         }
     }
-    slots.finish(timeout)
+    let mut reports = sources.finish(timeout);
+    let mut broker = None;
+    if let Some(scanner) = &scanner {
+        reports.extend(scanner.fragment_reports(timeout));
+        reports.extend(scanner.unanswered(timeout));
+        broker = scanner
+            .serials()
+            .find(|(_, serial)| DeviceKind::of_serial(serial) == DeviceKind::Broker)
+            .map(|(device, serial)| (device.location.clone(), serial.to_owned()));
+    }
+    Survey { reports, broker }
+}
+
+/// One block device and its serial, or why it is not known.
+pub type ListedDevice = (String, Result<String, String>);
+
+/// The block devices sysfs lists and their serials, each read by `discovery`'s prober. With
+/// `until_serial`, ends once a device with that serial is found and the others have answered
+/// or `settle` has passed since; without, once the device wait is over and every device has
+/// answered. Never later than `timeout`; a device that has not answered by then is listed with
+/// the reason.
+pub fn list_devices(
+    discovery: Discovery,
+    until_serial: Option<&str>,
+    settle: Duration,
+    timeout: Duration,
+) -> Vec<ListedDevice> {
+    let deadline = Instant::now() + timeout;
+    let (sender, receiver) = mpsc::channel();
+    let mut scanner = Scanner::new(discovery, ProbeScope::SerialOnly, Instant::now());
+    let mut found_at: Option<Instant> = None;
+    loop {
+        scanner.scan(deadline, &sender);
+        if found_at.is_none()
+            && let Some(wanted) = until_serial
+            && scanner.serials().any(|(_, serial)| serial == wanted)
+        {
+            found_at = Some(Instant::now());
+        }
+        scanner.settle(found_at.is_some());
+        let now = Instant::now();
+        let settled = found_at.is_some_and(|at| now >= at + settle);
+        if now >= deadline || settled || (!scanner.scanning && scanner.pending == 0) {
+            break;
+        }
+        let mut wake = scanner.wake_at().unwrap_or(deadline).min(deadline);
+        if let Some(at) = found_at {
+            wake = wake.min(at + settle);
+        }
+        if let Some(Arrival::Probe(index, probed)) = next(&receiver, wake) {
+            scanner.fill(index, probed);
+        }
+    }
+    scanner
+        .devices
+        .into_iter()
+        .map(|device| {
+            let serial = match device.probed {
+                Some(probed) => probed.serial.map_err(|f| f.describe(timeout)),
+                None => Err(ProbeFailure::NoAnswer.describe(timeout)),
+            };
+            (device.location, serial)
+        })
+        .collect()
+}
+
+/// Reads every named source concurrently; returns one report per source, in the order given,
+/// within about `timeout` whatever the sources do.
+pub fn read_sources(sources: Vec<Box<dyn VolumeSource>>, timeout: Duration) -> Vec<SourceReport> {
+    survey(Inputs::fragments_only(sources), timeout).reports
 }
 
 /// One unavailable candidate per `vhd` holder of the manifest that no source answered for.
@@ -329,9 +597,20 @@ pub fn unlock(
     unlock_with(manifest, Inputs::fragments_only(sources), timeout)
 }
 
-/// Reads the fragment sources and asks the broker for the `tpm` and `sev` holders, all at once,
-/// and rebuilds the manifest's secret as soon as the shares in hand allow it, or, once every
-/// source and holder has answered or `timeout` has passed, says why not.
+/// Whether every `vhd` holder of the manifest has shown up among `reports`.
+fn every_vhd_holder_seen<'a>(
+    manifest: &Manifest,
+    reports: impl Iterator<Item = &'a SourceReport>,
+) -> bool {
+    let seen: BTreeSet<HolderId> = reports.flat_map(|r| r.holder_ids()).collect();
+    manifest
+        .holders_missing(&seen)
+        .all(|h| h.class != HolderClass::Vhd)
+}
+
+/// Reads the fragment sources (named, and found in sysfs) and asks the broker for the `tpm` and
+/// `sev` holders, all at once, and rebuilds the manifest's secret as soon as the shares in hand
+/// allow it, or, once every source and holder has answered or `timeout` has passed, says why not.
 pub fn unlock_with(
     manifest: &Manifest,
     inputs: Inputs,
@@ -342,19 +621,53 @@ pub fn unlock_with(
     let cancel = Arc::new(AtomicBool::new(false));
     let (sender, receiver) = mpsc::channel();
     let mut sources = SourceSlots::start(inputs.sources, deadline, &sender);
-    let mut shares = ShareSlots::start(
-        manifest,
-        inputs.broker,
-        inputs.snp,
-        deadline,
-        &sender,
-        &cancel,
-    );
-    drop(sender);
+    let mut shares = ShareSlots::new(manifest);
+    if let Some(fetcher) = inputs.broker {
+        shares.attach(fetcher, deadline, &sender, &cancel);
+    }
+    let mut scanner = inputs
+        .discovery
+        .map(|d| Scanner::new(d, ProbeScope::FragmentVolume, Instant::now()));
+    if scanner.is_none() && !shares.attached {
+        shares.fail_where(
+            |_| true,
+            &format!(
+                "no broker device (no block device serial starts with {BROKER_SERIAL_PREFIX})"
+            ),
+        );
+    }
 
     let give_up = deadline + REPORT_GRACE;
-    while sources.pending + shares.pending > 0 {
-        let usable = match next(&receiver, give_up) {
+    loop {
+        if let Some(scanner) = scanner.as_mut() {
+            scanner.scan(deadline, &sender);
+            let found: Vec<SourceReport> = scanner.fragment_reports(timeout).collect();
+            let all_there = every_vhd_holder_seen(manifest, sources.received().chain(&found))
+                && (shares.attached || shares.holders.is_empty());
+            scanner.settle(all_there);
+            if !scanner.scanning && !shares.attached {
+                let why = match scanner.pending {
+                    0 => format!(
+                        "no broker device (no block device serial starts with {BROKER_SERIAL_PREFIX})"
+                    ),
+                    n => format!(
+                        "no broker device found ({n} block device(s) did not say what they are)"
+                    ),
+                };
+                shares.fail_where(|_| true, &why);
+                shares.attached = true;
+            }
+        }
+        let scanning = scanner.as_ref().is_some_and(|s| s.scanning);
+        let probing = scanner.as_ref().map_or(0, |s| s.pending);
+        if !scanning && sources.pending + probing + shares.pending == 0 {
+            break;
+        }
+        let wake = scanner
+            .as_ref()
+            .and_then(Scanner::wake_at)
+            .map_or(give_up, |at| at.min(give_up));
+        let usable = match next(&receiver, wake) {
             Some(Arrival::Source(index, report)) => {
                 if let Err(why) = &report.fragments {
                     log::info!("{}: {why}", report.name());
@@ -362,6 +675,26 @@ pub fn unlock_with(
                 let usable = report.fragments.is_ok();
                 sources.fill(index, report);
                 usable
+            }
+            Some(Arrival::Probe(index, probed)) => {
+                let Some(scanner) = scanner.as_mut() else {
+                    continue;
+                };
+                let Some((name, serial)) = scanner.fill(index, probed) else {
+                    continue;
+                };
+                match serial.as_deref().map(DeviceKind::of_serial) {
+                    Some(DeviceKind::Broker) => {
+                        let fetcher = scanner
+                            .discovery
+                            .prober
+                            .broker(&name, serial.as_deref().unwrap_or_default());
+                        shares.attach(fetcher, deadline, &sender, &cancel);
+                        false
+                    }
+                    Some(DeviceKind::Fragment) => true,
+                    _ => false,
+                }
             }
             Some(Arrival::Share(index, candidate)) => {
                 if let Err(why) = &candidate.content {
@@ -371,25 +704,39 @@ pub fn unlock_with(
                 shares.fill(index, candidate);
                 usable
             }
-            None => break,
+            None if Instant::now() >= give_up => break,
+            None => false,
         };
         if !usable {
             continue;
         }
-        // The holders no device answered for can be named only once every source has.
+        let found: Vec<SourceReport> = scanner
+            .iter()
+            .flat_map(|s| s.fragment_reports(timeout))
+            .collect();
         let mut so_far: Vec<Candidate> = sources
             .received()
+            .chain(&found)
             .flat_map(SourceReport::candidates)
             .chain(shares.received().cloned())
             .collect();
-        if sources.pending == 0 {
-            so_far.extend(missing_vhd_holders(sources.received(), manifest));
+        // The holders no device answered for can be named only once no more devices can come.
+        let devices_done = scanner
+            .as_ref()
+            .is_none_or(|s| !s.scanning && s.pending == 0);
+        if sources.pending == 0 && devices_done {
+            so_far.extend(missing_vhd_holders(
+                sources.received().chain(&found),
+                manifest,
+            ));
         }
         if let Ok(outcome) = quorum::rebuild(&request, &so_far) {
             cancel.store(true, Ordering::Relaxed);
-            if sources.pending + shares.pending > 0 {
+            let probing = scanner.as_ref().map_or(0, |s| s.pending);
+            if sources.pending + probing + shares.pending > 0 {
                 log::info!(
-                    "quorum met; not waiting for {} more source(s) and {} more holder(s)",
+                    "quorum met; not waiting for {} more source(s), {probing} more device(s) \
+                     and {} more holder(s)",
                     sources.pending,
                     shares.pending
                 );
@@ -398,7 +745,11 @@ pub fn unlock_with(
         }
     }
     cancel.store(true, Ordering::Relaxed);
-    let reports = sources.finish(timeout);
+    let mut reports = sources.finish(timeout);
+    if let Some(scanner) = &scanner {
+        reports.extend(scanner.fragment_reports(timeout));
+        reports.extend(scanner.unanswered(timeout));
+    }
     let mut all = candidates(&reports, manifest);
     all.extend(shares.finish(timeout));
     quorum::rebuild(&request, &all)

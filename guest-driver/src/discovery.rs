@@ -1,208 +1,180 @@
-//! Finding keyshard devices in a guest: every `<sysfs>/block/<name>/serial` that starts with
-//! `ksf-` names a fragment device at `/dev/<name>`, and one that starts with `ksb-` the broker
-//! mailbox (one is expected). Devices with other serials, or none, are passed over.
+//! Finding keyshard devices in a guest. Listing `<sysfs>/block` touches no device, so it is done
+//! here; a device's serial (`ksf-<holder>` for a fragment device, `ksb-<vm>` for the broker
+//! mailbox) is another matter: reading it sends a GET_ID request to the device, which a hung
+//! device never answers. Serials and data are therefore read by a [`DeviceProber`], whose real
+//! implementation ([`WorkerProber`]) does it in worker processes (see [`crate::worker`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::serial::{self, BROKER_SERIAL_PREFIX};
+use crate::broker::shares::ShareFetcher;
+use crate::serial;
+use crate::worker::WorkerLauncher;
+use crate::worker::broker::WorkerBroker;
+use crate::worker::probe::{self, ProbeScope, ProbeTarget, Probed};
 
 /// Where sysfs is mounted in a running system.
 pub const DEFAULT_SYSFS_ROOT: &str = "/sys";
+/// Where the kernel's block devices appear.
+pub const DEFAULT_DEV_ROOT: &str = "/dev";
+/// How long discovery waits for the manifest's devices to appear, unless told otherwise.
+pub const DEFAULT_DEVICE_WAIT: Duration = Duration::from_secs(2);
+/// How often `<sysfs>/block` is listed again while devices are awaited.
+pub const SCAN_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     #[error("cannot list block devices in {}: {source}", dir.display())]
     ListBlockDevices { dir: PathBuf, source: io::Error },
-    #[error(
-        "several broker devices (serial {BROKER_SERIAL_PREFIX}...), one is expected: {}",
-        names.join(", ")
-    )]
-    SeveralBrokers { names: Vec<String> },
 }
 
 pub type Result<T> = std::result::Result<T, DiscoveryError>;
 
-/// A block device whose serial says it is a keyshard device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyshardDevice {
-    /// The kernel's name, e.g. `vdb`.
-    pub name: String,
-    /// `/dev/<name>`.
-    pub path: PathBuf,
-    /// `ksf-<holder-id>` or `ksb-<vm-id>`.
-    pub serial: String,
+/// What a device's serial says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Fragment,
+    Broker,
+    Other,
 }
 
-impl KeyshardDevice {
-    /// `/dev/vdd (ksb-vm-7)`.
-    pub fn describe(&self) -> String {
-        format!("{} ({})", self.path.display(), self.serial)
-    }
-}
-
-/// The keyshard devices listed in sysfs, each list sorted by name.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Devices {
-    pub fragments: Vec<KeyshardDevice>,
-    pub brokers: Vec<KeyshardDevice>,
-}
-
-impl Devices {
-    /// The broker mailbox, if there is one; more than one is an error that names them all.
-    pub fn broker(&self) -> Result<Option<&KeyshardDevice>> {
-        match self.brokers.as_slice() {
-            [] => Ok(None),
-            [one] => Ok(Some(one)),
-            several => Err(DiscoveryError::SeveralBrokers {
-                names: several.iter().map(KeyshardDevice::describe).collect(),
-            }),
+impl DeviceKind {
+    pub fn of_serial(serial: &str) -> Self {
+        if serial::is_fragment_serial(serial) {
+            Self::Fragment
+        } else if serial::is_broker_serial(serial) {
+            Self::Broker
+        } else {
+            Self::Other
         }
     }
 }
 
-/// The fragment devices and broker mailboxes listed under `sysfs_root`.
-pub fn devices(sysfs_root: &Path) -> Result<Devices> {
+/// The names of the block devices the kernel lists under `sysfs_root`, sorted: no device is
+/// touched.
+pub fn block_devices(sysfs_root: &Path) -> Result<Vec<String>> {
     let dir = sysfs_root.join("block");
-    let entries = std::fs::read_dir(&dir).map_err(|source| DiscoveryError::ListBlockDevices {
+    let list_error = |source| DiscoveryError::ListBlockDevices {
         dir: dir.clone(),
         source,
-    })?;
-    let mut found = Devices::default();
-    for entry in entries {
-        let entry = entry.map_err(|source| DiscoveryError::ListBlockDevices {
-            dir: dir.clone(),
-            source,
-        })?;
-        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-            continue;
-        };
-        let serial_path = entry.path().join("serial");
-        let raw = match std::fs::read(&serial_path) {
-            Ok(raw) => raw,
-            // Most block devices (loop, ram, disks without a serial) have no serial file.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                log::warn!("{}: cannot read: {e}", serial_path.display());
-                continue;
-            }
-        };
-        let serial = serial::printable(&raw);
-        let list = if serial::is_fragment_serial(&serial) {
-            &mut found.fragments
-        } else if serial::is_broker_serial(&serial) {
-            &mut found.brokers
-        } else {
-            log::debug!("{name}: serial {serial:?} is not a keyshard device's");
-            continue;
-        };
-        list.push(KeyshardDevice {
-            path: Path::new("/dev").join(&name),
-            name,
-            serial,
-        });
+    };
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(list_error)? {
+        let entry = entry.map_err(list_error)?;
+        if let Some(name) = entry.file_name().to_str() {
+            names.push(name.to_owned());
+        }
     }
-    found.fragments.sort_by(|a, b| a.name.cmp(&b.name));
-    found.brokers.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(found)
+    names.sort();
+    Ok(names)
 }
 
-/// The fragment devices listed under `sysfs_root`, sorted by name.
-pub fn fragment_devices(sysfs_root: &Path) -> Result<Vec<KeyshardDevice>> {
-    Ok(devices(sysfs_root)?.fragments)
+/// Reads what a listed device says about itself, and asks a broker device for shares.
+pub trait DeviceProber: Send + Sync {
+    /// Where the device `name` is: `/dev/vdb`.
+    fn location(&self, name: &str) -> String;
+
+    /// The device's serial and, within `scope`, its fragment volume, by `deadline`.
+    fn probe(&self, name: &str, scope: ProbeScope, deadline: Instant) -> Probed;
+
+    /// The broker mailbox device `name`, whose serial is `serial`.
+    fn broker(&self, name: &str, serial: &str) -> Box<dyn ShareFetcher>;
+}
+
+/// The real prober: every device read in a worker process.
+#[derive(Debug, Clone)]
+pub struct WorkerProber {
+    pub launcher: WorkerLauncher,
+    pub sysfs_root: PathBuf,
+    pub dev_root: PathBuf,
+    /// Whether `sev` shares are asked for with SNP reports (an SEV-SNP guest).
+    pub snp: bool,
+}
+
+impl WorkerProber {
+    fn target(&self, name: &str) -> ProbeTarget {
+        ProbeTarget::Listed {
+            sysfs_root: self.sysfs_root.clone(),
+            dev_root: self.dev_root.clone(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl DeviceProber for WorkerProber {
+    fn location(&self, name: &str) -> String {
+        self.target(name).location()
+    }
+
+    fn probe(&self, name: &str, scope: ProbeScope, deadline: Instant) -> Probed {
+        probe::probe(&self.launcher, &self.target(name), scope, deadline)
+    }
+
+    fn broker(&self, name: &str, serial: &str) -> Box<dyn ShareFetcher> {
+        Box::new(WorkerBroker {
+            launcher: self.launcher.clone(),
+            path: self.dev_root.join(name),
+            serial: Some(serial.to_owned()),
+            sysfs_root: self.sysfs_root.clone(),
+            snp: self.snp,
+        })
+    }
+}
+
+/// How to find devices: where sysfs is, who reads the devices, and how long to wait for the
+/// devices a manifest lists to appear.
+#[derive(Clone)]
+pub struct Discovery {
+    pub sysfs_root: PathBuf,
+    pub prober: Arc<dyn DeviceProber>,
+    pub device_wait: Duration,
+}
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery")
+            .field("sysfs_root", &self.sysfs_root)
+            .field("device_wait", &self.device_wait)
+            .finish_non_exhaustive()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn block_device(root: &Path, name: &str, serial: Option<&[u8]>) {
-        let dir = root.join("block").join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        if let Some(serial) = serial {
-            std::fs::write(dir.join("serial"), serial).unwrap();
+    #[test]
+    fn block_devices_are_listed_by_name_without_reading_them() {
+        let root = tempfile::tempdir().unwrap();
+        for name in ["vdc", "vda", "loop0"] {
+            std::fs::create_dir_all(root.path().join("block").join(name)).unwrap();
         }
-    }
-
-    #[test]
-    fn finds_ksf_devices_and_passes_over_the_rest() {
-        let root = tempfile::tempdir().unwrap();
-        block_device(root.path(), "vdc", Some(b"ksf-vhd-2\n"));
-        block_device(root.path(), "vda", Some(b"root-disk\n"));
-        block_device(root.path(), "vdb", Some(b"ksf-vhd-1\n"));
-        block_device(root.path(), "vdd", Some(b"ksb-vm-7\n"));
-        block_device(root.path(), "loop0", None);
-        block_device(root.path(), "sda", Some(b""));
-        let found = fragment_devices(root.path()).unwrap();
-        assert_eq!(
-            found,
-            vec![
-                KeyshardDevice {
-                    name: "vdb".into(),
-                    path: "/dev/vdb".into(),
-                    serial: "ksf-vhd-1".into(),
-                },
-                KeyshardDevice {
-                    name: "vdc".into(),
-                    path: "/dev/vdc".into(),
-                    serial: "ksf-vhd-2".into(),
-                },
-            ]
-        );
-    }
-
-    #[test]
-    fn the_ksb_device_is_the_broker_and_two_of_them_are_an_error() {
-        let root = tempfile::tempdir().unwrap();
-        block_device(root.path(), "vdb", Some(b"ksf-vhd-1\n"));
-        block_device(root.path(), "vdd", Some(b"ksb-vm-7\0\0\0"));
-        let found = devices(root.path()).unwrap();
-        assert_eq!(found.fragments.len(), 1);
-        let broker = found.broker().unwrap().unwrap();
-        assert_eq!(broker.path, Path::new("/dev/vdd"));
-        assert_eq!(broker.serial, "ksb-vm-7");
-
-        block_device(root.path(), "vdc", Some(b"ksb-vm-8\n"));
-        let found = devices(root.path()).unwrap();
-        let error = found.broker().unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "several broker devices (serial ksb-...), one is expected: \
-             /dev/vdc (ksb-vm-8), /dev/vdd (ksb-vm-7)"
-        );
-        // The fragment devices are still listed.
-        assert_eq!(fragment_devices(root.path()).unwrap().len(), 1);
-    }
-
-    #[test]
-    fn without_a_ksb_device_there_is_no_broker() {
-        let root = tempfile::tempdir().unwrap();
-        block_device(root.path(), "vdb", Some(b"ksf-vhd-1\n"));
-        assert_eq!(devices(root.path()).unwrap().broker().unwrap(), None);
-    }
-
-    #[test]
-    fn an_unreadable_serial_is_passed_over() {
-        let root = tempfile::tempdir().unwrap();
-        block_device(root.path(), "vdb", Some(b"ksf-vhd-1\n"));
-        // A directory where the serial file should be: reading it fails with EISDIR.
-        std::fs::create_dir_all(root.path().join("block/vdc/serial")).unwrap();
-        let names: Vec<_> = fragment_devices(root.path())
-            .unwrap()
-            .into_iter()
-            .map(|d| d.name)
-            .collect();
-        assert_eq!(names, ["vdb"]);
+        // A serial that would block any reader: listing must not touch it.
+        let fifo = root.path().join("block/vdc/serial");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo does not retain it.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        assert_eq!(block_devices(root.path()).unwrap(), ["loop0", "vda", "vdc"]);
     }
 
     #[test]
     fn no_block_directory_is_an_error_and_an_empty_one_is_not() {
         let root = tempfile::tempdir().unwrap();
         assert!(matches!(
-            fragment_devices(root.path()),
+            block_devices(root.path()),
             Err(DiscoveryError::ListBlockDevices { .. })
         ));
         std::fs::create_dir(root.path().join("block")).unwrap();
-        assert_eq!(fragment_devices(root.path()).unwrap(), vec![]);
+        assert!(block_devices(root.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn serials_say_what_a_device_is() {
+        assert_eq!(DeviceKind::of_serial("ksf-vhd-1"), DeviceKind::Fragment);
+        assert_eq!(DeviceKind::of_serial("ksb-vm-7"), DeviceKind::Broker);
+        assert_eq!(DeviceKind::of_serial("ks-volume"), DeviceKind::Other);
+        assert_eq!(DeviceKind::of_serial(""), DeviceKind::Other);
     }
 }

@@ -12,6 +12,7 @@ pub mod serial;
 pub mod snp;
 pub mod source;
 pub mod vhost_user;
+pub mod worker;
 
 #[cfg(test)]
 mod testing;

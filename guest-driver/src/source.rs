@@ -13,6 +13,8 @@ use zeroize::Zeroizing;
 use crate::block_device::{BlockDevice, BlockDeviceError};
 use crate::serial;
 use crate::vhost_user::{FrontendError, VhostUserBlk};
+use crate::worker::WorkerLauncher;
+use crate::worker::probe::{self, ProbeFailure, ProbeScope, ProbeTarget};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -22,6 +24,10 @@ pub enum SourceError {
     Device(#[from] BlockDeviceError),
     #[error("not a fragment volume: {0}")]
     Volume(#[from] VolumeError),
+    #[error("{0}")]
+    Worker(String),
+    #[error("no answer by the deadline")]
+    NoAnswer,
 }
 
 pub type Result<T> = std::result::Result<T, SourceError>;
@@ -52,21 +58,20 @@ pub trait VolumeSource: Send {
 pub enum SourceSpec {
     /// A vhost-user-blk device socket, read with the userspace frontend.
     VhostUser(PathBuf),
-    /// A block device or image file; the serial, if discovery found it.
-    Device {
-        path: PathBuf,
-        serial: Option<String>,
-    },
+    /// A block device or image file.
+    Device(PathBuf),
 }
 
 impl SourceSpec {
-    /// The reader for this source; `sysfs_root` is where a block device's serial is looked up.
+    /// The reader for this source: a socket is read here (every wait has a deadline), a device
+    /// in a worker running this program; `sysfs_root` is where a block device's serial is
+    /// looked up.
     pub fn into_source(self, sysfs_root: &Path) -> Box<dyn VolumeSource> {
         match self {
             Self::VhostUser(socket) => Box::new(VhostUserSource { socket }),
-            Self::Device { path, serial } => Box::new(DeviceSource {
+            Self::Device(path) => Box::new(WorkerSource {
+                launcher: WorkerLauncher::this_program(),
                 path,
-                serial,
                 sysfs_root: sysfs_root.to_owned(),
             }),
         }
@@ -98,7 +103,9 @@ impl VolumeSource for VhostUserSource {
     }
 }
 
-/// A fragment device seen as a block device in a guest, or an image file.
+/// A fragment device seen as a block device, or an image file, read in this process: for image
+/// files and tests. A block device that never answers would hold the reading thread, and the
+/// process, for good: the command line reads devices with [`WorkerSource`] instead.
 #[derive(Debug, Clone)]
 pub struct DeviceSource {
     pub path: PathBuf,
@@ -128,6 +135,45 @@ impl VolumeSource for DeviceSource {
     }
 }
 
+/// A block device or image file read in a worker process (see [`crate::worker`]): a device that
+/// never answers holds the worker, not the agent.
+#[derive(Debug, Clone)]
+pub struct WorkerSource {
+    pub launcher: WorkerLauncher,
+    pub path: PathBuf,
+    pub sysfs_root: PathBuf,
+}
+
+impl VolumeSource for WorkerSource {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn read_volume(&self, deadline: Instant) -> Result<VolumeRead> {
+        let target = ProbeTarget::Path {
+            path: self.path.clone(),
+            sysfs_root: self.sysfs_root.clone(),
+        };
+        let probed = probe::probe(
+            &self.launcher,
+            &target,
+            ProbeScope::FragmentVolume,
+            deadline,
+        );
+        let serial = probed.serial().map(str::to_owned);
+        match (probed.serial, probed.volume) {
+            (Err(ProbeFailure::NoAnswer), _) | (Ok(_), Some(Err(ProbeFailure::NoAnswer))) => {
+                Err(SourceError::NoAnswer)
+            }
+            (Err(ProbeFailure::Failed(why)), _) | (Ok(_), Some(Err(ProbeFailure::Failed(why)))) => {
+                Err(SourceError::Worker(why))
+            }
+            (Ok(_), Some(Ok(volume))) => Ok(VolumeRead { serial, volume }),
+            (Ok(_), None) => Err(SourceError::Worker("the worker read no volume".into())),
+        }
+    }
+}
+
 /// What one source yielded: its fragments' bytes (parsed later, by the quorum), or why not.
 #[derive(Debug)]
 pub struct SourceReport {
@@ -145,23 +191,25 @@ impl SourceReport {
         read: Result<VolumeRead>,
     ) -> Self {
         match read {
-            Ok(read) => {
-                let fragments = volume::decode(&read.volume)
-                    .map(|fragments| {
-                        fragments
-                            .into_iter()
-                            .map(|bytes| Zeroizing::new(bytes.to_vec()))
-                            .collect()
-                    })
-                    .map_err(|e| SourceError::Volume(e).to_string());
-                Self {
-                    location,
-                    serial: read.serial.or(known_serial),
-                    fragments,
-                }
-            }
+            Ok(read) => Self {
+                location,
+                serial: read.serial.or(known_serial),
+                fragments: Self::from_volume(&read.volume),
+            },
             Err(e) => Self::unavailable(location, known_serial, e.to_string()),
         }
+    }
+
+    /// The fragments of a volume's bytes, or why they are not a fragment volume.
+    pub fn from_volume(volume: &[u8]) -> std::result::Result<Vec<Zeroizing<Vec<u8>>>, String> {
+        volume::decode(volume)
+            .map(|fragments| {
+                fragments
+                    .into_iter()
+                    .map(|bytes| Zeroizing::new(bytes.to_vec()))
+                    .collect()
+            })
+            .map_err(|e| SourceError::Volume(e).to_string())
     }
 
     pub fn unavailable(location: String, serial: Option<String>, reason: String) -> Self {
@@ -294,11 +342,11 @@ mod tests {
         let path = dir.path().join("vhd-1.img");
         let volume = vhd_volume(&dealt, 0);
         std::fs::write(&path, &volume).unwrap();
-        let source = SourceSpec::Device {
+        let source = DeviceSource {
             path: path.clone(),
             serial: None,
-        }
-        .into_source(dir.path());
+            sysfs_root: dir.path().to_owned(),
+        };
         assert_eq!(source.location(), path.display().to_string());
         let read = source.read_volume(Instant::now()).unwrap();
         assert_eq!(read.serial, None);

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use guest_driver::agent::{self, Inputs};
 use guest_driver::broker::mailbox::{MailboxSpec, VhostUserMailbox};
+use guest_driver::broker::shares::InProcessFetcher;
 use guest_driver::broker::{BrokerClient, BrokerError};
 use guest_driver::source::SourceSpec;
 use guest_driver::vhost_user::{FrontendError, VhostUserBlk};
@@ -293,8 +294,11 @@ fn unlock(
     let broker = MailboxSpec::VhostUser(devices.serve_broker(handler));
     let inputs = Inputs {
         sources,
-        broker: Some(broker.into_mailbox(Path::new("/sys"))),
-        snp: None,
+        broker: Some(Box::new(InProcessFetcher::new(
+            broker.into_mailbox(Path::new("/sys")),
+            None,
+        ))),
+        discovery: None,
     };
     agent::unlock_with(&dealt.manifest, inputs, Duration::from_secs(10))
 }

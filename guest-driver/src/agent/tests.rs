@@ -1,6 +1,8 @@
 use super::*;
 use crate::broker::mailbox::{self, Mailbox};
+use crate::broker::shares::InProcessFetcher;
 use crate::cli::CliError;
+use crate::snp::ReportSource;
 use crate::source::{SourceError, VolumeRead};
 use crate::testing::{
     Dealt, FakeSnp, ScriptedMailbox, deal_over, dealt_fragments, refusing, releasing, vhd_volume,
@@ -202,8 +204,9 @@ fn inputs(
 ) -> Inputs {
     Inputs {
         sources,
-        broker,
-        snp,
+        broker: broker
+            .map(|mailbox| Box::new(InProcessFetcher::new(mailbox, snp)) as Box<dyn ShareFetcher>),
+        discovery: None,
     }
 }
 
@@ -472,7 +475,7 @@ fn without_a_broker_device_the_attested_holders_are_missing() {
         lines[..2],
         [
             "missing tpm-1: no broker device (no block device serial starts with ksb-)",
-            "missing sev-1: not an SEV-SNP guest (no /dev/sev-guest)",
+            "missing sev-1: no broker device (no block device serial starts with ksb-)",
         ]
     );
     assert_eq!(lines.len(), 5, "{lines:?}");

@@ -2,6 +2,8 @@
 //! `sev` holder of the manifest, one after another over the one mailbox, each answer (a signed
 //! fragment, or why not) named after its holder.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use keyshard_core::HolderClass;
@@ -10,8 +12,64 @@ use keyshard_core::fragment::Fragment;
 use keyshard_core::quorum::Candidate;
 use zeroize::Zeroizing;
 
+use super::mailbox::Mailbox;
 use super::{BrokerClient, BrokerError, Result};
 use crate::snp::{ReportSource, SnpError};
+
+/// Asks the coordinator for attested holders' shares, one after another, handing each answer
+/// over as it comes: in this process over a mailbox ([`InProcessFetcher`]), or in a worker
+/// process when the mailbox is a guest block device (`worker::broker::WorkerBroker`).
+pub trait ShareFetcher: Send {
+    /// Where the mailbox is, for messages.
+    fn location(&self) -> String;
+
+    /// Whether `sev` shares can be asked for: there is a source of SNP reports.
+    fn has_snp(&self) -> bool;
+
+    /// Asks for each of `holders` (with their index in the caller's list) until `deadline`;
+    /// stops early when `deliver` returns false or `cancel` is set.
+    fn fetch_all(
+        self: Box<Self>,
+        holders: Vec<(usize, HolderSlot)>,
+        deadline: Instant,
+        cancel: Arc<AtomicBool>,
+        deliver: &mut dyn FnMut(usize, Candidate) -> bool,
+    );
+}
+
+/// Asks through a mailbox in this process: a vhost-user socket on a host, an image file, or a
+/// test double. A guest block device is asked through a worker instead.
+pub struct InProcessFetcher {
+    mailbox: Box<dyn Mailbox>,
+    reports: Option<Box<dyn ReportSource>>,
+}
+
+impl InProcessFetcher {
+    pub fn new(mailbox: Box<dyn Mailbox>, reports: Option<Box<dyn ReportSource>>) -> Self {
+        Self { mailbox, reports }
+    }
+}
+
+impl ShareFetcher for InProcessFetcher {
+    fn location(&self) -> String {
+        self.mailbox.location()
+    }
+
+    fn has_snp(&self) -> bool {
+        self.reports.is_some()
+    }
+
+    fn fetch_all(
+        self: Box<Self>,
+        holders: Vec<(usize, HolderSlot)>,
+        deadline: Instant,
+        cancel: Arc<AtomicBool>,
+        deliver: &mut dyn FnMut(usize, Candidate) -> bool,
+    ) {
+        let mut client = BrokerClient::new(self.mailbox).with_cancel(cancel);
+        fetch_all(&mut client, &holders, self.reports, deadline, deliver);
+    }
+}
 
 /// Whether the coordinator releases this class's shares.
 pub fn is_brokered(class: HolderClass) -> bool {

@@ -3,11 +3,13 @@
 
 use keyshard_core::fragment::Fragment;
 
+use super::sources::BrokerSelection;
 use super::sources::{SourceArgs, SourceConfig};
 use super::{CliError, PROGRAM};
 use crate::agent;
 use crate::broker::mailbox::MailboxSpec;
 use crate::source::SourceReport;
+use crate::worker::WorkerLauncher;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -98,19 +100,30 @@ pub fn broker_line(broker: &MailboxSpec) -> String {
 }
 
 pub fn run(config: Config) -> Result<(), CliError> {
-    let selected = config.sources.select()?;
-    if selected.sources.is_empty() && selected.broker.is_none() {
+    let launcher = WorkerLauncher::this_program();
+    let mut inputs = config.sources.inputs(&launcher, false);
+    // Listed, not asked: the broker is only named.
+    let named_broker = match &config.sources.broker {
+        BrokerSelection::Named(spec) => Some(broker_line(spec)),
+        _ => None,
+    };
+    inputs.broker = None;
+    let survey = agent::survey(inputs, config.sources.timeout);
+    let broker = named_broker.or_else(|| {
+        survey.broker.as_ref().map(|(location, serial)| {
+            broker_line(&MailboxSpec::Device {
+                path: location.into(),
+                serial: Some(serial.clone()),
+            })
+        })
+    });
+    let reports = survey.reports;
+    if reports.is_empty() && broker.is_none() {
         return Err(CliError::NoDevices);
     }
-    if let Some(broker) = &selected.broker {
-        println!("{}", broker_line(broker));
+    if let Some(line) = &broker {
+        println!("{line}");
     }
-    let sources = selected
-        .sources
-        .into_iter()
-        .map(|spec| spec.into_source(&config.sources.sysfs_root))
-        .collect();
-    let reports = agent::read_sources(sources, config.sources.timeout);
     let mut bad = 0;
     for report in &reports {
         let listing = list(report);

@@ -1,14 +1,21 @@
 //! The options both subcommands share: which fragment sources to read and which broker mailbox
-//! to ask (named ones, or the ones sysfs lists) and how long to wait for them.
+//! to ask (named ones, or the ones sysfs lists) and how long to wait for them; and the agent's
+//! inputs they make. Block devices are always read in worker processes.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::CliError;
+use crate::agent::Inputs;
 use crate::broker::mailbox::MailboxSpec;
-use crate::discovery::{self, DEFAULT_SYSFS_ROOT};
+use crate::broker::shares::{InProcessFetcher, ShareFetcher};
+use crate::discovery::{DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, Discovery, WorkerProber};
+use crate::snp::{ReportSource, SevGuestFirmware};
 use crate::source::SourceSpec;
+use crate::worker::WorkerLauncher;
+use crate::worker::broker::WorkerBroker;
 
 /// The longest wait accepted: a boot that waits longer has a problem no timeout fixes.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -35,6 +42,16 @@ pub struct SourceArgs {
     /// that has not answered by then counts as missing.
     #[arg(long, value_name = "SECS", default_value = "10")]
     pub timeout: String,
+    /// When devices are discovered: how long to look for the devices the manifest lists before
+    /// working with those found, in seconds.
+    #[arg(long, value_name = "SECS", default_value = "2")]
+    pub device_wait: String,
+    /// Where sysfs is (tests).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_SYSFS_ROOT, hide = true)]
+    pub sysfs_root: PathBuf,
+    /// Where the block devices sysfs lists are (tests).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DEV_ROOT, hide = true)]
+    pub dev_root: PathBuf,
 }
 
 /// Where the fragments come from.
@@ -55,20 +72,16 @@ pub enum BrokerSelection {
     NoBroker,
 }
 
-/// What was selected, discovery done.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Selected {
-    pub sources: Vec<SourceSpec>,
-    pub broker: Option<MailboxSpec>,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceConfig {
     pub selection: SourceSelection,
     pub broker: BrokerSelection,
     pub timeout: Duration,
+    pub device_wait: Duration,
     /// Where sysfs is: `/sys`, or a test tree.
     pub sysfs_root: PathBuf,
+    /// Where the devices sysfs lists are: `/dev`, or a test tree.
+    pub dev_root: PathBuf,
 }
 
 impl TryFrom<SourceArgs> for SourceConfig {
@@ -78,17 +91,16 @@ impl TryFrom<SourceArgs> for SourceConfig {
         let timeout = parse_timeout(&args.timeout).map_err(|why| {
             CliError::InvalidArgument(format!("--timeout {}: {why}", args.timeout))
         })?;
+        let device_wait = parse_timeout(&args.device_wait).map_err(|why| {
+            CliError::InvalidArgument(format!("--device-wait {}: {why}", args.device_wait))
+        })?;
         refuse_repeats("--vhost-user", &args.vhost_user)?;
         refuse_repeats("--device", &args.device)?;
         let named: Vec<SourceSpec> = args
             .vhost_user
             .into_iter()
             .map(SourceSpec::VhostUser)
-            .chain(
-                args.device
-                    .into_iter()
-                    .map(|path| SourceSpec::Device { path, serial: None }),
-            )
+            .chain(args.device.into_iter().map(SourceSpec::Device))
             .collect();
         let broker = match (args.broker_vhost_user, args.broker_device) {
             (Some(_), Some(_)) => {
@@ -111,48 +123,62 @@ impl TryFrom<SourceArgs> for SourceConfig {
             },
             broker,
             timeout,
-            sysfs_root: PathBuf::from(DEFAULT_SYSFS_ROOT),
+            device_wait,
+            sysfs_root: args.sysfs_root,
+            dev_root: args.dev_root,
         })
     }
 }
 
 impl SourceConfig {
-    /// The fragment sources to read and the broker to ask; discovery may find none. Several
-    /// broker devices are an error.
-    pub fn select(&self) -> Result<Selected, CliError> {
-        let needs_sysfs =
-            self.selection == SourceSelection::Discover || self.broker == BrokerSelection::Discover;
-        let found = if needs_sysfs {
-            discovery::devices(&self.sysfs_root)?
-        } else {
-            discovery::Devices::default()
-        };
+    /// What the agent reads and asks: named sources (block devices in workers), the named broker
+    /// (a block device through `launcher`'s workers), or discovery in sysfs. `snp`: whether `sev` shares are asked
+    /// for with reports from `/dev/sev-guest`.
+    pub fn inputs(&self, launcher: &WorkerLauncher, snp: bool) -> Inputs {
         let sources = match &self.selection {
-            SourceSelection::Named(specs) => specs.clone(),
-            SourceSelection::Discover => found
-                .fragments
+            SourceSelection::Named(specs) => specs
                 .iter()
-                .map(|device| {
-                    log::info!("found fragment device {}", device.describe());
-                    SourceSpec::Device {
-                        path: device.path.clone(),
-                        serial: Some(device.serial.clone()),
-                    }
-                })
+                .cloned()
+                .map(|spec| spec.into_source(&self.sysfs_root))
                 .collect(),
+            SourceSelection::Discover => Vec::new(),
         };
-        let broker = match &self.broker {
-            BrokerSelection::Named(spec) => Some(spec.clone()),
-            BrokerSelection::NoBroker => None,
-            BrokerSelection::Discover => found.broker()?.map(|device| {
-                log::info!("found broker device {}", device.describe());
-                MailboxSpec::Device {
-                    path: device.path.clone(),
-                    serial: Some(device.serial.clone()),
-                }
+        let broker: Option<Box<dyn ShareFetcher>> = match &self.broker {
+            BrokerSelection::Named(MailboxSpec::Device { path, serial }) => {
+                Some(Box::new(WorkerBroker {
+                    launcher: launcher.clone(),
+                    path: path.clone(),
+                    serial: serial.clone(),
+                    sysfs_root: self.sysfs_root.clone(),
+                    snp,
+                }))
+            }
+            BrokerSelection::Named(spec) => {
+                let reports = snp.then(|| Box::new(SevGuestFirmware) as Box<dyn ReportSource>);
+                Some(Box::new(InProcessFetcher::new(
+                    spec.clone().into_mailbox(&self.sysfs_root),
+                    reports,
+                )))
+            }
+            BrokerSelection::Discover | BrokerSelection::NoBroker => None,
+        };
+        let discover =
+            self.selection == SourceSelection::Discover || self.broker == BrokerSelection::Discover;
+        let discovery = discover.then(|| Discovery {
+            sysfs_root: self.sysfs_root.clone(),
+            prober: Arc::new(WorkerProber {
+                launcher: launcher.clone(),
+                sysfs_root: self.sysfs_root.clone(),
+                dev_root: self.dev_root.clone(),
+                snp,
             }),
-        };
-        Ok(Selected { sources, broker })
+            device_wait: self.device_wait,
+        });
+        Inputs {
+            sources,
+            broker,
+            discovery,
+        }
     }
 }
 
@@ -193,6 +219,7 @@ pub fn parse_timeout(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
     use crate::agent::DEFAULT_TIMEOUT;
+    use crate::discovery::DEFAULT_DEVICE_WAIT;
 
     fn args(vhost_user: &[&str], device: &[&str], timeout: &str) -> SourceArgs {
         SourceArgs {
@@ -201,6 +228,9 @@ mod tests {
             broker_vhost_user: None,
             broker_device: None,
             timeout: timeout.into(),
+            device_wait: "2".into(),
+            sysfs_root: DEFAULT_SYSFS_ROOT.into(),
+            dev_root: DEFAULT_DEV_ROOT.into(),
         }
     }
 
@@ -211,14 +241,13 @@ mod tests {
             config.selection,
             SourceSelection::Named(vec![
                 SourceSpec::VhostUser("/run/a.sock".into()),
-                SourceSpec::Device {
-                    path: "/dev/vdb".into(),
-                    serial: None
-                },
+                SourceSpec::Device("/dev/vdb".into()),
             ])
         );
         assert_eq!(config.timeout, Duration::from_secs(10));
+        assert_eq!(config.device_wait, DEFAULT_DEVICE_WAIT);
         assert_eq!(config.sysfs_root, PathBuf::from("/sys"));
+        assert_eq!(config.dev_root, PathBuf::from("/dev"));
         // Named fragment sources and no broker named: no broker.
         assert_eq!(config.broker, BrokerSelection::NoBroker);
         let config = SourceConfig::try_from(args(&[], &[], "2.5")).unwrap();
@@ -267,6 +296,12 @@ mod tests {
             let error = SourceConfig::try_from(args(&[], &[], timeout)).unwrap_err();
             assert_eq!(error.to_string(), format!("--timeout {timeout}: {why}"));
         }
+        let mut bad_wait = args(&[], &[], "10");
+        bad_wait.device_wait = "soon".into();
+        assert_eq!(
+            SourceConfig::try_from(bad_wait).unwrap_err().to_string(),
+            "--device-wait soon: not a number of seconds"
+        );
         let error =
             SourceConfig::try_from(args(&["/a.sock", "/b.sock", "/a.sock"], &[], "1")).unwrap_err();
         assert_eq!(error.to_string(), "--vhost-user /a.sock is given twice");
@@ -274,69 +309,25 @@ mod tests {
         assert_eq!(error.to_string(), "--device /dev/vdb is given twice");
     }
 
-    fn sysfs(devices: &[(&str, &str)]) -> tempfile::TempDir {
-        let root = tempfile::tempdir().unwrap();
-        for (name, serial) in devices {
-            let dir = root.path().join("block").join(name);
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join("serial"), serial).unwrap();
-        }
-        root
-    }
-
-    fn discovering(root: &std::path::Path) -> SourceConfig {
-        SourceConfig {
-            selection: SourceSelection::Discover,
-            broker: BrokerSelection::Discover,
-            timeout: DEFAULT_TIMEOUT,
-            sysfs_root: root.to_owned(),
-        }
-    }
-
     #[test]
-    fn discovery_reads_the_sysfs_tree_it_is_given() {
-        let root = sysfs(&[("vdb", "ksf-vhd-1"), ("vda", "boot"), ("vdc", "ksb-vm-7")]);
-        let selected = discovering(root.path()).select().unwrap();
-        assert_eq!(
-            selected,
-            Selected {
-                sources: vec![SourceSpec::Device {
-                    path: "/dev/vdb".into(),
-                    serial: Some("ksf-vhd-1".into())
-                }],
-                broker: Some(MailboxSpec::Device {
-                    path: "/dev/vdc".into(),
-                    serial: Some("ksb-vm-7".into())
-                }),
-            }
-        );
-    }
+    fn inputs_read_named_devices_in_workers_and_discover_otherwise() {
+        let launcher = WorkerLauncher::new("/bin/false");
+        let named = SourceConfig::try_from(args(&["/run/a.sock"], &["/dev/vdb"], "1")).unwrap();
+        let inputs = named.inputs(&launcher, false);
+        let locations: Vec<String> = inputs.sources.iter().map(|s| s.location()).collect();
+        assert_eq!(locations, ["socket /run/a.sock", "/dev/vdb"]);
+        assert!(inputs.broker.is_none() && inputs.discovery.is_none());
 
-    #[test]
-    fn two_broker_devices_are_an_error_and_named_sources_skip_discovery() {
-        let root = sysfs(&[
-            ("vdb", "ksf-vhd-1"),
-            ("vdc", "ksb-vm-7"),
-            ("vdd", "ksb-vm-8"),
-        ]);
-        let error = discovering(root.path()).select().unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "several broker devices (serial ksb-...), one is expected: /dev/vdc (ksb-vm-7), \
-             /dev/vdd (ksb-vm-8)"
-        );
-        // Everything named: sysfs is not read at all (this one does not exist).
-        let config = SourceConfig {
-            selection: SourceSelection::Named(vec![SourceSpec::VhostUser("/run/a.sock".into())]),
-            broker: BrokerSelection::Named(MailboxSpec::VhostUser("/run/ksb.sock".into())),
-            timeout: DEFAULT_TIMEOUT,
-            sysfs_root: root.path().join("absent"),
-        };
-        let selected = config.select().unwrap();
-        assert_eq!(selected.sources.len(), 1);
-        assert_eq!(
-            selected.broker,
-            Some(MailboxSpec::VhostUser("/run/ksb.sock".into()))
-        );
+        let mut discovering = args(&[], &[], "1");
+        discovering.broker_device = Some("/dev/vdd".into());
+        let inputs = SourceConfig::try_from(discovering)
+            .unwrap()
+            .inputs(&launcher, false);
+        assert!(inputs.sources.is_empty());
+        assert_eq!(inputs.broker.as_ref().unwrap().location(), "/dev/vdd");
+        let discovery = inputs.discovery.unwrap();
+        assert_eq!(discovery.sysfs_root, PathBuf::from("/sys"));
+        assert_eq!(discovery.prober.location("vdc"), "/dev/vdc");
+        assert_eq!(DEFAULT_TIMEOUT, Duration::from_secs(10));
     }
 }

@@ -8,8 +8,9 @@ use keyshard_core::manifest::Manifest;
 
 use super::sources::{SourceArgs, SourceConfig};
 use super::{CliError, PROGRAM};
-use crate::agent::{self, Inputs};
-use crate::snp::{self, ReportSource, SevGuestFirmware};
+use crate::agent;
+use crate::snp;
+use crate::worker::WorkerLauncher;
 use keyshard_core::files::{self, Overwrite, SecretSink};
 
 /// A manifest is well under a kilobyte per holder; anything this large is not one.
@@ -69,23 +70,11 @@ pub fn run(config: Config) -> Result<(), CliError> {
     })?;
     // Refuse a bad destination before any device is read.
     config.sink.check()?;
-    let selected = config.sources.select()?;
-    let sysfs_root = &config.sources.sysfs_root;
-    let snp: Option<Box<dyn ReportSource>> = if snp::is_snp_guest() {
+    let snp = snp::is_snp_guest();
+    if snp {
         log::info!("an SEV-SNP guest: sev shares are asked for with an attestation report");
-        Some(Box::new(SevGuestFirmware))
-    } else {
-        None
-    };
-    let inputs = Inputs {
-        sources: selected
-            .sources
-            .into_iter()
-            .map(|spec| spec.into_source(sysfs_root))
-            .collect(),
-        broker: selected.broker.map(|spec| spec.into_mailbox(sysfs_root)),
-        snp,
-    };
+    }
+    let inputs = config.sources.inputs(&WorkerLauncher::this_program(), snp);
     let outcome = agent::unlock_with(&manifest, inputs, config.sources.timeout)?;
     for rejection in &outcome.rejected {
         log::warn!("skipped {}: {}", rejection.source, rejection.reason);
@@ -151,10 +140,7 @@ mod tests {
             config.sources.selection,
             SourceSelection::Named(vec![
                 SourceSpec::VhostUser("/run/vhd-1.sock".into()),
-                SourceSpec::Device {
-                    path: "/dev/vdc".into(),
-                    serial: None
-                },
+                SourceSpec::Device("/dev/vdc".into()),
             ])
         );
         let config = parse(&["--manifest", "m", "--out", "k", "--force"]).unwrap();
@@ -198,7 +184,9 @@ mod tests {
                 selection: SourceSelection::Discover,
                 broker: BrokerSelection::Discover,
                 timeout: Duration::from_secs(1),
+                device_wait: Duration::from_secs(1),
                 sysfs_root: dir.path().join("no-sysfs"),
+                dev_root: dir.path().join("no-dev"),
             },
             sink: SecretSink::new(Some(out.clone()), Overwrite::Refuse),
         };

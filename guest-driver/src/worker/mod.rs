@@ -1,0 +1,278 @@
+//! Device I/O in worker processes, so that no device can hold the agent.
+//!
+//! A read from a virtio-blk device whose backend stopped answering (a fragment daemon that hangs,
+//! or is stopped) waits in the kernel, uninterruptibly: the reading thread cannot be cancelled,
+//! and a process with such a thread cannot even exit, so its stdout never closes and whoever
+//! waits for it (the init script, then cryptsetup) hangs too. Reading a device's `serial` in
+//! sysfs is such a read (a GET_ID request on the device's queue).
+//!
+//! So the agent never touches a guest block device itself. Each device is read by a worker: the
+//! same `keyshard-guest` binary, run again as `keyshard-guest worker ...`, which reports what it
+//! read as [`wire::Record`]s on a pipe. The agent reads that pipe with a deadline; a worker that
+//! has not finished by then is killed and abandoned. A worker stuck in the kernel dies only when
+//! its I/O ends, if ever, but it holds nothing the agent needs: its stdin and stderr are
+//! `/dev/null` and its stdout is a pipe only the agent reads.
+
+pub mod broker;
+pub mod probe;
+pub mod wire;
+
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use self::wire::{MAX_OUTPUT, Record, RecordError};
+
+/// The subcommand a worker is run as.
+pub const WORKER_SUBCOMMAND: &str = "worker";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot start a worker process ({program}): {source}")]
+    Spawn { program: String, source: io::Error },
+    #[error("no answer within {}", crate::agent::describe_timeout(*.0))]
+    Timeout(Duration),
+    #[error("reading the worker's report: {0}")]
+    Read(io::Error),
+    #[error("the worker's report is unreadable: {0}")]
+    Record(#[from] RecordError),
+    #[error("the worker wrote more than {MAX_OUTPUT} bytes")]
+    TooMuchOutput,
+    #[error("the worker ended without reporting")]
+    Ended,
+}
+
+/// Starts workers: which program to run (this one, normally).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerLauncher {
+    program: PathBuf,
+}
+
+impl WorkerLauncher {
+    /// Workers run `program worker ...`.
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        Self {
+            program: program.into(),
+        }
+    }
+
+    /// Workers run this very binary: `/proc/self/exe` names it even if the file was replaced
+    /// since it started.
+    pub fn this_program() -> Self {
+        let proc_self = Path::new("/proc/self/exe");
+        if proc_self.exists() {
+            return Self::new(proc_self);
+        }
+        Self::new(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("keyshard-guest")))
+    }
+
+    /// Starts `program worker <args>`, its stdout a pipe and nothing else shared with us.
+    pub fn spawn(&self, args: &[OsString]) -> Result<WorkerProcess, WorkerError> {
+        let spawn_error = |source| WorkerError::Spawn {
+            program: self.program.display().to_string(),
+            source,
+        };
+        let mut child = Command::new(&self.program)
+            .arg(WORKER_SUBCOMMAND)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(spawn_error)?;
+        let Some(stdout) = child.stdout.take() else {
+            let _ = child.kill();
+            return Err(spawn_error(io::Error::other("no pipe to the worker")));
+        };
+        Ok(WorkerProcess {
+            child,
+            stdout,
+            buffer: Vec::new(),
+            total: 0,
+            eof: false,
+        })
+    }
+}
+
+/// A running worker and what it has written so far. Dropping it kills the worker.
+#[derive(Debug)]
+pub struct WorkerProcess {
+    child: Child,
+    stdout: ChildStdout,
+    buffer: Vec<u8>,
+    total: usize,
+    eof: bool,
+}
+
+impl WorkerProcess {
+    /// The next record, waiting for it until `deadline`; `None` once the worker closed its
+    /// stdout (it ended) with nothing more to say.
+    pub fn next_record(&mut self, deadline: Instant) -> Result<Option<Record>, WorkerError> {
+        loop {
+            if let Some(record) = Record::take(&mut self.buffer)? {
+                return Ok(Some(record));
+            }
+            if self.eof {
+                return Ok(None);
+            }
+            self.fill(deadline)?;
+        }
+    }
+
+    /// Reads what the worker has written, waiting for something until `deadline`.
+    fn fill(&mut self, deadline: Instant) -> Result<(), WorkerError> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        if !wait_readable(&self.stdout, timeout).map_err(WorkerError::Read)? {
+            return Err(WorkerError::Timeout(timeout));
+        }
+        let mut chunk = zeroize::Zeroizing::new(vec![0u8; 16 * 1024]);
+        let read = match self.stdout.read(&mut chunk) {
+            Ok(read) => read,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(WorkerError::Read(e)),
+        };
+        if read == 0 {
+            self.eof = true;
+            return Ok(());
+        }
+        self.total = self.total.saturating_add(read);
+        if self.total > MAX_OUTPUT {
+            return Err(WorkerError::TooMuchOutput);
+        }
+        self.buffer
+            .extend_from_slice(chunk.get(..read).unwrap_or_default());
+        Ok(())
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.buffer);
+        // A worker that finished has exited; one stuck in the kernel is killed as far as the
+        // kernel allows and left behind. Neither is waited for.
+        let _ = self.child.kill();
+        let _ = self.child.try_wait();
+    }
+}
+
+/// Whether `pipe` has something to read (or its end) within `timeout`.
+fn wait_readable(pipe: &ChildStdout, timeout: Duration) -> io::Result<bool> {
+    let mut fds = [libc::pollfd {
+        fd: pipe.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    let millis = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+    loop {
+        // SAFETY: `fds` is a live array of one initialised pollfd for the whole call, and its
+        // length is passed alongside.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, millis) };
+        match ready {
+            0 => return Ok(false),
+            n if n > 0 => return Ok(true),
+            _ => {
+                let error = io::Error::last_os_error();
+                if error.kind() != io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+}
+
+/// The worker's side: writes records on stdout, each flushed at once so the agent sees it even
+/// if the worker then blocks.
+pub struct RecordWriter<W: Write> {
+    out: W,
+}
+
+impl<W: Write> RecordWriter<W> {
+    pub fn new(out: W) -> Self {
+        Self { out }
+    }
+
+    /// Writes one record; false once the agent has gone (nobody reads any more).
+    pub fn emit(&mut self, record: &Record) -> bool {
+        self.out
+            .write_all(&record.encode())
+            .and_then(|()| self.out.flush())
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A launcher whose "worker" is a shell script: `sh -c SCRIPT worker ...`.
+    fn shell(script: &str) -> (WorkerLauncher, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.sh");
+        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        (WorkerLauncher::new(path), dir)
+    }
+
+    #[test]
+    fn records_arrive_as_the_worker_writes_them_and_end_at_eof() {
+        // Tag 1 (serial), length 3, "abc"; then the worker exits.
+        let (launcher, _dir) = shell(r"printf '\001\003\000\000\000abc'");
+        let mut worker = launcher.spawn(&[]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert_eq!(
+            worker.next_record(deadline).unwrap(),
+            Some(Record::Serial("abc".into()))
+        );
+        assert_eq!(worker.next_record(deadline).unwrap(), None);
+    }
+
+    #[test]
+    fn a_worker_that_never_answers_times_out_at_the_deadline() {
+        let (launcher, _dir) = shell("exec sleep 600");
+        let mut worker = launcher.spawn(&[]).unwrap();
+        let started = Instant::now();
+        let error = worker
+            .next_record(started + Duration::from_millis(300))
+            .unwrap_err();
+        assert!(matches!(error, WorkerError::Timeout(_)), "{error:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(error.to_string().starts_with("no answer within"), "{error}");
+    }
+
+    #[test]
+    fn garbage_and_floods_are_errors() {
+        let (launcher, _dir) = shell(r"printf '\011\000\000\000\000'");
+        let mut worker = launcher.spawn(&[]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert!(matches!(
+            worker.next_record(deadline),
+            Err(WorkerError::Record(RecordError::UnknownTag(9)))
+        ));
+        // A worker that writes forever is cut off.
+        let (launcher, _dir) = shell(r"while :; do printf '\001\000\000\000\000'; done");
+        let mut worker = launcher.spawn(&[]).unwrap();
+        let error = loop {
+            match worker.next_record(deadline) {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(error, WorkerError::TooMuchOutput), "{error:?}");
+    }
+
+    #[test]
+    fn a_program_that_cannot_start_is_named() {
+        let launcher = WorkerLauncher::new("/nonexistent/keyshard-guest");
+        let error = launcher.spawn(&[]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("cannot start a worker process (/nonexistent/keyshard-guest)"),
+            "{error}"
+        );
+    }
+}
