@@ -6,7 +6,9 @@
 #
 # Console markers (the e2e tests match them; keep them stable):
 #   KEYSHARD-E2E: init started
-#   KEYSHARD-E2E: device /dev/vdX serial=...        one line per virtio-blk disk
+#   KEYSHARD-E2E: modules loaded                    the virtio devices are probed
+#   KEYSHARD-E2E: device /dev/vdX serial=...        one line per disk with a serial ('?': no
+#                                                   answer to GET_ID in time)
 #   KEYSHARD-E2E: keyshard-guest stderr begin/end   what keyshard-guest said, between the two
 #   KEYSHARD-E2E: unlocked                          then the file between 'file begin'/'file end'
 #   KEYSHARD-E2E: locked (...)                      the volume was not opened, and why
@@ -16,8 +18,10 @@
 # Kernel command line options (all optional):
 #   keyshard.volume_serial=ks-volume   virtio-blk serial of the LUKS2 volume
 #   keyshard.file=keyshard-volume.txt  file on the volume to print
+#   keyshard.volume_wait=10            seconds to wait for the volume to appear
 #   keyshard.device_wait=2             seconds to wait for the fragment devices the manifest lists
 #                                      (and for the broker device, when it lists tpm/sev holders)
+#   keyshard.timeout=10                seconds keyshard-guest waits for the holders to answer
 #   keyshard.watchdog=120              seconds after which the VM powers off whatever happens
 
 export PATH=/bin
@@ -42,14 +46,18 @@ mkdir -p /run/cryptsetup /tmp /mnt
 
 volume_serial=ks-volume
 known_file=keyshard-volume.txt
+volume_wait=10
 device_wait=2
+timeout=10
 watchdog=120
 # shellcheck disable=SC2013 # the command line is split into words on purpose
 for opt in $(cat /proc/cmdline); do
     case "$opt" in
         keyshard.volume_serial=*) volume_serial=${opt#*=} ;;
         keyshard.file=*) known_file=${opt#*=} ;;
+        keyshard.volume_wait=*) volume_wait=${opt#*=} ;;
         keyshard.device_wait=*) device_wait=${opt#*=} ;;
+        keyshard.timeout=*) timeout=${opt#*=} ;;
         keyshard.watchdog=*) watchdog=${opt#*=} ;;
     esac
 done
@@ -63,53 +71,26 @@ while read -r module; do
     insmod "$module" || say "error: insmod $module failed"
 done < /etc/keyshard/modules.order
 
-# Prints /dev/NAME of the block device whose virtio serial is exactly $1.
-device_by_serial() {
-    for dev in /sys/block/*; do
-        [ -r "$dev/serial" ] || continue
-        if [ "$(cat "$dev/serial" 2>/dev/null)" = "$1" ]; then
-            echo "/dev/${dev##*/}"
-            return 0
-        fi
-    done
-    return 1
-}
+say "modules loaded"
 
-# Prints how many block devices have a virtio serial starting with $1.
-count_devices() {
-    n=0
-    for dev in /sys/block/*; do
-        case "$(cat "$dev/serial" 2>/dev/null)" in "$1"*) n=$((n + 1)) ;; esac
-    done
-    echo "$n"
-}
-count_fragment_devices() { count_devices ksf-; }
-
-# The volume must appear; then give the fragment devices the manifest lists a moment, and the
-# broker mailbox (serial ksb-<vm id>) too when the manifest has holders only the coordinator
-# releases. keyshard-guest finds them all by serial itself and names any that is missing.
+# Which block device is which. Reading a virtio-blk serial is a request to the device (GET_ID),
+# and a read from a device whose backend stopped answering never returns: this shell never
+# reads a device itself. keyshard-guest reads each serial in a worker process it abandons at
+# the deadline, and lists a device that did not answer as '?'.
+listing=$(keyshard-guest devices --until-serial "$volume_serial" --timeout "$volume_wait")
 volume=
-ticks=0
-while [ $ticks -lt 100 ]; do
-    volume=$(device_by_serial "$volume_serial") && [ -b "$volume" ] && break
-    volume=
-    usleep 100000
-    ticks=$((ticks + 1))
-done
 expected=$(grep -c '^class *= *"vhd"' "$MANIFEST")
-brokers_expected=0
-grep -qE '^class *= *"(tpm|sev)"' "$MANIFEST" && brokers_expected=1
-ticks=0
-while { [ "$(count_fragment_devices)" -lt "$expected" ] \
-        || [ "$(count_devices ksb-)" -lt "$brokers_expected" ]; } \
-    && [ $ticks -lt $((device_wait * 10)) ]; do
-    usleep 100000
-    ticks=$((ticks + 1))
-done
-for dev in /sys/block/*; do
-    [ -r "$dev/serial" ] && say "device /dev/${dev##*/} serial=$(cat "$dev/serial" 2>/dev/null)"
-done
-say "fragment devices: $(count_fragment_devices) of $expected in the manifest"
+found=0
+while read -r dev serial; do
+    [ -n "$dev" ] || continue
+    [ "$serial" = "-" ] && continue
+    say "device $dev serial=$serial"
+    case "$serial" in ksf-*) found=$((found + 1)) ;; esac
+    [ "$serial" = "$volume_serial" ] && [ -b "$dev" ] && volume=$dev
+done <<EOF_LISTING
+$listing
+EOF_LISTING
+say "fragment devices: $found of $expected in the manifest"
 
 if [ -z "$volume" ]; then
     say "error: no block device with serial $volume_serial"
@@ -124,7 +105,8 @@ fi
 # shellcheck disable=SC3040
 set -o pipefail
 say "keyshard-guest stderr begin"
-secret_hex=$(keyshard-guest unlock --manifest "$MANIFEST" --timeout 30 | od -An -v -tx1 | tr -d ' \n')
+secret_hex=$(keyshard-guest unlock --manifest "$MANIFEST" --timeout "$timeout" \
+    --device-wait "$device_wait" | od -An -v -tx1 | tr -d ' \n')
 status=$?
 say "keyshard-guest stderr end"
 # shellcheck disable=SC3040

@@ -234,3 +234,30 @@ fn item_1_devices_lists_serials_without_waiting_for_a_hung_device() {
         run.stderr
     );
 }
+
+#[test]
+fn item_1_a_hung_device_that_may_be_the_broker_costs_only_the_deadline() {
+    use keyshard_core::HolderClass;
+    use keyshard_core::dealer::HolderSlot;
+
+    let holders = HolderSlot::numbered(HolderClass::Vhd, 2)
+        .chain(HolderSlot::numbered(HolderClass::Tpm, 1))
+        .collect();
+    let fixture = Fixture::dealt(holders, 3);
+    let guest = Guest::new(fixture.dir.path());
+    guest.device("vdb", "ksf-vhd-1", Some(&fixture.images[0]));
+    guest.device("vdc", "ksf-vhd-2", Some(&fixture.images[1]));
+    // The broker device never answers GET_ID: nothing says it is the broker.
+    guest.hung_device("vdd");
+
+    let run = run_guest(&unlock_args(&fixture, &guest, "2"));
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.took < Duration::from_secs(6), "took {:?}", run.took);
+    assert!(
+        run.stderr.lines().any(|l| l
+            == "keyshard-guest: missing tpm-1: no broker device found (1 block device(s) \
+                          did not say what they are)"),
+        "{}",
+        run.stderr
+    );
+}

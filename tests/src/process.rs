@@ -117,6 +117,14 @@ impl ChildGuard {
         Ok(status)
     }
 
+    /// Sends `signal` to the child's process group, unless the child has been reaped.
+    pub fn signal(&mut self, signal: libc::c_int) -> Result<()> {
+        if self.try_wait()?.is_none() {
+            self.signal_group(signal);
+        }
+        Ok(())
+    }
+
     fn signal_group(&self, signal: libc::c_int) {
         let Ok(pgid) = libc::pid_t::try_from(self.child.id()) else {
             return;
@@ -252,6 +260,16 @@ impl Daemon {
 
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
         self.guard.try_wait()
+    }
+
+    /// Sends `signal` (SIGSTOP: a device that hangs) to the daemon.
+    pub fn signal(&mut self, signal: libc::c_int) -> Result<()> {
+        self.guard.signal(signal)
+    }
+
+    /// SIGKILL, then reaped.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.guard.kill()
     }
 }
 

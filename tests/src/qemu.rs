@@ -90,6 +90,12 @@ impl QemuBoot {
 
     /// Runs the boot to its end, or kills it (the whole process group) at the time limit.
     pub fn run(&self) -> Result<BootOutcome> {
+        self.run_reacting(Vec::new())
+    }
+
+    /// Like [`Self::run`], and while the VM runs, does each reaction's action once the console
+    /// shows its marker (checked every few milliseconds, in the order given).
+    pub fn run_reacting(&self, mut reactions: Vec<Reaction<'_>>) -> Result<BootOutcome> {
         let console = File::create(&self.console_log).map_err(io_context(format!(
             "creating {}",
             self.console_log.display()
@@ -102,10 +108,25 @@ impl QemuBoot {
         command.stdin(Stdio::null()).stdout(console).stderr(stderr);
         let started = Instant::now();
         let mut qemu = ChildGuard::spawn("qemu-configs/run-qemu.sh", &mut command)?;
-        let status = qemu.wait_timeout(self.timeout)?;
-        if status.is_none() {
-            qemu.kill()?;
-        }
+        let deadline = started + self.timeout;
+        let status = loop {
+            if let Some(status) = qemu.try_wait()? {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                qemu.kill()?;
+                break None;
+            }
+            if let Some(next) = reactions.first()
+                && let Ok(bytes) = std::fs::read(&self.console_log)
+                && Console::from_bytes(&bytes).has_marker(next.marker)
+            {
+                let reaction = reactions.remove(0);
+                (reaction.action)();
+                continue;
+            }
+            std::thread::sleep(REACTION_POLL);
+        };
         let elapsed = started.elapsed();
         drop(qemu);
         let read = |path: &PathBuf| {
@@ -118,6 +139,15 @@ impl QemuBoot {
             stderr: String::from_utf8_lossy(&read(&self.stderr_log)?).into_owned(),
         })
     }
+}
+
+/// How often a running boot's console is looked at for a reaction's marker.
+const REACTION_POLL: Duration = Duration::from_millis(5);
+
+/// Something a test does to the world while the VM boots, once the console shows `marker`.
+pub struct Reaction<'a> {
+    pub marker: &'a str,
+    pub action: Box<dyn FnOnce() + 'a>,
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use crate::audit::{self, AuditEntry};
 use crate::env::E2eEnv;
 use crate::images::{build_initramfs, make_volume};
 use crate::process::{Daemon, run_tool};
-use crate::qemu::{BootOutcome, QemuBoot};
+use crate::qemu::{BootOutcome, QemuBoot, Reaction};
 use crate::swtpm::Swtpm;
 use crate::{HarnessError, Result, io_context};
 
@@ -319,6 +319,27 @@ impl Scenario {
         fragment_sockets: Vec<PathBuf>,
         broker_socket: Option<PathBuf>,
     ) -> Result<BootOutcome> {
+        self.qemu_boot(label, fragment_sockets, broker_socket).run()
+    }
+
+    /// Like [`Self::boot`], doing each reaction while the VM runs (see [`QemuBoot::run_reacting`]).
+    pub fn boot_reacting(
+        &self,
+        label: &str,
+        fragment_sockets: Vec<PathBuf>,
+        broker_socket: Option<PathBuf>,
+        reactions: Vec<Reaction<'_>>,
+    ) -> Result<BootOutcome> {
+        self.qemu_boot(label, fragment_sockets, broker_socket)
+            .run_reacting(reactions)
+    }
+
+    fn qemu_boot(
+        &self,
+        label: &str,
+        fragment_sockets: Vec<PathBuf>,
+        broker_socket: Option<PathBuf>,
+    ) -> QemuBoot {
         QemuBoot {
             script: self.env.run_qemu_script(),
             kernel: self.env.kernel.clone(),
@@ -331,7 +352,6 @@ impl Scenario {
             console_log: self.dir().join(format!("{label}.console.log")),
             stderr_log: self.dir().join(format!("{label}.qemu-stderr.log")),
         }
-        .run()
     }
 }
 

@@ -480,3 +480,76 @@ fn without_a_broker_device_the_attested_holders_are_missing() {
     );
     assert_eq!(lines.len(), 5, "{lines:?}");
 }
+
+/// Issue 7, item 13: the manifest pins k. A dealer-signed, newer epoch of the same key (same key
+/// id, same key check value) at a lower k must not be combined: a host that re-dealt the key
+/// 2-of-n behind the guest's back would otherwise need only two host-visible shares.
+#[test]
+fn item_13_a_signed_epoch_of_the_same_key_at_a_lower_k_is_refused() {
+    use keyshard_core::dealer::{self, DealPlan};
+    use keyshard_core::volume;
+
+    let dealt = mixed(3, 0, 0, 3);
+    // The same dealer key is not at hand in `Dealt`; deal both epochs here with one key.
+    let dealer_key = keyshard_core::keys::generate().unwrap();
+    let mut manifest = dealt.manifest.clone();
+    manifest.dealer = dealer_key.verifying_key();
+    let deal = |epoch: u64, k: u8| -> Vec<Vec<u8>> {
+        let plan = DealPlan {
+            key_id: manifest.key_id.clone(),
+            epoch,
+            k,
+            holders: manifest.holders.clone(),
+        };
+        dealer::deal(&dealt.secret, &plan, &dealer_key)
+            .unwrap()
+            .iter()
+            .map(|f| f.encoded().to_vec())
+            .collect()
+    };
+    let pinned = deal(1, 3);
+    let lowered = deal(2, 2);
+    let source = |index: usize, fragment: &[u8]| -> Box<dyn VolumeSource> {
+        Box::new(ScriptedSource {
+            location: format!("/dev/vd{}", char::from(b'b' + index as u8)),
+            known_serial: None,
+            delay: Duration::ZERO,
+            answer: Some((
+                format!("ksf-vhd-{}", index + 1),
+                volume::encode(&[fragment]).unwrap(),
+            )),
+        })
+    };
+    // Two devices serve the lowered epoch: with k taken from the fragments, they would do.
+    let error = unlock(
+        &manifest,
+        vec![source(0, &lowered[0]), source(1, &lowered[1])],
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    let QuorumError::NotMet { rejected, .. } = &error else {
+        panic!("{error:?}");
+    };
+    assert!(
+        rejected.iter().any(|r| r.reason
+            == RejectReason::ThresholdMismatch {
+                found: 2,
+                expected: 3
+            }),
+        "{rejected:?}"
+    );
+    // The pinned epoch still opens with its three shares, the lowered ones set aside.
+    let outcome = unlock(
+        &manifest,
+        vec![
+            source(0, &lowered[0]),
+            source(1, &pinned[1]),
+            source(2, &pinned[2]),
+            source(0, &pinned[0]),
+        ],
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!((outcome.epoch, outcome.k), (1, 3));
+    assert_eq!(&outcome.secret[..], dealt.secret.as_slice());
+}

@@ -115,50 +115,58 @@ impl ShareFetcher for WorkerBroker {
         deliver: &mut dyn FnMut(usize, Candidate) -> bool,
     ) {
         let location = self.location();
-        let fail_all = |why: String, deliver: &mut dyn FnMut(usize, Candidate) -> bool| {
-            for (index, holder) in &holders {
-                if !deliver(
-                    *index,
-                    Candidate::unavailable(holder.id.to_string(), why.clone()),
-                ) {
-                    return;
+        let mut unanswered: Vec<(usize, HolderSlot)> = holders.clone();
+        // Every holder not answered yet gets `why`.
+        let fail_rest =
+            |unanswered: &mut Vec<(usize, HolderSlot)>,
+             why: String,
+             deliver: &mut dyn FnMut(usize, Candidate) -> bool| {
+                for (index, holder) in unanswered.drain(..) {
+                    if !deliver(
+                        index,
+                        Candidate::unavailable(holder.id.to_string(), why.clone()),
+                    ) {
+                        return;
+                    }
                 }
-            }
-        };
+            };
         let mut worker = match self.launcher.spawn(&self.args(&holders, deadline)) {
             Ok(worker) => worker,
-            Err(e) => return fail_all(e.to_string(), deliver),
+            Err(e) => return fail_rest(&mut unanswered, e.to_string(), deliver),
         };
-        let mut answered = 0;
         let give_up = deadline + REPORT_GRACE;
-        while answered < holders.len() && !cancel.load(Ordering::Relaxed) {
+        while !unanswered.is_empty() && !cancel.load(Ordering::Relaxed) {
             let wake = give_up.min(Instant::now() + CANCEL_CHECK);
-            let (index, candidate) = match worker.next_record(wake) {
-                Ok(Some(Record::Share { index, fragment })) => {
-                    let Some((_, holder)) = holders.iter().find(|(i, _)| *i == usize::from(index))
-                    else {
-                        continue;
-                    };
-                    let name = format!("{} (broker {location})", holder.id);
-                    (usize::from(index), Candidate::new(name, fragment.to_vec()))
+            let (index, answer) = match worker.next_record(wake) {
+                Ok(Some(Record::Share { index, fragment })) => (index, Ok(fragment)),
+                Ok(Some(Record::ShareFailed { index, reason })) => (index, Err(reason)),
+                Ok(Some(Record::Failed(why))) => {
+                    return fail_rest(&mut unanswered, why, deliver);
                 }
-                Ok(Some(Record::ShareFailed { index, reason })) => {
-                    let Some((_, holder)) = holders.iter().find(|(i, _)| *i == usize::from(index))
-                    else {
-                        continue;
-                    };
-                    let id = holder.id.to_string();
-                    (usize::from(index), Candidate::unavailable(id, reason))
-                }
-                Ok(Some(Record::Failed(why))) => return fail_all(why, deliver),
                 Ok(Some(_)) => continue,
-                Ok(None) => return fail_all(WorkerError::Ended.to_string(), deliver),
+                Ok(None) => {
+                    return fail_rest(&mut unanswered, WorkerError::Ended.to_string(), deliver);
+                }
                 // The agent names holders that never answered at its own deadline.
                 Err(WorkerError::Timeout(_)) if Instant::now() < give_up => continue,
                 Err(WorkerError::Timeout(_)) => return,
-                Err(e) => return fail_all(e.to_string(), deliver),
+                Err(e) => return fail_rest(&mut unanswered, e.to_string(), deliver),
             };
-            answered += 1;
+            // Only a holder that was asked and has not answered yet; anything else is ignored.
+            let Some(at) = unanswered
+                .iter()
+                .position(|(i, _)| *i == usize::from(index))
+            else {
+                continue;
+            };
+            let (index, holder) = unanswered.remove(at);
+            let candidate = match answer {
+                Ok(fragment) => Candidate::new(
+                    format!("{} (broker {location})", holder.id),
+                    fragment.to_vec(),
+                ),
+                Err(reason) => Candidate::unavailable(holder.id.to_string(), reason),
+            };
             if !deliver(index, candidate) {
                 return;
             }
@@ -203,6 +211,91 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn holder(index: usize, class: HolderClass, id: &str) -> (usize, HolderSlot) {
+        let id = HolderId::new(id).unwrap();
+        (index, HolderSlot { class, id })
+    }
+
+    /// A broker whose worker is a shell script.
+    fn scripted(script: &str) -> (Box<WorkerBroker>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join("worker.sh");
+        std::fs::write(&program, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(
+            &program,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let broker = WorkerBroker {
+            launcher: WorkerLauncher::new(&program),
+            path: "/dev/vdd".into(),
+            serial: Some("ksb-vm1".into()),
+            sysfs_root: "/sys".into(),
+            snp: false,
+        };
+        (Box::new(broker), dir)
+    }
+
+    fn fetch(broker: Box<WorkerBroker>, timeout: Duration) -> (Vec<(usize, Candidate)>, Duration) {
+        let started = Instant::now();
+        let mut got = Vec::new();
+        broker.fetch_all(
+            vec![
+                holder(2, HolderClass::Tpm, "tpm-1"),
+                holder(3, HolderClass::Sev, "sev-1"),
+            ],
+            started + timeout,
+            Arc::new(AtomicBool::new(false)),
+            &mut |index, candidate| {
+                got.push((index, candidate));
+                true
+            },
+        );
+        (got, started.elapsed())
+    }
+
+    #[test]
+    fn a_worker_stuck_on_the_device_costs_the_deadline_and_no_more() {
+        let (broker, _dir) = scripted("exec sleep 600");
+        let (got, took) = fetch(broker, Duration::from_millis(500));
+        // Nothing delivered: the agent names the holders at its own deadline.
+        assert!(got.is_empty(), "{got:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+
+    #[test]
+    fn answers_are_named_after_their_holders_and_unknown_indices_ignored() {
+        // A share for holder 2, a refusal for holder 3, and one for an index never asked for.
+        let (broker, _dir) = scripted(
+            r"printf '\004\005\000\000\000\002\000abc'
+printf '\005\013\000\000\000\011\000bad index'
+printf '\005\012\000\000\000\003\000refused!'",
+        );
+        let (got, _) = fetch(broker, Duration::from_secs(5));
+        let summary: Vec<(usize, String, Result<Vec<u8>, String>)> = got
+            .into_iter()
+            .map(|(i, c)| (i, c.source, c.content.map(|b| b.to_vec())))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (2, "tpm-1 (broker /dev/vdd)".to_owned(), Ok(b"abc".to_vec())),
+                (3, "sev-1".to_owned(), Err("refused!".to_owned())),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_worker_that_dies_fails_every_holder_with_the_reason() {
+        let (broker, _dir) = scripted("exit 3");
+        let (got, _) = fetch(broker, Duration::from_secs(5));
+        let reasons: Vec<_> = got
+            .iter()
+            .map(|(_, c)| c.content.clone().unwrap_err())
+            .collect();
+        assert_eq!(reasons, ["the worker ended without reporting"; 2]);
+    }
 
     #[test]
     fn holder_arguments_round_trip_and_bad_ones_are_refused() {
