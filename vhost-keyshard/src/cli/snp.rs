@@ -36,7 +36,7 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "FILE")]
     pub vcek: PathBuf,
     /// SEV-SNP policy (TOML). Without it, only the chain, the VCEK's extensions and the report
-    /// signature are checked.
+    /// signature are checked, and the output names every policy check not made.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
     /// The REPORT_DATA the report must carry: 64 bytes as 128 hex digits.
@@ -115,13 +115,16 @@ fn verify(config: &VerifyConfig) -> Result<(), CliError> {
         (Some(policy), Some(path)) => {
             verify::check_policy(&evidence, policy)?;
             format!(
-                "policy {}: version, debug and migration bits, VMPL, measurement, TCB (= VCEK, >= minimum) and CHIP_ID ok",
-                path.display()
+                "policy {}: ok: {}",
+                path.display(),
+                verify::POLICY_CHECKS.join(", ")
             )
         }
-        _ => "no --policy: only the chain, the VCEK's extensions and the report signature were \
-              checked (not the version, debug bit, VMPL, measurement, TCB or CHIP_ID)"
-            .to_owned(),
+        _ => format!(
+            "no --policy: only the chain, the VCEK's extensions and the report signature were \
+             checked; not checked: {}",
+            verify::POLICY_CHECKS.join(", ")
+        ),
     };
     let report_data_line = match &config.report_data {
         Some(expected) => {
