@@ -27,9 +27,10 @@ trap 'rm -rf "$work"' EXIT
 # --- libvirt ---------------------------------------------------------------------------------
 domain=$HERE/libvirt-domain.xml
 with_iommu=$work/libvirt-domain-iommu.xml
-# Every <driver name='qemu' ...> of a disk gains iommu='on'.
-sed "s|<driver name='qemu' type='raw'|& iommu='on'|" "$domain" > "$with_iommu"
-[ "$(grep -c "iommu='on'" "$with_iommu")" -eq "$(grep -c '<disk ' "$domain")" ] \
+# Every disk's <driver name='qemu' ...> line gains iommu='on' (comments are left alone).
+sed "s|^\([[:space:]]*<driver name='qemu' type='raw'\)|\1 iommu='on'|" "$domain" > "$with_iommu"
+[ "$(grep -c "^[[:space:]]*<driver name='qemu' type='raw' iommu='on'" "$with_iommu")" \
+    -eq "$(grep -c '^[[:space:]]*<disk ' "$domain")" ] \
     || fail "not every disk of $domain got iommu='on': its <driver> lines changed shape"
 for xml in "$domain" "$with_iommu"; do
     # The type argument: the leading comment hides the root element from its guess.
