@@ -1160,6 +1160,14 @@ fn item10_cli_without_policy_names_every_check_it_did_not_make() {
         assert!(line.contains(check), "{check} is not named in: {line}");
     }
     assert!(text.contains("REPORT_DATA: not checked"), "{text}");
+    // What the report says about them, so the operator can write the policy.
+    assert!(
+        text.contains(
+            "guest policy 0x30000 (debug off, SMT allowed, single socket off, ABI minimum 0.0), \
+             platform info 0x1 (SMT on, TSME off)"
+        ),
+        "{text}"
+    );
 }
 
 /// Item 10: the new options in a policy file, through the CLI, on the real report.

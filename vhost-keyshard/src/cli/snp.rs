@@ -149,12 +149,26 @@ fn print_verified(path: &Path, evidence: &Evidence<'_>) {
         info.product_name,
         info.product
     );
+    let on_off = |on: bool| if on { "on" } else { "off" };
+    let policy = report.policy();
+    let (abi_major, abi_minor) = policy.abi_minimum();
+    let platform = report.platform_info();
     println!(
-        "report version {}, VMPL {}, guest policy {} (debug {}), VCEK TCB {}",
+        "report version {}, VMPL {}, guest policy {} (debug {}, SMT {}, single socket {}, ABI \
+         minimum {abi_major}.{abi_minor}), platform info {} (SMT {}, TSME {}), VCEK TCB {}",
         report.version(),
         report.vmpl(),
-        report.policy(),
-        if report.policy().debug() { "on" } else { "off" },
+        policy,
+        on_off(policy.debug()),
+        if policy.smt_allowed() {
+            "allowed"
+        } else {
+            "refused"
+        },
+        on_off(policy.single_socket()),
+        platform,
+        on_off(platform.smt_enabled()),
+        on_off(platform.tsme_enabled()),
         info.tcb
     );
     println!("measurement {}", hex::encode(report.measurement()));
