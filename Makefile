@@ -12,12 +12,16 @@ CARGO ?= cargo
 #   swtpm                    the software TPM the TPM tests and the demo run against
 #   tpm2-tools               tpm2_pcrextend/tpm2_pcrread: the e2e test and the demo change the
 #                            (software) host TPM's PCR 7 to show the coordinator refusing
+#   libvirt-clients libxml2-utils   virt-xml-validate (which runs xmllint) and virsh's test
+#                            driver: `check-configs` validates and defines the libvirt domain
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static \
-	cryptsetup-bin cpio e2fsprogs libtss2-dev pkg-config swtpm tpm2-tools
+	cryptsetup-bin cpio e2fsprogs libtss2-dev pkg-config swtpm tpm2-tools \
+	libvirt-clients libxml2-utils
 
 FUZZ_SECONDS ?= 600
 
-.PHONY: test demo deps lint unit bench bench-devices bench-release fuzz e2e e2e-bins guest-static images
+.PHONY: test demo deps lint unit check-configs check-fuzz bench bench-devices bench-release fuzz e2e \
+	e2e-bins guest-static images
 
 # Twice on purpose: where a newer qemu-utils is preinstalled (bookworm-backports), it breaks
 # bookworm's qemu-system-common, so the first pass replaces it and the second puts qemu-utils
@@ -33,10 +37,25 @@ lint: deps
 unit: deps
 	$(CARGO) test --workspace
 
-test: deps lint unit e2e
+test: deps lint unit check-configs check-fuzz e2e
 
-# End-to-end tests under QEMU (TCG unless KEYSHARD_ACCEL=kvm): tests/tests/boot.rs and
-# tests/tests/tpm.rs, marked #[ignore] so `unit` skips them. Each test deals a key (boot.rs:
+# The VMM configurations no test boots: the libvirt domain validated (virt-xml-validate) and
+# defined on libvirt's test driver, as shipped and with iommu='on'; cloud-hypervisor.sh's dry run
+# checked against cloud-hypervisor's documented options (it is not packaged in bookworm).
+check-configs: deps
+	qemu-configs/check-configs.sh
+
+# The fuzz targets still compile, so they cannot rot between `make fuzz` runs. `cargo check` on
+# the default (stable) toolchain: the targets need nightly and cargo-fuzz only to run with
+# sanitizer coverage, not to type-check, and a fresh machine may have no nightly. The workspace's
+# target directory is shared, so only the fuzz crate itself is checked again (under a second
+# once warm). It does not link, so a link-only failure would show only in `make fuzz`.
+check-fuzz:
+	$(CARGO) check --manifest-path fuzz/Cargo.toml --bins
+
+# End-to-end tests under QEMU (TCG unless KEYSHARD_ACCEL=kvm): tests/tests/boot.rs,
+# tests/tests/tpm.rs and tests/tests/access_platform.rs (every virtio device with
+# iommu_platform=on), marked #[ignore] so `unit` skips them. Each test deals a key (boot.rs:
 # `keyshard split`; tpm.rs: `keyshard init --policy examples/vhd-tpm.toml` against its own swtpm),
 # starts the `vhost-keyshard` daemons (and `keyshard coordinator` for the broker mailbox), builds
 # its volume and initramfs with images/*.sh, and boots through qemu-configs/run-qemu.sh. The
@@ -47,7 +66,8 @@ test: deps lint unit e2e
 #   KEYSHARD_E2E_KERNEL        guest kernel: the newest /boot/vmlinuz-*-cloud-amd64 unless set
 # swtpm and tpm2_pcrextend come from PATH (packages above),
 # and optionally KEYSHARD_E2E_BOOT_TIMEOUT (seconds, default 240), KEYSHARD_E2E_KEEP=1 (keep
-# each test's directory), and run-qemu.sh's KEYSHARD_ACCEL, KEYSHARD_QEMU, KEYSHARD_CPU.
+# each test's directory), and run-qemu.sh's KEYSHARD_ACCEL, KEYSHARD_QEMU, KEYSHARD_CPU and
+# KEYSHARD_IOMMU_PLATFORM (=on runs every boot with iommu_platform=on).
 E2E_TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
 GUEST_TARGET_DIR := $(E2E_TARGET_DIR)/guest-static
 GUEST_BIN := $(GUEST_TARGET_DIR)/x86_64-unknown-linux-gnu/release/keyshard-guest
@@ -59,7 +79,7 @@ E2E_ENV = KEYSHARD_E2E_KEYSHARD_BIN=$(E2E_TARGET_DIR)/debug/keyshard \
 	KEYSHARD_E2E_KERNEL=$(E2E_KERNEL)
 
 e2e: deps e2e-bins guest-static images
-	$(E2E_ENV) $(CARGO) test -p keyshard-e2e --test boot --test tpm -- --ignored
+	$(E2E_ENV) $(CARGO) test -p keyshard-e2e --test boot --test tpm --test access_platform -- --ignored
 
 e2e-bins:
 	$(CARGO) build --bin keyshard --bin vhost-keyshard

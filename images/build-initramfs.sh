@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # Builds the keyshard guest initramfs (an uncompressed newc cpio, the fastest to unpack under TCG):
-#   busybox (static) and its applets, the kernel modules virtio_pci, virtio_blk, dm_crypt, xts and
-#   ecb with their dependencies (resolved from modules.dep, loaded in that order), a statically
+#   busybox (static) and its applets, the kernel modules virtio_pci, virtio_blk, dm_crypt, xts,
+#   ecb, ext4 and crc32c_generic (those not built in) with their dependencies (resolved from
+#   modules.dep, loaded in that order), a statically
 #   linked keyshard-guest, cryptsetup with its libraries, the guest manifest at
-#   /etc/keyshard/manifest.toml, and images/init.sh as /init.
+#   /etc/keyshard/manifest.toml, images/init.sh as /init, and images/virtio-report.sh as
+#   /bin/virtio-report (used only when the kernel command line says rdinit=/bin/virtio-report).
+#
+# The sev-guest driver (/dev/sev-guest, through which an SEV-SNP guest asks for its attestation
+# report) is looked up in the kernel's modules.dep and modules.builtin, and the output says what
+# was found. When the manifest has sev holders: a sev-guest module is packed and loaded with the
+# others; a kernel without the driver is refused (the guest could never ask for those shares),
+# unless --allow-no-sev-guest, which builds it anyway with a warning. The Debian cloud kernel
+# (linux-image-cloud-amd64) has no sev-guest (CONFIG_VIRT_DRIVERS unset); Debian's generic
+# kernel (linux-image-amd64) has it as a module (CONFIG_SEV_GUEST=m).
 #
 # Usage:
 #   images/build-initramfs.sh --guest-bin FILE --manifest FILE --out FILE
 #                             [--kernel FILE | --kernel-version VER] [--modules-dir DIR]
+#                             [--allow-no-sev-guest]
 #
 #   --guest-bin FILE   keyshard-guest, statically linked (see the Makefile's guest-static target:
 #                      RUSTFLAGS='-C target-feature=+crt-static' cargo build --release
@@ -18,6 +29,8 @@
 #                      from /lib/modules/VER. Default: the newest /boot/vmlinuz-*-cloud-amd64.
 #   --kernel-version   VER instead of --kernel
 #   --modules-dir DIR  module tree (default /lib/modules/VER); needs modules.dep
+#   --allow-no-sev-guest  build even when the manifest has sev holders and the kernel has no
+#                      sev-guest driver (those holders will be reported missing in the guest)
 #
 # Needs: busybox-static, cryptsetup-bin, cpio, and the kernel package (linux-image-cloud-amd64).
 set -euo pipefail
@@ -27,14 +40,15 @@ trap 'echo "build-initramfs: failed (exit $?) at line $LINENO" >&2' ERR
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # dm_crypt asks for xts/ecb through request_module, which busybox modprobe cannot resolve from
-# aliases, so they are loaded explicitly (LUKS2 default cipher: aes-xts-plain64). AES itself and
-# ext4 are built into the Debian cloud kernel.
-WANT_MODULES=(virtio_pci virtio_blk dm_crypt xts ecb)
+# aliases, so they are loaded explicitly (LUKS2 default cipher: aes-xts-plain64); so is ext4's
+# crc32c. AES is built into both Debian kernels; ext4 and crc32c_generic are built into the cloud
+# kernel (skipped here) and modules in the generic one (linux-image-amd64, the one with sev-guest).
+WANT_MODULES=(virtio_pci virtio_blk dm_crypt xts ecb ext4 crc32c_generic)
 
 die() { echo "build-initramfs: $*" >&2; exit 1; }
 usage() { sed -n '/^# Usage:/,/^# Needs:/p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-guest_bin='' manifest='' out='' kernel='' kver='' moddir=''
+guest_bin='' manifest='' out='' kernel='' kver='' moddir='' allow_no_sev_guest=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --guest-bin) guest_bin=${2:?}; shift 2 ;;
@@ -43,6 +57,7 @@ while [ $# -gt 0 ]; do
         --kernel) kernel=${2:?}; shift 2 ;;
         --kernel-version) kver=${2:?}; shift 2 ;;
         --modules-dir) moddir=${2:?}; shift 2 ;;
+        --allow-no-sev-guest) allow_no_sev_guest=1; shift ;;
         -h|--help) usage ;;
         *) echo "build-initramfs: unknown argument $1" >&2; usage ;;
     esac
@@ -64,8 +79,28 @@ if [ -z "$kver" ]; then
 fi
 moddir=${moddir:-/lib/modules/$kver}
 [ -f "$moddir/modules.dep" ] || die "no $moddir/modules.dep (kernel $kver not installed? depmod not run?)"
-[ -f "$guest_bin" ] || die "no guest binary $guest_bin"
 [ -f "$manifest" ] || die "no manifest $manifest"
+
+# The sev-guest driver: a module (packed when the manifest has sev holders), built in, or absent.
+sev_holders=0
+grep -Eq '^[[:space:]]*class[[:space:]]*=[[:space:]]*"sev"' "$manifest" && sev_holders=1
+sev_guest_module=$(awk -F: '$1 ~ /(^|\/)sev-guest\.ko(\.(xz|zst|gz))?$/ {print $1; exit}' "$moddir/modules.dep")
+if [ -n "$sev_guest_module" ]; then
+    sev_guest="module $sev_guest_module"
+    [ "$sev_holders" = 1 ] && WANT_MODULES+=(sev-guest)
+elif [ -f "$moddir/modules.builtin" ] \
+    && awk '/(^|\/)sev-guest\.ko$/ {found=1} END {exit !found}' "$moddir/modules.builtin"; then
+    sev_guest="built in"
+else
+    sev_guest="absent"
+    if [ "$sev_holders" = 1 ]; then
+        msg="kernel $kver has no sev-guest driver (CONFIG_SEV_GUEST), so the guest has no /dev/sev-guest and can never ask for the manifest's sev holders; use a kernel that has it (Debian: linux-image-amd64, not linux-image-cloud-amd64)"
+        [ "$allow_no_sev_guest" = 1 ] || die "$msg, or pass --allow-no-sev-guest"
+        echo "build-initramfs: WARNING: $msg" >&2
+    fi
+fi
+
+[ -f "$guest_bin" ] || die "no guest binary $guest_bin"
 command -v cpio >/dev/null || die "cpio is missing: apt-get install cpio"
 cryptsetup_bin=$(command -v cryptsetup) || die "cryptsetup is missing: apt-get install cryptsetup-bin"
 
@@ -159,6 +194,8 @@ cp "$manifest" etc/keyshard/manifest.toml
 chmod 644 etc/keyshard/manifest.toml
 cp "$HERE/init.sh" init
 chmod 755 init
+cp "$HERE/virtio-report.sh" bin/virtio-report
+chmod 755 bin/virtio-report
 echo "$kver" > etc/keyshard/kernel-version
 
 mkdir -p "$(dirname "$out")"
@@ -167,3 +204,10 @@ find . -mindepth 1 -print0 | LC_ALL=C sort -z \
 mv "$out.tmp" "$out"
 echo "build-initramfs: $out ($(du -h "$out" | cut -f1)) for kernel $kver;" \
     "modules: $(for rel in "${order[@]}"; do basename "${rel%%.ko*}"; done | paste -sd' ')"
+case "$sev_guest" in
+    module*) [ "$sev_holders" = 1 ] && sev_note="packed and loaded: the manifest has sev holders" \
+        || sev_note="not packed: the manifest has no sev holders" ;;
+    "built in") sev_note="/dev/sev-guest on SEV-SNP guests" ;;
+    *) sev_note="no /dev/sev-guest: sev holders cannot be asked" ;;
+esac
+echo "build-initramfs: sev-guest driver: $sev_guest ($sev_note)"

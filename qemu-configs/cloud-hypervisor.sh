@@ -29,6 +29,11 @@
 #                                the Debian cloud kernel has CONFIG_PVH=y), not the bzImage in
 #                                /boot: extract it with the kernel tree's scripts/extract-vmlinux.
 # Unlike QEMU's reconnect=1, cloud-hypervisor does not reconnect to a device that restarts.
+# SEV-SNP: the devices offer VIRTIO_F_ACCESS_PLATFORM; this script sets nothing for it
+# (cloud-hypervisor's iommu=on means its virtual IOMMU, whose IOTLB the devices do not serve),
+# and cloud-hypervisor's SEV-SNP support (MSHV) is not checked here.
+# qemu-configs/check-configs.sh checks the --dry-run output against cloud-hypervisor's
+# documented options (make check-configs).
 #
 # Environment: KEYSHARD_CLOUD_HYPERVISOR (binary, default cloud-hypervisor).
 set -euo pipefail

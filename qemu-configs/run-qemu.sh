@@ -34,6 +34,13 @@
 #   KEYSHARD_CPU       -cpu model (default max: it has RDRAND, so the guest's RNG is ready at
 #                      once; with qemu64 the first cryptsetup open waits about 1.2 s for entropy)
 #   KEYSHARD_QEMU_EXTRA_ARGS  extra QEMU arguments, split on spaces (e.g. '-L /path/to/firmware')
+#   KEYSHARD_IOMMU_PLATFORM   on: every virtio device (the volume, the fragment devices, the
+#                      broker) gets iommu_platform=on,disable-legacy=on, so the guest negotiates
+#                      VIRTIO_F_ACCESS_PLATFORM (bit 33), which SEV and SEV-SNP guest kernels
+#                      require of every virtio device. No vIOMMU is added: addresses stay
+#                      guest-physical. Default off (a plain guest does not need it). An SEV-SNP
+#                      launch also needs KVM, OVMF and -object sev-snp-guest, which this script
+#                      does not set up.
 #
 # Works with QEMU 7.2 (Debian bookworm's qemu-system-x86) and later: every option used here
 # exists in 7.2.
@@ -71,6 +78,14 @@ for path in "$kernel" "$initrd" "$volume"; do
 done
 
 accel=${KEYSHARD_ACCEL:-tcg}
+# Appended to every virtio device: see KEYSHARD_IOMMU_PLATFORM above. iommu_platform needs a
+# modern-only device (QEMU: "VIRTIO_F_IOMMU_PLATFORM was supported by neither legacy nor
+# transitional device"), hence disable-legacy=on.
+case "${KEYSHARD_IOMMU_PLATFORM:-off}" in
+    on) virtio_opts=,iommu_platform=on,disable-legacy=on ;;
+    off) virtio_opts= ;;
+    *) die "KEYSHARD_IOMMU_PLATFORM is on or off, not ${KEYSHARD_IOMMU_PLATFORM}" ;;
+esac
 qemu=${KEYSHARD_QEMU:-qemu-system-x86_64}
 cpu=${KEYSHARD_CPU:-max}
 
@@ -110,7 +125,7 @@ args=(
     -append "console=ttyS0 panic=-1 loglevel=4 $append"
     # The LUKS2 volume: an ordinary virtio-blk disk, found in the guest by its serial.
     -drive "file=$volume,if=none,id=volume,format=raw,readonly=on"
-    -device "virtio-blk-pci,drive=volume,serial=$volume_serial"
+    -device "virtio-blk-pci,drive=volume,serial=$volume_serial$virtio_opts"
 )
 
 # True when $1 ($2 names it in messages) can be attached; otherwise says why and leaves it out,
@@ -133,7 +148,7 @@ for socket in "${sockets[@]}"; do
         # The serial the guest sees (ksf-<holder id>) comes from the device itself
         # (VIRTIO_BLK_T_GET_ID); vhost-user-blk-pci has no serial property. num-queues defaults
         # to the vCPU count, so it is pinned to what vhost-keyshard serves.
-        -device "vhost-user-blk-pci,chardev=fragment$index,num-queues=1"
+        -device "vhost-user-blk-pci,chardev=fragment$index,num-queues=1$virtio_opts"
     )
     index=$((index + 1))
 done
@@ -145,7 +160,7 @@ if [ -n "$broker" ] && attachable "$broker" broker; then
         # coordinator does not offer VIRTIO_BLK_F_RO: vhost-user-blk-pci has no read-only
         # property, the device decides. Its serial (ksb-<vm id>) comes from the coordinator.
         -chardev "socket,id=broker,path=$broker,reconnect=1"
-        -device "vhost-user-blk-pci,chardev=broker,num-queues=1"
+        -device "vhost-user-blk-pci,chardev=broker,num-queues=1$virtio_opts"
     )
     broker_attached=yes
 fi
@@ -162,5 +177,5 @@ fi
 version=$("$qemu" --version) || die "cannot run $qemu (apt-get install qemu-system-x86)"
 broker_note=
 [ -n "$broker" ] && broker_note="; broker attached: $broker_attached"
-echo "run-qemu: ${version%%$'\n'*}; accel $accel; ${#sockets[@]} fragment socket(s) given, $index attached$broker_note" >&2
+echo "run-qemu: ${version%%$'\n'*}; accel $accel; iommu_platform ${KEYSHARD_IOMMU_PLATFORM:-off}; ${#sockets[@]} fragment socket(s) given, $index attached$broker_note" >&2
 exec "$qemu" "${args[@]}" < /dev/null

@@ -23,11 +23,64 @@ pub struct QemuBoot {
     pub broker_socket: Option<PathBuf>,
     /// Extra kernel command line.
     pub append: String,
+    /// Sets `KEYSHARD_IOMMU_PLATFORM=on` for run-qemu.sh: every virtio device gets
+    /// `iommu_platform=on`, so the guest negotiates VIRTIO_F_ACCESS_PLATFORM. When false the
+    /// variable is inherited, so `KEYSHARD_IOMMU_PLATFORM=on make e2e` runs every boot with it.
+    pub iommu_platform: bool,
     pub timeout: Duration,
     /// The serial console (the script's stdout).
     pub console_log: PathBuf,
     /// The script's and QEMU's stderr.
     pub stderr_log: PathBuf,
+}
+
+/// Kernel command line that starts `images/virtio-report.sh` before `/init`: the console then
+/// carries a `virtio ...` marker per virtio device (see [`virtio_devices`]).
+pub const VIRTIO_REPORT_APPEND: &str = "rdinit=/bin/virtio-report";
+
+/// VIRTIO_F_ACCESS_PLATFORM: the device accesses memory through the platform's DMA rules (an
+/// IOMMU or, in an SEV guest, shared bounce buffers); SEV guests require it of every device.
+pub const VIRTIO_F_ACCESS_PLATFORM: usize = 33;
+
+/// One virtio device as `images/virtio-report.sh` reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtioDevice {
+    /// `virtio0`, ...
+    pub name: String,
+    /// The virtio device id, e.g. `0x0002` for a block device.
+    pub device: String,
+    /// The negotiated feature bits, bit 0 first, as the kernel's sysfs `features` shows them.
+    pub features: String,
+}
+
+impl VirtioDevice {
+    /// Whether the guest negotiated feature `bit`.
+    pub fn has_feature(&self, bit: usize) -> bool {
+        self.features.as_bytes().get(bit) == Some(&b'1')
+    }
+}
+
+/// The `virtio NAME device=ID features=BITS` markers of a boot, in order; malformed ones are
+/// left out (a test then finds too few devices).
+pub fn virtio_devices(console: &Console) -> Vec<VirtioDevice> {
+    console
+        .markers()
+        .into_iter()
+        .filter_map(|marker| {
+            let mut words = marker.strip_prefix("virtio ")?.split(' ');
+            let name = words.next()?;
+            let device = words.next()?.strip_prefix("device=")?;
+            let features = words.next()?.strip_prefix("features=")?;
+            let well_formed = words.next().is_none()
+                && !features.is_empty()
+                && features.bytes().all(|b| b == b'0' || b == b'1');
+            well_formed.then(|| VirtioDevice {
+                name: name.to_owned(),
+                device: device.to_owned(),
+                features: features.to_owned(),
+            })
+        })
+        .collect()
 }
 
 /// How a boot ended.
@@ -84,6 +137,9 @@ impl QemuBoot {
         }
         if !self.append.is_empty() {
             command.arg("--append").arg(&self.append);
+        }
+        if self.iommu_platform {
+            command.env("KEYSHARD_IOMMU_PLATFORM", "on");
         }
         command
     }
@@ -171,6 +227,7 @@ mod tests {
             fragment_sockets: vec![dir.join("a.sock"), dir.join("b.sock")],
             broker_socket: Some(dir.join("broker.sock")),
             append: "keyshard.device_wait=1".to_owned(),
+            iommu_platform: true,
             timeout,
             console_log: dir.join("console.log"),
             stderr_log: dir.join("stderr.log"),
@@ -182,7 +239,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let script = fake_script(
             dir.path(),
-            "echo \"args: $*\"; printf 'KEYSHARD-E2E: unlocked\\r\\n'; echo oops >&2",
+            "echo \"args: $*\"; echo \"iommu: $KEYSHARD_IOMMU_PLATFORM\"; printf 'KEYSHARD-E2E: unlocked\\r\\n'; echo oops >&2",
         );
         let outcome = boot(dir.path(), script, Duration::from_secs(30))
             .run()
@@ -201,6 +258,37 @@ mod tests {
             outcome.console.text()
         );
         assert_eq!(outcome.stderr, "oops\n");
+        assert!(outcome.console.text().contains("iommu: on\n"));
+    }
+
+    #[test]
+    fn reads_the_virtio_feature_markers() {
+        let bits = |set: &[usize]| -> String {
+            (0..64)
+                .map(|i| if set.contains(&i) { '1' } else { '0' })
+                .collect()
+        };
+        let console = Console::from_bytes(
+            format!(
+                "[    1.0] virtio_blk virtio0: [vda] 8 512-byte logical blocks\r\n\
+                 KEYSHARD-E2E: virtio virtio0 device=0x0002 features={}\r\n\
+                 KEYSHARD-E2E: virtio virtio1 device=0x0002 features={}\n\
+                 KEYSHARD-E2E: virtio virtio2 device=0x0002 features=01x\n\
+                 KEYSHARD-E2E: virtio virtio3 device=0x0002\n\
+                 KEYSHARD-E2E: unlocked\n",
+                bits(&[5, 32, 33]),
+                bits(&[5, 32])
+            )
+            .as_bytes(),
+        );
+        let devices = virtio_devices(&console);
+        assert_eq!(devices.len(), 2, "{devices:?}");
+        assert_eq!(devices[0].name, "virtio0");
+        assert_eq!(devices[0].device, "0x0002");
+        assert!(devices[0].has_feature(VIRTIO_F_ACCESS_PLATFORM));
+        assert!(devices[0].has_feature(32));
+        assert!(!devices[1].has_feature(VIRTIO_F_ACCESS_PLATFORM));
+        assert!(!devices[1].has_feature(64));
     }
 
     #[test]

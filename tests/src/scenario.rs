@@ -348,6 +348,7 @@ impl Scenario {
             fragment_sockets,
             broker_socket,
             append: String::new(),
+            iommu_platform: false,
             timeout: self.env.boot_timeout,
             console_log: self.dir().join(format!("{label}.console.log")),
             stderr_log: self.dir().join(format!("{label}.qemu-stderr.log")),

@@ -56,7 +56,8 @@ impl Files {
             .arg("--dry-run")
             .env_remove("KEYSHARD_ACCEL")
             .env_remove("KEYSHARD_QEMU_EXTRA_ARGS")
-            .env_remove("KEYSHARD_MISSING_FRAGMENT");
+            .env_remove("KEYSHARD_MISSING_FRAGMENT")
+            .env_remove("KEYSHARD_IOMMU_PLATFORM");
         for socket in sockets {
             command.arg("--fragment-socket").arg(socket);
         }
@@ -191,6 +192,67 @@ fn attaches_the_broker_mailbox_like_a_fragment_device() {
             .count(),
         2,
         "{args:?}"
+    );
+}
+
+/// Item 9 of issue 7: KEYSHARD_IOMMU_PLATFORM=on puts iommu_platform=on (with
+/// disable-legacy=on, which QEMU requires with it) on every virtio device, so an SEV guest can
+/// negotiate VIRTIO_F_ACCESS_PLATFORM; off, or unset, leaves the devices as they were.
+#[test]
+fn item9_iommu_platform_goes_on_every_virtio_device() {
+    let files = Files::new();
+    let fragment = files.path("vhd-1.sock");
+    let broker = files.path("broker-vm1.sock");
+    let _listeners: Vec<UnixListener> = [&fragment, &broker]
+        .iter()
+        .map(|s| UnixListener::bind(s).unwrap())
+        .collect();
+    let run = |env: &[(&str, &str)]| {
+        files.dry_run_with(
+            std::slice::from_ref(&fragment),
+            std::slice::from_ref(&broker),
+            env,
+        )
+    };
+    let devices = |args: &[String]| -> Vec<String> {
+        args.windows(2)
+            .filter(|w| w[0] == "-device")
+            .map(|w| w[1].clone())
+            .collect()
+    };
+
+    let on = arguments(&run(&[("KEYSHARD_IOMMU_PLATFORM", "on")]));
+    let on_devices = devices(&on);
+    assert_eq!(on_devices.len(), 3, "{on:?}");
+    for device in &on_devices {
+        assert!(
+            device.ends_with(",iommu_platform=on,disable-legacy=on"),
+            "{device}"
+        );
+    }
+    assert!(
+        on_devices.contains(
+            &"vhost-user-blk-pci,chardev=broker,num-queues=1,iommu_platform=on,disable-legacy=on"
+                .to_owned()
+        )
+    );
+    // No vIOMMU: the addresses stay guest-physical.
+    assert!(!on.iter().any(|a| a.contains("intel-iommu")), "{on:?}");
+
+    for env in [&[][..], &[("KEYSHARD_IOMMU_PLATFORM", "off")][..]] {
+        let args = arguments(&run(env));
+        assert!(
+            devices(&args).iter().all(|d| !d.contains("iommu_platform")),
+            "{args:?}"
+        );
+    }
+
+    let bad = run(&[("KEYSHARD_IOMMU_PLATFORM", "yes")]);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("KEYSHARD_IOMMU_PLATFORM is on or off"),
+        "{stderr}"
     );
 }
 

@@ -47,7 +47,9 @@ use vhost_keyshard::coordinator::sev_release::{SevHolder, SevReleaser};
 use vhost_keyshard::coordinator::state::StateDir;
 use vhost_keyshard::device::media::BlockMedia;
 use vhost_keyshard::device::serve::{BoundSocket, ServeError, Stopper};
-use vhost_keyshard::snp::{Product, Report, SnpPolicy, SnpVerifier, report_data_binding};
+use vhost_keyshard::snp::{
+    PlatformPolicy, Product, Report, SnpPolicy, SnpVerifier, report_data_binding,
+};
 use vhost_keyshard::tpm::{Tpm, TpmConfig, TpmService};
 
 use snp_chain::{MEASUREMENT, ReportSpec, TCB, TestCa, TestVcek, VcekSpec, build_report};
@@ -187,6 +189,7 @@ impl SevSetup {
             vmpl: 0,
             min_report_version: 2,
             min_tcb: TCB,
+            platform: PlatformPolicy::default(),
         };
         let plan = DealPlan {
             key_id: KeyId::new("bench").unwrap(),

@@ -22,13 +22,14 @@ use common::snp_chain::{
     der_int, sign_report,
 };
 use vhost_keyshard::snp::chain::ChainError;
+use vhost_keyshard::snp::report::{GuestPolicy, PlatformInfo};
 use vhost_keyshard::snp::report::{OFF_CHIP_ID, OFF_SIG_ALGO, OFF_SIG_R, SIGNED_LEN};
 use vhost_keyshard::snp::signature::SignatureError;
 use vhost_keyshard::snp::vcek::{VcekError, oid};
-use vhost_keyshard::snp::verify::{self, trust_vcek};
+use vhost_keyshard::snp::verify::{self, TcbField, trust_vcek};
 use vhost_keyshard::snp::{
-    Product, Report, SnpPolicy, SnpVerifier, Tcb, TrustAnchors, VcekStore, Verdict, VerifyError,
-    report_data_binding,
+    AbiVersion, PlatformPolicy, Product, Report, SnpPolicy, SnpVerifier, Tcb, TrustAnchors,
+    VcekStore, Verdict, VerifyError, report_data_binding,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -62,6 +63,7 @@ fn real_policy() -> SnpPolicy {
         vmpl: 0,
         min_report_version: 2,
         min_tcb: TCB,
+        platform: PlatformPolicy::default(),
     }
 }
 
@@ -93,23 +95,30 @@ fn real_milan_evidence_verifies_against_the_builtin_milan_roots() {
     assert_eq!(verdict.report_version, 2);
 }
 
+/// Item 15 of issue 7: every one of the 672 x 8 = 5,376 signed bits, 0x80 included (it was
+/// one bit per byte, 0x01, under a name that promised every bit).
 #[test]
 fn every_flipped_signed_report_bit_is_refused_including_tcb_reserved_bytes() {
     let verifier = amd();
     let good = real_report_bytes();
     let vcek = real_vcek();
+    let mut flips = 0;
     for offset in 0..SIGNED_LEN {
-        let mut bytes = good.clone();
-        bytes[offset] ^= 0x01;
-        let report = Report::from_bytes(&bytes).unwrap();
-        let err = verifier.verify_evidence(&report, &vcek).unwrap_err();
-        let expected = if (OFF_SIG_ALGO..OFF_SIG_ALGO + 4).contains(&offset) {
-            VerifyError::SignatureAlgorithm(report.sig_algo())
-        } else {
-            VerifyError::ReportSignature(SignatureError::Invalid)
-        };
-        assert_eq!(err, expected, "offset {offset:#x}");
+        for bit in 0..8 {
+            let mut bytes = good.clone();
+            bytes[offset] ^= 1 << bit;
+            let report = Report::from_bytes(&bytes).unwrap();
+            let err = verifier.verify_evidence(&report, &vcek).unwrap_err();
+            let expected = if (OFF_SIG_ALGO..OFF_SIG_ALGO + 4).contains(&offset) {
+                VerifyError::SignatureAlgorithm(report.sig_algo())
+            } else {
+                VerifyError::ReportSignature(SignatureError::Invalid)
+            };
+            assert_eq!(err, expected, "offset {offset:#x}, bit {bit}");
+            flips += 1;
+        }
     }
+    assert_eq!(flips, SIGNED_LEN * 8);
     // The signature itself.
     let mut bytes = good;
     bytes[OFF_SIG_R] ^= 0x01;
@@ -121,7 +130,7 @@ fn every_flipped_signed_report_bit_is_refused_including_tcb_reserved_bytes() {
 }
 
 #[test]
-fn every_flipped_bit_in_the_vcek_is_refused() {
+fn a_flipped_bit_in_every_vcek_byte_is_refused() {
     let anchors = TrustAnchors::amd().unwrap();
     let good = real_vcek();
     trust_vcek(&anchors, &good).unwrap();
@@ -131,13 +140,17 @@ fn every_flipped_bit_in_the_vcek_is_refused() {
     let tbs_end = 8 + usize::from(u16::from_be_bytes([good[6], good[7]]));
     assert!(tbs_end < good.len());
     // The signed part, then the unsigned signatureAlgorithm and signature after it.
+    // One bit in every byte after the outer length, the bit rotating with the offset so that
+    // each of the 8 positions (0x80 included) is flipped in every field longer than 8 bytes.
+    // (Every bit of every byte is 8 times the RSA checks: 17 s in a debug build.)
     let mut accepted = Vec::new();
     for offset in 4..good.len() {
+        let bit = offset % 8;
         let mut der = good.clone();
-        der[offset] ^= 0x01;
+        der[offset] ^= 1 << bit;
         match trust_vcek(&anchors, &der) {
-            Ok(_) => accepted.push(offset),
-            Err(err) => assert!(!err.is_policy(), "offset {offset}: {err}"),
+            Ok(_) => accepted.push((offset, bit)),
+            Err(err) => assert!(!err.is_policy(), "offset {offset}, bit {bit}: {err}"),
         }
     }
     assert!(accepted.is_empty(), "accepted flips at {accepted:?}");
@@ -234,6 +247,7 @@ fn test_policy() -> SnpPolicy {
         vmpl: 0,
         min_report_version: 2,
         min_tcb: TCB,
+        platform: PlatformPolicy::default(),
     }
 }
 
@@ -580,7 +594,8 @@ fn tcb_below_minimum_is_refused() {
     assert_eq!(
         verify_with(&vcek, &spec).unwrap_err(),
         VerifyError::TcbBelowMinimum {
-            reported: old,
+            field: TcbField::Reported,
+            found: old,
             minimum: TCB
         }
     );
@@ -602,6 +617,238 @@ fn tcb_below_minimum_is_refused() {
         verify_with(&vcek, &spec).unwrap_err(),
         VerifyError::TcbBelowMinimum { .. }
     ));
+}
+
+/// The full check with the test CA pinned, `policy` and the request's binding.
+fn verify_under(
+    policy: &SnpPolicy,
+    vcek: &TestVcek,
+    spec: &ReportSpec,
+) -> Result<Verdict, VerifyError> {
+    let verifier = SnpVerifier::new(milan_ca().anchors());
+    let report = Report::from_bytes(&build_report(spec, &vcek.key)).unwrap();
+    verifier.verify(&report, &vcek.der, policy, &binding())
+}
+
+fn with_platform(platform: PlatformPolicy) -> SnpPolicy {
+    SnpPolicy {
+        platform,
+        ..test_policy()
+    }
+}
+
+/// Item 10 of issue 7: LAUNCH_TCB and COMMITTED_TCB meet the minimum too, not only REPORTED_TCB.
+#[test]
+fn item10_launch_and_committed_tcb_below_minimum_are_refused() {
+    let vcek = issue(&VcekSpec::default());
+    let old = Tcb {
+        microcode: 100,
+        ..TCB
+    };
+    // Launched before a microcode update: REPORTED_TCB (and the VCEK) are current.
+    let launched_old = ReportSpec {
+        launch_tcb: Some(old),
+        ..bound_spec()
+    };
+    assert_eq!(
+        verify_with(&vcek, &launched_old).unwrap_err(),
+        VerifyError::TcbBelowMinimum {
+            field: TcbField::Launch,
+            found: old,
+            minimum: TCB
+        }
+    );
+    // A committed TCB that still allows rolling back to the old microcode.
+    let committed_old = ReportSpec {
+        committed_tcb: Some(Tcb { snp: 7, ..TCB }),
+        ..bound_spec()
+    };
+    let err = verify_with(&vcek, &committed_old).unwrap_err();
+    assert_eq!(
+        err,
+        VerifyError::TcbBelowMinimum {
+            field: TcbField::Committed,
+            found: Tcb { snp: 7, ..TCB },
+            minimum: TCB
+        }
+    );
+    assert!(err.is_policy());
+    assert!(err.to_string().contains("COMMITTED_TCB"), "{err}");
+    // Above the minimum is fine for both.
+    let newer = ReportSpec {
+        launch_tcb: Some(Tcb { snp: 9, ..TCB }),
+        committed_tcb: Some(Tcb {
+            microcode: 200,
+            ..TCB
+        }),
+        ..bound_spec()
+    };
+    verify_with(&vcek, &newer).unwrap();
+}
+
+/// Item 10: PLATFORM_INFO.SMT_EN and the guest policy's SMT bit, where the policy forbids SMT.
+#[test]
+fn item10_smt_is_refused_where_the_policy_forbids_it() {
+    let vcek = issue(&VcekSpec::default());
+    let no_smt = with_platform(PlatformPolicy {
+        allow_smt: false,
+        ..PlatformPolicy::default()
+    });
+    // The default report: SMT on at the host, and a guest policy allowing it.
+    assert_eq!(
+        verify_under(&no_smt, &vcek, &bound_spec()).unwrap_err(),
+        VerifyError::SmtEnabled(PlatformInfo(1))
+    );
+    // SMT off at the host, but the guest would have run with it on.
+    let smt_off = ReportSpec {
+        platform_info: 0,
+        ..bound_spec()
+    };
+    assert_eq!(
+        verify_under(&no_smt, &vcek, &smt_off).unwrap_err(),
+        VerifyError::GuestAllowsSmt(GuestPolicy(0x3_0000))
+    );
+    // Both off: accepted.
+    let strict_guest = ReportSpec {
+        policy: 0x2_0000,
+        ..smt_off
+    };
+    verify_under(&no_smt, &vcek, &strict_guest).unwrap();
+    // The default policy allows SMT.
+    verify_with(&vcek, &bound_spec()).unwrap();
+}
+
+/// Item 10: PLATFORM_INFO.TSME_EN, where the policy requires it.
+#[test]
+fn item10_tsme_is_required_where_the_policy_asks() {
+    let vcek = issue(&VcekSpec::default());
+    let tsme = with_platform(PlatformPolicy {
+        require_tsme: true,
+        ..PlatformPolicy::default()
+    });
+    assert_eq!(
+        verify_under(&tsme, &vcek, &bound_spec()).unwrap_err(),
+        VerifyError::TsmeDisabled(PlatformInfo(1))
+    );
+    let with_tsme = ReportSpec {
+        platform_info: 0b11,
+        ..bound_spec()
+    };
+    verify_under(&tsme, &vcek, &with_tsme).unwrap();
+}
+
+/// Item 10: the guest policy's SINGLE_SOCKET bit, where the policy requires it.
+#[test]
+fn item10_single_socket_is_required_where_the_policy_asks() {
+    let vcek = issue(&VcekSpec::default());
+    let single = with_platform(PlatformPolicy {
+        require_single_socket: true,
+        ..PlatformPolicy::default()
+    });
+    assert_eq!(
+        verify_under(&single, &vcek, &bound_spec()).unwrap_err(),
+        VerifyError::NotSingleSocket(GuestPolicy(0x3_0000))
+    );
+    let pinned = ReportSpec {
+        policy: 0x13_0000,
+        ..bound_spec()
+    };
+    verify_under(&single, &vcek, &pinned).unwrap();
+}
+
+/// Item 10: the guest policy's ABI minimum, compared as MAJOR.MINOR.
+#[test]
+fn item10_guest_abi_minimum_below_the_policy_is_refused() {
+    let vcek = issue(&VcekSpec::default());
+    let minimum = AbiVersion {
+        major: 1,
+        minor: 51,
+    };
+    let policy = with_platform(PlatformPolicy {
+        min_abi: minimum,
+        ..PlatformPolicy::default()
+    });
+    let with_abi = |major: u64, minor: u64| ReportSpec {
+        policy: 0x3_0000 | (major << 8) | minor,
+        ..bound_spec()
+    };
+    for (major, minor, accepted) in [
+        (0, 0, false),
+        (1, 50, false),
+        (0, 255, false),
+        (1, 51, true),
+        (1, 52, true),
+        (2, 0, true),
+    ] {
+        let result = verify_under(&policy, &vcek, &with_abi(major, minor));
+        if accepted {
+            result.unwrap();
+        } else {
+            assert_eq!(
+                result.unwrap_err(),
+                VerifyError::AbiBelowMinimum {
+                    found: AbiVersion {
+                        major: major as u8,
+                        minor: minor as u8
+                    },
+                    minimum
+                },
+                "{major}.{minor}"
+            );
+        }
+    }
+}
+
+/// Item 10 on the real Milan report (SMT on, TSME off, guest policy 0x30000: ABI 0.0, any
+/// socket): each new option refuses it, with its own reason, and the defaults accept it.
+#[test]
+fn item10_real_milan_report_under_the_platform_options() {
+    let verifier = amd();
+    let report = Report::from_bytes(&real_report_bytes()).unwrap();
+    let check = |platform: PlatformPolicy| {
+        let policy = SnpPolicy {
+            platform,
+            ..real_policy()
+        };
+        verifier.verify(&report, &real_vcek(), &policy, report.report_data())
+    };
+    check(PlatformPolicy::default()).unwrap();
+    let cases = [
+        (
+            PlatformPolicy {
+                allow_smt: false,
+                ..PlatformPolicy::default()
+            },
+            VerifyError::SmtEnabled(PlatformInfo(1)),
+        ),
+        (
+            PlatformPolicy {
+                require_tsme: true,
+                ..PlatformPolicy::default()
+            },
+            VerifyError::TsmeDisabled(PlatformInfo(1)),
+        ),
+        (
+            PlatformPolicy {
+                require_single_socket: true,
+                ..PlatformPolicy::default()
+            },
+            VerifyError::NotSingleSocket(GuestPolicy(0x3_0000)),
+        ),
+        (
+            PlatformPolicy {
+                min_abi: AbiVersion { major: 1, minor: 0 },
+                ..PlatformPolicy::default()
+            },
+            VerifyError::AbiBelowMinimum {
+                found: AbiVersion::default(),
+                minimum: AbiVersion { major: 1, minor: 0 },
+            },
+        ),
+    ];
+    for (platform, expected) in cases {
+        assert_eq!(check(platform).unwrap_err(), expected);
+    }
 }
 
 #[test]
@@ -882,6 +1129,71 @@ fn cli_accepts_the_real_evidence_as_hex_or_binary() {
     cli.write("report.bin", &real_report_bytes());
     let out = cli.run(&["--report", "report.bin", "--vcek", "vcek_milan.der"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+/// Item 10 of issue 7: without --policy the output names each check it did not make.
+#[test]
+fn item10_cli_without_policy_names_every_check_it_did_not_make() {
+    let cli = CliDir::new();
+    let out = cli.run(&REAL_ARGS);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("no --policy"))
+        .unwrap_or_else(|| panic!("no 'no --policy' line in {text}"));
+    for check in [
+        "report version",
+        "debug",
+        "migration-agent",
+        "SMT",
+        "TSME",
+        "single socket",
+        "ABI minimum",
+        "VMPL",
+        "measurement",
+        "REPORTED_TCB",
+        "COMMITTED_TCB",
+        "LAUNCH_TCB",
+        "CHIP_ID",
+    ] {
+        assert!(line.contains(check), "{check} is not named in: {line}");
+    }
+    assert!(text.contains("REPORT_DATA: not checked"), "{text}");
+    // What the report says about them, so the operator can write the policy.
+    assert!(
+        text.contains(
+            "guest policy 0x30000 (debug off, SMT allowed, single socket off, ABI minimum 0.0), \
+             platform info 0x1 (SMT on, TSME off)"
+        ),
+        "{text}"
+    );
+}
+
+/// Item 10: the new options in a policy file, through the CLI, on the real report.
+#[test]
+fn item10_cli_policy_file_options_refuse_the_real_report() {
+    let cli = CliDir::new();
+    let report = Report::from_bytes(&real_report_bytes()).unwrap();
+    let measurement = hex::encode(report.measurement());
+    for (option, reason) in [
+        ("allow_smt = false", "SMT is enabled on the host"),
+        ("require_tsme = true", "TSME is not enabled"),
+        ("require_single_socket = true", "single socket"),
+        ("min_abi = \"1.0\"", "ABI minimum 0.0 is below"),
+    ] {
+        let text = format!(
+            "measurements = [\"{measurement}\"]\n{option}\n[min_tcb]\nbootloader = 3\ntee = 0\nsnp = 8\nmicrocode = 115\n"
+        );
+        cli.write("policy.toml", text.as_bytes());
+        let mut args = REAL_ARGS.to_vec();
+        args.extend(["--policy", "policy.toml"]);
+        let out = cli.run(&args);
+        assert_eq!(out.status.code(), Some(1), "{option}: {}", stdout(&out));
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(reason), "{option}: {err}");
+    }
 }
 
 #[test]

@@ -36,7 +36,7 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "FILE")]
     pub vcek: PathBuf,
     /// SEV-SNP policy (TOML). Without it, only the chain, the VCEK's extensions and the report
-    /// signature are checked.
+    /// signature are checked, and the output names every policy check not made.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
     /// The REPORT_DATA the report must carry: 64 bytes as 128 hex digits.
@@ -115,13 +115,16 @@ fn verify(config: &VerifyConfig) -> Result<(), CliError> {
         (Some(policy), Some(path)) => {
             verify::check_policy(&evidence, policy)?;
             format!(
-                "policy {}: version, debug and migration bits, VMPL, measurement, TCB (= VCEK, >= minimum) and CHIP_ID ok",
-                path.display()
+                "policy {}: ok: {}",
+                path.display(),
+                verify::POLICY_CHECKS.join(", ")
             )
         }
-        _ => "no --policy: only the chain, the VCEK's extensions and the report signature were \
-              checked (not the version, debug bit, VMPL, measurement, TCB or CHIP_ID)"
-            .to_owned(),
+        _ => format!(
+            "no --policy: only the chain, the VCEK's extensions and the report signature were \
+             checked; not checked: {}",
+            verify::POLICY_CHECKS.join(", ")
+        ),
     };
     let report_data_line = match &config.report_data {
         Some(expected) => {
@@ -146,12 +149,26 @@ fn print_verified(path: &Path, evidence: &Evidence<'_>) {
         info.product_name,
         info.product
     );
+    let on_off = |on: bool| if on { "on" } else { "off" };
+    let policy = report.policy();
+    let (abi_major, abi_minor) = policy.abi_minimum();
+    let platform = report.platform_info();
     println!(
-        "report version {}, VMPL {}, guest policy {} (debug {}), VCEK TCB {}",
+        "report version {}, VMPL {}, guest policy {} (debug {}, SMT {}, single socket {}, ABI \
+         minimum {abi_major}.{abi_minor}), platform info {} (SMT {}, TSME {}), VCEK TCB {}",
         report.version(),
         report.vmpl(),
-        report.policy(),
-        if report.policy().debug() { "on" } else { "off" },
+        policy,
+        on_off(policy.debug()),
+        if policy.smt_allowed() {
+            "allowed"
+        } else {
+            "refused"
+        },
+        on_off(policy.single_socket()),
+        platform,
+        on_off(platform.smt_enabled()),
+        on_off(platform.tsme_enabled()),
         info.tcb
     );
     println!("measurement {}", hex::encode(report.measurement()));

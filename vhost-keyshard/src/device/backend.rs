@@ -133,10 +133,15 @@ impl VhostUserBackend for BlockBackend {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // CONFIG: the config space (cloud-hypervisor and QEMU need it). MQ: GET_QUEUE_NUM.
         // CONFIGURE_MEM_SLOTS: memory regions one by one (libblkio's virtio-driver requires it).
+        // BACKEND_REQ: QEMU refuses a device that offers ACCESS_PLATFORM (see
+        // `spec::device_features`) without BACKEND_REQ and REPLY_ACK ("IOMMU support requires
+        // reply-ack and backend-req protocol features"); the channel it opens stays unused, as
+        // the device never asks the frontend for anything.
         // REPLY_ACK is added by the vhost crate.
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -7,7 +7,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 };
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::ByteValued;
 
@@ -18,8 +18,16 @@ pub const SERIAL_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 pub const REQUEST_HEADER_LEN: usize = 16;
 
 /// Device feature bits offered, before the vhost-user PROTOCOL_FEATURES bit.
+///
+/// ACCESS_PLATFORM (bit 33, once IOMMU_PLATFORM) is offered because an SEV or SEV-SNP guest's
+/// kernel refuses a virtio device without it: only with it does the driver use the DMA API,
+/// which bounces I/O through shared (unencrypted) buffers. Without a vIOMMU, which is how
+/// keyshard's VMs run, the addresses on the rings stay guest-physical, so nothing else changes
+/// here (no IOTLB). A VMM that puts a vIOMMU in front of the device would send IOTLB messages,
+/// which this device does not serve.
 pub fn device_features(read_only: bool, multi_queue: bool) -> u64 {
     let mut features = (1u64 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_F_ACCESS_PLATFORM)
         | (1 << VIRTIO_RING_F_EVENT_IDX)
         | (1 << VIRTIO_RING_F_INDIRECT_DESC)
         | (1 << VIRTIO_BLK_F_BLK_SIZE)
@@ -162,5 +170,15 @@ mod tests {
         let rw_mq = device_features(false, true);
         assert_eq!(rw_mq & (1 << VIRTIO_BLK_F_RO), 0);
         assert_ne!(rw_mq & (1 << VIRTIO_BLK_F_MQ), 0);
+    }
+
+    /// Item 9 of issue 7: SEV guests require VIRTIO_F_ACCESS_PLATFORM of every virtio device.
+    #[test]
+    fn access_platform_is_offered_for_sev_guests() {
+        assert_eq!(VIRTIO_F_ACCESS_PLATFORM, 33);
+        for (read_only, multi_queue) in [(true, false), (true, true), (false, false)] {
+            let features = device_features(read_only, multi_queue);
+            assert_ne!(features & (1 << 33), 0, "ro {read_only}, mq {multi_queue}");
+        }
     }
 }

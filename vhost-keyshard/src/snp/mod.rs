@@ -22,7 +22,7 @@ mod fixtures;
 
 pub use anchors::TrustAnchors;
 pub use keyshard_core::broker::report_data_binding;
-pub use policy::SnpPolicy;
+pub use policy::{AbiVersion, PlatformPolicy, SnpPolicy};
 pub use product::Product;
 pub use report::Report;
 pub use tcb::Tcb;

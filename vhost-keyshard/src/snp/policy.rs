@@ -9,8 +9,16 @@
 //! vmpl = 0                       # default 0: the report must come from VMPL 0
 //! min_report_version = 2         # default 2
 //!
-//! [min_tcb]                      # required; component by component
-//! bootloader = 3
+//! # The platform and the guest policy the guest was launched with (defaults shown):
+//! allow_smt = true               # false: refuse SMT on at the host (PLATFORM_INFO.SMT_EN)
+//!                                # and a guest policy that allows SMT (POLICY.SMT)
+//! require_tsme = false           # true: refuse unless TSME is on (PLATFORM_INFO.TSME_EN)
+//! require_single_socket = false  # true: refuse unless POLICY.SINGLE_SOCKET is set
+//! min_abi = "0.0"                # the guest policy's ABI minimum (POLICY.ABI_MAJOR.ABI_MINOR)
+//!                                # must be at least this: the guest refused older firmware
+//!
+//! [min_tcb]                      # required; component by component, and REPORTED_TCB,
+//! bootloader = 3                 # COMMITTED_TCB and LAUNCH_TCB must each meet it
 //! tee = 0
 //! snp = 8
 //! microcode = 115
@@ -45,6 +53,8 @@ pub enum SnpPolicyError {
         "min_report_version = {0}: keyshard reads report versions {MIN_REPORT_VERSION} to {MAX_REPORT_VERSION}"
     )]
     ReportVersion(u32),
+    #[error("min_abi = {0:?}: expected MAJOR.MINOR, each 0 to 255 (e.g. \"1.51\")")]
+    Abi(String),
 }
 
 pub type Result<T> = std::result::Result<T, SnpPolicyError>;
@@ -57,7 +67,70 @@ pub struct SnpPolicy {
     pub allow_migration_agent: bool,
     pub vmpl: u32,
     pub min_report_version: u32,
+    /// REPORTED_TCB, COMMITTED_TCB and LAUNCH_TCB must each meet it.
     pub min_tcb: Tcb,
+    pub platform: PlatformPolicy,
+}
+
+/// A firmware ABI version, MAJOR.MINOR, ordered as a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct AbiVersion {
+    pub major: u8,
+    pub minor: u8,
+}
+
+impl std::fmt::Display for AbiVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+impl std::str::FromStr for AbiVersion {
+    type Err = SnpPolicyError;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let invalid = || SnpPolicyError::Abi(text.to_owned());
+        let (major, minor) = text.split_once('.').ok_or_else(invalid)?;
+        let part = |p: &str| {
+            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(invalid());
+            }
+            p.parse::<u8>().map_err(|_| invalid())
+        };
+        Ok(Self {
+            major: part(major)?,
+            minor: part(minor)?,
+        })
+    }
+}
+
+/// What the policy asks of the host platform (PLATFORM_INFO) and of the guest policy the guest
+/// was launched with, beyond debug and migration. The defaults ask nothing, because most hosts
+/// run with SMT on and without TSME, and most guests launch with ABI minimum 0.0; an operator
+/// who knows the hosts tightens them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlatformPolicy {
+    /// False: refuse a report from a host with SMT on (a sibling thread shares the core's
+    /// caches with the guest) or from a guest whose policy would accept SMT.
+    pub allow_smt: bool,
+    /// True: refuse unless the host runs with TSME (all of its memory encrypted).
+    pub require_tsme: bool,
+    /// True: refuse unless the guest policy pins the guest to one socket.
+    pub require_single_socket: bool,
+    /// The guest policy's ABI minimum must be at least this: a guest launched with a lower
+    /// minimum would also have run on older SEV firmware.
+    pub min_abi: AbiVersion,
+}
+
+impl Default for PlatformPolicy {
+    fn default() -> Self {
+        Self {
+            allow_smt: true,
+            require_tsme: false,
+            require_single_socket: false,
+            min_abi: AbiVersion::default(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -72,11 +145,23 @@ struct PolicyFile {
     vmpl: u32,
     #[serde(default = "default_report_version")]
     min_report_version: u32,
+    #[serde(default = "default_true")]
+    allow_smt: bool,
+    #[serde(default)]
+    require_tsme: bool,
+    #[serde(default)]
+    require_single_socket: bool,
+    #[serde(default)]
+    min_abi: Option<String>,
     min_tcb: TcbFile,
 }
 
 fn default_report_version() -> u32 {
     MIN_REPORT_VERSION
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Deserialize)]
@@ -120,6 +205,10 @@ impl SnpPolicy {
         if !(MIN_REPORT_VERSION..=MAX_REPORT_VERSION).contains(&file.min_report_version) {
             return Err(SnpPolicyError::ReportVersion(file.min_report_version));
         }
+        let min_abi = match &file.min_abi {
+            Some(text) => text.trim().parse()?,
+            None => AbiVersion::default(),
+        };
         let t = file.min_tcb;
         Ok(Self {
             measurements,
@@ -133,6 +222,12 @@ impl SnpPolicy {
                 snp: t.snp,
                 microcode: t.microcode,
                 fmc: t.fmc,
+            },
+            platform: PlatformPolicy {
+                allow_smt: file.allow_smt,
+                require_tsme: file.require_tsme,
+                require_single_socket: file.require_single_socket,
+                min_abi,
             },
         })
     }
@@ -181,6 +276,10 @@ mod tests {
                 fmc: None
             }
         );
+        assert_eq!(policy.platform, PlatformPolicy::default());
+        assert!(policy.platform.allow_smt && !policy.platform.require_tsme);
+        assert!(!policy.platform.require_single_socket);
+        assert_eq!(policy.platform.min_abi, AbiVersion { major: 0, minor: 0 });
         let m: [u8; 48] = hex::decode(M1).unwrap().try_into().unwrap();
         assert!(policy.allows_measurement(&m));
         assert!(!policy.allows_measurement(&[0; 48]));
@@ -194,6 +293,40 @@ mod tests {
         .unwrap();
         assert!(policy.allow_debug && policy.allow_migration_agent);
         assert_eq!((policy.vmpl, policy.min_report_version), (2, 3));
+    }
+
+    #[test]
+    fn platform_and_guest_policy_options_are_read() {
+        let policy = SnpPolicy::parse(&text(
+            "allow_smt = false\nrequire_tsme = true\nrequire_single_socket = true\nmin_abi = \"1.51\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            policy.platform,
+            PlatformPolicy {
+                allow_smt: false,
+                require_tsme: true,
+                require_single_socket: true,
+                min_abi: AbiVersion {
+                    major: 1,
+                    minor: 51
+                },
+            }
+        );
+        // Ordered as a pair: 1.51 is below 2.0 and above 1.9.
+        assert!(AbiVersion { major: 2, minor: 0 } > policy.platform.min_abi);
+        assert!(AbiVersion { major: 1, minor: 9 } < policy.platform.min_abi);
+        for bad in ["1", "1.", ".5", "1.256", "a.b", "1.2.3", "-1.0", "+1.0", ""] {
+            assert_eq!(
+                SnpPolicy::parse(&text(&format!("min_abi = \"{bad}\""))),
+                Err(SnpPolicyError::Abi(bad.to_owned())),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            SnpPolicy::parse(&text("allow_smt = \"no\"")),
+            Err(SnpPolicyError::Syntax(_))
+        ));
     }
 
     #[test]

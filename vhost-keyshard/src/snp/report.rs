@@ -51,15 +51,33 @@ pub enum ReportError {
 
 pub type Result<T> = std::result::Result<T, ReportError>;
 
-/// The guest policy word (offset 0x08).
+/// The guest policy word (offset 0x08): bits 7:0 ABI_MINOR, 15:8 ABI_MAJOR, then flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestPolicy(pub u64);
 
 impl GuestPolicy {
+    /// The guest may run with SMT enabled on the host.
+    pub const SMT: u64 = 1 << 16;
     /// Bit 17 is reserved and must be one (the firmware refuses to launch a guest otherwise).
     pub const RESERVED_ONE: u64 = 1 << 17;
     pub const MIGRATE_MA: u64 = 1 << 18;
     pub const DEBUG: u64 = 1 << 19;
+    /// The guest may be activated on one socket only.
+    pub const SINGLE_SOCKET: u64 = 1 << 20;
+
+    /// The lowest firmware ABI the guest agreed to run on: (ABI_MAJOR, ABI_MINOR).
+    pub fn abi_minimum(self) -> (u8, u8) {
+        let [minor, major, ..] = self.0.to_le_bytes();
+        (major, minor)
+    }
+
+    pub fn smt_allowed(self) -> bool {
+        self.0 & Self::SMT != 0
+    }
+
+    pub fn single_socket(self) -> bool {
+        self.0 & Self::SINGLE_SOCKET != 0
+    }
 
     pub fn debug(self) -> bool {
         self.0 & Self::DEBUG != 0
@@ -71,6 +89,29 @@ impl GuestPolicy {
 
     pub fn reserved_one(self) -> bool {
         self.0 & Self::RESERVED_ONE != 0
+    }
+}
+
+/// PLATFORM_INFO (offset 0x40): how the host platform was configured when the report was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlatformInfo(pub u64);
+
+impl PlatformInfo {
+    pub const SMT_EN: u64 = 1 << 0;
+    pub const TSME_EN: u64 = 1 << 1;
+
+    pub fn smt_enabled(self) -> bool {
+        self.0 & Self::SMT_EN != 0
+    }
+
+    pub fn tsme_enabled(self) -> bool {
+        self.0 & Self::TSME_EN != 0
+    }
+}
+
+impl fmt::Display for PlatformInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
     }
 }
 
@@ -90,12 +131,15 @@ pub struct Report {
     policy: GuestPolicy,
     vmpl: u32,
     sig_algo: u32,
+    platform_info: PlatformInfo,
     key_info: u32,
     report_data: [u8; REPORT_DATA_LEN],
     measurement: [u8; MEASUREMENT_LEN],
     host_data: [u8; 32],
     reported_tcb: [u8; 8],
     chip_id: [u8; CHIP_ID_LEN],
+    committed_tcb: [u8; 8],
+    launch_tcb: [u8; 8],
     signature_r: [u8; SIG_COMPONENT_LEN],
     signature_s: [u8; SIG_COMPONENT_LEN],
 }
@@ -138,12 +182,15 @@ impl Report {
             policy: GuestPolicy(u64::from_le_bytes(field(r, OFF_POLICY)?)),
             vmpl: u32_at(r, OFF_VMPL)?,
             sig_algo: u32_at(r, OFF_SIG_ALGO)?,
+            platform_info: PlatformInfo(u64::from_le_bytes(field(r, OFF_PLATFORM_INFO)?)),
             key_info: u32_at(r, OFF_KEY_INFO)?,
             report_data: field(r, OFF_REPORT_DATA)?,
             measurement: field(r, OFF_MEASUREMENT)?,
             host_data: field(r, OFF_HOST_DATA)?,
             reported_tcb: field(r, OFF_REPORTED_TCB)?,
             chip_id: field(r, OFF_CHIP_ID)?,
+            committed_tcb: field(r, OFF_COMMITTED_TCB)?,
+            launch_tcb: field(r, OFF_LAUNCH_TCB)?,
             signature_r: field(r, OFF_SIG_R)?,
             signature_s: field(r, OFF_SIG_S)?,
             raw,
@@ -230,6 +277,21 @@ impl Report {
         self.reported_tcb
     }
 
+    /// COMMITTED_TCB: the TCB the firmware will not roll back below.
+    pub fn committed_tcb(&self) -> [u8; 8] {
+        self.committed_tcb
+    }
+
+    /// LAUNCH_TCB: the TCB when the guest was launched (older than the current one if the
+    /// firmware was updated while the guest ran).
+    pub fn launch_tcb(&self) -> [u8; 8] {
+        self.launch_tcb
+    }
+
+    pub fn platform_info(&self) -> PlatformInfo {
+        self.platform_info
+    }
+
     pub fn chip_id(&self) -> &[u8; CHIP_ID_LEN] {
         &self.chip_id
     }
@@ -266,6 +328,14 @@ mod tests {
         assert_eq!(report.sig_algo, 1);
         assert_eq!(report.signing_key(), 0);
         assert_eq!(report.reported_tcb, [3, 0, 0, 0, 0, 0, 8, 0x73]);
+        assert_eq!(report.committed_tcb, [3, 0, 0, 0, 0, 0, 8, 0x73]);
+        assert_eq!(report.launch_tcb, [3, 0, 0, 0, 0, 0, 8, 0x73]);
+        // SMT on, TSME off; the guest allows SMT, asks for ABI 0.0, any socket.
+        assert_eq!(report.platform_info, PlatformInfo(1));
+        assert!(report.platform_info.smt_enabled() && !report.platform_info.tsme_enabled());
+        assert!(report.policy.smt_allowed() && !report.policy.single_socket());
+        assert_eq!(report.policy.abi_minimum(), (0, 0));
+        assert_eq!(GuestPolicy(0x13_3301).abi_minimum(), (0x33, 0x01));
         assert_eq!(
             report.as_bytes().as_slice(),
             milan_report_bytes().as_slice()

@@ -10,10 +10,10 @@ use aws_lc_rs::signature::ParsedPublicKey;
 use super::anchors::{AnchorError, TrustAnchors};
 use super::cache::VerdictCache;
 use super::chain::{self, ChainError};
-use super::policy::{MAX_REPORT_VERSION, SnpPolicy};
+use super::policy::{AbiVersion, MAX_REPORT_VERSION, SnpPolicy};
 use super::product::Product;
 use super::report::{
-    CHIP_ID_LEN, GuestPolicy, MEASUREMENT_LEN, REPORT_DATA_LEN, Report, ReportError,
+    CHIP_ID_LEN, GuestPolicy, MEASUREMENT_LEN, PlatformInfo, REPORT_DATA_LEN, Report, ReportError,
 };
 use super::signature::{self, SIG_ALGO_ECDSA_P384_SHA384, SignatureError};
 use super::tcb::Tcb;
@@ -53,8 +53,25 @@ pub enum VerifyError {
     Measurement { found: String },
     #[error("the reported TCB ({reported}) is not the VCEK's TCB ({vcek})")]
     TcbMismatch { reported: Tcb, vcek: Tcb },
-    #[error("the reported TCB ({reported}) is below the minimum ({minimum})")]
-    TcbBelowMinimum { reported: Tcb, minimum: Tcb },
+    #[error("{field} ({found}) is below the minimum TCB ({minimum})")]
+    TcbBelowMinimum {
+        field: TcbField,
+        found: Tcb,
+        minimum: Tcb,
+    },
+    #[error("SMT is enabled on the host (PLATFORM_INFO {0}) and the policy does not allow SMT")]
+    SmtEnabled(PlatformInfo),
+    #[error("guest policy {0} allows SMT and the policy does not")]
+    GuestAllowsSmt(GuestPolicy),
+    #[error("TSME is not enabled on the host (PLATFORM_INFO {0}) and the policy requires it")]
+    TsmeDisabled(PlatformInfo),
+    #[error("guest policy {0} does not pin the guest to a single socket, as the policy requires")]
+    NotSingleSocket(GuestPolicy),
+    #[error("guest policy ABI minimum {found} is below the policy's min_abi {minimum}")]
+    AbiBelowMinimum {
+        found: AbiVersion,
+        minimum: AbiVersion,
+    },
     #[error("CHIP_ID is masked (all zero), so it cannot be matched to the VCEK")]
     ChipIdMasked,
     #[error("CHIP_ID is not the VCEK's hwID")]
@@ -81,6 +98,27 @@ impl VerifyError {
 }
 
 pub type Result<T> = std::result::Result<T, VerifyError>;
+
+/// The report's three TCB fields that the minimum applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcbField {
+    /// What the VCEK was derived from.
+    Reported,
+    /// What the firmware will not roll back below.
+    Committed,
+    /// What the guest was launched under.
+    Launch,
+}
+
+impl fmt::Display for TcbField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Reported => "REPORTED_TCB",
+            Self::Committed => "COMMITTED_TCB",
+            Self::Launch => "LAUNCH_TCB",
+        })
+    }
+}
 
 /// A VCEK whose chain to the pinned roots verified, with what its extensions say and its key
 /// parsed for the report signature.
@@ -201,12 +239,29 @@ pub fn check_signature(report: &Report, vcek: &TrustedVcek) -> Result<()> {
     }
 }
 
+/// What [`check_policy`] checks, in its order, for a user told which checks were not made.
+pub const POLICY_CHECKS: [&str; 12] = [
+    "report version",
+    "debug bit",
+    "migration-agent bit",
+    "SMT (PLATFORM_INFO and guest policy)",
+    "TSME",
+    "single socket",
+    "guest ABI minimum",
+    "VMPL",
+    "measurement",
+    "REPORTED_TCB = the VCEK's TCB",
+    "REPORTED_TCB, COMMITTED_TCB and LAUNCH_TCB >= the minimum TCB",
+    "CHIP_ID = the VCEK's hwID",
+];
+
 /// Steps 7 to 13, on evidence whose signature verified.
 pub fn check_policy(evidence: &Evidence<'_>, policy: &SnpPolicy) -> Result<Verdict> {
     let report = evidence.report;
     let vcek = &evidence.vcek.info;
     check_version(report, policy)?;
     check_guest_policy(report, policy)?;
+    check_platform(report, policy)?;
     check_vmpl(report, policy)?;
     check_measurement(report, policy)?;
     let reported_tcb = check_tcb(report, vcek, policy)?;
@@ -250,6 +305,37 @@ fn check_guest_policy(report: &Report, policy: &SnpPolicy) -> Result<()> {
     Ok(())
 }
 
+/// Step 8b: the platform (PLATFORM_INFO) and the rest of the guest policy, as far as the
+/// policy asks: SMT, TSME, a single socket, the ABI minimum.
+fn check_platform(report: &Report, policy: &SnpPolicy) -> Result<()> {
+    let wanted = &policy.platform;
+    let platform = report.platform_info();
+    let guest = report.policy();
+    if !wanted.allow_smt {
+        if platform.smt_enabled() {
+            return Err(VerifyError::SmtEnabled(platform));
+        }
+        if guest.smt_allowed() {
+            return Err(VerifyError::GuestAllowsSmt(guest));
+        }
+    }
+    if wanted.require_tsme && !platform.tsme_enabled() {
+        return Err(VerifyError::TsmeDisabled(platform));
+    }
+    if wanted.require_single_socket && !guest.single_socket() {
+        return Err(VerifyError::NotSingleSocket(guest));
+    }
+    let (major, minor) = guest.abi_minimum();
+    let found = AbiVersion { major, minor };
+    if found < wanted.min_abi {
+        return Err(VerifyError::AbiBelowMinimum {
+            found,
+            minimum: wanted.min_abi,
+        });
+    }
+    Ok(())
+}
+
 /// Step 9: the privilege level that asked for the report.
 fn check_vmpl(report: &Report, policy: &SnpPolicy) -> Result<()> {
     if report.vmpl() == policy.vmpl {
@@ -273,8 +359,10 @@ fn check_measurement(report: &Report, policy: &SnpPolicy) -> Result<()> {
     }
 }
 
-/// Step 11: REPORTED_TCB is the VCEK's (the VCEK is derived from it), and meets the minimum
-/// component by component. Returns it.
+/// Step 11: REPORTED_TCB is the VCEK's (the VCEK is derived from it), and it, COMMITTED_TCB
+/// and LAUNCH_TCB each meet the minimum component by component: a guest launched before a
+/// firmware update, or on a platform whose committed TCB still allows a rollback, is refused
+/// like one reporting an old TCB. Returns REPORTED_TCB.
 fn check_tcb(report: &Report, vcek: &VcekInfo, policy: &SnpPolicy) -> Result<Tcb> {
     let reported = Tcb::from_bytes(vcek.product, report.reported_tcb());
     if reported != vcek.tcb {
@@ -283,11 +371,19 @@ fn check_tcb(report: &Report, vcek: &VcekInfo, policy: &SnpPolicy) -> Result<Tcb
             vcek: vcek.tcb,
         });
     }
-    if !reported.meets(&policy.min_tcb) {
-        return Err(VerifyError::TcbBelowMinimum {
-            reported,
-            minimum: policy.min_tcb,
-        });
+    for (field, raw) in [
+        (TcbField::Reported, report.reported_tcb()),
+        (TcbField::Committed, report.committed_tcb()),
+        (TcbField::Launch, report.launch_tcb()),
+    ] {
+        let found = Tcb::from_bytes(vcek.product, raw);
+        if !found.meets(&policy.min_tcb) {
+            return Err(VerifyError::TcbBelowMinimum {
+                field,
+                found,
+                minimum: policy.min_tcb,
+            });
+        }
     }
     Ok(reported)
 }
@@ -317,6 +413,7 @@ pub fn check_report_data(evidence: &Evidence<'_>, expected: &[u8; REPORT_DATA_LE
 mod tests {
     use super::*;
     use crate::snp::fixtures::{MILAN_VCEK_DER, milan_report_bytes};
+    use crate::snp::policy::PlatformPolicy;
 
     fn real_policy(report: &Report) -> SnpPolicy {
         SnpPolicy {
@@ -332,6 +429,7 @@ mod tests {
                 microcode: 115,
                 fmc: None,
             },
+            platform: PlatformPolicy::default(),
         }
     }
 

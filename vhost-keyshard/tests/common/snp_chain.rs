@@ -329,7 +329,14 @@ pub struct ReportSpec {
     pub key_info: u32,
     pub measurement: [u8; 48],
     pub report_data: [u8; 64],
+    /// REPORTED_TCB and CURRENT_TCB (the VCEK's).
     pub tcb: Tcb,
+    /// COMMITTED_TCB; `tcb` when None.
+    pub committed_tcb: Option<Tcb>,
+    /// LAUNCH_TCB; `tcb` when None.
+    pub launch_tcb: Option<Tcb>,
+    /// PLATFORM_INFO: bit 0 SMT enabled, bit 1 TSME enabled.
+    pub platform_info: u64,
     pub chip_id: [u8; 64],
 }
 
@@ -347,6 +354,9 @@ impl Default for ReportSpec {
             measurement: MEASUREMENT,
             report_data: [0; 64],
             tcb: TCB,
+            committed_tcb: None,
+            launch_tcb: None,
+            platform_info: 1, // SMT enabled, TSME off: what most hosts report
             chip_id: HWID,
         }
     }
@@ -365,7 +375,7 @@ pub fn build_report(spec: &ReportSpec, vcek_key: &p384::ecdsa::SigningKey) -> Ve
     put(&mut b, OFF_VMPL, &spec.vmpl.to_le_bytes());
     put(&mut b, OFF_SIG_ALGO, &spec.sig_algo.to_le_bytes());
     put(&mut b, OFF_CURRENT_TCB, &tcb);
-    put(&mut b, OFF_PLATFORM_INFO, &[1]); // SMT enabled
+    put(&mut b, OFF_PLATFORM_INFO, &spec.platform_info.to_le_bytes());
     put(&mut b, OFF_KEY_INFO, &spec.key_info.to_le_bytes());
     put(&mut b, OFF_REPORT_DATA, &spec.report_data);
     put(&mut b, OFF_MEASUREMENT, &spec.measurement);
@@ -379,10 +389,15 @@ pub fn build_report(spec: &ReportSpec, vcek_key: &p384::ecdsa::SigningKey) -> Ve
         put(&mut b, OFF_CPUID, &cpuid);
     }
     put(&mut b, OFF_CHIP_ID, &spec.chip_id);
-    put(&mut b, OFF_COMMITTED_TCB, &tcb);
+    let committed = spec
+        .committed_tcb
+        .unwrap_or(spec.tcb)
+        .to_bytes(spec.product);
+    put(&mut b, OFF_COMMITTED_TCB, &committed);
     put(&mut b, 0x1E8, &[4, 55, 1]); // CURRENT build, minor, major
     put(&mut b, 0x1EC, &[4, 55, 1]); // COMMITTED
-    put(&mut b, OFF_LAUNCH_TCB, &tcb);
+    let launch = spec.launch_tcb.unwrap_or(spec.tcb).to_bytes(spec.product);
+    put(&mut b, OFF_LAUNCH_TCB, &launch);
     sign_report(&mut b, vcek_key);
     b
 }
