@@ -33,7 +33,7 @@ pub enum NameError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HolderClass {
-    /// A fragment device attached to the guest: visible to the host.
+    /// A fragment device attached to the guest: readable by root on the host.
     Vhd,
     /// Sealed to the host TPM under a PCR policy.
     Tpm,
@@ -69,9 +69,10 @@ impl HolderClass {
         }
     }
 
-    /// Whether whoever runs the host can read this share without any attestation.
-    pub fn is_host_visible(self) -> bool {
-        matches!(self, Self::Vhd)
+    /// Whether root on this host can obtain this share: `vhd`, `tpm` and on-host `sev`
+    /// (see [`crate::adversary`]).
+    pub fn is_host_reachable(self) -> bool {
+        crate::adversary::Adversary::HostRoot.obtains(self)
     }
 }
 
@@ -229,12 +230,15 @@ mod tests {
     }
 
     #[test]
-    fn only_vhd_is_host_visible() {
-        let visible: Vec<_> = HolderClass::ALL
+    fn vhd_tpm_and_sev_are_host_reachable_host_is_not() {
+        let reachable: Vec<_> = HolderClass::ALL
             .into_iter()
-            .filter(|c| c.is_host_visible())
+            .filter(|c| c.is_host_reachable())
             .collect();
-        assert_eq!(visible, vec![HolderClass::Vhd]);
+        assert_eq!(
+            reachable,
+            vec![HolderClass::Vhd, HolderClass::Tpm, HolderClass::Sev]
+        );
     }
 
     #[test]

@@ -349,31 +349,58 @@ fn inspect_reports_garbage_and_exits_1() {
 }
 
 #[test]
-fn policy_check_accepts_the_examples_and_refuses_a_host_visible_quorum() {
+fn policy_check_says_which_adversaries_each_example_resists() {
     let ws = Workspace {
         dir: tempfile::tempdir().unwrap(),
     };
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    for name in ["vhd-only.toml", "vhd-tpm.toml"] {
-        let path = examples.join(name);
-        ws.ok(&["policy", "check", path.to_str().unwrap()]);
-    }
-    let out = ws.ok(&[
-        "policy",
-        "check",
-        examples.join("vhd-only.toml").to_str().unwrap(),
-    ]);
-    assert!(stdout(&out).contains("warning: the 3 vhd shares alone reach the threshold"));
+    let check =
+        |name: &str| stdout(&ws.ok(&["policy", "check", examples.join(name).to_str().unwrap()]));
 
-    fs::write(ws.path("p.toml"), "threshold = 3\n[holders]\nvhd = 3\n").unwrap();
-    let out = ws.run(&["policy", "check", "p.toml"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("allow_host_visible_quorum"),
-        "{}",
-        stderr(&out)
+    let out = check("vhd-tpm.toml");
+    for line in [
+        "tpm shares sealed to sha256 PCRs 0, 7",
+        "stolen disk image: resists: obtains no share (0 of the 3 shares needed)",
+        "stolen state directory: resists: obtains vhd 2 (2 of the 3 shares needed)",
+        "changed firmware or boot chain: resists: obtains vhd 2 (2 of the 3 shares needed)",
+        "  only if sha256 PCRs 0, 7 measure the change: a change they do not measure is not detected",
+        "root on this host: does not resist: obtains vhd 2, tpm 1 (3 of the 3 shares needed)",
+        "  accepted because allow_host_reachable_quorum = true",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from:\n{out}");
+    }
+
+    let out = check("vhd-only.toml");
+    for line in [
+        "stolen disk image: resists",
+        "stolen state directory: does not resist: obtains vhd 3 (3 of the 3 shares needed)",
+        "changed firmware or boot chain: does not resist",
+        "root on this host: does not resist",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from:\n{out}");
+    }
+}
+
+#[test]
+fn policy_check_refuses_a_host_reachable_quorum_and_the_old_override_name() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let refused = |text: &str, wanted: &str| {
+        fs::write(ws.path("p.toml"), text).unwrap();
+        let out = ws.run(&["policy", "check", "p.toml"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr(&out).contains(wanted), "{}", stderr(&out));
+        assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    };
+    refused(
+        "threshold = 3\n[holders]\nvhd = 2\ntpm = 1\n[tpm]\npcr_bank = \"sha256\"\npcrs = [0, 7]\n",
+        "the host-reachable shares (vhd 2, tpm 1) reach threshold 3",
     );
-    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    refused(
+        "allow_host_visible_quorum = true\nthreshold = 3\n[holders]\nvhd = 3\n",
+        "allow_host_visible_quorum was renamed allow_host_reachable_quorum",
+    );
 }
 
 #[test]
