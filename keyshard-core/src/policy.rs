@@ -49,6 +49,11 @@ pub enum PolicyError {
     )]
     RenamedOverride,
     #[error(
+        "the policy gives {count} {class} share(s), but {class} shares have no holder yet \
+         (shard hosts come with the credential service): remove them"
+    )]
+    NoHolderYet { class: HolderClass, count: u8 },
+    #[error(
         "the policy gives {class} shares, whose data keys are sealed to the TPM, but has no [tpm] \
          section with the PCRs to seal to"
     )]
@@ -161,6 +166,12 @@ impl Policy {
         }
         if u32::from(k) > n {
             return Err(PolicyError::ThresholdAboveShares { k, n });
+        }
+        if self.holders.host > 0 {
+            return Err(PolicyError::NoHolderYet {
+                class: HolderClass::Host,
+                count: self.holders.host,
+            });
         }
         let sealed = [HolderClass::Tpm, HolderClass::Sev]
             .into_iter()
@@ -325,6 +336,20 @@ mod tests {
         );
         assert!(line.contains("widened"), "{line}");
         assert!(!line.contains('\n'));
+    }
+
+    /// Issue 7 item 6: `host` shares have no holder, and `init` used to drop them silently.
+    #[test]
+    fn item6_host_shares_are_refused_until_shard_hosts_exist() {
+        let err = parse_err("threshold = 2\n[holders]\nvhd = 1\nhost = 1\n");
+        assert_eq!(
+            err,
+            PolicyError::NoHolderYet {
+                class: HolderClass::Host,
+                count: 1
+            }
+        );
+        assert!(err.to_string().contains("credential service"), "{err}");
     }
 
     #[test]

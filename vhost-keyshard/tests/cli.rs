@@ -403,6 +403,33 @@ fn policy_check_refuses_a_host_reachable_quorum_and_the_old_override_name() {
     );
 }
 
+/// Issue 7 item 6: `init` said "2 of 2 shares rebuild it" and wrote one fragment.
+#[test]
+fn item6_policy_check_and_init_refuse_host_shares() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    fs::write(
+        ws.path("p.toml"),
+        "threshold = 2\n[holders]\nvhd = 1\nhost = 1\n",
+    )
+    .unwrap();
+    for args in [
+        &["policy", "check", "p.toml"][..],
+        &["init", "--policy", "p.toml", "--state-dir", "state"],
+    ] {
+        let out = ws.run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&out).contains("host shares have no holder yet"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    }
+    assert!(!ws.path("state").exists(), "init wrote a state directory");
+}
+
 #[test]
 fn usage_errors_exit_1_and_help_exits_0() {
     let ws = Workspace {
