@@ -1,5 +1,6 @@
-//! Property tests: any k fragments rebuild the secret, k - 1 never do, and a flipped byte in
-//! any fragment gets exactly that fragment rejected.
+//! Property tests: any k fragments rebuild the secret, k - 1 never do, a flipped byte in any
+//! fragment gets exactly that fragment rejected, and the outcome never depends on the order in
+//! which fragments of several deals turn up.
 
 // Test code: a panic here is a failed test.
 #![allow(
@@ -11,8 +12,9 @@
 
 use ed25519_dalek::SigningKey;
 use keyshard_core::dealer::{self, DealPlan, HolderSlot};
-use keyshard_core::quorum::{self, Candidate, QuorumError, QuorumRequest};
-use keyshard_core::{Fragment, HolderClass, KeyId};
+use keyshard_core::fragment::DealId;
+use keyshard_core::quorum::{self, Candidate, QuorumError, QuorumOutcome, QuorumRequest};
+use keyshard_core::{Fragment, HolderClass, KeyCheckValue, KeyId};
 use proptest::prelude::*;
 use proptest::sample::subsequence;
 
@@ -114,5 +116,124 @@ proptest! {
     ) {
         let key = SigningKey::from_bytes(&seed).verifying_key();
         prop_assert!(Fragment::parse(&bytes).and_then(|f| f.verify(&key)).is_err());
+    }
+
+    /// Issue 7 item 5: fragments of several deals by one dealer (the same key id, the same or an
+    /// older epoch, the same or another secret, other k/n) in any order give the same outcome.
+    #[test]
+    fn item5_the_outcome_never_depends_on_candidate_order(
+        wanted in prop::collection::vec(any::<u8>(), 1..=32),
+        other in prop::collection::vec(any::<u8>(), 1..=32),
+        deals in prop::collection::vec(
+            (2u8..=6, 2u8..=6, any::<bool>(), 1u64..=2, prop::collection::vec(any::<bool>(), 6)),
+            2..=4,
+        ),
+        with_kcv in any::<bool>(),
+        seed in any::<[u8; 32]>(),
+        shuffles in prop::collection::vec(any::<u64>(), 3),
+    ) {
+        let key = SigningKey::from_bytes(&seed);
+        let mut candidates = Vec::new();
+        for (i, (a, b, is_wanted, epoch, picks)) in deals.iter().enumerate() {
+            let (k, n) = ((*a).min(*b), (*a).max(*b));
+            let secret = if *is_wanted { &wanted } else { &other };
+            let plan = DealPlan {
+                key_id: KeyId::new("prop").unwrap(),
+                epoch: *epoch,
+                k,
+                holders: HolderSlot::numbered(HolderClass::Vhd, n).collect(),
+            };
+            let deal = DealId::from_bytes([u8::try_from(i).unwrap() + 1; 16]);
+            for f in dealer::deal_as(secret, &plan, &key, deal).unwrap() {
+                if picks[usize::from(f.header().index) - 1] {
+                    let source = format!("d{i}-e{epoch}-f{}", f.header().index);
+                    candidates.push(Candidate::new(source, f.encoded().to_vec()));
+                }
+            }
+        }
+        let id = KeyId::new("prop").unwrap();
+        let kcv = KeyCheckValue::compute(&wanted, &id);
+        let vk = key.verifying_key();
+        let request = QuorumRequest {
+            dealer: &vk,
+            key_id: None,
+            threshold: None,
+            key_check_value: with_kcv.then_some(&kcv),
+        };
+        let first = summary(quorum::rebuild(&request, &candidates));
+        if let Summary::Rebuilt { secret, .. } = &first {
+            // Never a mix of deals: the secret is one of the two dealt.
+            prop_assert!(secret == &wanted || (!with_kcv && secret == &other));
+        }
+        for shuffle in shuffles {
+            let mut shuffled = candidates.clone();
+            shuffle_with(&mut shuffled, shuffle);
+            prop_assert_eq!(&summary(quorum::rebuild(&request, &shuffled)), &first);
+        }
+    }
+}
+
+/// What must not depend on candidate order: the secret or the error, the epoch and deal, the
+/// fragments used, and every rejection (as a set).
+#[derive(Debug, PartialEq)]
+enum Summary {
+    Rebuilt {
+        secret: Vec<u8>,
+        epoch: u64,
+        deal: DealId,
+        used: Vec<String>,
+        rejected: Vec<String>,
+    },
+    NotMet {
+        valid: usize,
+        needed: Option<u8>,
+        rejected: Vec<String>,
+    },
+    Other(String),
+}
+
+fn summary(result: Result<QuorumOutcome, QuorumError>) -> Summary {
+    let sorted = |list: Vec<String>| {
+        let mut list = list;
+        list.sort();
+        list
+    };
+    match result {
+        Ok(out) => {
+            assert!(
+                out.used
+                    .iter()
+                    .all(|u| u.header.deal == out.deal && u.header.epoch == out.epoch)
+            );
+            Summary::Rebuilt {
+                secret: out.secret.to_vec(),
+                epoch: out.epoch,
+                deal: out.deal,
+                used: out.used.iter().map(|u| u.source.clone()).collect(),
+                rejected: sorted(out.rejected.iter().map(ToString::to_string).collect()),
+            }
+        }
+        Err(QuorumError::NotMet {
+            valid,
+            needed,
+            rejected,
+        }) => Summary::NotMet {
+            valid,
+            needed,
+            rejected: sorted(rejected.iter().map(ToString::to_string).collect()),
+        },
+        Err(other) => Summary::Other(other.to_string()),
+    }
+}
+
+/// Fisher-Yates driven by a xorshift generator seeded from `seed`.
+fn shuffle_with<T>(items: &mut [T], seed: u64) {
+    let mut state = seed | 1;
+    for i in (1..items.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let j = usize::try_from(state % (i as u64 + 1)).unwrap();
+        items.swap(i, j);
     }
 }

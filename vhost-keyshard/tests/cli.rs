@@ -142,7 +142,8 @@ fn split_writes_n_private_fragments_and_any_three_rebuild_the_secret() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(out.stdout, ws.secret());
-    assert!(stderr(&out).contains("rebuilt key root (epoch 1) from 3 of 3"));
+    assert!(stderr(&out).contains("rebuilt key root (epoch 1, deal "));
+    assert!(stderr(&out).contains(") from 3 of 3"));
 }
 
 #[test]
@@ -323,11 +324,16 @@ fn inspect_shows_metadata_and_never_share_bytes() {
     );
     assert_eq!(info["share_len"], 32);
     assert_eq!(info["signature_valid"], true);
+    let deal = verified.header().deal.to_string();
+    assert_eq!(info["deal"].as_str(), Some(deal.as_str()));
+    assert_eq!(deal.len(), 32);
     assert!(!stdout(&out).contains(&share_hex[..16]));
 
     let text = ws.ok(&["inspect", "frags/fragment-2.ksf"]);
     assert!(
-        stdout(&text).contains("share 2 of 5 (k = 3), vhd holder vhd-2"),
+        stdout(&text).contains(&format!(
+            "deal {deal} share 2 of 5 (k = 3), vhd holder vhd-2"
+        )),
         "{}",
         stdout(&text)
     );
@@ -401,6 +407,50 @@ fn policy_check_refuses_a_host_reachable_quorum_and_the_old_override_name() {
         "allow_host_visible_quorum = true\nthreshold = 3\n[holders]\nvhd = 3\n",
         "allow_host_visible_quorum was renamed allow_host_reachable_quorum",
     );
+}
+
+/// Issue 7 item 5: two splits of one secret with the same key id and epoch; `combine A1 B2 A3`
+/// exited 2, although A1 and A3 rebuild the secret.
+#[test]
+fn item5_combine_a1_b2_a3_rebuilds_the_secret_in_any_order() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    ws.ok(&["keygen", "--out", "dealer.pem"]);
+    fs::write(ws.path("secret"), random_secret()).unwrap();
+    for dir in ["a", "b"] {
+        ws.ok(&[
+            "split",
+            "--secret-file",
+            "secret",
+            "--threshold",
+            "2",
+            "--shares",
+            "3",
+            "--signing-key",
+            "dealer.pem",
+            "--out-dir",
+            dir,
+            "--key-id",
+            "root",
+            "--epoch",
+            "4",
+        ]);
+    }
+    let orders = [
+        ["a/fragment-1.ksf", "b/fragment-2.ksf", "a/fragment-3.ksf"],
+        ["b/fragment-2.ksf", "a/fragment-3.ksf", "a/fragment-1.ksf"],
+    ];
+    for order in orders {
+        let out = combine(&ws, &order);
+        assert!(out.status.success(), "{order:?}: {}", stderr(&out));
+        assert_eq!(out.stdout, ws.secret(), "{order:?}");
+        assert!(
+            stderr(&out).contains("skipped b/fragment-2.ksf: another split of epoch 4"),
+            "{}",
+            stderr(&out)
+        );
+    }
 }
 
 /// Issue 7 item 6: `init` said "2 of 2 shares rebuild it" and wrote one fragment.
