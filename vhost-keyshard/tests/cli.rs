@@ -453,6 +453,44 @@ fn item5_combine_a1_b2_a3_rebuilds_the_secret_in_any_order() {
     }
 }
 
+/// Issue 7 item 12: a `--verify-key` that is the identity point (under which R = identity,
+/// s = 0 verifies any message with plain verification) is refused on loading.
+#[test]
+fn item12_a_weak_verify_key_is_refused() {
+    use ed25519_dalek::pkcs8::EncodePublicKey;
+    let ws = Workspace::split_3_of_5();
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let weak = ed25519_dalek::VerifyingKey::from_bytes(&identity).unwrap();
+    let pem = weak
+        .to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+        .unwrap();
+    fs::write(ws.path("weak.pub"), pem).unwrap();
+    for args in [
+        &[
+            "combine",
+            "--verify-key",
+            "weak.pub",
+            "frags/fragment-1.ksf",
+        ][..],
+        &[
+            "inspect",
+            "--verify-key",
+            "weak.pub",
+            "frags/fragment-1.ksf",
+        ],
+    ] {
+        let out = ws.run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&out).contains("weak.pub: the dealer public key is a weak (small-order)"),
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(stderr(&out).lines().count(), 1);
+    }
+}
+
 /// Issue 7 item 6: `init` said "2 of 2 shares rebuild it" and wrote one fragment.
 #[test]
 fn item6_policy_check_and_init_refuse_host_shares() {

@@ -1,6 +1,6 @@
 //! Fragment format tests: the documented layout, every parser error, and signature checks.
 
-use ed25519_dalek::{Signer, SigningKey};
+use ed25519_dalek::{Signer, SigningKey, Verifier};
 
 use super::*;
 use crate::keys;
@@ -318,6 +318,29 @@ fn any_flipped_byte_is_caught() {
             );
         }
     }
+}
+
+/// Issue 7 item 12: the identity-point forgery. With the dealer key and R both the identity
+/// point and s = 0, plain `verify` accepts any message (s·B - h·A = O = R); `verify_strict`
+/// refuses small-order keys and R. Replacing `verify_strict` by `verify` fails this test.
+#[test]
+fn item12_the_identity_point_forgery_is_refused() {
+    let identity = crate::keys::tests::IDENTITY;
+    let weak = VerifyingKey::from_bytes(&identity).unwrap();
+    let mut forged = Raw::valid().signed_part();
+    let mut signature = [0u8; 64];
+    signature[..32].copy_from_slice(&identity);
+    // The forgery is real: plain verification accepts it.
+    assert!(
+        weak.verify(&forged, &Signature::from_bytes(&signature))
+            .is_ok()
+    );
+    forged.extend(signature);
+    let fragment = Fragment::parse(&forged).unwrap();
+    assert_eq!(
+        fragment.verify(&weak).unwrap_err(),
+        FragmentError::BadSignature
+    );
 }
 
 #[test]
