@@ -491,6 +491,101 @@ fn item12_a_weak_verify_key_is_refused() {
     }
 }
 
+/// Issue 7 item 11: `split --force` with a smaller n left fragment-4 and fragment-5 of the
+/// old split next to the new one. Stale fragments go; files that are not fragments stay.
+#[test]
+fn item11_split_force_with_a_smaller_n_removes_only_stale_fragments() {
+    let ws = Workspace::split_3_of_5();
+    fs::copy(
+        ws.path("frags/fragment-1.ksf"),
+        ws.path("frags/fragment-9.ksf"),
+    )
+    .unwrap();
+    fs::write(ws.path("frags/fragment-7.ksf"), b"my notes, not a fragment").unwrap();
+    fs::write(ws.path("frags/notes.txt"), b"keep me").unwrap();
+    let out = ws.ok(&[
+        "split",
+        "--secret-file",
+        "secret",
+        "--threshold",
+        "2",
+        "--shares",
+        "3",
+        "--signing-key",
+        "dealer.pem",
+        "--out-dir",
+        "frags",
+        "--key-id",
+        "root",
+        "--force",
+    ]);
+    for i in 1..=3 {
+        assert!(ws.path(&format!("frags/fragment-{i}.ksf")).exists());
+    }
+    for i in [4, 5, 9] {
+        assert!(
+            !ws.path(&format!("frags/fragment-{i}.ksf")).exists(),
+            "fragment-{i}.ksf is still there"
+        );
+    }
+    assert_eq!(
+        fs::read(ws.path("frags/fragment-7.ksf")).unwrap(),
+        b"my notes, not a fragment"
+    );
+    assert_eq!(fs::read(ws.path("frags/notes.txt")).unwrap(), b"keep me");
+    assert!(stdout(&out).contains("removed 3 stale fragment file(s)"));
+    assert!(
+        stderr(&out).contains("fragment-7.ksf: not a keyshard fragment"),
+        "{}",
+        stderr(&out)
+    );
+    let out = combine(&ws, &["frags/fragment-1.ksf", "frags/fragment-3.ksf"]);
+    assert_eq!(out.stdout, ws.secret());
+}
+
+/// Issue 7 item 11: clap's usage errors were several lines (message, usage, hint).
+#[test]
+fn item11_usage_errors_are_one_line() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &[
+                "split",
+                "--threshold",
+                "300",
+                "--shares",
+                "3",
+                "--secret-file",
+                "s",
+                "--signing-key",
+                "k",
+                "--out-dir",
+                "d",
+            ],
+            "keyshard: invalid value '300' for '--threshold <K>': 300 is not in 0..=255 (try --help)",
+        ),
+        (
+            &["split", "--threshold", "2"],
+            "keyshard: the following required arguments were not provided: --secret-file <FILE|->, \
+             --shares <N>, --signing-key <FILE>, --out-dir <DIR> (try --help)",
+        ),
+        (
+            &["frobnicate"],
+            "keyshard: unrecognized subcommand 'frobnicate' (try --help)",
+        ),
+    ];
+    for (args, line) in cases {
+        let out = ws.run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(stderr(&out), format!("{line}\n"), "{args:?}");
+    }
+    let help = ws.run(&["split", "--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(stdout(&help).lines().count() > 5);
+}
+
 /// Issue 7 item 6: `init` said "2 of 2 shares rebuild it" and wrote one fragment.
 #[test]
 fn item6_policy_check_and_init_refuse_host_shares() {
