@@ -62,8 +62,8 @@ impl Adversary {
             // sev data keys, as the on-host coordinator does; sev shares also sit in the
             // coordinator's memory.
             (Self::HostRoot, HolderClass::Vhd | HolderClass::Tpm | HolderClass::Sev) => true,
-            // Remote shard hosts: held off this host.
-            (Self::HostRoot, HolderClass::Host) => false,
+            // Remote shard hosts: held off this host; the recovery share: kept offline.
+            (Self::HostRoot, HolderClass::Host | HolderClass::Recovery) => false,
         }
     }
 
@@ -253,15 +253,21 @@ mod tests {
             tpm: 1,
             sev: 1,
             host: 2,
+            recovery: 1,
         };
         assert_eq!(verdict(Adversary::HostRoot, mixed, 4), (true, 3));
         assert_eq!(verdict(Adversary::HostRoot, mixed, 3), (false, 3));
+        assert_eq!(
+            Exposure::of(Adversary::HostRoot, &mixed, 4).obtained_summary(),
+            "vhd 1, tpm 1, sev 1"
+        );
     }
 
     #[test]
-    fn host_shares_are_obtained_by_no_adversary_here() {
+    fn host_and_recovery_shares_are_obtained_by_no_adversary_here() {
         for adversary in Adversary::ALL {
             assert!(!adversary.obtains(HolderClass::Host), "{adversary}");
+            assert!(!adversary.obtains(HolderClass::Recovery), "{adversary}");
         }
     }
 

@@ -25,7 +25,7 @@ pub enum NameError {
         what: &'static str,
         allowed: &'static str,
     },
-    #[error("unknown holder class {0:?} (expected vhd, tpm, sev or host)")]
+    #[error("unknown holder class {0:?} (expected vhd, tpm, sev, host or recovery)")]
     UnknownClass(String),
 }
 
@@ -41,10 +41,13 @@ pub enum HolderClass {
     Sev,
     /// A remote shard host (later).
     Host,
+    /// The recovery share: kept offline by the operator (a file or a printed code), used only
+    /// by `keyshard reseal`, never asked for at boot.
+    Recovery,
 }
 
 impl HolderClass {
-    pub const ALL: [HolderClass; 4] = [Self::Vhd, Self::Tpm, Self::Sev, Self::Host];
+    pub const ALL: [HolderClass; 5] = [Self::Vhd, Self::Tpm, Self::Sev, Self::Host, Self::Recovery];
 
     /// The class's code in the fragment format.
     pub fn code(self) -> u8 {
@@ -53,6 +56,7 @@ impl HolderClass {
             Self::Tpm => 2,
             Self::Sev => 3,
             Self::Host => 4,
+            Self::Recovery => 5,
         }
     }
 
@@ -66,6 +70,7 @@ impl HolderClass {
             Self::Tpm => "tpm",
             Self::Sev => "sev",
             Self::Host => "host",
+            Self::Recovery => "recovery",
         }
     }
 
@@ -225,7 +230,7 @@ mod tests {
             assert_eq!(class.as_str().parse::<HolderClass>(), Ok(class));
         }
         assert_eq!(HolderClass::from_code(0), None);
-        assert_eq!(HolderClass::from_code(5), None);
+        assert_eq!(HolderClass::from_code(6), None);
         assert!("disk".parse::<HolderClass>().is_err());
     }
 

@@ -18,6 +18,7 @@ pub mod keys;
 pub mod manifest;
 pub mod policy;
 pub mod quorum;
+pub mod recovery;
 pub mod sharing;
 pub mod volume;
 

@@ -53,6 +53,13 @@ pub enum PolicyError {
          (shard hosts come with the credential service): remove them"
     )]
     NoHolderYet { class: HolderClass, count: u8 },
+    #[error("the policy gives {count} recovery shares, at most 1 is possible")]
+    TooManyRecoveryShares { count: u8 },
+    #[error(
+        "threshold = {k} needs the recovery share at every boot: the {boot} shares asked for at \
+         boot must reach k on their own"
+    )]
+    RecoveryNeededAtBoot { k: u8, boot: u32 },
     #[error(
         "the policy gives {class} shares, whose data keys are sealed to the TPM, but has no [tpm] \
          section with the PCRs to seal to"
@@ -98,6 +105,9 @@ pub struct HolderCounts {
     pub sev: u8,
     #[serde(default)]
     pub host: u8,
+    /// At most 1: the recovery share `keyshard init` writes to a file or prints once.
+    #[serde(default)]
+    pub recovery: u8,
 }
 
 impl HolderCounts {
@@ -107,6 +117,7 @@ impl HolderCounts {
             HolderClass::Tpm => self.tpm,
             HolderClass::Sev => self.sev,
             HolderClass::Host => self.host,
+            HolderClass::Recovery => self.recovery,
         }
     }
 
@@ -173,6 +184,15 @@ impl Policy {
                 count: self.holders.host,
             });
         }
+        if self.holders.recovery > 1 {
+            return Err(PolicyError::TooManyRecoveryShares {
+                count: self.holders.recovery,
+            });
+        }
+        let boot = n - u32::from(self.holders.recovery);
+        if u32::from(k) > boot {
+            return Err(PolicyError::RecoveryNeededAtBoot { k, boot });
+        }
         let sealed = [HolderClass::Tpm, HolderClass::Sev]
             .into_iter()
             .find(|class| self.holders.get(*class) > 0);
@@ -228,7 +248,7 @@ impl Policy {
         !self.exposure(Adversary::HostRoot).resists()
     }
 
-    /// The holders in share-index order: all `vhd`, then `tpm`, `sev`, `host`.
+    /// The holders in share-index order: all `vhd`, then `tpm`, `sev`, `host`, `recovery`.
     pub fn holder_slots(&self) -> Vec<HolderSlot> {
         HolderClass::ALL
             .into_iter()
@@ -350,6 +370,33 @@ mod tests {
             }
         );
         assert!(err.to_string().contains("credential service"), "{err}");
+    }
+
+    #[test]
+    fn item8_one_recovery_share_that_boot_does_not_need() {
+        let tpm = "[tpm]\npcr_bank = \"sha256\"\npcrs = [0, 7]\n";
+        let ok = format!(
+            "allow_host_reachable_quorum = true\nthreshold = 3\n\
+             [holders]\nvhd = 2\ntpm = 1\nrecovery = 1\n{tpm}"
+        );
+        let policy = Policy::parse(&ok).unwrap();
+        assert_eq!(policy.shares(), 4);
+        let slots: Vec<String> = policy
+            .holder_slots()
+            .iter()
+            .map(|h| h.id.to_string())
+            .collect();
+        assert_eq!(slots, ["vhd-1", "vhd-2", "tpm-1", "recovery-1"]);
+        // Root on the host still reaches k without it: the recovery share is not counted.
+        assert_eq!(policy.host_reachable_shares(), 3);
+        assert_eq!(
+            parse_err(&ok.replace("recovery = 1", "recovery = 2")),
+            PolicyError::TooManyRecoveryShares { count: 2 }
+        );
+        assert_eq!(
+            parse_err(&ok.replace("threshold = 3", "threshold = 4")),
+            PolicyError::RecoveryNeededAtBoot { k: 4, boot: 3 }
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::holder::{HolderClass, HolderId, KeyId, NameError};
 use crate::kcv::KeyCheckValue;
 use crate::sharing::{Share, SharingError, Threshold};
 
-pub use wire::{DEAL_ID_LEN, MAGIC, MAX_FRAGMENT_LEN, VERSION};
+pub use wire::{DEAL_ID_LEN, MAGIC, MAX_FRAGMENT_LEN, SIGNATURE_LEN, VERSION};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FragmentError {
@@ -199,6 +199,27 @@ impl VerifiedFragment {
     pub fn encoded(&self) -> &[u8] {
         &self.encoded
     }
+
+    /// The dealer's signature: the last [`wire::SIGNATURE_LEN`] bytes.
+    pub fn signature(&self) -> Option<[u8; wire::SIGNATURE_LEN]> {
+        self.encoded
+            .len()
+            .checked_sub(wire::SIGNATURE_LEN)
+            .and_then(|at| self.encoded.get(at..))
+            .and_then(|tail| tail.try_into().ok())
+    }
+}
+
+/// A fragment's bytes from its parts, as the dealer signed them: for a fragment carried in
+/// another form (a recovery code). The result is not trusted until it is parsed and verified.
+pub fn assemble(
+    header: &FragmentHeader,
+    share: &[u8],
+    signature: &[u8; wire::SIGNATURE_LEN],
+) -> Result<Zeroizing<Vec<u8>>> {
+    let mut encoded = wire::encode_signed_part(header, share)?;
+    encoded.extend_from_slice(signature);
+    Ok(encoded)
 }
 
 impl std::fmt::Debug for VerifiedFragment {

@@ -179,7 +179,7 @@ fn bad_magic_version_and_class() {
             FragmentError::UnsupportedVersion { version }
         );
     }
-    for class in [0, 5, 255] {
+    for class in [0, 6, 255] {
         assert_eq!(
             parse_err(&Raw {
                 class,

@@ -6,7 +6,7 @@
 //! |---------------|------------|--------------------------------------------------------------|
 //! | magic         | 4          | `KSHF`                                                       |
 //! | version       | 1          | 2 (1, from before deal ids, is refused with its own error)   |
-//! | holder class  | 1          | 1 `vhd`, 2 `tpm`, 3 `sev`, 4 `host`                          |
+//! | holder class  | 1          | 1 `vhd`, 2 `tpm`, 3 `sev`, 4 `host`, 5 `recovery`            |
 //! | k             | 1          | threshold, 2..=n                                             |
 //! | n             | 1          | number of shares in this epoch                               |
 //! | share index   | 1          | the share's x coordinate, 1..=n                              |
