@@ -289,7 +289,8 @@ mod tests {
         assert!(vhd_only.host_reachable_quorum() && vhd_only.allow_host_reachable_quorum);
 
         let vhd_tpm = Policy::parse(EXAMPLE_VHD_TPM).unwrap();
-        assert_eq!((vhd_tpm.threshold, vhd_tpm.shares()), (3, 3));
+        assert_eq!((vhd_tpm.threshold, vhd_tpm.shares()), (3, 4));
+        assert_eq!(vhd_tpm.holders.recovery, 1);
         assert!(vhd_tpm.host_reachable_quorum() && vhd_tpm.allow_host_reachable_quorum);
         let tpm = vhd_tpm.tpm.as_ref().unwrap();
         assert_eq!(
@@ -301,7 +302,7 @@ mod tests {
             .iter()
             .map(|h| h.id.to_string())
             .collect();
-        assert_eq!(ids, ["vhd-1", "vhd-2", "tpm-1"]);
+        assert_eq!(ids, ["vhd-1", "vhd-2", "tpm-1", "recovery-1"]);
     }
 
     /// Issue 7 item 2: root on an unchanged host unseals the tpm share, so vhd = 2 + tpm = 1

@@ -372,6 +372,8 @@ fn policy_check_says_which_adversaries_each_example_resists() {
         "  only if sha256 PCRs 0, 7 measure the change: a change they do not measure is not detected",
         "root on this host: does not resist: obtains vhd 2, tpm 1 (3 of the 3 shares needed)",
         "  accepted because allow_host_reachable_quorum = true",
+        "recovery share: kept offline, so none of these obtains it; a stolen state directory \
+         together with it obtains 3 of the 3 shares needed",
     ] {
         assert!(out.contains(line), "{line:?} missing from:\n{out}");
     }

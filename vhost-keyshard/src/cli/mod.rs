@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod keygen;
 mod load;
 pub mod policy;
+pub mod reseal;
 pub mod snp;
 pub mod split;
 
@@ -44,6 +45,8 @@ pub enum Command {
     Init(init::Args),
     /// Serve broker mailboxes (one per VM) and release attested shares.
     Coordinator(coordinator::Args),
+    /// Re-seal tpm/sev shares to the current PCRs with the recovery share (after a firmware update).
+    Reseal(reseal::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,5 +84,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Snp(args) => snp::run(args.try_into()?),
         Command::Init(args) => init::run(args.try_into()?),
         Command::Coordinator(args) => coordinator::run(args.try_into()?),
+        Command::Reseal(args) => reseal::run(args.try_into()?),
     }
 }

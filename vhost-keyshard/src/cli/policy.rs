@@ -103,5 +103,14 @@ pub fn describe(policy: &Policy) -> Vec<String> {
             _ => {}
         }
     }
+    if policy.holders.recovery > 0 {
+        let with_directory = policy.exposure(Adversary::StolenStateDirectory).shares()
+            + u32::from(policy.holders.recovery);
+        lines.push(format!(
+            "recovery share: kept offline, so none of these obtains it; a stolen state directory \
+             together with it obtains {with_directory} of the {} shares needed",
+            policy.threshold
+        ));
+    }
     lines
 }
