@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use ed25519_dalek::SigningKey;
 
-use crate::fragment::{FragmentError, FragmentHeader, VerifiedFragment};
+use crate::fragment::{DealId, FragmentError, FragmentHeader, VerifiedFragment};
 use crate::holder::{HolderClass, HolderId, KeyId};
 use crate::kcv::KeyCheckValue;
 use crate::sharing::{self, SharingError, Threshold};
@@ -19,6 +19,8 @@ pub enum DealError {
     Sharing(#[from] SharingError),
     #[error(transparent)]
     Fragment(#[from] FragmentError),
+    #[error("no randomness from the operating system for the deal id")]
+    Random,
 }
 
 pub type Result<T> = std::result::Result<T, DealError>;
@@ -49,8 +51,21 @@ pub struct DealPlan {
     pub holders: Vec<HolderSlot>,
 }
 
-/// Splits `secret` k of n and signs fragment i for `plan.holders[i - 1]`.
+/// Splits `secret` k of n and signs fragment i for `plan.holders[i - 1]`, under a fresh random
+/// deal id (one per call).
 pub fn deal(secret: &[u8], plan: &DealPlan, dealer: &SigningKey) -> Result<Vec<VerifiedFragment>> {
+    let id = DealId::random().map_err(|_| DealError::Random)?;
+    deal_as(secret, plan, dealer, id)
+}
+
+/// [`deal`] under a given deal id: for fixed test vectors. A deal id must never be reused for
+/// another split; [`deal`] draws a fresh one.
+pub fn deal_as(
+    secret: &[u8],
+    plan: &DealPlan,
+    dealer: &SigningKey,
+    deal: DealId,
+) -> Result<Vec<VerifiedFragment>> {
     let n = u8::try_from(plan.holders.len()).map_err(|_| DealError::TooManyHolders {
         count: plan.holders.len(),
     })?;
@@ -68,6 +83,7 @@ pub fn deal(secret: &[u8], plan: &DealPlan, dealer: &SigningKey) -> Result<Vec<V
             let header = FragmentHeader {
                 key_id: plan.key_id.clone(),
                 epoch: plan.epoch,
+                deal,
                 index: share.index(),
                 threshold,
                 class: holder.class,
@@ -125,6 +141,17 @@ mod tests {
             let reparsed = crate::Fragment::parse(fragment.encoded()).unwrap();
             assert!(reparsed.verify(&key.verifying_key()).is_ok());
         }
+    }
+
+    #[test]
+    fn one_deal_id_per_deal_and_a_new_one_each_time() {
+        let key = keys::generate().unwrap();
+        let holders: Vec<_> = HolderSlot::numbered(HolderClass::Vhd, 3).collect();
+        let first = deal(b"secret", &plan(2, holders.clone()), &key).unwrap();
+        let second = deal(b"secret", &plan(2, holders), &key).unwrap();
+        let id = first[0].header().deal;
+        assert!(first.iter().all(|f| f.header().deal == id));
+        assert!(second.iter().all(|f| f.header().deal != id));
     }
 
     #[test]

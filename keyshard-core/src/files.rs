@@ -98,28 +98,45 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
         .map_err(io_error(dir))
 }
 
-/// Reads at most `max` bytes from `path`, or from stdin when `path` is `-`.
+/// Reads at most `max` bytes from `path`, or from stdin when `path` is `-`, into one buffer of
+/// `max + 1` bytes allocated up front: a secret is never copied by a growing `Vec`, which would
+/// leave unzeroized copies behind in freed memory.
 pub fn read_limited(path: &Path, max: usize) -> Result<Zeroizing<Vec<u8>>> {
-    let mut bytes = Zeroizing::new(Vec::new());
-    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
-    if path == Path::new("-") {
-        io::stdin()
-            .lock()
-            .take(limit)
-            .read_to_end(&mut bytes)
-            .map_err(io_error(path))?;
+    let read = if path == Path::new("-") {
+        read_bounded(&mut io::stdin().lock(), max)
     } else {
-        fs::File::open(path)
-            .and_then(|f| f.take(limit).read_to_end(&mut bytes))
-            .map_err(io_error(path))?;
-    }
-    if bytes.len() > max {
-        return Err(FileError::TooLarge {
+        fs::File::open(path).and_then(|mut f| read_bounded(&mut f, max))
+    };
+    read.map_err(io_error(path))?
+        .ok_or_else(|| FileError::TooLarge {
             path: path.to_owned(),
             max,
-        });
+        })
+}
+
+/// Reads `reader` to its end into a pre-sized `Zeroizing` buffer; `None` when it holds more
+/// than `max` bytes.
+fn read_bounded(reader: &mut impl Read, max: usize) -> io::Result<Option<Zeroizing<Vec<u8>>>> {
+    let capacity = max.saturating_add(1);
+    let mut buffer = Zeroizing::new(vec![0u8; capacity]);
+    let mut filled = 0;
+    while filled < capacity {
+        let Some(free) = buffer.get_mut(filled..) else {
+            break;
+        };
+        match reader.read(free) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
-    Ok(bytes)
+    if filled > max {
+        return Ok(None);
+    }
+    // Shrinking the length keeps the allocation; Zeroizing clears all of it on drop.
+    buffer.truncate(filled);
+    Ok(Some(buffer))
 }
 
 /// Reads a small text file (a PEM key, a policy).
@@ -211,6 +228,46 @@ mod tests {
             read_limited(&dir.path().join("missing"), 10),
             Err(FileError::Io { .. })
         ));
+    }
+
+    /// Gives one byte per read, as a pipe may.
+    struct Trickle(Vec<u8>);
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match (self.0.is_empty(), buf.first_mut()) {
+                (false, Some(slot)) => {
+                    *slot = self.0.remove(0);
+                    Ok(1)
+                }
+                _ => Ok(0),
+            }
+        }
+    }
+
+    /// Issue 7 item 11: `read_to_end` grew the buffer by reallocating, leaving copies of the
+    /// secret in freed memory. The secret is now read into one allocation of `max + 1` bytes.
+    #[test]
+    fn item11_secrets_are_read_into_one_presized_buffer() {
+        let secret: Vec<u8> = (0..100).collect();
+        let read = read_bounded(&mut Trickle(secret.clone()), 1024)
+            .unwrap()
+            .unwrap();
+        assert_eq!(read.as_slice(), secret.as_slice());
+        assert_eq!(read.capacity(), 1025, "the buffer was reallocated");
+        assert!(
+            read_bounded(&mut Trickle(vec![1; 11]), 10)
+                .unwrap()
+                .is_none()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        fs::write(&path, &secret).unwrap();
+        let read = read_limited(&path, 1024).unwrap();
+        assert_eq!(
+            (read.as_slice(), read.capacity()),
+            (secret.as_slice(), 1025)
+        );
     }
 }
 

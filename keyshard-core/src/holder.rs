@@ -25,7 +25,7 @@ pub enum NameError {
         what: &'static str,
         allowed: &'static str,
     },
-    #[error("unknown holder class {0:?} (expected vhd, tpm, sev or host)")]
+    #[error("unknown holder class {0:?} (expected vhd, tpm, sev, host or recovery)")]
     UnknownClass(String),
 }
 
@@ -33,7 +33,7 @@ pub enum NameError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HolderClass {
-    /// A fragment device attached to the guest: visible to the host.
+    /// A fragment device attached to the guest: readable by root on the host.
     Vhd,
     /// Sealed to the host TPM under a PCR policy.
     Tpm,
@@ -41,10 +41,13 @@ pub enum HolderClass {
     Sev,
     /// A remote shard host (later).
     Host,
+    /// The recovery share: kept offline by the operator (a file or a printed code), used only
+    /// by `keyshard reseal`, never asked for at boot.
+    Recovery,
 }
 
 impl HolderClass {
-    pub const ALL: [HolderClass; 4] = [Self::Vhd, Self::Tpm, Self::Sev, Self::Host];
+    pub const ALL: [HolderClass; 5] = [Self::Vhd, Self::Tpm, Self::Sev, Self::Host, Self::Recovery];
 
     /// The class's code in the fragment format.
     pub fn code(self) -> u8 {
@@ -53,6 +56,7 @@ impl HolderClass {
             Self::Tpm => 2,
             Self::Sev => 3,
             Self::Host => 4,
+            Self::Recovery => 5,
         }
     }
 
@@ -66,12 +70,14 @@ impl HolderClass {
             Self::Tpm => "tpm",
             Self::Sev => "sev",
             Self::Host => "host",
+            Self::Recovery => "recovery",
         }
     }
 
-    /// Whether whoever runs the host can read this share without any attestation.
-    pub fn is_host_visible(self) -> bool {
-        matches!(self, Self::Vhd)
+    /// Whether root on this host can obtain this share: `vhd`, `tpm` and on-host `sev`
+    /// (see [`crate::adversary`]).
+    pub fn is_host_reachable(self) -> bool {
+        crate::adversary::Adversary::HostRoot.obtains(self)
     }
 }
 
@@ -224,17 +230,20 @@ mod tests {
             assert_eq!(class.as_str().parse::<HolderClass>(), Ok(class));
         }
         assert_eq!(HolderClass::from_code(0), None);
-        assert_eq!(HolderClass::from_code(5), None);
+        assert_eq!(HolderClass::from_code(6), None);
         assert!("disk".parse::<HolderClass>().is_err());
     }
 
     #[test]
-    fn only_vhd_is_host_visible() {
-        let visible: Vec<_> = HolderClass::ALL
+    fn vhd_tpm_and_sev_are_host_reachable_host_is_not() {
+        let reachable: Vec<_> = HolderClass::ALL
             .into_iter()
-            .filter(|c| c.is_host_visible())
+            .filter(|c| c.is_host_reachable())
             .collect();
-        assert_eq!(visible, vec![HolderClass::Vhd]);
+        assert_eq!(
+            reachable,
+            vec![HolderClass::Vhd, HolderClass::Tpm, HolderClass::Sev]
+        );
     }
 
     #[test]

@@ -15,6 +15,11 @@ pub enum KeyError {
     BadPrivateKey,
     #[error("not an Ed25519 public key in SPKI PEM form")]
     BadPublicKey,
+    #[error(
+        "the dealer public key is a weak (small-order) Ed25519 point: signatures under it can be \
+         forged, so it is refused"
+    )]
+    WeakKey,
     #[error("could not encode the key")]
     Encode,
     #[error("no randomness from the operating system: {0}")]
@@ -35,8 +40,11 @@ pub fn signing_key_to_pem(key: &SigningKey) -> Result<Zeroizing<String>> {
         .map_err(|_| KeyError::Encode)
 }
 
+/// A dealer key from PKCS#8 PEM; refused when its public half is weak.
 pub fn signing_key_from_pem(pem: &str) -> Result<SigningKey> {
-    SigningKey::from_pkcs8_pem(pem).map_err(|_| KeyError::BadPrivateKey)
+    let key = SigningKey::from_pkcs8_pem(pem).map_err(|_| KeyError::BadPrivateKey)?;
+    check_not_weak(&key.verifying_key())?;
+    Ok(key)
 }
 
 pub fn verifying_key_to_pem(key: &VerifyingKey) -> Result<String> {
@@ -44,8 +52,21 @@ pub fn verifying_key_to_pem(key: &VerifyingKey) -> Result<String> {
         .map_err(|_| KeyError::Encode)
 }
 
+/// A dealer public key from SPKI PEM; refused when weak.
 pub fn verifying_key_from_pem(pem: &str) -> Result<VerifyingKey> {
-    VerifyingKey::from_public_key_pem(pem).map_err(|_| KeyError::BadPublicKey)
+    let key = VerifyingKey::from_public_key_pem(pem).map_err(|_| KeyError::BadPublicKey)?;
+    check_not_weak(&key)?;
+    Ok(key)
+}
+
+/// Refuses a small-order public key (the identity point among them): under such a key, a
+/// signature with R = the identity and s = 0 verifies for every message with plain `verify`.
+/// `verify_strict` refuses those too; refusing the key where it is loaded says why, early.
+pub fn check_not_weak(key: &VerifyingKey) -> Result<()> {
+    if key.is_weak() {
+        return Err(KeyError::WeakKey);
+    }
+    Ok(())
 }
 
 /// A short name for a public key in messages: the first 8 bytes of SHA-256 of its 32 bytes.
@@ -55,7 +76,7 @@ pub fn fingerprint(key: &VerifyingKey) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -79,6 +100,27 @@ mod tests {
             Err(KeyError::BadPublicKey)
         ));
         assert!(verifying_key_from_pem("garbage").is_err());
+    }
+
+    /// The compressed Edwards identity point: y = 1, x = 0.
+    pub(crate) const IDENTITY: [u8; 32] = {
+        let mut bytes = [0u8; 32];
+        bytes[0] = 1;
+        bytes
+    };
+
+    /// Issue 7 item 12: a weak dealer key is refused where a `--verify-key` file is loaded.
+    #[test]
+    fn item12_weak_public_keys_are_refused_when_loaded() {
+        let weak = VerifyingKey::from_bytes(&IDENTITY).unwrap();
+        assert!(weak.is_weak());
+        let pem = weak.to_public_key_pem(LineEnding::LF).unwrap();
+        assert!(matches!(
+            verifying_key_from_pem(&pem),
+            Err(KeyError::WeakKey)
+        ));
+        assert!(matches!(check_not_weak(&weak), Err(KeyError::WeakKey)));
+        assert!(check_not_weak(&generate().unwrap().verifying_key()).is_ok());
     }
 
     #[test]

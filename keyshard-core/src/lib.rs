@@ -2,8 +2,10 @@
 //!
 //! A secret is split with Shamir's scheme ([`sharing`]), each share is wrapped in a signed
 //! [`fragment`], and a [`quorum`] of verified fragments of one epoch rebuilds it. The [`policy`]
-//! says how many shares each holder class gets and how many rebuild the secret.
+//! says how many shares each holder class gets and how many rebuild the secret; [`adversary`]
+//! says which attackers a policy resists.
 
+pub mod adversary;
 pub mod broker;
 pub mod bytes;
 pub mod dealer;
@@ -16,6 +18,7 @@ pub mod keys;
 pub mod manifest;
 pub mod policy;
 pub mod quorum;
+pub mod recovery;
 pub mod sharing;
 pub mod volume;
 

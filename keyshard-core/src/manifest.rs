@@ -93,6 +93,11 @@ impl Manifest {
         let dealer_bytes = hex32(&file.dealer_public_key).map_err(field("dealer_public_key"))?;
         let dealer = VerifyingKey::from_bytes(&dealer_bytes)
             .map_err(|_| field("dealer_public_key")("not an Ed25519 public key".into()))?;
+        if dealer.is_weak() {
+            return Err(field("dealer_public_key")(
+                "a weak (small-order) Ed25519 point, under which signatures can be forged".into(),
+            ));
+        }
         let holders = file
             .holders
             .into_iter()
@@ -237,6 +242,28 @@ mod tests {
             edit("version = 1", "version = 1\nextra = 1"),
             ManifestError::Syntax(_)
         ));
+    }
+
+    /// Issue 7 item 12: a manifest naming the identity point as its dealer is refused.
+    #[test]
+    fn item12_a_weak_dealer_key_in_a_manifest_is_refused() {
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let manifest = Manifest {
+            dealer: VerifyingKey::from_bytes(&identity).unwrap(),
+            ..sample()
+        };
+        let err = Manifest::parse(&manifest.to_toml()).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ManifestError::Field {
+                    field: "dealer_public_key",
+                    reason
+                } if reason.contains("weak")
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]

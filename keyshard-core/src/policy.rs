@@ -17,6 +17,7 @@ use std::collections::BTreeSet;
 
 use serde::Deserialize;
 
+use crate::adversary::{self, Adversary, Exposure};
 use crate::dealer::HolderSlot;
 use crate::holder::HolderClass;
 
@@ -36,13 +37,34 @@ pub enum PolicyError {
     #[error("threshold = {k} exceeds the {n} shares the policy gives out")]
     ThresholdAboveShares { k: u8, n: u32 },
     #[error(
-        "the {vhd} vhd shares alone reach threshold {k}: whoever runs the host could rebuild the \
-         secret without any attestation; raise the threshold, or set allow_host_visible_quorum = true \
-         to accept that"
+        "the host-reachable shares ({reachable}) reach threshold {k}: root on this host could \
+         rebuild the secret without the guest; add shares held off the host, or set \
+         allow_host_reachable_quorum = true to accept that"
     )]
-    HostVisibleQuorum { vhd: u8, k: u8 },
-    #[error("the policy gives tpm shares but has no [tpm] section with the PCRs to seal to")]
-    MissingTpmSection,
+    HostReachableQuorum { reachable: String, k: u8 },
+    #[error(
+        "allow_host_visible_quorum was renamed allow_host_reachable_quorum and its meaning \
+         widened: it now also accepts tpm and on-host sev shares reaching k, as root on this host \
+         obtains them too"
+    )]
+    RenamedOverride,
+    #[error(
+        "the policy gives {count} {class} share(s), but {class} shares have no holder yet \
+         (shard hosts come with the credential service): remove them"
+    )]
+    NoHolderYet { class: HolderClass, count: u8 },
+    #[error("the policy gives {count} recovery shares, at most 1 is possible")]
+    TooManyRecoveryShares { count: u8 },
+    #[error(
+        "threshold = {k} needs the recovery share at every boot: the {boot} shares asked for at \
+         boot must reach k on their own"
+    )]
+    RecoveryNeededAtBoot { k: u8, boot: u32 },
+    #[error(
+        "the policy gives {class} shares, whose data keys are sealed to the TPM, but has no [tpm] \
+         section with the PCRs to seal to"
+    )]
+    MissingTpmSection { class: HolderClass },
     #[error("[tpm] pcrs is empty: a tpm share must be sealed to at least one PCR")]
     NoPcrs,
     #[error("[tpm] PCR {index} does not exist (0..={MAX_PCR_INDEX})")]
@@ -83,6 +105,9 @@ pub struct HolderCounts {
     pub sev: u8,
     #[serde(default)]
     pub host: u8,
+    /// At most 1: the recovery share `keyshard init` writes to a file or prints once.
+    #[serde(default)]
+    pub recovery: u8,
 }
 
 impl HolderCounts {
@@ -92,6 +117,7 @@ impl HolderCounts {
             HolderClass::Tpm => self.tpm,
             HolderClass::Sev => self.sev,
             HolderClass::Host => self.host,
+            HolderClass::Recovery => self.recovery,
         }
     }
 
@@ -116,8 +142,9 @@ pub struct TpmPolicy {
 pub struct Policy {
     pub threshold: u8,
     pub holders: HolderCounts,
+    /// Accept a policy whose host-reachable shares reach k (see [`crate::adversary`]).
     #[serde(default)]
-    pub allow_host_visible_quorum: bool,
+    pub allow_host_reachable_quorum: bool,
     #[serde(default)]
     pub tpm: Option<TpmPolicy>,
 }
@@ -125,7 +152,13 @@ pub struct Policy {
 impl Policy {
     /// Parses and checks a policy; the first problem found is the error.
     pub fn parse(text: &str) -> Result<Self> {
-        let policy: Policy = toml::from_str(text).map_err(|e| PolicyError::Syntax(one_line(&e)))?;
+        let policy: Policy = toml::from_str(text).map_err(|e| {
+            if names_the_old_override(text) {
+                PolicyError::RenamedOverride
+            } else {
+                PolicyError::Syntax(one_line(&e))
+            }
+        })?;
         policy.check()?;
         Ok(policy)
     }
@@ -145,14 +178,29 @@ impl Policy {
         if u32::from(k) > n {
             return Err(PolicyError::ThresholdAboveShares { k, n });
         }
-        if self.host_visible_shares() >= k && !self.allow_host_visible_quorum {
-            return Err(PolicyError::HostVisibleQuorum {
-                vhd: self.holders.vhd,
-                k,
+        if self.holders.host > 0 {
+            return Err(PolicyError::NoHolderYet {
+                class: HolderClass::Host,
+                count: self.holders.host,
             });
         }
-        if self.holders.tpm > 0 {
-            let tpm = self.tpm.as_ref().ok_or(PolicyError::MissingTpmSection)?;
+        if self.holders.recovery > 1 {
+            return Err(PolicyError::TooManyRecoveryShares {
+                count: self.holders.recovery,
+            });
+        }
+        let boot = n - u32::from(self.holders.recovery);
+        if u32::from(k) > boot {
+            return Err(PolicyError::RecoveryNeededAtBoot { k, boot });
+        }
+        let sealed = [HolderClass::Tpm, HolderClass::Sev]
+            .into_iter()
+            .find(|class| self.holders.get(*class) > 0);
+        if let Some(class) = sealed {
+            let tpm = self
+                .tpm
+                .as_ref()
+                .ok_or(PolicyError::MissingTpmSection { class })?;
             if tpm.pcrs.is_empty() {
                 return Err(PolicyError::NoPcrs);
             }
@@ -166,6 +214,12 @@ impl Policy {
                 }
             }
         }
+        if self.host_reachable_quorum() && !self.allow_host_reachable_quorum {
+            return Err(PolicyError::HostReachableQuorum {
+                reachable: self.exposure(Adversary::HostRoot).obtained_summary(),
+                k,
+            });
+        }
         Ok(())
     }
 
@@ -174,27 +228,38 @@ impl Policy {
         u8::try_from(self.holders.total()).unwrap_or(u8::MAX)
     }
 
-    /// Shares that whoever runs the host can read without attestation.
-    pub fn host_visible_shares(&self) -> u8 {
-        HolderClass::ALL
-            .into_iter()
-            .filter(|c| c.is_host_visible())
-            .map(|c| self.holders.get(c))
-            .sum()
+    /// What `adversary` obtains of this policy's shares, against k.
+    pub fn exposure(&self, adversary: Adversary) -> Exposure {
+        Exposure::of(adversary, &self.holders, self.threshold)
     }
 
-    /// Whether host-visible shares alone rebuild the secret (allowed only by the override).
-    pub fn host_visible_quorum(&self) -> bool {
-        self.host_visible_shares() >= self.threshold
+    /// Every adversary's exposure, in [`Adversary::ALL`] order.
+    pub fn exposures(&self) -> Vec<Exposure> {
+        adversary::assess(&self.holders, self.threshold)
     }
 
-    /// The holders in share-index order: all `vhd`, then `tpm`, `sev`, `host`.
+    /// Shares that root on this host can obtain: `vhd`, `tpm` and on-host `sev`.
+    pub fn host_reachable_shares(&self) -> u32 {
+        self.exposure(Adversary::HostRoot).shares()
+    }
+
+    /// Whether host-reachable shares alone rebuild the secret (allowed only by the override).
+    pub fn host_reachable_quorum(&self) -> bool {
+        !self.exposure(Adversary::HostRoot).resists()
+    }
+
+    /// The holders in share-index order: all `vhd`, then `tpm`, `sev`, `host`, `recovery`.
     pub fn holder_slots(&self) -> Vec<HolderSlot> {
         HolderClass::ALL
             .into_iter()
             .flat_map(|class| HolderSlot::numbered(class, self.holders.get(class)))
             .collect()
     }
+}
+
+/// Whether `text` sets the override under its old name, which `deny_unknown_fields` refuses.
+fn names_the_old_override(text: &str) -> bool {
+    toml::from_str::<toml::Table>(text).is_ok_and(|t| t.contains_key("allow_host_visible_quorum"))
 }
 
 /// toml's errors span several lines with a caret diagram; a CLI wants one line.
@@ -218,14 +283,15 @@ mod tests {
     }
 
     #[test]
-    fn shipped_examples_are_valid() {
+    fn shipped_examples_are_valid_and_say_that_root_on_the_host_rebuilds() {
         let vhd_only = Policy::parse(EXAMPLE_VHD_ONLY).unwrap();
         assert_eq!((vhd_only.threshold, vhd_only.shares()), (3, 3));
-        assert!(vhd_only.host_visible_quorum() && vhd_only.allow_host_visible_quorum);
+        assert!(vhd_only.host_reachable_quorum() && vhd_only.allow_host_reachable_quorum);
 
         let vhd_tpm = Policy::parse(EXAMPLE_VHD_TPM).unwrap();
-        assert_eq!((vhd_tpm.threshold, vhd_tpm.shares()), (3, 3));
-        assert!(!vhd_tpm.host_visible_quorum());
+        assert_eq!((vhd_tpm.threshold, vhd_tpm.shares()), (3, 4));
+        assert_eq!(vhd_tpm.holders.recovery, 1);
+        assert!(vhd_tpm.host_reachable_quorum() && vhd_tpm.allow_host_reachable_quorum);
         let tpm = vhd_tpm.tpm.as_ref().unwrap();
         assert_eq!(
             (tpm.pcr_bank, tpm.pcrs.as_slice()),
@@ -236,23 +302,101 @@ mod tests {
             .iter()
             .map(|h| h.id.to_string())
             .collect();
-        assert_eq!(ids, ["vhd-1", "vhd-2", "tpm-1"]);
+        assert_eq!(ids, ["vhd-1", "vhd-2", "tpm-1", "recovery-1"]);
+    }
+
+    /// Issue 7 item 2: root on an unchanged host unseals the tpm share, so vhd = 2 + tpm = 1
+    /// reaches k = 3 with host-reachable shares alone. This policy passed before the fix.
+    #[test]
+    fn item2_vhd2_tpm1_k3_needs_the_host_reachable_override() {
+        let text = "threshold = 3\n[holders]\nvhd = 2\ntpm = 1\n\
+                    [tpm]\npcr_bank = \"sha256\"\npcrs = [0, 7]\n";
+        let err = parse_err(text);
+        assert_eq!(
+            err,
+            PolicyError::HostReachableQuorum {
+                reachable: "vhd 2, tpm 1".into(),
+                k: 3
+            }
+        );
+        assert!(!err.to_string().contains('\n'), "{err}");
+        let allowed = format!("allow_host_reachable_quorum = true\n{text}");
+        assert!(Policy::parse(&allowed).is_ok());
     }
 
     #[test]
-    fn host_visible_quorum_needs_the_override() {
-        let text = "threshold = 3\n[holders]\nvhd = 3\n";
+    fn item2_sev_shares_count_as_host_reachable() {
+        let text = "threshold = 2\n[holders]\nvhd = 1\nsev = 1\n\
+                    [tpm]\npcr_bank = \"sha256\"\npcrs = [7]\n";
         assert_eq!(
             parse_err(text),
-            PolicyError::HostVisibleQuorum { vhd: 3, k: 3 }
+            PolicyError::HostReachableQuorum {
+                reachable: "vhd 1, sev 1".into(),
+                k: 2
+            }
         );
-        let allowed = format!("allow_host_visible_quorum = true\n{text}");
-        assert!(Policy::parse(&allowed).is_ok());
-        // More vhd shares than k is just as host-visible.
-        let text = "threshold = 2\n[holders]\nvhd = 2\nsev = 1\n";
-        assert_eq!(
+        // More host-reachable shares than k is just as reachable.
+        let text = "threshold = 3\n[holders]\nvhd = 4\n";
+        assert!(matches!(
             parse_err(text),
-            PolicyError::HostVisibleQuorum { vhd: 2, k: 2 }
+            PolicyError::HostReachableQuorum { k: 3, .. }
+        ));
+        let allowed = format!("allow_host_reachable_quorum = true\n{text}");
+        assert!(Policy::parse(&allowed).is_ok());
+    }
+
+    #[test]
+    fn item2_the_old_override_name_is_refused_as_renamed() {
+        let text = "allow_host_visible_quorum = true\nthreshold = 3\n[holders]\nvhd = 3\n";
+        let err = parse_err(text);
+        assert_eq!(err, PolicyError::RenamedOverride);
+        let line = err.to_string();
+        assert!(
+            line.contains("renamed allow_host_reachable_quorum"),
+            "{line}"
+        );
+        assert!(line.contains("widened"), "{line}");
+        assert!(!line.contains('\n'));
+    }
+
+    /// Issue 7 item 6: `host` shares have no holder, and `init` used to drop them silently.
+    #[test]
+    fn item6_host_shares_are_refused_until_shard_hosts_exist() {
+        let err = parse_err("threshold = 2\n[holders]\nvhd = 1\nhost = 1\n");
+        assert_eq!(
+            err,
+            PolicyError::NoHolderYet {
+                class: HolderClass::Host,
+                count: 1
+            }
+        );
+        assert!(err.to_string().contains("credential service"), "{err}");
+    }
+
+    #[test]
+    fn item8_one_recovery_share_that_boot_does_not_need() {
+        let tpm = "[tpm]\npcr_bank = \"sha256\"\npcrs = [0, 7]\n";
+        let ok = format!(
+            "allow_host_reachable_quorum = true\nthreshold = 3\n\
+             [holders]\nvhd = 2\ntpm = 1\nrecovery = 1\n{tpm}"
+        );
+        let policy = Policy::parse(&ok).unwrap();
+        assert_eq!(policy.shares(), 4);
+        let slots: Vec<String> = policy
+            .holder_slots()
+            .iter()
+            .map(|h| h.id.to_string())
+            .collect();
+        assert_eq!(slots, ["vhd-1", "vhd-2", "tpm-1", "recovery-1"]);
+        // Root on the host still reaches k without it: the recovery share is not counted.
+        assert_eq!(policy.host_reachable_shares(), 3);
+        assert_eq!(
+            parse_err(&ok.replace("recovery = 1", "recovery = 2")),
+            PolicyError::TooManyRecoveryShares { count: 2 }
+        );
+        assert_eq!(
+            parse_err(&ok.replace("threshold = 3", "threshold = 4")),
+            PolicyError::RecoveryNeededAtBoot { k: 4, boot: 3 }
         );
     }
 
@@ -278,8 +422,14 @@ mod tests {
 
     #[test]
     fn tpm_shares_need_valid_pcrs() {
-        let base = "threshold = 2\n[holders]\nvhd = 1\ntpm = 1\n";
-        assert_eq!(parse_err(base), PolicyError::MissingTpmSection);
+        let base =
+            "allow_host_reachable_quorum = true\nthreshold = 2\n[holders]\nvhd = 1\ntpm = 1\n";
+        assert_eq!(
+            parse_err(base),
+            PolicyError::MissingTpmSection {
+                class: HolderClass::Tpm
+            }
+        );
         let with = |pcrs: &str| format!("{base}[tpm]\npcr_bank = \"sha256\"\npcrs = {pcrs}\n");
         assert_eq!(parse_err(&with("[]")), PolicyError::NoPcrs);
         assert_eq!(
@@ -291,6 +441,13 @@ mod tests {
             PolicyError::DuplicatePcr { index: 7 }
         );
         assert!(Policy::parse(&with("[0, 7, 14]")).is_ok());
+        // sev data keys are sealed to the same PCRs.
+        assert_eq!(
+            parse_err("threshold = 2\n[holders]\nvhd = 1\nsev = 1\n"),
+            PolicyError::MissingTpmSection {
+                class: HolderClass::Sev
+            }
+        );
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! Quorum: from whatever fragments turned up, rebuild the secret or say exactly why not.
 //!
 //! Each candidate is parsed and its dealer signature checked; fragments of another key, or that
-//! disagree with the rest of their epoch, are set aside with a reason. The newest epoch that has
-//! k valid shares is combined and the result checked against the key check value. An invalid
-//! fragment is never fatal while a quorum remains.
+//! disagree with the rest of their deal, are set aside with a reason. Fragments are grouped by
+//! (epoch, deal id): two splits are never mixed. The newest epoch that has a deal with k valid
+//! shares is combined and the result checked against the key check value; when the check fails,
+//! other k-subsets of that deal are tried, at most [`MAX_SUBSETS_TRIED`], in a fixed order. An
+//! invalid fragment is never fatal while a quorum remains, and the outcome never depends on the
+//! order of the candidates.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -11,10 +14,14 @@ use std::fmt;
 use ed25519_dalek::VerifyingKey;
 use zeroize::Zeroizing;
 
-use crate::fragment::{Fragment, FragmentError, FragmentHeader, VerifiedFragment};
+use crate::fragment::{DealId, Fragment, FragmentError, FragmentHeader, VerifiedFragment};
 use crate::holder::KeyId;
 use crate::kcv::KeyCheckValue;
 use crate::sharing::{self, Share};
+
+/// The most k-subsets of one deal combined when the first fails the key check: a bound on the
+/// work a set of bad but dealer-signed fragments can cause (each try is one interpolation).
+pub const MAX_SUBSETS_TRIED: usize = 32;
 
 /// What the combiner trusts: the dealer key, and optionally the key id and k from a manifest.
 #[derive(Debug, Clone, Copy)]
@@ -93,6 +100,12 @@ pub enum RejectReason {
         epoch: u64,
         used_epoch: u64,
     },
+    /// Valid, of the epoch used, but of another split (deal) of it than the one combined.
+    OtherDeal {
+        epoch: u64,
+        deal: DealId,
+        used_deal: DealId,
+    },
     KeyCheckFailed {
         epoch: u64,
     },
@@ -144,6 +157,14 @@ impl fmt::Display for RejectReason {
             Self::Superseded { epoch, used_epoch } => {
                 write!(f, "stale: epoch {epoch}, newer epoch {used_epoch} was used")
             }
+            Self::OtherDeal {
+                epoch,
+                deal,
+                used_deal,
+            } => write!(
+                f,
+                "another split of epoch {epoch}: deal {deal}, deal {used_deal} was used"
+            ),
             Self::KeyCheckFailed { epoch } => write!(
                 f,
                 "the shares of epoch {epoch} rebuild a secret that fails the key check"
@@ -164,7 +185,9 @@ impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.reason {
             RejectReason::Unavailable(why) => write!(f, "missing {}: {why}", self.source),
-            RejectReason::IncompleteEpoch { .. } | RejectReason::Superseded { .. } => {
+            RejectReason::IncompleteEpoch { .. }
+            | RejectReason::Superseded { .. }
+            | RejectReason::OtherDeal { .. } => {
                 write!(f, "unused {}: {}", self.source, self.reason)
             }
             reason => write!(f, "rejected {}: {reason}", self.source),
@@ -185,10 +208,12 @@ pub struct QuorumOutcome {
     pub secret: Zeroizing<Vec<u8>>,
     pub key_id: KeyId,
     pub epoch: u64,
+    /// The deal (split) the combined fragments belong to.
+    pub deal: DealId,
     pub k: u8,
     /// The k fragments combined.
     pub used: Vec<Accepted>,
-    /// Valid fragments of the same epoch beyond the k needed.
+    /// Valid fragments of the same deal beyond the k combined.
     pub spare: Vec<Accepted>,
     pub rejected: Vec<Rejection>,
 }
@@ -266,8 +291,8 @@ pub fn rebuild(request: &QuorumRequest<'_>, candidates: &[Candidate]) -> Result<
         }
     };
 
-    // Group what remains by epoch, keeping only fragments that agree with their epoch.
-    let mut epochs: BTreeMap<u64, Vec<Valid>> = BTreeMap::new();
+    // Keep the fragments of the wanted key, k and secret.
+    let mut kept = Vec::new();
     for v in valid {
         let header = v.fragment.header();
         if header.key_id != key_id {
@@ -296,27 +321,61 @@ pub fn rebuild(request: &QuorumRequest<'_>, candidates: &[Candidate]) -> Result<
             reject(&v.source, RejectReason::ForeignSecret);
             continue;
         }
-        let members = epochs.entry(header.epoch).or_default();
+        kept.push(v);
+    }
+
+    // From here on, nothing depends on the order the candidates came in: sort by what the
+    // fragments are (then by source, for identical copies), and group by (epoch, deal).
+    kept.sort_by(|a, b| {
+        let (ha, hb) = (a.fragment.header(), b.fragment.header());
+        (ha.epoch, ha.deal, ha.index, a.fragment.encoded(), &a.source).cmp(&(
+            hb.epoch,
+            hb.deal,
+            hb.index,
+            b.fragment.encoded(),
+            &b.source,
+        ))
+    });
+    let mut deals: BTreeMap<(u64, DealId), Vec<Valid>> = BTreeMap::new();
+    for v in kept {
+        let header = v.fragment.header();
+        let members = deals.entry((header.epoch, header.deal)).or_default();
         match disagreement(members, &v) {
             Some(reason) => reject(&v.source, reason),
             None => members.push(v),
         }
     }
+    // Newest epoch first (an older complete epoch is the fallback while a rotation is under
+    // way); within an epoch, the deal with the most valid fragments, then the lowest deal id.
+    let mut deals: Vec<((u64, DealId), Vec<Valid>)> = deals.into_iter().collect();
+    deals.sort_by(|((ea, da), ma), ((eb, db), mb)| {
+        eb.cmp(ea).then(mb.len().cmp(&ma.len())).then(da.cmp(db))
+    });
 
     let mut best: Option<(usize, u8)> = None;
-    let mut outcome = None;
-    // Newest epoch first; an older complete epoch is the fallback while a rotation is under way.
-    while let Some((epoch, mut members)) = epochs.pop_last() {
+    let mut outcome: Option<QuorumOutcome> = None;
+    for ((epoch, deal), members) in deals {
         let k = members
             .first()
             .map_or(0, |v| v.fragment.header().threshold.k());
         if best.is_none_or(|(count, _)| members.len() > count) {
             best = Some((members.len(), k));
         }
-        if outcome.is_some() {
+        if let Some(used) = &outcome {
+            let reason = if used.epoch == epoch {
+                RejectReason::OtherDeal {
+                    epoch,
+                    deal,
+                    used_deal: used.deal,
+                }
+            } else {
+                RejectReason::Superseded {
+                    epoch,
+                    used_epoch: used.epoch,
+                }
+            };
             for v in &members {
-                let used_epoch = outcome.as_ref().map_or(0, |o: &QuorumOutcome| o.epoch);
-                reject(&v.source, RejectReason::Superseded { epoch, used_epoch });
+                reject(&v.source, reason.clone());
             }
             continue;
         }
@@ -327,22 +386,25 @@ pub fn rebuild(request: &QuorumRequest<'_>, candidates: &[Candidate]) -> Result<
             }
             continue;
         }
-        members.sort_by_key(|v| v.fragment.header().index);
-        let spare_members = members.split_off(usize::from(k));
-        match combine_checked(&members, &key_id, k) {
-            Some(secret) => {
+        match combine_some_subset(&members, &key_id, k) {
+            Some((secret, positions)) => {
+                let (used, spare): (Vec<_>, Vec<_>) = members
+                    .iter()
+                    .enumerate()
+                    .partition(|(pos, _)| positions.contains(pos));
                 outcome = Some(QuorumOutcome {
                     secret,
                     key_id: key_id.clone(),
                     epoch,
+                    deal,
                     k,
-                    used: members.iter().map(accepted).collect(),
-                    spare: spare_members.iter().map(accepted).collect(),
+                    used: used.into_iter().map(|(_, v)| accepted(v)).collect(),
+                    spare: spare.into_iter().map(|(_, v)| accepted(v)).collect(),
                     rejected: Vec::new(),
                 });
             }
             None => {
-                for v in members.iter().chain(&spare_members) {
+                for v in &members {
                     reject(&v.source, RejectReason::KeyCheckFailed { epoch });
                 }
             }
@@ -362,7 +424,8 @@ pub fn rebuild(request: &QuorumRequest<'_>, candidates: &[Candidate]) -> Result<
     }
 }
 
-/// Why `candidate` cannot join the fragments already accepted for its epoch, if it cannot.
+/// Why `candidate` cannot join the fragments already accepted for its deal, if it cannot. The
+/// dealer signs one k/n and one key check value per deal, so a disagreement is a dealer fault.
 fn disagreement(members: &[Valid], candidate: &Valid) -> Option<RejectReason> {
     let header = candidate.fragment.header();
     let first = members.first()?.fragment.header();
@@ -390,7 +453,46 @@ fn disagreement(members: &[Valid], candidate: &Valid) -> Option<RejectReason> {
         })
 }
 
-fn combine_checked(members: &[Valid], key_id: &KeyId, k: u8) -> Option<Zeroizing<Vec<u8>>> {
+/// Combines k-subsets of `members` (sorted by index) in lexicographic order of positions until
+/// one rebuilds a secret that passes the key check, trying at most [`MAX_SUBSETS_TRIED`]. Returns
+/// the secret and the positions used.
+fn combine_some_subset(
+    members: &[Valid],
+    key_id: &KeyId,
+    k: u8,
+) -> Option<(Zeroizing<Vec<u8>>, Vec<usize>)> {
+    let mut positions: Vec<usize> = (0..usize::from(k)).collect();
+    for _ in 0..MAX_SUBSETS_TRIED {
+        let subset: Vec<&Valid> = positions.iter().filter_map(|p| members.get(*p)).collect();
+        if let Some(secret) = combine_checked(&subset, key_id, k) {
+            return Some((secret, positions));
+        }
+        if !next_combination(&mut positions, members.len()) {
+            break;
+        }
+    }
+    None
+}
+
+/// Advances `positions` (k increasing positions below `m`) to the next k-combination in
+/// lexicographic order; false after the last.
+fn next_combination(positions: &mut [usize], m: usize) -> bool {
+    let k = positions.len();
+    // The rightmost position that can still move right: p < m - k + i.
+    let Some(i) = (0..k)
+        .rev()
+        .find(|&i| positions.get(i).is_some_and(|&p| p + k < m + i))
+    else {
+        return false;
+    };
+    let start = positions.get(i).map_or(0, |p| p + 1);
+    for (next, p) in (start..).zip(positions.iter_mut().skip(i)) {
+        *p = next;
+    }
+    true
+}
+
+fn combine_checked(members: &[&Valid], key_id: &KeyId, k: u8) -> Option<Zeroizing<Vec<u8>>> {
     let shares: Vec<Share> = members.iter().map(|v| v.fragment.share().clone()).collect();
     let secret = sharing::combine(&shares, k).ok()?;
     let kcv = members.first()?.fragment.header().kcv;

@@ -173,6 +173,28 @@ pub fn combine(shares: &[Share], k: u8) -> Result<Zeroizing<Vec<u8>>> {
         .map_err(|_| SharingError::Interpolation)
 }
 
+/// The share at index `x` of the polynomials that `shares` (k of them, validated as for
+/// [`combine`]) lie on: how a lost share is re-made from k others without re-dealing.
+///
+/// In GF(2^8) addition is XOR, so g(t) = f(t + x) has the same degree as f and g(0) = f(x);
+/// the points of g are (x_i XOR x, y_i). Recovering g at 0 with the sharing library evaluates
+/// f at x in the library's own field.
+pub fn evaluate_at(shares: &[Share], k: u8, x: u8) -> Result<Share> {
+    validate_shares(shares, k)?;
+    if x == 0 {
+        return Err(SharingError::ZeroIndex);
+    }
+    if let Some(known) = shares.iter().find(|s| s.index == x) {
+        return Ok(known.clone());
+    }
+    let shifted: Vec<Share> = shares
+        .iter()
+        .take(usize::from(k))
+        .map(|s| Share::new(s.index ^ x, s.value.clone()))
+        .collect();
+    Ok(Share::new(x, combine(&shifted, k)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +225,25 @@ mod tests {
         assert_eq!(indices, vec![1, 2, 3, 4, 5]);
         let picked = vec![shares[4].clone(), shares[0].clone(), shares[2].clone()];
         assert_eq!(combine(&picked, 3).unwrap().as_slice(), secret);
+    }
+
+    #[test]
+    fn item8_evaluate_at_remakes_every_share_from_any_k() {
+        let secret = b"a key that outlives a lost share";
+        let shares = split(secret, Threshold::new(3, 7).unwrap()).unwrap();
+        let picked = [shares[6].clone(), shares[1].clone(), shares[3].clone()];
+        for original in &shares {
+            let remade = evaluate_at(&picked, 3, original.index()).unwrap();
+            assert_eq!(&remade, original, "share {}", original.index());
+        }
+        // Beyond n: a share of the same polynomials, consistent with the others.
+        let extra = evaluate_at(&picked, 3, 200).unwrap();
+        let with_extra = [extra, shares[0].clone(), shares[2].clone()];
+        assert_eq!(combine(&with_extra, 3).unwrap().as_slice(), secret);
+        assert_eq!(
+            evaluate_at(&picked, 3, 0).unwrap_err(),
+            SharingError::ZeroIndex
+        );
     }
 
     #[test]

@@ -142,7 +142,8 @@ fn split_writes_n_private_fragments_and_any_three_rebuild_the_secret() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(out.stdout, ws.secret());
-    assert!(stderr(&out).contains("rebuilt key root (epoch 1) from 3 of 3"));
+    assert!(stderr(&out).contains("rebuilt key root (epoch 1, deal "));
+    assert!(stderr(&out).contains(") from 3 of 3"));
 }
 
 #[test]
@@ -323,11 +324,16 @@ fn inspect_shows_metadata_and_never_share_bytes() {
     );
     assert_eq!(info["share_len"], 32);
     assert_eq!(info["signature_valid"], true);
+    let deal = verified.header().deal.to_string();
+    assert_eq!(info["deal"].as_str(), Some(deal.as_str()));
+    assert_eq!(deal.len(), 32);
     assert!(!stdout(&out).contains(&share_hex[..16]));
 
     let text = ws.ok(&["inspect", "frags/fragment-2.ksf"]);
     assert!(
-        stdout(&text).contains("share 2 of 5 (k = 3), vhd holder vhd-2"),
+        stdout(&text).contains(&format!(
+            "deal {deal} share 2 of 5 (k = 3), vhd holder vhd-2"
+        )),
         "{}",
         stdout(&text)
     );
@@ -349,31 +355,264 @@ fn inspect_reports_garbage_and_exits_1() {
 }
 
 #[test]
-fn policy_check_accepts_the_examples_and_refuses_a_host_visible_quorum() {
+fn policy_check_says_which_adversaries_each_example_resists() {
     let ws = Workspace {
         dir: tempfile::tempdir().unwrap(),
     };
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    for name in ["vhd-only.toml", "vhd-tpm.toml"] {
-        let path = examples.join(name);
-        ws.ok(&["policy", "check", path.to_str().unwrap()]);
-    }
-    let out = ws.ok(&[
-        "policy",
-        "check",
-        examples.join("vhd-only.toml").to_str().unwrap(),
-    ]);
-    assert!(stdout(&out).contains("warning: the 3 vhd shares alone reach the threshold"));
+    let check =
+        |name: &str| stdout(&ws.ok(&["policy", "check", examples.join(name).to_str().unwrap()]));
 
-    fs::write(ws.path("p.toml"), "threshold = 3\n[holders]\nvhd = 3\n").unwrap();
-    let out = ws.run(&["policy", "check", "p.toml"]);
-    assert_eq!(out.status.code(), Some(1));
+    let out = check("vhd-tpm.toml");
+    for line in [
+        "tpm shares sealed to sha256 PCRs 0, 7",
+        "stolen disk image: resists: obtains no share (0 of the 3 shares needed)",
+        "stolen state directory: resists: obtains vhd 2 (2 of the 3 shares needed)",
+        "changed firmware or boot chain: resists: obtains vhd 2 (2 of the 3 shares needed)",
+        "  only if sha256 PCRs 0, 7 measure the change: a change they do not measure is not detected",
+        "root on this host: does not resist: obtains vhd 2, tpm 1 (3 of the 3 shares needed)",
+        "  accepted because allow_host_reachable_quorum = true",
+        "recovery share: kept offline, so none of these obtains it; a stolen state directory \
+         together with it obtains 3 of the 3 shares needed",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from:\n{out}");
+    }
+
+    let out = check("vhd-only.toml");
+    for line in [
+        "stolen disk image: resists",
+        "stolen state directory: does not resist: obtains vhd 3 (3 of the 3 shares needed)",
+        "changed firmware or boot chain: does not resist",
+        "root on this host: does not resist",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from:\n{out}");
+    }
+}
+
+#[test]
+fn policy_check_refuses_a_host_reachable_quorum_and_the_old_override_name() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let refused = |text: &str, wanted: &str| {
+        fs::write(ws.path("p.toml"), text).unwrap();
+        let out = ws.run(&["policy", "check", "p.toml"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr(&out).contains(wanted), "{}", stderr(&out));
+        assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    };
+    refused(
+        "threshold = 3\n[holders]\nvhd = 2\ntpm = 1\n[tpm]\npcr_bank = \"sha256\"\npcrs = [0, 7]\n",
+        "the host-reachable shares (vhd 2, tpm 1) reach threshold 3",
+    );
+    refused(
+        "allow_host_visible_quorum = true\nthreshold = 3\n[holders]\nvhd = 3\n",
+        "allow_host_visible_quorum was renamed allow_host_reachable_quorum",
+    );
+}
+
+/// Issue 7 item 5: two splits of one secret with the same key id and epoch; `combine A1 B2 A3`
+/// exited 2, although A1 and A3 rebuild the secret.
+#[test]
+fn item5_combine_a1_b2_a3_rebuilds_the_secret_in_any_order() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    ws.ok(&["keygen", "--out", "dealer.pem"]);
+    fs::write(ws.path("secret"), random_secret()).unwrap();
+    for dir in ["a", "b"] {
+        ws.ok(&[
+            "split",
+            "--secret-file",
+            "secret",
+            "--threshold",
+            "2",
+            "--shares",
+            "3",
+            "--signing-key",
+            "dealer.pem",
+            "--out-dir",
+            dir,
+            "--key-id",
+            "root",
+            "--epoch",
+            "4",
+        ]);
+    }
+    let orders = [
+        ["a/fragment-1.ksf", "b/fragment-2.ksf", "a/fragment-3.ksf"],
+        ["b/fragment-2.ksf", "a/fragment-3.ksf", "a/fragment-1.ksf"],
+    ];
+    for order in orders {
+        let out = combine(&ws, &order);
+        assert!(out.status.success(), "{order:?}: {}", stderr(&out));
+        assert_eq!(out.stdout, ws.secret(), "{order:?}");
+        assert!(
+            stderr(&out).contains("skipped b/fragment-2.ksf: another split of epoch 4"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+/// Issue 7 item 12: a `--verify-key` that is the identity point (under which R = identity,
+/// s = 0 verifies any message with plain verification) is refused on loading.
+#[test]
+fn item12_a_weak_verify_key_is_refused() {
+    use ed25519_dalek::pkcs8::EncodePublicKey;
+    let ws = Workspace::split_3_of_5();
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let weak = ed25519_dalek::VerifyingKey::from_bytes(&identity).unwrap();
+    let pem = weak
+        .to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+        .unwrap();
+    fs::write(ws.path("weak.pub"), pem).unwrap();
+    for args in [
+        &[
+            "combine",
+            "--verify-key",
+            "weak.pub",
+            "frags/fragment-1.ksf",
+        ][..],
+        &[
+            "inspect",
+            "--verify-key",
+            "weak.pub",
+            "frags/fragment-1.ksf",
+        ],
+    ] {
+        let out = ws.run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&out).contains("weak.pub: the dealer public key is a weak (small-order)"),
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(stderr(&out).lines().count(), 1);
+    }
+}
+
+/// Issue 7 item 11: `split --force` with a smaller n left fragment-4 and fragment-5 of the
+/// old split next to the new one. Stale fragments go; files that are not fragments stay.
+#[test]
+fn item11_split_force_with_a_smaller_n_removes_only_stale_fragments() {
+    let ws = Workspace::split_3_of_5();
+    fs::copy(
+        ws.path("frags/fragment-1.ksf"),
+        ws.path("frags/fragment-9.ksf"),
+    )
+    .unwrap();
+    fs::write(ws.path("frags/fragment-7.ksf"), b"my notes, not a fragment").unwrap();
+    fs::write(ws.path("frags/notes.txt"), b"keep me").unwrap();
+    let out = ws.ok(&[
+        "split",
+        "--secret-file",
+        "secret",
+        "--threshold",
+        "2",
+        "--shares",
+        "3",
+        "--signing-key",
+        "dealer.pem",
+        "--out-dir",
+        "frags",
+        "--key-id",
+        "root",
+        "--force",
+    ]);
+    for i in 1..=3 {
+        assert!(ws.path(&format!("frags/fragment-{i}.ksf")).exists());
+    }
+    for i in [4, 5, 9] {
+        assert!(
+            !ws.path(&format!("frags/fragment-{i}.ksf")).exists(),
+            "fragment-{i}.ksf is still there"
+        );
+    }
+    assert_eq!(
+        fs::read(ws.path("frags/fragment-7.ksf")).unwrap(),
+        b"my notes, not a fragment"
+    );
+    assert_eq!(fs::read(ws.path("frags/notes.txt")).unwrap(), b"keep me");
+    assert!(stdout(&out).contains("removed 3 stale fragment file(s)"));
     assert!(
-        stderr(&out).contains("allow_host_visible_quorum"),
+        stderr(&out).contains("fragment-7.ksf: not a keyshard fragment"),
         "{}",
         stderr(&out)
     );
-    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    let out = combine(&ws, &["frags/fragment-1.ksf", "frags/fragment-3.ksf"]);
+    assert_eq!(out.stdout, ws.secret());
+}
+
+/// Issue 7 item 11: clap's usage errors were several lines (message, usage, hint).
+#[test]
+fn item11_usage_errors_are_one_line() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &[
+                "split",
+                "--threshold",
+                "300",
+                "--shares",
+                "3",
+                "--secret-file",
+                "s",
+                "--signing-key",
+                "k",
+                "--out-dir",
+                "d",
+            ],
+            "keyshard: invalid value '300' for '--threshold <K>': 300 is not in 0..=255 (try --help)",
+        ),
+        (
+            &["split", "--threshold", "2"],
+            "keyshard: the following required arguments were not provided: --secret-file <FILE|->, \
+             --shares <N>, --signing-key <FILE>, --out-dir <DIR> (try --help)",
+        ),
+        (
+            &["frobnicate"],
+            "keyshard: unrecognized subcommand 'frobnicate' (try --help)",
+        ),
+    ];
+    for (args, line) in cases {
+        let out = ws.run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(stderr(&out), format!("{line}\n"), "{args:?}");
+    }
+    let help = ws.run(&["split", "--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(stdout(&help).lines().count() > 5);
+}
+
+/// Issue 7 item 6: `init` said "2 of 2 shares rebuild it" and wrote one fragment.
+#[test]
+fn item6_policy_check_and_init_refuse_host_shares() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    fs::write(
+        ws.path("p.toml"),
+        "threshold = 2\n[holders]\nvhd = 1\nhost = 1\n",
+    )
+    .unwrap();
+    for args in [
+        &["policy", "check", "p.toml"][..],
+        &["init", "--policy", "p.toml", "--state-dir", "state"],
+    ] {
+        let out = ws.run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&out).contains("host shares have no holder yet"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    }
+    assert!(!ws.path("state").exists(), "init wrote a state directory");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use crate::holder::{HolderClass, HolderId, KeyId, NameError};
 use crate::kcv::KeyCheckValue;
 use crate::sharing::{Share, SharingError, Threshold};
 
-pub use wire::{MAGIC, MAX_FRAGMENT_LEN, VERSION};
+pub use wire::{DEAL_ID_LEN, MAGIC, MAX_FRAGMENT_LEN, SIGNATURE_LEN, VERSION};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FragmentError {
@@ -21,7 +21,12 @@ pub enum FragmentError {
     Truncated { field: &'static str },
     #[error("not a keyshard fragment (bad magic)")]
     BadMagic,
-    #[error("unsupported fragment version {version} (this build reads version 1)")]
+    #[error(
+        "fragment format version 1 is from before deal ids and is no longer read: re-deal the \
+         secret (keyshard split or keyshard init) to make version {VERSION} fragments"
+    )]
+    VersionWithoutDealId,
+    #[error("unsupported fragment version {version} (this build reads version {VERSION})")]
     UnsupportedVersion { version: u8 },
     #[error("unknown holder class code {code}")]
     UnknownHolderClass { code: u8 },
@@ -49,11 +54,48 @@ impl From<crate::bytes::Truncated> for FragmentError {
     }
 }
 
+/// Names one deal: drawn at random once per split, carried by each of its fragments, so that
+/// fragments of two splits with the same key id and epoch are never combined together.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DealId([u8; DEAL_ID_LEN]);
+
+impl DealId {
+    /// A fresh deal id from the operating system's randomness.
+    pub fn random() -> std::result::Result<Self, getrandom::Error> {
+        let mut bytes = [0u8; DEAL_ID_LEN];
+        getrandom::fill(&mut bytes)?;
+        Ok(Self(bytes))
+    }
+
+    pub const fn from_bytes(bytes: [u8; DEAL_ID_LEN]) -> Self {
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; DEAL_ID_LEN] {
+        &self.0
+    }
+}
+
+/// 32 hex digits.
+impl std::fmt::Display for DealId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl std::fmt::Debug for DealId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DealId({self})")
+    }
+}
+
 /// Everything in a fragment but the share bytes and the signature.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FragmentHeader {
     pub key_id: KeyId,
     pub epoch: u64,
+    /// Which split of the secret this fragment belongs to.
+    pub deal: DealId,
     /// The share's x coordinate, 1..=n.
     pub index: u8,
     pub threshold: Threshold,
@@ -157,6 +199,27 @@ impl VerifiedFragment {
     pub fn encoded(&self) -> &[u8] {
         &self.encoded
     }
+
+    /// The dealer's signature: the last [`wire::SIGNATURE_LEN`] bytes.
+    pub fn signature(&self) -> Option<[u8; wire::SIGNATURE_LEN]> {
+        self.encoded
+            .len()
+            .checked_sub(wire::SIGNATURE_LEN)
+            .and_then(|at| self.encoded.get(at..))
+            .and_then(|tail| tail.try_into().ok())
+    }
+}
+
+/// A fragment's bytes from its parts, as the dealer signed them: for a fragment carried in
+/// another form (a recovery code). The result is not trusted until it is parsed and verified.
+pub fn assemble(
+    header: &FragmentHeader,
+    share: &[u8],
+    signature: &[u8; wire::SIGNATURE_LEN],
+) -> Result<Zeroizing<Vec<u8>>> {
+    let mut encoded = wire::encode_signed_part(header, share)?;
+    encoded.extend_from_slice(signature);
+    Ok(encoded)
 }
 
 impl std::fmt::Debug for VerifiedFragment {

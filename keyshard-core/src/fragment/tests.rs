@@ -1,6 +1,6 @@
 //! Fragment format tests: the documented layout, every parser error, and signature checks.
 
-use ed25519_dalek::{Signer, SigningKey};
+use ed25519_dalek::{Signer, SigningKey, Verifier};
 
 use super::*;
 use crate::keys;
@@ -16,6 +16,7 @@ struct Raw {
     n: u8,
     index: u8,
     epoch: u64,
+    deal: [u8; 16],
     key_id: Vec<u8>,
     holder_id: Vec<u8>,
     share_len: u16,
@@ -27,12 +28,13 @@ impl Raw {
     fn valid() -> Self {
         Self {
             magic: b"KSHF".to_vec(),
-            version: 1,
+            version: 2,
             class: 1,
             k: 2,
             n: 3,
             index: 3,
             epoch: 0x0102_0304_0506_0708,
+            deal: *b"deal-id-16-bytes",
             key_id: b"root-volume".to_vec(),
             holder_id: b"vhd-3".to_vec(),
             share_len: 4,
@@ -45,6 +47,7 @@ impl Raw {
         let mut out = self.magic.clone();
         out.extend([self.version, self.class, self.k, self.n, self.index]);
         out.extend(self.epoch.to_le_bytes());
+        out.extend(self.deal);
         out.push(self.key_id.len() as u8);
         out.extend(&self.key_id);
         out.push(self.holder_id.len() as u8);
@@ -78,6 +81,8 @@ fn documented_layout_parses_and_verifies() {
     let h = fragment.header();
     assert_eq!(h.key_id.as_str(), "root-volume");
     assert_eq!(h.epoch, 0x0102_0304_0506_0708);
+    assert_eq!(h.deal.as_bytes(), b"deal-id-16-bytes");
+    assert_eq!(h.deal.to_string(), hex::encode(b"deal-id-16-bytes"));
     assert_eq!((h.index, h.threshold.k(), h.threshold.n()), (3, 2, 3));
     assert_eq!((h.class, h.holder_id.as_str()), (HolderClass::Vhd, "vhd-3"));
     assert_eq!(h.kcv.as_bytes(), &[0x11; 32]);
@@ -165,7 +170,7 @@ fn bad_magic_version_and_class() {
         }),
         FragmentError::BadMagic
     );
-    for version in [0, 2, 255] {
+    for version in [0, 3, 255] {
         assert_eq!(
             parse_err(&Raw {
                 version,
@@ -174,7 +179,7 @@ fn bad_magic_version_and_class() {
             FragmentError::UnsupportedVersion { version }
         );
     }
-    for class in [0, 5, 255] {
+    for class in [0, 6, 255] {
         assert_eq!(
             parse_err(&Raw {
                 class,
@@ -183,6 +188,33 @@ fn bad_magic_version_and_class() {
             FragmentError::UnknownHolderClass { code: class }
         );
     }
+}
+
+/// Issue 7 item 5: version 1 fragments carry no deal id; they get their own error, not a
+/// generic "unsupported version", so the user knows to re-deal.
+#[test]
+fn item5_version_1_fragments_are_refused_as_from_before_deal_ids() {
+    // A version 1 fragment as it was written: no deal id after the epoch.
+    let raw = Raw::valid();
+    let mut v1 = raw.magic.clone();
+    v1.extend([1, raw.class, raw.k, raw.n, raw.index]);
+    v1.extend(raw.epoch.to_le_bytes());
+    v1.push(raw.key_id.len() as u8);
+    v1.extend(&raw.key_id);
+    v1.push(raw.holder_id.len() as u8);
+    v1.extend(&raw.holder_id);
+    v1.extend(raw.share_len.to_le_bytes());
+    v1.extend(&raw.share);
+    v1.extend(raw.kcv);
+    let signature = dealer().sign(&v1);
+    v1.extend(signature.to_bytes());
+    let err = Fragment::parse(&v1).unwrap_err();
+    assert_eq!(err, FragmentError::VersionWithoutDealId);
+    let line = err.to_string();
+    assert!(
+        line.contains("before deal ids") && line.contains("re-deal"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -288,6 +320,29 @@ fn any_flipped_byte_is_caught() {
     }
 }
 
+/// Issue 7 item 12: the identity-point forgery. With the dealer key and R both the identity
+/// point and s = 0, plain `verify` accepts any message (s·B - h·A = O = R); `verify_strict`
+/// refuses small-order keys and R. Replacing `verify_strict` by `verify` fails this test.
+#[test]
+fn item12_the_identity_point_forgery_is_refused() {
+    let identity = crate::keys::tests::IDENTITY;
+    let weak = VerifyingKey::from_bytes(&identity).unwrap();
+    let mut forged = Raw::valid().signed_part();
+    let mut signature = [0u8; 64];
+    signature[..32].copy_from_slice(&identity);
+    // The forgery is real: plain verification accepts it.
+    assert!(
+        weak.verify(&forged, &Signature::from_bytes(&signature))
+            .is_ok()
+    );
+    forged.extend(signature);
+    let fragment = Fragment::parse(&forged).unwrap();
+    assert_eq!(
+        fragment.verify(&weak).unwrap_err(),
+        FragmentError::BadSignature
+    );
+}
+
 #[test]
 fn another_dealers_fragment_fails_the_signature_check() {
     let bytes = Raw::valid().sign(&keys::generate().unwrap());
@@ -324,5 +379,77 @@ fn debug_output_never_contains_share_bytes() {
             text.contains("share_len: 4") || text.contains("len: 4"),
             "{text}"
         );
+    }
+}
+
+/// The fragment parser's fuzz seeds (`fuzz/seeds/fragment_parse/`), built from the layout table
+/// with fixed fields, so they are the same bytes on every run.
+fn fuzz_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let typical = Raw {
+        k: 2,
+        n: 3,
+        index: 2,
+        epoch: 1,
+        key_id: b"root".to_vec(),
+        holder_id: b"vhd-2".to_vec(),
+        share_len: 32,
+        share: (0..32).collect(),
+        ..Raw::valid()
+    };
+    let smallest = Raw {
+        k: 2,
+        n: 2,
+        index: 1,
+        epoch: u64::MAX,
+        key_id: b"k".to_vec(),
+        holder_id: b"v".to_vec(),
+        share_len: 1,
+        share: vec![0x5a],
+        ..Raw::valid()
+    };
+    let largest = Raw {
+        class: 2,
+        k: 255,
+        n: 255,
+        index: 255,
+        key_id: vec![b'K'; 64],
+        holder_id: vec![b'h'; 16],
+        share_len: 1024,
+        share: (0..1024u32).map(|i| (i % 251) as u8).collect(),
+        ..Raw::valid()
+    };
+    vec![
+        ("vhd-2of3-32b.ksf", typical.sign(&dealer())),
+        ("min-1b-max-epoch.ksf", smallest.sign(&dealer())),
+        ("max-1024b-64-char-id.ksf", largest.sign(&dealer())),
+    ]
+}
+
+fn fuzz_seed_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/fragment_parse")
+}
+
+/// The committed seeds are valid fragments of the current format: a format change that forgets
+/// them fails here. Regenerate with
+/// `cargo test -p keyshard-core --lib write_fuzz_seeds -- --ignored`.
+#[test]
+fn fuzz_seeds_are_current_valid_fragments() {
+    for (name, bytes) in fuzz_seeds() {
+        let on_disk = std::fs::read(fuzz_seed_dir().join(name)).unwrap();
+        assert_eq!(on_disk, bytes, "{name} is stale: regenerate the seeds");
+        let fragment = Fragment::parse(&on_disk).unwrap();
+        assert!(fragment.verify(&dealer().verifying_key()).is_ok(), "{name}");
+    }
+    let largest = fuzz_seeds().pop().unwrap().1;
+    assert_eq!(largest.len(), MAX_FRAGMENT_LEN);
+}
+
+#[test]
+#[ignore = "writes fuzz/seeds/fragment_parse; run by hand after a format change"]
+fn write_fuzz_seeds() {
+    let dir = fuzz_seed_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, bytes) in fuzz_seeds() {
+        std::fs::write(dir.join(name), bytes).unwrap();
     }
 }

@@ -1,16 +1,17 @@
-//! The byte layout of fragment format v1, and its strict parser.
+//! The byte layout of fragment format v2, and its strict parser.
 //!
 //! All integers are little-endian. Offsets after the key id depend on its length.
 //!
 //! | field         | size       | meaning                                                      |
 //! |---------------|------------|--------------------------------------------------------------|
 //! | magic         | 4          | `KSHF`                                                       |
-//! | version       | 1          | 1                                                            |
-//! | holder class  | 1          | 1 `vhd`, 2 `tpm`, 3 `sev`, 4 `host`                          |
+//! | version       | 1          | 2 (1, from before deal ids, is refused with its own error)   |
+//! | holder class  | 1          | 1 `vhd`, 2 `tpm`, 3 `sev`, 4 `host`, 5 `recovery`            |
 //! | k             | 1          | threshold, 2..=n                                             |
 //! | n             | 1          | number of shares in this epoch                               |
 //! | share index   | 1          | the share's x coordinate, 1..=n                              |
 //! | epoch         | 8          | sharing epoch; rotation makes a new one                      |
+//! | deal id       | 16         | random, drawn once per split; fragments of one deal share it |
 //! | key id length | 1          | 1..=64                                                       |
 //! | key id        | 1..=64     | ASCII `A-Z a-z 0-9 . _ -`                                    |
 //! | holder length | 1          | 1..=16                                                       |
@@ -24,14 +25,17 @@
 
 use zeroize::Zeroizing;
 
-use super::{FragmentError, FragmentHeader, Result};
+use super::{DealId, FragmentError, FragmentHeader, Result};
 use crate::bytes::Reader;
 use crate::holder::{HolderClass, HolderId, KeyId, MAX_HOLDER_ID_LEN, MAX_KEY_ID_LEN};
 use crate::kcv::{KCV_LEN, KeyCheckValue};
 use crate::sharing::{MAX_SECRET_LEN, Threshold};
 
 pub const MAGIC: [u8; 4] = *b"KSHF";
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
+/// The format version before deal ids; refused with [`FragmentError::VersionWithoutDealId`].
+const VERSION_WITHOUT_DEAL_ID: u8 = 1;
+pub const DEAL_ID_LEN: usize = 16;
 pub const SIGNATURE_LEN: usize = 64;
 /// The largest valid fragment: every variable field at its maximum.
 pub const MAX_FRAGMENT_LEN: usize = 4
@@ -41,6 +45,7 @@ pub const MAX_FRAGMENT_LEN: usize = 4
     + 1
     + 1
     + 8
+    + DEAL_ID_LEN
     + 1
     + MAX_KEY_ID_LEN
     + 1
@@ -70,6 +75,9 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Parsed> {
         return Err(FragmentError::BadMagic);
     }
     let version = r.u8("version")?;
+    if version == VERSION_WITHOUT_DEAL_ID {
+        return Err(FragmentError::VersionWithoutDealId);
+    }
     if version != VERSION {
         return Err(FragmentError::UnsupportedVersion { version });
     }
@@ -83,6 +91,7 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Parsed> {
         return Err(FragmentError::BadShareIndex { index, n });
     }
     let epoch = r.u64("epoch")?;
+    let deal = DealId::from_bytes(r.array("deal id")?);
     let key_id = KeyId::new(r.short_str("key id")?).map_err(FragmentError::BadKeyId)?;
     let holder_id = HolderId::new(r.short_str("holder id")?).map_err(FragmentError::BadHolderId)?;
     let share_len = usize::from(r.u16("share length")?);
@@ -101,6 +110,7 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Parsed> {
         header: FragmentHeader {
             key_id,
             epoch,
+            deal,
             index,
             threshold,
             class,
@@ -132,6 +142,7 @@ pub(super) fn encode_signed_part(
     out.push(header.threshold.n());
     out.push(header.index);
     out.extend_from_slice(&header.epoch.to_le_bytes());
+    out.extend_from_slice(header.deal.as_bytes());
     // The id constructors bound both lengths far below 256, so `as u8` cannot truncate.
     out.push(key_id.len() as u8);
     out.extend_from_slice(key_id);

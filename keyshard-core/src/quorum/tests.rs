@@ -4,6 +4,7 @@ use ed25519_dalek::SigningKey;
 
 use super::*;
 use crate::dealer::{self, DealPlan, HolderSlot};
+use crate::fragment::DealId;
 use crate::holder::HolderClass;
 use crate::keys;
 
@@ -278,16 +279,44 @@ fn shares_of_different_epochs_are_never_mixed() {
     );
 }
 
+/// `deal_as` for the quorum tests: fixed deal id, vhd holders, sources `<name>-f<index>`.
+fn deal_named(
+    secret: &[u8],
+    epoch: u64,
+    k: u8,
+    n: u8,
+    deal: [u8; 16],
+    name: &str,
+    key: &SigningKey,
+) -> Vec<Candidate> {
+    let plan = DealPlan {
+        key_id: key_id("vol"),
+        epoch,
+        k,
+        holders: HolderSlot::numbered(HolderClass::Vhd, n).collect(),
+    };
+    dealer::deal_as(secret, &plan, key, DealId::from_bytes(deal))
+        .unwrap()
+        .iter()
+        .map(|f| {
+            Candidate::new(
+                format!("{name}-f{}", f.header().index),
+                f.encoded().to_vec(),
+            )
+        })
+        .collect()
+}
+
 #[test]
-fn duplicate_index_and_inconsistent_epoch_members_are_rejected() {
+fn duplicate_index_and_inconsistent_deal_members_are_rejected() {
     let key = keys::generate().unwrap();
-    let fragments = deal(SECRET, "vol", 1, 2, 3, &key);
+    let fragments = deal_named(SECRET, 1, 2, 3, [1; 16], "e1", &key);
     let mut copy = fragments[0].clone();
     copy.source = "copy".into();
-    // Same key id and epoch, another split: k/n and key check value disagree.
-    let mut odd = deal(b"a different secret", "vol", 1, 3, 4, &key)[3].clone();
+    // The same deal id signed for another k/n or another secret: a dealer fault.
+    let mut odd = deal_named(b"a different secret", 1, 3, 4, [1; 16], "odd", &key)[3].clone();
     odd.source = "odd-kn".into();
-    let mut odd_kcv = deal(b"a different secret", "vol", 1, 2, 3, &key)[2].clone();
+    let mut odd_kcv = deal_named(b"a different secret", 1, 2, 3, [1; 16], "odd", &key)[2].clone();
     odd_kcv.source = "odd-kcv".into();
     let all = [
         fragments[0].clone(),
@@ -302,13 +331,14 @@ fn duplicate_index_and_inconsistent_epoch_members_are_rejected() {
         reasons(&out.rejected),
         [
             (
-                "copy",
+                "e1-f1",
                 RejectReason::DuplicateIndex {
                     epoch: 1,
                     index: 1,
-                    first_source: "e1-f1".into()
+                    first_source: "copy".into()
                 }
             ),
+            ("odd-kcv", RejectReason::InconsistentKeyCheck { epoch: 1 }),
             (
                 "odd-kn",
                 RejectReason::InconsistentThreshold {
@@ -319,9 +349,138 @@ fn duplicate_index_and_inconsistent_epoch_members_are_rejected() {
                     epoch_n: 3
                 }
             ),
-            ("odd-kcv", RejectReason::InconsistentKeyCheck { epoch: 1 }),
         ]
     );
+}
+
+/// Issue 7 item 5: two splits of one secret, same key id and epoch. `combine A1 B2 A3` used to
+/// exit 2 (B2 disagreed with A1's epoch, A1 + A3 were never tried together); the deal id keeps
+/// A and B apart, and A1 + A3 rebuild the secret.
+#[test]
+fn item5_combine_a1_b2_a3_rebuilds_from_the_a_deal() {
+    let key = keys::generate().unwrap();
+    let a = deal_named(SECRET, 1, 2, 3, [0xa; 16], "a", &key);
+    let b = deal_named(SECRET, 1, 2, 3, [0xb; 16], "b", &key);
+    let out = rebuild(
+        &request(&key.verifying_key()),
+        &[a[0].clone(), b[1].clone(), a[2].clone()],
+    )
+    .unwrap();
+    assert_eq!(out.secret.as_slice(), SECRET);
+    assert_eq!(out.deal, DealId::from_bytes([0xa; 16]));
+    assert_eq!(sources(&out.used), ["a-f1", "a-f3"]);
+    assert_eq!(
+        reasons(&out.rejected),
+        [(
+            "b-f2",
+            RejectReason::OtherDeal {
+                epoch: 1,
+                deal: DealId::from_bytes([0xb; 16]),
+                used_deal: DealId::from_bytes([0xa; 16])
+            }
+        )]
+    );
+}
+
+/// Issue 7 item 5: a 2-of-4 fragment given first set the epoch's k/n, and the good 2-of-3 set
+/// that followed was rejected as inconsistent.
+#[test]
+fn item5_a_2_of_4_fragment_first_no_longer_fails_a_good_2_of_3_set() {
+    let key = keys::generate().unwrap();
+    let stale = deal_named(
+        b"an older secret of the same name",
+        1,
+        2,
+        4,
+        [4; 16],
+        "s",
+        &key,
+    );
+    let good = deal_named(SECRET, 1, 2, 3, [3; 16], "g", &key);
+    let id = key_id("vol");
+    let kcv = crate::KeyCheckValue::compute(SECRET, &id);
+    let vk = key.verifying_key();
+    let all = [stale[3].clone(), good[0].clone(), good[2].clone()];
+    let out = rebuild(&request(&vk), &all).unwrap();
+    assert_eq!((out.secret.as_slice(), out.k), (SECRET, 2));
+    assert_eq!(sources(&out.used), ["g-f1", "g-f3"]);
+    // With the manifest's key check value, the stale one is named as another secret.
+    let req = QuorumRequest {
+        key_check_value: Some(&kcv),
+        ..request(&vk)
+    };
+    let out = rebuild(&req, &all).unwrap();
+    assert_eq!(out.secret.as_slice(), SECRET);
+    assert_eq!(
+        reasons(&out.rejected),
+        [("s-f4", RejectReason::ForeignSecret)]
+    );
+}
+
+/// Signs `share` into a fragment of `deal` as the dealer would, but with a share of the
+/// dealer's choosing: a dealer-signed fragment whose share is wrong.
+fn signed_with_share(like: &Candidate, share: &[u8], key: &SigningKey) -> Candidate {
+    let parsed = Fragment::parse(like.content.as_ref().unwrap()).unwrap();
+    let header = parsed.header().clone();
+    let share = Share::new(header.index, Zeroizing::new(share.to_vec()));
+    let f = VerifiedFragment::sign(header, &share, key).unwrap();
+    Candidate::new(format!("{}-bad", like.source), f.encoded().to_vec())
+}
+
+#[test]
+fn item5_a_failed_key_check_tries_other_subsets_of_the_deal() {
+    let key = keys::generate().unwrap();
+    let good = deal_named(SECRET, 1, 2, 3, [9; 16], "d", &key);
+    let bad = signed_with_share(&good[0], &[0x55; 32], &key);
+    // Index 1 is wrong: {1,2} and {1,3} fail the key check, {2,3} passes.
+    let all = [good[2].clone(), bad, good[1].clone()];
+    let out = rebuild(&request(&key.verifying_key()), &all).unwrap();
+    assert_eq!(out.secret.as_slice(), SECRET);
+    assert_eq!(sources(&out.used), ["d-f2", "d-f3"]);
+    assert_eq!(sources(&out.spare), ["d-f1-bad"]);
+}
+
+#[test]
+fn item5_the_subsets_tried_are_bounded() {
+    let key = keys::generate().unwrap();
+    // 2 of 12: the only good pair is {11, 12}, the 66th and last pair in order; the cap (32)
+    // stops before it.
+    let good = deal_named(SECRET, 1, 2, 12, [5; 16], "d", &key);
+    let mut all: Vec<Candidate> = good[..10]
+        .iter()
+        .map(|c| signed_with_share(c, &[0x33; 32], &key))
+        .collect();
+    all.extend_from_slice(&good[10..]);
+    let err = rebuild(&request(&key.verifying_key()), &all).unwrap_err();
+    let QuorumError::NotMet { rejected, .. } = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(rejected.len(), 12);
+    assert!(
+        rejected
+            .iter()
+            .all(|r| r.reason == RejectReason::KeyCheckFailed { epoch: 1 })
+    );
+    // With the good pair within reach of the cap, it is found.
+    let mut near: Vec<Candidate> = all[9..].to_vec();
+    near.reverse();
+    let out = rebuild(&request(&key.verifying_key()), &near).unwrap();
+    assert_eq!(sources(&out.used), ["d-f11", "d-f12"]);
+}
+
+#[test]
+fn combinations_run_in_lexicographic_order_and_stop_after_the_last() {
+    let mut positions = vec![0, 1];
+    let mut seen = vec![positions.clone()];
+    while next_combination(&mut positions, 4) {
+        seen.push(positions.clone());
+    }
+    assert_eq!(
+        seen,
+        [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]].map(|p| p.to_vec())
+    );
+    let mut all = vec![0, 1, 2];
+    assert!(!next_combination(&mut all, 3));
 }
 
 #[test]
@@ -335,6 +494,7 @@ fn a_dealer_that_signed_a_wrong_key_check_value_is_caught() {
             let header = FragmentHeader {
                 key_id: id.clone(),
                 epoch: 1,
+                deal: DealId::from_bytes([1; 16]),
                 index: share.index(),
                 threshold: crate::Threshold::new(2, 2).unwrap(),
                 class: HolderClass::Vhd,

@@ -22,14 +22,15 @@ fn main() -> ExitCode {
         .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        // --help and --version are not errors; every usage error is one line and exits 1, not
+        // clap's 2.
+        Err(e) if e.use_stderr() => {
+            eprintln!("keyshard: {} (try --help)", cli::usage_error_line(&e));
+            return ExitCode::from(EXIT_FAILURE);
+        }
         Err(e) => {
             let _ = e.print();
-            // --help and --version are not errors; every usage error exits 1, not clap's 2.
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_FAILURE)
-            } else {
-                ExitCode::SUCCESS
-            };
+            return ExitCode::SUCCESS;
         }
     };
     match cli::run(cli) {

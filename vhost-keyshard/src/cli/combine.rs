@@ -84,9 +84,10 @@ pub fn run(config: Config) -> Result<(), CliError> {
     config.sink.deliver(&outcome.secret)?;
     let used: Vec<&str> = outcome.used.iter().map(|u| u.source.as_str()).collect();
     eprintln!(
-        "keyshard: rebuilt key {} (epoch {}) from {} of {} fragments: {}",
+        "keyshard: rebuilt key {} (epoch {}, deal {}) from {} of {} fragments: {}",
         outcome.key_id,
         outcome.epoch,
+        outcome.deal,
         outcome.used.len(),
         candidates.len(),
         used.join(", ")

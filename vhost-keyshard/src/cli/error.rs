@@ -36,6 +36,8 @@ pub enum CliError {
     SnpRefused(#[from] crate::snp::VerifyError),
     #[error(transparent)]
     Init(#[from] crate::coordinator::init::InitError),
+    #[error("reseal: {0}")]
+    Reseal(#[from] crate::coordinator::reseal::ResealError),
     #[error(transparent)]
     Setup(#[from] crate::coordinator::setup::SetupError),
     #[error(transparent)]

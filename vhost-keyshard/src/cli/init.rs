@@ -1,9 +1,11 @@
 //! `keyshard init`: set up a coordinator state directory from a policy.
 
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 
 use keyshard_core::files::{self, Overwrite};
+use keyshard_core::fragment::VerifiedFragment;
 use keyshard_core::holder::HolderClass;
+use keyshard_core::recovery;
 use keyshard_core::sharing::MAX_SECRET_LEN;
 use zeroize::Zeroizing;
 
@@ -36,6 +38,11 @@ pub struct Args {
     /// Replace an existing state directory's files.
     #[arg(long)]
     pub force: bool,
+    /// Write the recovery share (policy `[holders] recovery = 1`) to FILE (0600; never over an
+    /// existing file; not inside the state directory). Without it, it is printed once as a
+    /// recovery code.
+    #[arg(long, value_name = "FILE")]
+    pub recovery_file: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -46,6 +53,7 @@ pub struct Config {
     pub signing_key: Option<PathBuf>,
     pub tcti: String,
     pub overwrite: Overwrite,
+    pub recovery_file: Option<PathBuf>,
 }
 
 impl TryFrom<Args> for Config {
@@ -63,6 +71,7 @@ impl TryFrom<Args> for Config {
             } else {
                 Overwrite::Refuse
             },
+            recovery_file: args.recovery_file,
         })
     }
 }
@@ -74,6 +83,9 @@ pub fn run(config: Config) -> Result<(), CliError> {
             config.state_dir.root().to_owned(),
         )
         .into());
+    }
+    if let Some(path) = &config.recovery_file {
+        check_recovery_file(path, &config.state_dir, policy.holders.recovery)?;
     }
     let secret = match &config.secret_file {
         Some(path) => files::read_limited(path, MAX_SECRET_LEN)?,
@@ -130,6 +142,9 @@ pub fn run(config: Config) -> Result<(), CliError> {
         );
     }
     println!("  guest manifest: {dir}/manifest.toml");
+    if let Some(recovery) = &report.recovery {
+        hand_over_recovery(recovery, config.recovery_file.as_deref())?;
+    }
     if policy.holders.get(HolderClass::Sev) > 0 {
         println!(
             "  sev shares need {dir}/snp/policy.toml (SEV-SNP policy) before the coordinator releases them"
@@ -153,4 +168,84 @@ fn new_dealer_key(config: &Config) -> Result<keyshard_core::keys::DealerSigningK
         .map_err(key_error(&public))?;
     files::write_atomic(&public, pem.as_bytes(), 0o644, config.overwrite)?;
     Ok(key)
+}
+
+/// Refuses a recovery file that would not be kept apart: no recovery share in the policy, an
+/// existing file, or a path inside the state directory (whoever copies the directory would copy
+/// the recovery share with it).
+fn check_recovery_file(path: &Path, state_dir: &StateDir, shares: u8) -> Result<(), CliError> {
+    if shares == 0 {
+        return Err(CliError::InvalidArgument(
+            "--recovery-file: the policy gives no recovery share ([holders] recovery = 1)".into(),
+        ));
+    }
+    files::check_writable(path, Overwrite::Refuse)?;
+    if resolve(path)?.starts_with(resolve(state_dir.root())?) {
+        return Err(CliError::InvalidArgument(format!(
+            "--recovery-file {}: inside the state directory; keep the recovery share apart from it",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `path` made absolute with symbolic links resolved, as far as it exists.
+fn resolve(path: &Path) -> Result<PathBuf, CliError> {
+    let absolute = std::path::absolute(path).map_err(|source| files::FileError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            let mut resolved = real;
+            for part in rest.iter().rev() {
+                match part {
+                    Component::ParentDir => {
+                        resolved.pop();
+                    }
+                    Component::Normal(name) => resolved.push(name),
+                    _ => {}
+                }
+            }
+            return Ok(resolved);
+        }
+        match (existing.parent(), existing.components().next_back()) {
+            (Some(parent), Some(last)) => {
+                rest.push(last);
+                existing = parent;
+            }
+            _ => return Ok(absolute.clone()),
+        }
+    }
+}
+
+/// Writes the recovery share to `file`, or prints it once as a recovery code.
+fn hand_over_recovery(recovery: &VerifiedFragment, file: Option<&Path>) -> Result<(), CliError> {
+    match file {
+        Some(path) => {
+            files::write_private(path, recovery.encoded(), Overwrite::Refuse)?;
+            println!(
+                "  recovery share: {} (0600): keep it offline, apart from this host; \
+                 `keyshard reseal --recovery-file` needs it after a firmware update",
+                path.display()
+            );
+        }
+        None => {
+            let code = recovery::encode(recovery)
+                .map_err(|e| CliError::InvalidArgument(format!("recovery code: {e}")))?;
+            log::warn!(
+                "the recovery code below is shown once and stored nowhere: write it down and keep \
+                 it offline; `keyshard reseal --recovery-code` reads it after a firmware update"
+            );
+            println!("  recovery code:");
+            let groups: Vec<&str> = code.split('-').collect();
+            for line in groups.chunks(8) {
+                let text = Zeroizing::new(line.join("-"));
+                println!("    {}", text.as_str());
+            }
+        }
+    }
+    Ok(())
 }

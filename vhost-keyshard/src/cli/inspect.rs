@@ -48,6 +48,8 @@ pub struct FragmentInfo {
     pub index: u8,
     pub k: u8,
     pub n: u8,
+    /// The deal (split) the fragment belongs to: 32 hex digits.
+    pub deal: String,
     pub class: String,
     pub holder_id: String,
     pub share_len: usize,
@@ -65,10 +67,11 @@ impl FragmentInfo {
             None => "",
         };
         format!(
-            "{}: key {} epoch {} share {} of {} (k = {}), {} holder {}, {}-byte share, kcv {}{}",
+            "{}: key {} epoch {} deal {} share {} of {} (k = {}), {} holder {}, {}-byte share, kcv {}{}",
             self.file,
             self.key_id,
             self.epoch,
+            self.deal,
             self.index,
             self.n,
             self.k,
@@ -114,6 +117,7 @@ pub fn run(config: Config) -> Result<(), CliError> {
             index: h.index,
             k: h.threshold.k(),
             n: h.threshold.n(),
+            deal: h.deal.to_string(),
             class: h.class.to_string(),
             holder_id: h.holder_id.to_string(),
             share_len,

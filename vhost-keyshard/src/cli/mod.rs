@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod keygen;
 mod load;
 pub mod policy;
+pub mod reseal;
 pub mod snp;
 pub mod split;
 
@@ -44,12 +45,33 @@ pub enum Command {
     Init(init::Args),
     /// Serve broker mailboxes (one per VM) and release attested shares.
     Coordinator(coordinator::Args),
+    /// Re-seal tpm/sev shares to the current PCRs with the recovery share (after a firmware update).
+    Reseal(reseal::Args),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Check a policy file and say what it means.
     Check(policy::CheckArgs),
+}
+
+/// A clap usage error as one line: the message (arguments it lists joined with commas), without
+/// the `error:` prefix, the usage block and the hint that follow it.
+pub fn usage_error_line(error: &clap::Error) -> String {
+    let text = error.render().to_string();
+    let mut lines = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|line| line.is_empty())
+        .take_while(|line| !line.is_empty());
+    let first = lines.next().unwrap_or("invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let rest: Vec<&str> = lines.collect();
+    if rest.is_empty() {
+        first.to_owned()
+    } else {
+        format!("{first} {}", rest.join(", "))
+    }
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
@@ -62,5 +84,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Snp(args) => snp::run(args.try_into()?),
         Command::Init(args) => init::run(args.try_into()?),
         Command::Coordinator(args) => coordinator::run(args.try_into()?),
+        Command::Reseal(args) => reseal::run(args.try_into()?),
     }
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use keyshard_core::HolderClass;
+use keyshard_core::adversary::Adversary;
 use keyshard_core::policy::Policy;
 
 use super::CliError;
@@ -49,27 +50,67 @@ fn holder_summary(policy: &Policy) -> String {
 
 pub fn check(config: CheckConfig) -> Result<(), CliError> {
     let policy = load(&config.file)?;
-    println!(
-        "{}: ok: {} shares ({}), threshold {}",
-        config.file.display(),
-        policy.shares(),
-        holder_summary(&policy),
-        policy.threshold
-    );
-    if let (Some(tpm), true) = (&policy.tpm, policy.holders.tpm > 0) {
-        let pcrs: Vec<String> = tpm.pcrs.iter().map(u8::to_string).collect();
+    for line in describe(&policy) {
         println!(
-            "tpm shares sealed to {} PCRs {}",
-            tpm.pcr_bank.as_str(),
-            pcrs.join(", ")
-        );
-    }
-    if policy.host_visible_quorum() {
-        println!(
-            "warning: the {} vhd shares alone reach the threshold; whoever runs the host can rebuild \
-             the secret (accepted because allow_host_visible_quorum = true)",
-            policy.host_visible_shares()
+            "{}",
+            line.replace("{file}", &config.file.display().to_string())
         );
     }
     Ok(())
+}
+
+/// What `policy check` prints for a valid policy: the shares, the PCRs, and for each adversary
+/// whether the policy resists it. `{file}` stands for the policy's path.
+pub fn describe(policy: &Policy) -> Vec<String> {
+    let mut lines = vec![format!(
+        "{{file}}: ok: {} shares ({}), threshold {}",
+        policy.shares(),
+        holder_summary(policy),
+        policy.threshold
+    )];
+    let pcrs = policy.tpm.as_ref().map(|tpm| {
+        let list: Vec<String> = tpm.pcrs.iter().map(u8::to_string).collect();
+        format!("{} PCRs {}", tpm.pcr_bank.as_str(), list.join(", "))
+    });
+    let sealed_classes: Vec<&str> = [HolderClass::Tpm, HolderClass::Sev]
+        .into_iter()
+        .filter(|c| policy.holders.get(*c) > 0)
+        .map(HolderClass::as_str)
+        .collect();
+    let sealed = !sealed_classes.is_empty();
+    if let (Some(pcrs), true) = (&pcrs, sealed) {
+        lines.push(format!(
+            "{} shares sealed to {pcrs}",
+            sealed_classes.join(" and ")
+        ));
+    }
+    for exposure in policy.exposures() {
+        let adversary = exposure.adversary;
+        lines.push(format!("{adversary}: {exposure}"));
+        match adversary {
+            Adversary::ChangedBootChain => lines.push(match (&pcrs, sealed) {
+                (Some(pcrs), true) => format!(
+                    "  only if {pcrs} measure the change: a change they do not measure is not \
+                     detected, and that adversary is then root on this host"
+                ),
+                _ => "  no share is sealed to the TPM, so the boot state is not checked".to_owned(),
+            }),
+            Adversary::HostRoot if !exposure.resists() => lines.push(
+                "  accepted because allow_host_reachable_quorum = true: root on this host can \
+                 rebuild the secret without the guest"
+                    .to_owned(),
+            ),
+            _ => {}
+        }
+    }
+    if policy.holders.recovery > 0 {
+        let with_directory = policy.exposure(Adversary::StolenStateDirectory).shares()
+            + u32::from(policy.holders.recovery);
+        lines.push(format!(
+            "recovery share: kept offline, so none of these obtains it; a stolen state directory \
+             together with it obtains {with_directory} of the {} shares needed",
+            policy.threshold
+        ));
+    }
+    lines
 }

@@ -1,8 +1,10 @@
 //! `keyshard split`: a secret into k-of-n signed fragment files, one per `vhd` holder.
 
-use std::path::PathBuf;
+use std::fs;
+use std::path::{Path, PathBuf};
 
 use keyshard_core::dealer::{self, DealPlan, HolderSlot};
+use keyshard_core::fragment::{Fragment, FragmentError, MAX_FRAGMENT_LEN};
 use keyshard_core::manifest::Manifest;
 use keyshard_core::sharing::MAX_SECRET_LEN;
 use keyshard_core::{HolderClass, KeyCheckValue, KeyId};
@@ -122,6 +124,10 @@ pub fn run(config: Config) -> Result<(), CliError> {
         let path = fragment_path(&config.out_dir, fragment.header().index);
         files::write_private(&path, fragment.encoded(), config.overwrite)?;
     }
+    let removed = match config.overwrite {
+        Overwrite::Replace => remove_stale_fragments(&config.out_dir, config.plan.holders.len())?,
+        Overwrite::Refuse => 0,
+    };
     if let Some(path) = &config.manifest_out {
         let manifest = Manifest {
             key_id: config.plan.key_id.clone(),
@@ -140,5 +146,44 @@ pub fn run(config: Config) -> Result<(), CliError> {
         fragments.len(),
         config.out_dir.display()
     );
+    if removed > 0 {
+        println!("removed {removed} stale fragment file(s) of an earlier, larger split");
+    }
     Ok(())
+}
+
+/// After `split --force` with n fragments: removes `fragment-<i>.ksf` for n < i <= 255 left by
+/// an earlier split with more shares, so the directory holds one split only. Only regular files
+/// that are keyshard fragments (this format, or version 1) are removed; anything else at such a
+/// name is left, with a warning. Returns how many were removed.
+fn remove_stale_fragments(out_dir: &Path, n: usize) -> Result<usize, CliError> {
+    let mut removed = 0;
+    for index in (1..=u8::MAX).filter(|i| usize::from(*i) > n) {
+        let path = fragment_path(out_dir, index);
+        let Ok(meta) = path.symlink_metadata() else {
+            continue;
+        };
+        if meta.is_file() && is_keyshard_fragment(&path) {
+            fs::remove_file(&path).map_err(|source| files::FileError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            removed += 1;
+        } else {
+            log::warn!(
+                "left {}: not a keyshard fragment, so not removed as stale",
+                path.display()
+            );
+        }
+    }
+    Ok(removed)
+}
+
+fn is_keyshard_fragment(path: &Path) -> bool {
+    files::read_limited(path, MAX_FRAGMENT_LEN).is_ok_and(|bytes| {
+        matches!(
+            Fragment::parse(&bytes),
+            Ok(_) | Err(FragmentError::VersionWithoutDealId)
+        )
+    })
 }

@@ -1,6 +1,6 @@
 //! Fragments of attested holders (`tpm`, `sev`) as the coordinator stores them: encrypted under a
 //! 32-byte data key that is itself sealed to the TPM (a sealed object holds at most 128 bytes, a
-//! fragment up to 1,221). Without the TPM releasing the data key, the file is noise.
+//! fragment up to 1,237). Without the TPM releasing the data key, the file is noise.
 //!
 //! Layout: magic `KSSE` (4), version 1 (1), AES-256-GCM nonce (12), ciphertext with its tag.
 //! The associated data is the holder id, so one holder's file cannot stand in for another's.

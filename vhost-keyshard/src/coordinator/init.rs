@@ -2,12 +2,13 @@
 //! are written for the fragment devices; each `tpm` and `sev` fragment is encrypted under its own
 //! data key, which is sealed to the TPM under the policy's PCRs (below the persistent storage
 //! root key); the golden PCR values and the attestation key are recorded; and the guest
-//! manifest is written.
+//! manifest is written. A `recovery` fragment is returned to the caller, never written here.
 
 use std::path::Path;
 
 use keyshard_core::dealer::{self, DealError, DealPlan};
 use keyshard_core::files::{self, FileError, Overwrite};
+use keyshard_core::fragment::VerifiedFragment;
 use keyshard_core::holder::{HolderClass, KeyId};
 use keyshard_core::kcv::KeyCheckValue;
 use keyshard_core::keys::DealerSigningKey;
@@ -47,6 +48,9 @@ pub struct InitReport {
     pub vhd: usize,
     pub sealed: usize,
     pub selection: Option<String>,
+    /// The recovery fragment, when the policy has one: never written to the state directory;
+    /// the caller hands it to the operator (a file or a printed code).
+    pub recovery: Option<VerifiedFragment>,
 }
 
 /// Deals `secret` by `policy` into `dir`. `tpm` is needed when the policy has `tpm` or `sev`
@@ -70,7 +74,11 @@ pub fn init(
         k: policy.threshold,
         holders: holders.clone(),
     };
-    let fragments = dealer::deal(secret, &plan, dealer_key)?;
+    let mut fragments = dealer::deal(secret, &plan, dealer_key)?;
+    let recovery = fragments
+        .iter()
+        .position(|f| f.header().class == HolderClass::Recovery)
+        .map(|at| fragments.remove(at));
 
     let attested: Vec<_> = fragments
         .iter()
@@ -136,7 +144,12 @@ pub fn init(
         threshold: policy.threshold,
         key_check_value: KeyCheckValue::compute(secret, &key_id),
         dealer: dealer_key.verifying_key(),
-        holders: holders.clone(),
+        // The guest never asks for the recovery share, so it is not listed as missing at boot.
+        holders: holders
+            .iter()
+            .filter(|h| h.class != HolderClass::Recovery)
+            .cloned()
+            .collect(),
     };
     files::write_atomic(
         &dir.manifest(),
@@ -166,6 +179,7 @@ pub fn init(
         vhd,
         sealed: sealed.len(),
         selection: selection_text,
+        recovery,
     })
 }
 

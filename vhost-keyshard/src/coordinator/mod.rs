@@ -7,6 +7,7 @@ pub mod init;
 pub mod mailbox;
 pub mod nonces;
 pub mod release;
+pub mod reseal;
 pub mod setup;
 pub mod sev_release;
 pub mod state;
