@@ -122,3 +122,22 @@ fn other_errors_exit_1_with_one_line() {
     let run = keyshard_guest(&["unlock", "--no-such-option"]);
     assert_eq!(run.status.code(), Some(1));
 }
+
+#[test]
+fn item11_usage_errors_are_one_line() {
+    for (args, expected) in [
+        (
+            &["unlock", "--manifest"][..],
+            "keyshard-guest: a value is required for '--manifest <FILE>' but none was supplied \
+             (try --help)\n",
+        ),
+        (
+            &["frobnicate"][..],
+            "keyshard-guest: unrecognized subcommand 'frobnicate' (try --help)\n",
+        ),
+    ] {
+        let run = keyshard_guest(args);
+        assert_eq!(run.status.code(), Some(1), "{args:?}");
+        assert_eq!(String::from_utf8(run.stderr).unwrap(), expected, "{args:?}");
+    }
+}

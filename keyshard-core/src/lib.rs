@@ -20,6 +20,7 @@ pub mod policy;
 pub mod quorum;
 pub mod recovery;
 pub mod sharing;
+pub mod usage;
 pub mod volume;
 
 pub use fragment::{Fragment, FragmentHeader, VerifiedFragment};

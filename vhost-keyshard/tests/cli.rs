@@ -691,3 +691,17 @@ fn split_writes_a_manifest_that_pins_dealer_key_and_secret() {
             .matches(&ws.secret(), &manifest.key_id)
     );
 }
+
+#[test]
+fn item11_the_device_daemons_usage_errors_are_one_line() {
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-keyshard"))
+        .args(["--socket-path", "s.sock", "--bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    let stderr = String::from_utf8(run.stderr).unwrap();
+    assert_eq!(
+        stderr,
+        "vhost-keyshard: unexpected argument '--bogus' found (try --help)\n"
+    );
+}

@@ -16,15 +16,16 @@ fn main() -> ExitCode {
         .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        // --help and --version are not errors; every usage error is one line and exits 1, not
+        // clap's 2, which means "quorum not met" here.
+        Err(e) if e.use_stderr() => {
+            let line = keyshard_core::usage::one_line(&e.render().to_string());
+            eprintln!("{PROGRAM}: {line} (try --help)");
+            return ExitCode::from(EXIT_FAILURE);
+        }
         Err(e) => {
             let _ = e.print();
-            // --help and --version are not errors; every usage error exits 1, not clap's 2,
-            // which means "quorum not met" here.
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_FAILURE)
-            } else {
-                ExitCode::SUCCESS
-            };
+            return ExitCode::SUCCESS;
         }
     };
     match cli::run(cli) {

@@ -16,13 +16,17 @@ fn main() -> ExitCode {
         .init();
     let args = match Args::try_parse() {
         Ok(args) => args,
+        // --help and --version are not errors; a usage error is one line.
+        Err(e) if e.use_stderr() => {
+            eprintln!(
+                "vhost-keyshard: {} (try --help)",
+                vhost_keyshard::cli::usage_error_line(&e)
+            );
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            };
+            return ExitCode::SUCCESS;
         }
     };
     match Config::try_from(args)

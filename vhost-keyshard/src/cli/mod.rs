@@ -58,20 +58,7 @@ pub enum PolicyCommand {
 /// A clap usage error as one line: the message (arguments it lists joined with commas), without
 /// the `error:` prefix, the usage block and the hint that follow it.
 pub fn usage_error_line(error: &clap::Error) -> String {
-    let text = error.render().to_string();
-    let mut lines = text
-        .lines()
-        .map(str::trim)
-        .skip_while(|line| line.is_empty())
-        .take_while(|line| !line.is_empty());
-    let first = lines.next().unwrap_or("invalid arguments");
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    let rest: Vec<&str> = lines.collect();
-    if rest.is_empty() {
-        first.to_owned()
-    } else {
-        format!("{first} {}", rest.join(", "))
-    }
+    keyshard_core::usage::one_line(&error.render().to_string())
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
