@@ -174,7 +174,7 @@ else
     echo "  the host's TPM, at $tcti (pid ${pids[-1]})"
 fi
 
-step "13. keyshard init by examples/vhd-tpm.toml: 2 vhd fragments + 1 share sealed under PCRs 0 and 7, k = 3"
+step "13. keyshard init by examples/vhd-tpm.toml: 2 vhd fragments + 1 share sealed under PCRs 0 and 7 + 1 recovery share (printed once), k = 3"
 head -c 32 /dev/urandom > "$tpm_work/volume.key"
 chmod 600 "$tpm_work/volume.key"
 run "$keyshard" init --policy "$repo/examples/vhd-tpm.toml" --state-dir "$tpm_work/state" \

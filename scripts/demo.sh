@@ -46,7 +46,7 @@ run "$keyshard" combine --verify-key dealer.pem.pub tampered.ksf \
     fragments/fragment-1.ksf fragments/fragment-3.ksf fragments/fragment-5.ksf --out again.key
 cmp volume.key again.key && echo "again.key is identical to volume.key"
 
-step "7. Policies: a vhd-only quorum needs an explicit override"
+step "7. Policies: which adversaries each resists; shares root on the host can reach must not make k without an override"
 run "$keyshard" policy check ../examples/vhd-tpm.toml
 printf 'threshold = 3\n[holders]\nvhd = 3\n' > vhd-only-no-override.toml
 set +e
