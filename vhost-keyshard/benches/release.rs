@@ -75,7 +75,7 @@ impl ServedMailbox {
     fn start(dir: &Path, handler: Arc<dyn RequestHandler>) -> Self {
         let socket = dir.join("ksb-vm1.sock");
         let mailbox = BrokerMailbox::new(VM_ID, handler).unwrap();
-        let bound = BoundSocket::bind(&socket).unwrap();
+        let bound = BoundSocket::bind(&socket, Default::default()).unwrap();
         let stopper = Stopper::new().unwrap();
         let serving = stopper.clone();
         let thread = std::thread::spawn(move || {

@@ -148,7 +148,7 @@ impl Devices {
     /// Binds `<name>.sock` now (so it accepts connections on return) and serves `media` on it.
     fn serve(&mut self, name: &str, media: Arc<dyn BlockMedia>) -> PathBuf {
         let path = self.dir.path().join(format!("{name}.sock"));
-        let bound = BoundSocket::bind(&path).unwrap();
+        let bound = BoundSocket::bind(&path, Default::default()).unwrap();
         let stopper = self.stopper.clone();
         let name = name.to_owned();
         self.threads.push(std::thread::spawn(move || {

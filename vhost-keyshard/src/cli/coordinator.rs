@@ -12,8 +12,9 @@ use super::CliError;
 use crate::coordinator::mailbox::{BrokerMailbox, RequestHandler};
 use crate::coordinator::setup;
 use crate::coordinator::state::StateDir;
+use crate::daemon::access::SocketArgs;
 use crate::daemon::{self, DaemonError, ServedDevice};
-use crate::device::serve::BoundSocket;
+use crate::device::serve::{BoundSocket, SocketAccess};
 use crate::tpm::{TpmConfig, TpmService, resolve_tcti};
 
 #[derive(Debug, clap::Args)]
@@ -30,6 +31,8 @@ pub struct Args {
     /// Write the process id here once every socket listens.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
+    #[command(flatten)]
+    pub socket: SocketArgs,
 }
 
 #[derive(Debug)]
@@ -39,6 +42,8 @@ pub struct Config {
     pub brokers: Vec<(String, PathBuf)>,
     pub tcti: String,
     pub pidfile: Option<PathBuf>,
+    /// Mode and owner of every broker socket file.
+    pub access: SocketAccess,
 }
 
 impl TryFrom<Args> for Config {
@@ -71,6 +76,8 @@ impl TryFrom<Args> for Config {
             brokers,
             tcti: resolve_tcti(args.tcti.as_deref()),
             pidfile: args.pidfile,
+            access: SocketAccess::try_from(&args.socket)
+                .map_err(|e| CliError::InvalidArgument(e.to_string()))?,
         })
     }
 }
@@ -94,10 +101,10 @@ pub fn run(config: Config) -> Result<(), CliError> {
         .brokers
         .iter()
         .map(|(vm, socket)| {
-            let mailbox = BrokerMailbox::new(vm, handler.clone()).map_err(DaemonError::Signals)?;
+            let mailbox = BrokerMailbox::new(vm, handler.clone()).map_err(DaemonError::Spawn)?;
             Ok(ServedDevice {
                 name: format!("{SERIAL_PREFIX}{vm}"),
-                socket: BoundSocket::bind(socket).map_err(DaemonError::from)?,
+                socket: BoundSocket::bind(socket, config.access).map_err(DaemonError::from)?,
                 media: Arc::new(mailbox),
             })
         })
