@@ -136,6 +136,7 @@ fn bench_tpm(dir: &Path) {
         &dealer_key,
         Some(&mut Tpm::open(&swtpm.tcti()).unwrap()),
         Overwrite::Refuse,
+        &[VM_ID.to_owned()],
     )
     .unwrap();
     let service = TpmService::spawn(TpmConfig::new(swtpm.tcti())).unwrap();
@@ -234,6 +235,7 @@ impl SevSetup {
         let mut coordinator = Coordinator::new(
             Arc::new(SystemClock),
             AuditLog::open(&dir.join("audit.log")).unwrap(),
+            [VM_ID.to_owned()],
         );
         coordinator.add_holder(self.holder.clone(), HolderClass::Sev, Arc::new(releaser));
         coordinator

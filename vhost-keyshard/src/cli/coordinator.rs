@@ -82,10 +82,36 @@ impl TryFrom<Args> for Config {
     }
 }
 
+/// Refuses a `--broker` for a VM the key's shares are not bound to: it would be refused every
+/// release anyway, and serving it hides the mistake until a boot fails.
+fn check_bound(config: &Config, bound: &[String]) -> Result<(), CliError> {
+    let dir = config.state_dir.root().display();
+    if bound.is_empty() {
+        return Err(CliError::InvalidArgument(format!(
+            "{dir}: the key's shares are bound to no VM (a state from before VM binding): run keyshard init --vm-id ID again"
+        )));
+    }
+    let unbound: Vec<&str> = config
+        .brokers
+        .iter()
+        .map(|(vm, _)| vm.as_str())
+        .filter(|vm| !bound.iter().any(|b| b == vm))
+        .collect();
+    if unbound.is_empty() {
+        return Ok(());
+    }
+    Err(CliError::InvalidArgument(format!(
+        "--broker {}: not bound to the key in {dir}; bound VM ids: {}",
+        unbound.join(", "),
+        bound.join(", ")
+    )))
+}
+
 pub fn run(config: Config) -> Result<(), CliError> {
     let signals =
         Signals::new([SIGTERM, SIGINT]).map_err(|e| CliError::from(DaemonError::Signals(e)))?;
     let state = setup::load_state(&config.state_dir)?;
+    check_bound(&config, &state.vm_ids)?;
     let tpm = if state.attested_holders().next().is_some() {
         let service = TpmService::spawn(TpmConfig::new(config.tcti.clone()))?;
         if service.info().software {

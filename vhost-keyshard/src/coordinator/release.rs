@@ -5,7 +5,7 @@
 //! holders check the guest's SNP report. The coordinator itself checks what every class shares:
 //! the holder exists and has that class, an SNP nonce was issued to this VM, unused, recently.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use keyshard_core::HolderId;
@@ -49,15 +49,23 @@ pub trait HolderReleaser: Send + Sync {
 
 pub struct Coordinator {
     holders: BTreeMap<HolderId, (HolderClass, Arc<dyn HolderReleaser>)>,
+    /// The VMs this key's shares are bound to (`keyshard init --vm-id`); others are refused.
+    bound_vms: BTreeSet<String>,
     nonce_books: Mutex<HashMap<String, Arc<NonceBook>>>,
     clock: Arc<dyn Clock>,
     audit: AuditLog,
 }
 
 impl Coordinator {
-    pub fn new(clock: Arc<dyn Clock>, audit: AuditLog) -> Self {
+    /// A coordinator that answers the brokers of `bound_vms` only.
+    pub fn new(
+        clock: Arc<dyn Clock>,
+        audit: AuditLog,
+        bound_vms: impl IntoIterator<Item = String>,
+    ) -> Self {
         Self {
             holders: BTreeMap::new(),
+            bound_vms: bound_vms.into_iter().collect(),
             nonce_books: Mutex::new(HashMap::new()),
             clock,
             audit,
@@ -157,6 +165,21 @@ impl RequestHandler for Coordinator {
             reason: None,
         };
         let answer = match &request.body {
+            _ if !self.bound_vms.contains(vm_id) => {
+                if let Body::Release {
+                    class, holder_id, ..
+                } = &request.body
+                {
+                    entry.class = Some(class.to_string());
+                    entry.holder = Some(holder_id.to_string());
+                } else {
+                    entry.kind = "nonce";
+                }
+                Err(Refusal::new(
+                    RefusalCode::VmNotBound,
+                    format!("this key's shares are not bound to VM {vm_id}"),
+                ))
+            }
             Body::NonceRequest => {
                 entry.kind = "nonce";
                 self.issue_nonce(vm_id)

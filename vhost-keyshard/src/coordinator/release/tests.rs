@@ -44,8 +44,11 @@ struct Setup {
 fn setup(tpm: Arc<FixedReleaser>, sev: Arc<FixedReleaser>) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let audit_path = dir.path().join("audit.log");
-    let mut coordinator =
-        Coordinator::new(Arc::new(SystemClock), AuditLog::open(&audit_path).unwrap());
+    let mut coordinator = Coordinator::new(
+        Arc::new(SystemClock),
+        AuditLog::open(&audit_path).unwrap(),
+        ["vm1".to_owned(), "vm2".to_owned()],
+    );
     coordinator.add_holder(HolderId::new("tpm-1").unwrap(), HolderClass::Tpm, tpm);
     coordinator.add_holder(HolderId::new("sev-1").unwrap(), HolderClass::Sev, sev);
     Setup {
