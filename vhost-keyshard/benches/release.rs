@@ -59,6 +59,11 @@ const SEV_RELEASES: usize = 300;
 const VERIFY_WARMUP: usize = 100;
 const VERIFICATIONS: usize = 2_000;
 const VM_ID: &str = "vm1";
+const UNLIMITED: vhost_keyshard::coordinator::rate_limit::RateLimit =
+    vhost_keyshard::coordinator::rate_limit::RateLimit {
+        burst: u32::MAX,
+        per_second: u32::MAX,
+    };
 
 fn deadline() -> Instant {
     Instant::now() + Duration::from_secs(10)
@@ -141,7 +146,10 @@ fn bench_tpm(dir: &Path) {
     .unwrap();
     let service = TpmService::spawn(TpmConfig::new(swtpm.tcti())).unwrap();
     let state = setup::load_state(&state_dir).unwrap();
-    let coordinator = setup::coordinator(&state_dir, &state, Some(service)).unwrap();
+    // The bench measures the release path itself, not the per-VM rate limit.
+    let coordinator = setup::coordinator(&state_dir, &state, Some(service))
+        .unwrap()
+        .with_rate_limit(UNLIMITED);
     let served = ServedMailbox::start(dir, Arc::new(coordinator));
     let mut client = served.client();
     let holder = HolderId::new("tpm-1").unwrap();
@@ -236,7 +244,8 @@ impl SevSetup {
             Arc::new(SystemClock),
             AuditLog::open(&dir.join("audit.log")).unwrap(),
             [VM_ID.to_owned()],
-        );
+        )
+        .with_rate_limit(UNLIMITED);
         coordinator.add_holder(self.holder.clone(), HolderClass::Sev, Arc::new(releaser));
         coordinator
     }
