@@ -127,7 +127,10 @@ pub fn bind(path: &Path, access: SocketAccess) -> Result<(UnixListener, FileId),
         .tempdir_in(parent)
         .map_err(io_error(path, "make a private directory next to it"))?;
     let staged = private.path().join("s");
-    let listener = UnixListener::bind(&staged).map_err(io_error(&staged, "bind"))?;
+    let listener = UnixListener::bind(&staged).map_err(io_error(
+        path,
+        "bind a socket in a private directory next to it",
+    ))?;
     if access.owner.is_some() || access.group.is_some() {
         std::os::unix::fs::lchown(&staged, access.owner, access.group)
             .map_err(io_error(path, "set the socket's owner"))?;
