@@ -121,8 +121,8 @@ pub fn run(config: Config) -> Result<(), CliError> {
     } else {
         None
     };
-    let handler: Arc<dyn RequestHandler> =
-        Arc::new(setup::coordinator(&config.state_dir, &state, tpm)?);
+    let coordinator = Arc::new(setup::coordinator(&config.state_dir, &state, tpm)?);
+    let handler: Arc<dyn RequestHandler> = coordinator.clone();
     let devices = config
         .brokers
         .iter()
@@ -135,6 +135,8 @@ pub fn run(config: Config) -> Result<(), CliError> {
             })
         })
         .collect::<Result<Vec<_>, CliError>>()?;
-    daemon::serve_until_signal(devices, config.pidfile.as_deref(), signals)?;
+    let served = daemon::serve_until_signal(devices, config.pidfile.as_deref(), signals);
+    coordinator.flush_audit();
+    served?;
     Ok(())
 }

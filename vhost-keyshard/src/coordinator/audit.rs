@@ -254,11 +254,18 @@ impl AuditLog {
     }
 }
 
-impl Drop for AuditLog {
-    fn drop(&mut self) {
+impl AuditLog {
+    /// Writes the counts of every open run now (on the way out).
+    pub fn flush(&self) {
         if let Ok(mut inner) = self.inner.lock() {
             inner.close_runs(None);
         }
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 

@@ -76,6 +76,12 @@ impl Coordinator {
         }
     }
 
+    /// Writes out the audit log's pending repeat counts (on the way out: the log may outlive
+    /// this call in a mailbox thread that is still winding down).
+    pub fn flush_audit(&self) {
+        self.audit.flush();
+    }
+
     /// Replaces the per-VM rate limit ([`DEFAULT_RATE_LIMIT`] by default).
     pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
         self.rate = RateLimiter::new(limit, self.clock.clone());
