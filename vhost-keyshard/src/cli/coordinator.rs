@@ -140,3 +140,53 @@ pub fn run(config: Config) -> Result<(), CliError> {
     served?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn config(extra: &[&str]) -> Result<Config, CliError> {
+        let mut argv = vec![
+            "coordinator",
+            "--state-dir",
+            "/s",
+            "--broker",
+            "vm1=/b.sock",
+        ];
+        argv.extend_from_slice(extra);
+        Config::try_from(Command::try_parse_from(argv).unwrap().args)
+    }
+
+    #[test]
+    fn broker_sockets_are_0600_unless_told() {
+        assert_eq!(config(&[]).unwrap().access, SocketAccess::default());
+        let c = config(&["--socket-owner", "0", "--socket-mode", "660"]).unwrap();
+        assert_eq!((c.access.owner, c.access.mode), (Some(0), 0o660));
+        assert!(matches!(
+            config(&["--socket-mode", "u+rw"]),
+            Err(CliError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn item4_a_broker_for_an_unbound_vm_is_refused_with_the_bound_ids() {
+        let c = config(&["--broker", "vm2=/c.sock"]).unwrap();
+        let bound = ["vm1".to_owned(), "vm9".to_owned()];
+        let err = check_bound(&c, &bound).unwrap_err().to_string();
+        assert!(err.contains("--broker vm2: not bound"), "{err}");
+        assert!(err.contains("bound VM ids: vm1, vm9"), "{err}");
+        assert!(check_bound(&config(&[]).unwrap(), &bound).is_ok());
+        let none = check_bound(&config(&[]).unwrap(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(none.contains("bound to no VM"), "{none}");
+    }
+}
