@@ -178,7 +178,7 @@ step "13. keyshard init by examples/vhd-tpm.toml: 2 vhd fragments + 1 share seal
 head -c 32 /dev/urandom > "$tpm_work/volume.key"
 chmod 600 "$tpm_work/volume.key"
 run "$keyshard" init --policy "$repo/examples/vhd-tpm.toml" --state-dir "$tpm_work/state" \
-    --secret-file "$tpm_work/volume.key" --tcti "$tcti" 2>&1 | sed 's/^/  /'
+    --secret-file "$tpm_work/volume.key" --tcti "$tcti" --vm-id vm1 2>&1 | sed 's/^/  /'
 "$repo/images/make-volume.sh" --key "$tpm_work/volume.key" --out "$tpm_work/volume.img" \
     --content "keyshard demo: the volume opened with 2 fragments and the share the host TPM released" \
     > /dev/null

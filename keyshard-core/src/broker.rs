@@ -25,6 +25,23 @@
 //! - `0x83` released (coordinator): holder class (1), holder id (1 + ...), the HPKE
 //!   encapsulated key (32), ciphertext (2 + ...): the signed fragment, sealed to the request key.
 //! - `0xFF` refused (coordinator): a code (2) and a reason (2 + 0..=512 bytes of UTF-8).
+//!
+//! Refusal codes ([`RefusalCode`]); an unknown code is kept as a number:
+//!
+//! | code | name                 | meaning                                                      |
+//! |------|----------------------|--------------------------------------------------------------|
+//! | 1    | `Malformed`          | the request does not parse                                   |
+//! | 2    | `UnsupportedVersion` | an unknown protocol version                                  |
+//! | 3    | `TooLarge`           | a length beyond the format's limits                          |
+//! | 4    | `UnknownKind`        | not a request kind a guest may write                         |
+//! | 5    | `UnknownHolder`      | no such holder here, or not of that class                    |
+//! | 6    | `HostAttestation`    | the host's own quote did not verify (a PCR changed)          |
+//! | 7    | `SnpEvidence`        | the SEV-SNP report or its chain did not verify               |
+//! | 8    | `SnpPolicy`          | the report verified but the SEV-SNP policy refuses it        |
+//! | 9    | `Nonce`              | the nonce is unknown, spent, expired or another VM's         |
+//! | 10   | `Internal`           | the coordinator could not answer (a part failed to load)     |
+//! | 11   | `RateLimited`        | this VM asks too often: wait and ask again (not a verdict)   |
+//! | 12   | `VmNotBound`         | the key's shares are not bound to this VM (`init --vm-id`)   |
 
 mod binding;
 
@@ -116,6 +133,8 @@ pub enum RefusalCode {
     SnpPolicy,
     Nonce,
     Internal,
+    RateLimited,
+    VmNotBound,
     Other(u16),
 }
 
@@ -132,6 +151,8 @@ impl RefusalCode {
             Self::SnpPolicy => 8,
             Self::Nonce => 9,
             Self::Internal => 10,
+            Self::RateLimited => 11,
+            Self::VmNotBound => 12,
             Self::Other(code) => code,
         }
     }
@@ -148,6 +169,8 @@ impl RefusalCode {
             8 => Self::SnpPolicy,
             9 => Self::Nonce,
             10 => Self::Internal,
+            11 => Self::RateLimited,
+            12 => Self::VmNotBound,
             other => Self::Other(other),
         }
     }

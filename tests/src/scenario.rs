@@ -26,6 +26,10 @@ use crate::qemu::{BootOutcome, QemuBoot, Reaction};
 use crate::swtpm::Swtpm;
 use crate::{HarnessError, Result, io_context};
 
+/// The VM id [`Scenario::init`] binds the key's attested shares to (`keyshard init --vm-id`):
+/// only a coordinator's broker for this VM is served them.
+pub const VM_ID: &str = "vm1";
+
 /// The line `vhost-keyshard` and `keyshard coordinator` print on stdout once their sockets listen.
 pub const DAEMON_READY_PREFIX: &str = "ready";
 const DAEMON_READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -215,6 +219,8 @@ impl Scenario {
             "volume.key",
             "--tcti",
             &tcti,
+            "--vm-id",
+            VM_ID,
         ])?;
         let manifest = state_dir.join("manifest.toml");
         let fragments = parse_manifest(&manifest)?

@@ -61,6 +61,11 @@ const SEV_RELEASES: usize = 300;
 const VERIFY_WARMUP: usize = 100;
 const VERIFICATIONS: usize = 2_000;
 const VM_ID: &str = "vm1";
+const UNLIMITED: vhost_keyshard::coordinator::rate_limit::RateLimit =
+    vhost_keyshard::coordinator::rate_limit::RateLimit {
+        burst: u32::MAX,
+        per_second: u32::MAX,
+    };
 
 fn deadline() -> Instant {
     Instant::now() + Duration::from_secs(10)
@@ -77,7 +82,7 @@ impl ServedMailbox {
     fn start(dir: &Path, handler: Arc<dyn RequestHandler>) -> Self {
         let socket = dir.join("ksb-vm1.sock");
         let mailbox = BrokerMailbox::new(VM_ID, handler).unwrap();
-        let bound = BoundSocket::bind(&socket).unwrap();
+        let bound = BoundSocket::bind(&socket, Default::default()).unwrap();
         let stopper = Stopper::new().unwrap();
         let serving = stopper.clone();
         let thread = std::thread::spawn(move || {
@@ -138,11 +143,15 @@ fn bench_tpm(dir: &Path) {
         &dealer_key,
         Some(&mut Tpm::open(&swtpm.tcti()).unwrap()),
         Overwrite::Refuse,
+        &[VM_ID.to_owned()],
     )
     .unwrap();
     let service = TpmService::spawn(TpmConfig::new(swtpm.tcti())).unwrap();
     let state = setup::load_state(&state_dir).unwrap();
-    let coordinator = setup::coordinator(&state_dir, &state, Some(service)).unwrap();
+    // The bench measures the release path itself, not the per-VM rate limit.
+    let coordinator = setup::coordinator(&state_dir, &state, Some(service))
+        .unwrap()
+        .with_rate_limit(UNLIMITED);
     let served = ServedMailbox::start(dir, Arc::new(coordinator));
     let mut client = served.client();
     let holder = HolderId::new("tpm-1").unwrap();
@@ -237,7 +246,9 @@ impl SevSetup {
         let mut coordinator = Coordinator::new(
             Arc::new(SystemClock),
             AuditLog::open(&dir.join("audit.log")).unwrap(),
-        );
+            [VM_ID.to_owned()],
+        )
+        .with_rate_limit(UNLIMITED);
         coordinator.add_holder(self.holder.clone(), HolderClass::Sev, Arc::new(releaser));
         coordinator
     }

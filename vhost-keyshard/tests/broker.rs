@@ -149,7 +149,7 @@ impl Devices {
     /// Binds `<name>.sock` now (so it accepts connections on return) and serves `media` on it.
     fn serve(&mut self, name: &str, media: Arc<dyn BlockMedia>) -> PathBuf {
         let path = self.dir.path().join(format!("{name}.sock"));
-        let bound = BoundSocket::bind(&path).unwrap();
+        let bound = BoundSocket::bind(&path, Default::default()).unwrap();
         let stopper = self.stopper.clone();
         let name = name.to_owned();
         self.threads.push(std::thread::spawn(move || {
@@ -357,4 +357,120 @@ fn a_refused_tpm_share_leaves_the_quorum_short_and_says_why() {
     );
     assert!(rejected.contains(&refusal), "{rejected:?}");
     devices.stop();
+}
+
+/// A `keyshard` process (the coordinator), killed on drop.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Item 7 with the real `keyshard coordinator`: a guest flooding its broker socket with one
+/// request is refused for rate, a well-behaved client is still answered, the broker socket is
+/// 0600, and on SIGTERM the audit log gets the count of the folded repeats: a few lines in all.
+#[test]
+fn item7_the_coordinator_process_bounds_a_flooding_guest() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("vm1");
+    let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/vhd-only.toml");
+    let init = std::process::Command::new(env!("CARGO_BIN_EXE_keyshard"))
+        .args(["init", "--policy", policy, "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    let socket = work.path().join("broker.sock");
+    let mut coordinator = Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_keyshard"))
+            .arg("coordinator")
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--broker")
+            .arg(format!("vm1={}", socket.display()))
+            .env("RUST_LOG", "off")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut ready = String::new();
+    BufReader::new(coordinator.0.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert!(
+        ready.starts_with("ready: serving 1 device(s): ksb-vm1"),
+        "{ready}"
+    );
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // The flood: one nonce request written over and over, as fast as the frontend goes.
+    let mut device = VhostUserBlk::connect(&socket, deadline()).unwrap();
+    let request = Message {
+        request_id: 0xf100d,
+        body: Body::NonceRequest,
+    }
+    .encode()
+    .unwrap();
+    let padded = guest_driver::broker::mailbox::padded(&request, device.block_size()).unwrap();
+    for _ in 0..2_000 {
+        device.write_at(0, &padded, deadline()).unwrap();
+    }
+    let answer = loop {
+        let bytes = device.read_at(AREA_LEN as u64, 4096, deadline()).unwrap();
+        let answer = Message::parse(&bytes).unwrap();
+        if answer.body != Body::Pending {
+            break answer;
+        }
+    };
+    assert!(
+        matches!(
+            answer.body,
+            Body::Refused {
+                code: RefusalCode::RateLimited,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    drop(device);
+
+    // A well-behaved client, asking again after a refusal for rate, gets its nonce.
+    client(&socket).nonce(deadline()).unwrap();
+
+    let pid = libc::pid_t::try_from(coordinator.0.id()).unwrap();
+    // SAFETY: kill(2) with a pid we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_eq!(coordinator.0.wait().unwrap().code(), Some(0));
+    let audit: Vec<serde_json::Value> = std::fs::read_to_string(state.join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(audit.len() <= 6, "{} audit lines: {audit:?}", audit.len());
+    let issued: u64 = audit
+        .iter()
+        .filter(|l| l["verdict"] == "issued")
+        .map(|l| 1 + l["repeated"].as_u64().unwrap_or(0))
+        .sum();
+    let limited: u64 = audit
+        .iter()
+        .filter(|l| l["verdict"] == "refused")
+        .map(|l| 1 + l["repeated"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        (2..=12).contains(&issued),
+        "{issued} nonces issued: {audit:?}"
+    );
+    assert!(limited >= 1, "{audit:?}");
+    assert!(
+        audit.iter().any(|l| l["repeated"].as_u64().is_some()),
+        "the folded count was not written on SIGTERM: {audit:?}"
+    );
 }

@@ -49,6 +49,7 @@ fn initialised() -> Initialised {
         &dealer,
         Some(&mut tpm),
         Overwrite::Refuse,
+        &["vm1".to_owned()],
     )
     .unwrap();
     assert_eq!((report.vhd, report.sealed), (2, 1));
@@ -57,8 +58,17 @@ fn initialised() -> Initialised {
 }
 
 fn release_tpm(handler: &dyn RequestHandler, key: &RequestKey, request_id: u64) -> Body {
+    release_tpm_to("vm1", handler, key, request_id)
+}
+
+fn release_tpm_to(
+    vm: &str,
+    handler: &dyn RequestHandler,
+    key: &RequestKey,
+    request_id: u64,
+) -> Body {
     handler.answer(
-        "vm1",
+        vm,
         &Message {
             request_id,
             body: Body::Release {
@@ -105,6 +115,7 @@ fn init_writes_the_documented_state_and_refuses_to_overwrite_it() {
         &keyshard_core::keys::generate().unwrap(),
         Some(&mut tpm),
         Overwrite::Refuse,
+        &["vm1".to_owned()],
     );
     assert!(matches!(again, Err(InitError::Exists(_))), "{again:?}");
 }
@@ -162,4 +173,97 @@ fn the_tpm_share_is_released_after_the_host_quote_and_refused_after_a_pcr_change
         verdicts[1]["reason"],
         "PCR 7 (sha256) differs from its golden value"
     );
+}
+
+/// Item 4: one state directory served as `--broker vm1=... --broker vm2=...` released vm1's
+/// share to vm2.
+#[test]
+fn item4_a_key_bound_to_vm1_is_not_served_or_released_to_vm2() {
+    let set = initialised();
+    let dir = StateDir::new(set.dir.path());
+    let state = setup::load_state(&dir).unwrap();
+    assert_eq!(state.vm_ids, ["vm1"]);
+
+    // The coordinator refuses to start with a broker for a VM the key is not bound to.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyshard"))
+        .arg("coordinator")
+        .arg("--state-dir")
+        .arg(set.dir.path())
+        .arg("--broker")
+        .arg(format!("vm1={}", set.dir.path().join("vm1.sock").display()))
+        .arg("--broker")
+        .arg(format!("vm2={}", set.dir.path().join("vm2.sock").display()))
+        .arg("--tcti")
+        .arg(set.swtpm.tcti())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("--broker vm2: not bound") && stderr.contains("bound VM ids: vm1"),
+        "{stderr}"
+    );
+    assert!(!set.dir.path().join("vm1.sock").exists());
+
+    // And the release path refuses vm2 whatever serves it, with a code and an audit line.
+    let service = TpmService::spawn(TpmConfig::new(set.swtpm.tcti())).unwrap();
+    let coordinator = setup::coordinator(&dir, &state, Some(service)).unwrap();
+    let key = RequestKey::generate().unwrap();
+    let refused = release_tpm_to("vm2", &coordinator, &key, 1);
+    let Body::Refused { code, reason } = refused else {
+        panic!("vm1's share released to vm2: {refused:?}");
+    };
+    assert_eq!(code, RefusalCode::VmNotBound);
+    assert!(reason.contains("vm2"), "{reason}");
+    assert!(matches!(
+        release_tpm_to("vm1", &coordinator, &key, 2),
+        Body::Released { .. }
+    ));
+    let audit: Vec<serde_json::Value> = std::fs::read_to_string(dir.audit_log())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(audit.len(), 2);
+    assert_eq!(
+        (&audit[0]["vm"], &audit[0]["verdict"], &audit[0]["holder"]),
+        (&"vm2".into(), &"refused".into(), &"tpm-1".into())
+    );
+    assert_eq!(audit[1]["verdict"], "released");
+}
+
+/// Item 4: `init` binds the key to the state directory's name unless given `--vm-id`s.
+#[test]
+fn item4_init_binds_the_state_directory_name_or_the_given_vm_ids() {
+    let work = tempfile::tempdir().unwrap();
+    let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/vhd-only.toml");
+    let init = |dir: &std::path::Path, ids: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keyshard"));
+        command
+            .args(["init", "--policy", policy])
+            .arg("--state-dir")
+            .arg(dir);
+        for id in ids {
+            command.args(["--vm-id", id]);
+        }
+        command.output().unwrap()
+    };
+    let named = work.path().join("vm7");
+    assert!(init(&named, &[]).status.success());
+    let state = setup::load_state(&StateDir::new(&named)).unwrap();
+    assert_eq!(state.vm_ids, ["vm7"]);
+
+    let many = work.path().join("state");
+    assert!(init(&many, &["vm1", "vm-2"]).status.success());
+    let state = setup::load_state(&StateDir::new(&many)).unwrap();
+    assert_eq!(state.vm_ids, ["vm1", "vm-2"]);
+
+    let out = init(&work.path().join("My State"), &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("give --vm-id"), "{stderr}");
+    assert!(!work.path().join("My State").join("state.toml").exists());
+    let out = init(&work.path().join("x"), &["Bad Id"]);
+    assert_eq!(out.status.code(), Some(1));
 }

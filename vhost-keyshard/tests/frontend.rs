@@ -169,3 +169,77 @@ fn the_daemon_listens_again_after_a_clean_disconnect() {
         );
     }
 }
+
+/// QEMU with the device attached as the documented configuration does it (a memfd, and
+/// `reconnect=1` on the chardev), no kernel: the firmware alone; killed on drop.
+struct Qemu(std::process::Child);
+
+impl Qemu {
+    fn attach(socket: &std::path::Path) -> Self {
+        let child = std::process::Command::new("qemu-system-x86_64")
+            .args([
+                "-accel",
+                "tcg",
+                "-m",
+                "128M",
+                "-nodefaults",
+                "-display",
+                "none",
+            ])
+            .args(["-object", "memory-backend-memfd,id=mem,size=128M,share=on"])
+            .args(["-machine", "q35,memory-backend=mem"])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=fragment0,path={},reconnect=1",
+                socket.display()
+            ))
+            .args([
+                "-device",
+                "vhost-user-blk-pci,chardev=fragment0,num-queues=1",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 (make deps installs it)");
+        Self(child)
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Item 15: QEMU's `reconnect=1`, not a fresh frontend: the daemon is killed and restarted
+/// under a running QEMU, and the same QEMU process connects again and sets the device up anew.
+#[test]
+fn item15_qemu_with_reconnect_1_connects_again_after_the_daemon_restarts() {
+    let setup = Setup::new(2, 2);
+    let mut daemon = Daemon::start_logged(&setup.device_args(&[1]), "debug");
+    daemon.ready_line();
+    let qemu = Qemu::attach(&setup.socket(1));
+    let connected = format!("frontend connected: pid {} ", qemu.0.id());
+    let slow = Duration::from_secs(20);
+    assert!(
+        daemon.wait_for_log(&connected, slow).is_some(),
+        "QEMU never connected"
+    );
+    // The firmware drives the device: features are set (EVENT_IDX is one of them).
+    assert!(daemon.wait_for_log("EVENT_IDX", slow).is_some());
+
+    daemon.crash();
+    let restarted = Daemon::start_logged(&setup.device_args(&[1]), "debug");
+    restarted.ready_line();
+    assert!(
+        restarted.wait_for_log(&connected, slow).is_some(),
+        "QEMU did not connect to the restarted daemon"
+    );
+    // Connected again and set up again, with no new QEMU and no guest action.
+    assert!(
+        restarted.wait_for_log("EVENT_IDX", slow).is_some(),
+        "QEMU connected again but did not restart the device"
+    );
+}

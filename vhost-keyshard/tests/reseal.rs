@@ -108,6 +108,7 @@ fn item8_reseal_with_the_recovery_file_after_a_pcr_change() {
             &dealer,
             Some(&mut tpm),
             Overwrite::Refuse,
+            &["vm1".to_owned()],
         )
         .unwrap()
     };
@@ -169,6 +170,7 @@ fn item8_a_recovery_share_of_another_deal_is_refused() {
             &dealer,
             Some(&mut tpm),
             Overwrite::Refuse,
+            &["vm1".to_owned()],
         )
         .unwrap();
         (dir, report.recovery.unwrap())

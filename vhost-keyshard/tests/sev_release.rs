@@ -104,7 +104,7 @@ impl Fixture {
         std::fs::create_dir(&vcek_dir).unwrap();
         let clock = Arc::new(TestClock(Mutex::new(Instant::now())));
         let audit = AuditLog::open(&dir.path().join("audit.log")).unwrap();
-        let mut coordinator = Coordinator::new(clock.clone(), audit);
+        let mut coordinator = Coordinator::new(clock.clone(), audit, [VM.to_owned()]);
         let id = HolderId::new(HOLDER).unwrap();
         let key = at_rest::new_data_key().unwrap();
         let encrypted_fragment = at_rest::encrypt(&key, &id, FRAGMENT).unwrap();

@@ -5,6 +5,10 @@
 //! sleep between reads (2 ms, growing to 20 ms), until the answer names the request and is final
 //! or the deadline passes. An `sev` share takes two requests: a nonce, then the release with an
 //! SNP report whose REPORT_DATA binds that nonce and the request's public key.
+//!
+//! A refusal for rate ([`RefusalCode::RateLimited`]: the coordinator allows each VM a burst of
+//! requests, then a few per second) is not a verdict: the client waits [`RATE_LIMITED_PAUSE`]
+//! and asks again, as a new request, until the deadline.
 
 pub mod mailbox;
 pub mod shares;
@@ -25,6 +29,9 @@ use crate::snp::{self, ReportSource, SnpError};
 const FIRST_PAUSE: Duration = Duration::from_millis(2);
 /// The longest pause between two reads of the answer area.
 const MAX_PAUSE: Duration = Duration::from_millis(20);
+/// How long to wait before asking again after a refusal for rate: the coordinator's default
+/// refill is 2 requests a second.
+pub const RATE_LIMITED_PAUSE: Duration = Duration::from_millis(500);
 /// How much of the answer area a poll reads: one 4 KiB block, more than the longest answer (a
 /// release of the largest fragment, about 1.3 KiB).
 const ANSWER_READ_LEN: usize = 4096;
@@ -120,6 +127,35 @@ impl BrokerClient {
     /// Sends `body` as a new request and waits until `deadline` for its final answer; a
     /// refusal is [`BrokerError::Refused`].
     pub fn exchange(&mut self, body: Body, deadline: Instant) -> Result<Answer> {
+        loop {
+            match self.exchange_once(body.clone(), deadline) {
+                Err(BrokerError::Refused {
+                    code: RefusalCode::RateLimited,
+                    reason,
+                }) if Instant::now() + RATE_LIMITED_PAUSE < deadline => {
+                    log::debug!("{}: {reason}; asking again", self.location());
+                    self.pause(RATE_LIMITED_PAUSE)?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Waits `pause`, or less if cancelled meanwhile.
+    fn pause(&self, pause: Duration) -> Result<()> {
+        let until = Instant::now() + pause;
+        loop {
+            self.check_cancel()?;
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            std::thread::sleep(left.min(MAX_PAUSE));
+        }
+    }
+
+    /// One request and its final answer.
+    fn exchange_once(&mut self, body: Body, deadline: Instant) -> Result<Answer> {
         let request_id = self.new_request_id()?;
         let request = Message { request_id, body }
             .encode()

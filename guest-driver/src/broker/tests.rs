@@ -412,3 +412,72 @@ fn without_snp_reports_an_sev_holder_is_not_an_snp_guest() {
     );
     assert_eq!(released, 2);
 }
+
+/// Refuses the first `times` requests for rate, then answers as `then` does.
+fn rate_limited(times: usize, mut then: Coordinator) -> Coordinator {
+    let mut refused = 0;
+    Box::new(move |request| {
+        if refused < times {
+            refused += 1;
+            return (
+                Duration::from_millis(1),
+                Body::Refused {
+                    code: RefusalCode::RateLimited,
+                    reason: "too many requests".into(),
+                },
+            );
+        }
+        then(request)
+    })
+}
+
+/// Item 7: a refusal for rate is waited out and asked again within the deadline.
+#[test]
+fn item7_a_rate_limited_request_is_asked_again_and_released() {
+    let dealt = dealt();
+    let (mut client, requests) = scripted(rate_limited(2, releasing(&dealt, Duration::ZERO)));
+    let start = Instant::now();
+    let fragment = client.release_tpm(&id("tpm-1"), soon()).unwrap();
+    assert_eq!(fragment.as_slice(), dealt.fragment_of("tpm-1").unwrap());
+    assert!(
+        start.elapsed() >= 2 * RATE_LIMITED_PAUSE,
+        "it waited between tries"
+    );
+    let requests = requests.lock().unwrap();
+    assert_eq!(requests.len(), 3);
+    // Each try is a new request.
+    assert_ne!(requests[0].request_id, requests[2].request_id);
+
+    // The sev path: the nonce request itself limited, then the release.
+    let (mut client, requests) = scripted(rate_limited(1, releasing(&dealt, Duration::ZERO)));
+    let fragment = client
+        .release_sev(&id("sev-1"), &mut FakeSnp::default(), soon())
+        .unwrap();
+    assert_eq!(fragment.as_slice(), dealt.fragment_of("sev-1").unwrap());
+    assert_eq!(requests.lock().unwrap().len(), 3);
+}
+
+/// Item 7: still limited at the deadline: the refusal, not a hang.
+#[test]
+fn item7_rate_limited_until_the_deadline_is_the_refusal() {
+    let dealt = dealt();
+    let (mut client, requests) =
+        scripted(rate_limited(usize::MAX, releasing(&dealt, Duration::ZERO)));
+    let start = Instant::now();
+    let err = client
+        .release_tpm(&id("tpm-1"), Instant::now() + Duration::from_millis(1200))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BrokerError::Refused {
+                code: RefusalCode::RateLimited,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(start.elapsed() < Duration::from_millis(1300));
+    let tries = requests.lock().unwrap().len();
+    assert!((2..=3).contains(&tries), "{tries} tries");
+}

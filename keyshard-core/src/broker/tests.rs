@@ -208,7 +208,9 @@ fn encoding_refuses_oversized_fields_and_cuts_long_reasons() {
 
 #[test]
 fn refusal_codes_round_trip() {
-    for code in 0..=12u16 {
+    for code in 0..=14u16 {
         assert_eq!(RefusalCode::from_u16(code).to_u16(), code);
     }
+    assert_eq!(RefusalCode::from_u16(11), RefusalCode::RateLimited);
+    assert_eq!(RefusalCode::from_u16(12), RefusalCode::VmNotBound);
 }

@@ -12,8 +12,9 @@ use super::CliError;
 use crate::coordinator::mailbox::{BrokerMailbox, RequestHandler};
 use crate::coordinator::setup;
 use crate::coordinator::state::StateDir;
+use crate::daemon::access::SocketArgs;
 use crate::daemon::{self, DaemonError, ServedDevice};
-use crate::device::serve::BoundSocket;
+use crate::device::serve::{BoundSocket, SocketAccess};
 use crate::tpm::{TpmConfig, TpmService, resolve_tcti};
 
 #[derive(Debug, clap::Args)]
@@ -30,6 +31,8 @@ pub struct Args {
     /// Write the process id here once every socket listens.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
+    #[command(flatten)]
+    pub socket: SocketArgs,
 }
 
 #[derive(Debug)]
@@ -39,6 +42,8 @@ pub struct Config {
     pub brokers: Vec<(String, PathBuf)>,
     pub tcti: String,
     pub pidfile: Option<PathBuf>,
+    /// Mode and owner of every broker socket file.
+    pub access: SocketAccess,
 }
 
 impl TryFrom<Args> for Config {
@@ -71,14 +76,42 @@ impl TryFrom<Args> for Config {
             brokers,
             tcti: resolve_tcti(args.tcti.as_deref()),
             pidfile: args.pidfile,
+            access: SocketAccess::try_from(&args.socket)
+                .map_err(|e| CliError::InvalidArgument(e.to_string()))?,
         })
     }
+}
+
+/// Refuses a `--broker` for a VM the key's shares are not bound to: it would be refused every
+/// release anyway, and serving it hides the mistake until a boot fails.
+fn check_bound(config: &Config, bound: &[String]) -> Result<(), CliError> {
+    let dir = config.state_dir.root().display();
+    if bound.is_empty() {
+        return Err(CliError::InvalidArgument(format!(
+            "{dir}: the key's shares are bound to no VM (a state from before VM binding): run keyshard init --vm-id ID again"
+        )));
+    }
+    let unbound: Vec<&str> = config
+        .brokers
+        .iter()
+        .map(|(vm, _)| vm.as_str())
+        .filter(|vm| !bound.iter().any(|b| b == vm))
+        .collect();
+    if unbound.is_empty() {
+        return Ok(());
+    }
+    Err(CliError::InvalidArgument(format!(
+        "--broker {}: not bound to the key in {dir}; bound VM ids: {}",
+        unbound.join(", "),
+        bound.join(", ")
+    )))
 }
 
 pub fn run(config: Config) -> Result<(), CliError> {
     let signals =
         Signals::new([SIGTERM, SIGINT]).map_err(|e| CliError::from(DaemonError::Signals(e)))?;
     let state = setup::load_state(&config.state_dir)?;
+    check_bound(&config, &state.vm_ids)?;
     let tpm = if state.attested_holders().next().is_some() {
         let service = TpmService::spawn(TpmConfig::new(config.tcti.clone()))?;
         if service.info().software {
@@ -88,20 +121,72 @@ pub fn run(config: Config) -> Result<(), CliError> {
     } else {
         None
     };
-    let handler: Arc<dyn RequestHandler> =
-        Arc::new(setup::coordinator(&config.state_dir, &state, tpm)?);
+    let coordinator = Arc::new(setup::coordinator(&config.state_dir, &state, tpm)?);
+    let handler: Arc<dyn RequestHandler> = coordinator.clone();
     let devices = config
         .brokers
         .iter()
         .map(|(vm, socket)| {
-            let mailbox = BrokerMailbox::new(vm, handler.clone()).map_err(DaemonError::Signals)?;
+            let mailbox = BrokerMailbox::new(vm, handler.clone()).map_err(DaemonError::Spawn)?;
             Ok(ServedDevice {
                 name: format!("{SERIAL_PREFIX}{vm}"),
-                socket: BoundSocket::bind(socket).map_err(DaemonError::from)?,
+                socket: BoundSocket::bind(socket, config.access).map_err(DaemonError::from)?,
                 media: Arc::new(mailbox),
             })
         })
         .collect::<Result<Vec<_>, CliError>>()?;
-    daemon::serve_until_signal(devices, config.pidfile.as_deref(), signals)?;
+    let served = daemon::serve_until_signal(devices, config.pidfile.as_deref(), signals);
+    coordinator.flush_audit();
+    served?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn config(extra: &[&str]) -> Result<Config, CliError> {
+        let mut argv = vec![
+            "coordinator",
+            "--state-dir",
+            "/s",
+            "--broker",
+            "vm1=/b.sock",
+        ];
+        argv.extend_from_slice(extra);
+        Config::try_from(Command::try_parse_from(argv).unwrap().args)
+    }
+
+    #[test]
+    fn broker_sockets_are_0600_unless_told() {
+        assert_eq!(config(&[]).unwrap().access, SocketAccess::default());
+        let c = config(&["--socket-owner", "0", "--socket-mode", "660"]).unwrap();
+        assert_eq!((c.access.owner, c.access.mode), (Some(0), 0o660));
+        assert!(matches!(
+            config(&["--socket-mode", "u+rw"]),
+            Err(CliError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn item4_a_broker_for_an_unbound_vm_is_refused_with_the_bound_ids() {
+        let c = config(&["--broker", "vm2=/c.sock"]).unwrap();
+        let bound = ["vm1".to_owned(), "vm9".to_owned()];
+        let err = check_bound(&c, &bound).unwrap_err().to_string();
+        assert!(err.contains("--broker vm2: not bound"), "{err}");
+        assert!(err.contains("bound VM ids: vm1, vm9"), "{err}");
+        assert!(check_bound(&config(&[]).unwrap(), &bound).is_ok());
+        let none = check_bound(&config(&[]).unwrap(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(none.contains("bound to no VM"), "{none}");
+    }
 }

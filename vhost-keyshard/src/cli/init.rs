@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 
 use super::{CliError, load, policy};
 use crate::coordinator::init::init;
-use crate::coordinator::state::StateDir;
+use crate::coordinator::state::{StateDir, StateError, check_vm_id};
 use crate::tpm::{Tpm, resolve_tcti};
 
 /// A new random key has this many bytes.
@@ -43,6 +43,10 @@ pub struct Args {
     /// recovery code.
     #[arg(long, value_name = "FILE")]
     pub recovery_file: Option<PathBuf>,
+    /// A VM whose broker may be given the attested shares; repeat for each. Default: the state
+    /// directory's name, which must then be a valid VM id.
+    #[arg(long = "vm-id", value_name = "ID")]
+    pub vm_ids: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -54,13 +58,16 @@ pub struct Config {
     pub tcti: String,
     pub overwrite: Overwrite,
     pub recovery_file: Option<PathBuf>,
+    pub vm_ids: Vec<String>,
 }
 
 impl TryFrom<Args> for Config {
     type Error = CliError;
 
     fn try_from(args: Args) -> Result<Self, CliError> {
+        let vm_ids = vm_ids(&args)?;
         Ok(Self {
+            vm_ids,
             policy: args.policy,
             state_dir: StateDir::new(args.state_dir),
             secret_file: args.secret_file,
@@ -74,6 +81,37 @@ impl TryFrom<Args> for Config {
             recovery_file: args.recovery_file,
         })
     }
+}
+
+/// The `--vm-id`s, each valid and given once, or the state directory's name.
+fn vm_ids(args: &Args) -> Result<Vec<String>, CliError> {
+    let invalid = |e: StateError| CliError::InvalidArgument(format!("--vm-id: {e}"));
+    if args.vm_ids.is_empty() {
+        let name = args
+            .state_dir
+            .canonicalize()
+            .unwrap_or_else(|_| args.state_dir.clone())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        check_vm_id(&name).map_err(|e| {
+            CliError::InvalidArgument(format!(
+                "no --vm-id given and the state directory's name is not a valid VM id ({e}): give --vm-id"
+            ))
+        })?;
+        return Ok(vec![name]);
+    }
+    let mut ids: Vec<String> = Vec::new();
+    for id in &args.vm_ids {
+        check_vm_id(id).map_err(invalid)?;
+        if ids.contains(id) {
+            return Err(CliError::InvalidArgument(format!(
+                "--vm-id {id}: given twice"
+            )));
+        }
+        ids.push(id.clone());
+    }
+    Ok(ids)
 }
 
 pub fn run(config: Config) -> Result<(), CliError> {
@@ -123,6 +161,7 @@ pub fn run(config: Config) -> Result<(), CliError> {
         &dealer,
         tpm.as_mut(),
         config.overwrite,
+        &config.vm_ids,
     )?;
     let dir = config.state_dir.root().display();
     println!(
@@ -142,6 +181,10 @@ pub fn run(config: Config) -> Result<(), CliError> {
         );
     }
     println!("  guest manifest: {dir}/manifest.toml");
+    println!(
+        "  attested shares bound to VM id(s): {}",
+        config.vm_ids.join(", ")
+    );
     if let Some(recovery) = &report.recovery {
         hand_over_recovery(recovery, config.recovery_file.as_deref())?;
     }

@@ -16,7 +16,7 @@ use keyshard_core::manifest::Manifest;
 use keyshard_core::policy::Policy;
 
 use super::at_rest::{self, AtRestError};
-use super::state::{State, StateDir};
+use super::state::{State, StateDir, StateError, check_vm_id};
 use crate::tpm::{PcrError, PcrSelection, Tpm, TpmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,10 @@ pub enum InitError {
     AtRest(#[from] AtRestError),
     #[error("no randomness from the operating system")]
     Random,
+    #[error("no VM id to bind the shares to")]
+    NoVmId,
+    #[error(transparent)]
+    VmId(#[from] StateError),
 }
 
 /// What `init` made, for its report.
@@ -54,7 +58,8 @@ pub struct InitReport {
 }
 
 /// Deals `secret` by `policy` into `dir`. `tpm` is needed when the policy has `tpm` or `sev`
-/// holders.
+/// holders. The attested shares are bound to `vm_ids`: the coordinator releases them to those
+/// VMs' brokers only.
 pub fn init(
     dir: &StateDir,
     policy: &Policy,
@@ -62,7 +67,14 @@ pub fn init(
     dealer_key: &DealerSigningKey,
     tpm: Option<&mut Tpm>,
     overwrite: Overwrite,
+    vm_ids: &[String],
 ) -> Result<InitReport, InitError> {
+    if vm_ids.is_empty() {
+        return Err(InitError::NoVmId);
+    }
+    for vm in vm_ids {
+        check_vm_id(vm)?;
+    }
     if overwrite == Overwrite::Refuse && dir.state_file().exists() {
         return Err(InitError::Exists(dir.root().to_owned()));
     }
@@ -166,6 +178,7 @@ pub fn init(
             policy.tpm.clone()
         },
         holders,
+        vm_ids: vm_ids.to_vec(),
     };
     // Last: a state file means the directory is complete.
     files::write_atomic(

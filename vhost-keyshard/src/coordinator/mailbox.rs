@@ -5,12 +5,15 @@
 //! one whole request at offset 0; the write completes at once and the request is worked on by the
 //! mailbox's own thread (a TPM quote or an SNP check takes milliseconds; the virtqueue never
 //! waits for it). The answer area then holds `pending` for that request id until the final answer
-//! replaces it. Reads have no side effects: they only copy the current answer. A newer request
-//! supersedes an older one still being worked on.
+//! replaces it. Reads have no side effects: they only copy the current answer.
+//!
+//! The work is bounded whatever the guest writes: the mailbox holds at most one request waiting
+//! (a newer one replaces it, and a request that is no longer the one the answer area is about is
+//! dropped before any work), and the handler rate-limits each VM. A guest looping writes of one
+//! request gets at most one request worked on at a time, and refusals for rate after its burst.
 
 use std::io;
-use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
 use keyshard_core::broker::{AREA_LEN, Body, Message, MessageError, RefusalCode, SERIAL_PREFIX};
@@ -37,11 +40,62 @@ struct State {
     current_request: Option<u64>,
 }
 
+/// The newest request not yet taken by the mailbox's thread: one slot, never a queue.
+#[derive(Default)]
+struct Slot {
+    next: Option<Message>,
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Work {
+    slot: Mutex<Slot>,
+    ready: Condvar,
+}
+
+impl Work {
+    /// Puts `request` in the slot, replacing (and so skipping) one not yet taken.
+    fn put(&self, request: Message) -> bool {
+        let Ok(mut slot) = self.slot.lock() else {
+            return false;
+        };
+        if let Some(skipped) = slot.next.replace(request) {
+            debug!(
+                "request {:#x} superseded before any work",
+                skipped.request_id
+            );
+        }
+        self.ready.notify_one();
+        !slot.closed
+    }
+
+    /// The next request, or None once closed.
+    fn take(&self) -> Option<Message> {
+        let mut slot = self.slot.lock().ok()?;
+        loop {
+            if slot.closed {
+                return None;
+            }
+            if let Some(request) = slot.next.take() {
+                return Some(request);
+            }
+            slot = self.ready.wait(slot).ok()?;
+        }
+    }
+
+    fn close(&self) {
+        if let Ok(mut slot) = self.slot.lock() {
+            slot.closed = true;
+        }
+        self.ready.notify_all();
+    }
+}
+
 pub struct BrokerMailbox {
     vm_id: String,
     serial: [u8; SERIAL_LEN],
     state: Arc<Mutex<State>>,
-    work: Mutex<Sender<Message>>,
+    work: Arc<Work>,
 }
 
 impl BrokerMailbox {
@@ -52,13 +106,21 @@ impl BrokerMailbox {
             answer: Vec::new(),
             current_request: None,
         }));
-        let (sender, receiver) = mpsc::channel::<Message>();
+        let work = Arc::new(Work::default());
+        let worker_work = work.clone();
         let worker_state = state.clone();
         let worker_vm = vm_id.to_owned();
         thread::Builder::new()
             .name(format!("{SERIAL_PREFIX}{vm_id}"))
             .spawn(move || {
-                for request in receiver {
+                while let Some(request) = worker_work.take() {
+                    if !is_current(&worker_state, request.request_id) {
+                        debug!(
+                            "request {:#x} superseded before any work",
+                            request.request_id
+                        );
+                        continue;
+                    }
                     let body = handler.answer(&worker_vm, &request);
                     publish(&worker_state, request.request_id, body, true);
                 }
@@ -67,7 +129,7 @@ impl BrokerMailbox {
             serial: media::serial_from(&format!("{SERIAL_PREFIX}{vm_id}")),
             vm_id: vm_id.to_owned(),
             state,
-            work: Mutex::new(sender),
+            work,
         })
     }
 
@@ -96,15 +158,25 @@ impl BrokerMailbox {
             return;
         }
         publish(&self.state, message.request_id, Body::Pending, false);
-        let queued = self
-            .work
-            .lock()
-            .map(|sender| sender.send(message).is_ok())
-            .unwrap_or(false);
-        if !queued {
+        if !self.work.put(message) {
             warn!("{SERIAL_PREFIX}{}: the request thread is gone", self.vm_id);
         }
     }
+}
+
+impl Drop for BrokerMailbox {
+    /// Ends the mailbox's thread once it has finished the request in hand.
+    fn drop(&mut self) {
+        self.work.close();
+    }
+}
+
+/// Whether the answer area is still about `request_id`: a request written over since is
+/// skipped.
+fn is_current(state: &Mutex<State>, request_id: u64) -> bool {
+    state
+        .lock()
+        .is_ok_and(|state| state.current_request == Some(request_id))
 }
 
 /// The request id from a header that parsed that far, else 0: a refusal should still name

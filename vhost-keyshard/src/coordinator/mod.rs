@@ -6,6 +6,7 @@ pub mod audit;
 pub mod init;
 pub mod mailbox;
 pub mod nonces;
+pub mod rate_limit;
 pub mod release;
 pub mod reseal;
 pub mod setup;

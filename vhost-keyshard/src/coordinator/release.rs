@@ -5,7 +5,7 @@
 //! holders check the guest's SNP report. The coordinator itself checks what every class shares:
 //! the holder exists and has that class, an SNP nonce was issued to this VM, unused, recently.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use keyshard_core::HolderId;
@@ -14,9 +14,10 @@ use keyshard_core::envelope::{self, PUBLIC_KEY_LEN, ReleaseContext};
 use keyshard_core::holder::HolderClass;
 use zeroize::Zeroizing;
 
-use super::audit::{AuditEntry, AuditLog, now_rfc3339};
+use super::audit::{AuditEntry, AuditKind, AuditLog, Verdict};
 use super::mailbox::RequestHandler;
 use super::nonces::{Clock, NONCE_LIFETIME, NonceBook};
+use super::rate_limit::{DEFAULT_RATE_LIMIT, RateLimit, RateLimiter};
 
 /// A refusal as the guest sees it: a code and a reason (no secrets).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,19 +50,42 @@ pub trait HolderReleaser: Send + Sync {
 
 pub struct Coordinator {
     holders: BTreeMap<HolderId, (HolderClass, Arc<dyn HolderReleaser>)>,
+    /// The VMs this key's shares are bound to (`keyshard init --vm-id`); others are refused.
+    bound_vms: BTreeSet<String>,
+    /// Requests per VM, refused beyond the limit before any work.
+    rate: RateLimiter,
     nonce_books: Mutex<HashMap<String, Arc<NonceBook>>>,
     clock: Arc<dyn Clock>,
     audit: AuditLog,
 }
 
 impl Coordinator {
-    pub fn new(clock: Arc<dyn Clock>, audit: AuditLog) -> Self {
+    /// A coordinator that answers the brokers of `bound_vms` only.
+    pub fn new(
+        clock: Arc<dyn Clock>,
+        audit: AuditLog,
+        bound_vms: impl IntoIterator<Item = String>,
+    ) -> Self {
         Self {
             holders: BTreeMap::new(),
+            bound_vms: bound_vms.into_iter().collect(),
+            rate: RateLimiter::new(DEFAULT_RATE_LIMIT, clock.clone()),
             nonce_books: Mutex::new(HashMap::new()),
             clock,
             audit,
         }
+    }
+
+    /// Writes out the audit log's pending repeat counts (on the way out: the log may outlive
+    /// this call in a mailbox thread that is still winding down).
+    pub fn flush_audit(&self) {
+        self.audit.flush();
+    }
+
+    /// Replaces the per-VM rate limit ([`DEFAULT_RATE_LIMIT`] by default).
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate = RateLimiter::new(limit, self.clock.clone());
+        self
     }
 
     /// Serves `holder` of `class` through `releaser`.
@@ -146,65 +170,77 @@ impl Coordinator {
 
 impl RequestHandler for Coordinator {
     fn answer(&self, vm_id: &str, request: &Message) -> Body {
-        let mut entry = AuditEntry {
-            time: now_rfc3339(),
-            vm: vm_id.to_owned(),
-            request: format!("{:x}", request.request_id),
-            kind: "release",
-            class: None,
-            holder: None,
-            verdict: "refused",
-            reason: None,
+        let kind = match request.body {
+            Body::NonceRequest => AuditKind::Nonce,
+            _ => AuditKind::Release,
         };
-        let answer = match &request.body {
-            Body::NonceRequest => {
-                entry.kind = "nonce";
-                self.issue_nonce(vm_id)
-            }
-            Body::Release {
-                class,
-                holder_id,
-                request_key,
-                evidence,
-            } => {
-                entry.class = Some(class.to_string());
-                entry.holder = Some(holder_id.to_string());
-                self.release(
+        let mut entry = AuditEntry::new(vm_id, request.request_id, kind);
+        if let Body::Release {
+            class, holder_id, ..
+        } = &request.body
+        {
+            entry.class = Some(class.to_string());
+            entry.holder = Some(holder_id.to_string());
+        }
+        // Cheap refusals first: a flood is refused before any TPM or SNP work.
+        let answer = if !self.rate.allow(vm_id) {
+            let limit = self.rate.limit();
+            Err(Refusal::new(
+                RefusalCode::RateLimited,
+                format!(
+                    "too many requests from this VM: at most {} at once, then {} a second; ask again later",
+                    limit.burst, limit.per_second
+                ),
+            ))
+        } else if !self.bound_vms.contains(vm_id) {
+            Err(Refusal::new(
+                RefusalCode::VmNotBound,
+                format!("this key's shares are not bound to VM {vm_id}"),
+            ))
+        } else {
+            match &request.body {
+                Body::NonceRequest => self.issue_nonce(vm_id),
+                Body::Release {
+                    class,
+                    holder_id,
+                    request_key,
+                    evidence,
+                } => self.release(
                     vm_id,
                     request.request_id,
                     *class,
                     holder_id,
                     request_key,
                     evidence,
-                )
+                ),
+                _ => Err(Refusal::new(RefusalCode::UnknownKind, "not a request")),
             }
-            _ => Err(Refusal::new(RefusalCode::UnknownKind, "not a request")),
         };
-        let body = match answer {
+        match answer {
             Ok(body) => {
-                entry.verdict = if entry.kind == "nonce" {
-                    "issued"
-                } else {
-                    "released"
+                entry.verdict = match kind {
+                    AuditKind::Nonce => Verdict::Issued,
+                    AuditKind::Release => Verdict::Released,
                 };
+                self.audit.record(&entry);
                 body
             }
             Err(refusal) => {
                 entry.reason = Some(refusal.reason.clone());
-                log::error!(
-                    "{vm_id}: refused {} for {}: {}",
-                    entry.kind,
-                    entry.holder.as_deref().unwrap_or("-"),
-                    refusal.reason
-                );
+                // A repeat is counted in the audit log; only the first of a run is logged.
+                if self.audit.record(&entry) {
+                    log::error!(
+                        "{vm_id}: refused {kind:?} for {}: {}",
+                        entry.holder.as_deref().unwrap_or("-"),
+                        refusal.reason
+                    );
+                }
                 Body::Refused {
                     code: refusal.code,
                     reason: refusal.reason,
                 }
             }
-        };
-        self.audit.record(&entry);
-        body
+        }
     }
 }
 

@@ -77,7 +77,7 @@ pub fn coordinator(
         path: audit_path,
         source,
     })?;
-    let mut coordinator = Coordinator::new(Arc::new(SystemClock), audit);
+    let mut coordinator = Coordinator::new(Arc::new(SystemClock), audit, state.vm_ids.clone());
     if state.attested_holders().next().is_none() {
         return Ok(coordinator);
     }

@@ -2,7 +2,8 @@
 //! reads it:
 //!
 //! ```text
-//! state.toml                 key id, threshold, PCR selection, holders (class and id)
+//! state.toml                 key id, threshold, PCR selection, holders (class and id), the VM ids
+//!                            its attested shares are bound to
 //! manifest.toml              the guest manifest (goes into the initramfs)
 //! fragments/<vhd-id>.ksf     vhd fragments, to be served by vhost-keyshard (0600)
 //! sealed/<id>.key            tpm/sev holders: a 32-byte data key sealed to the TPM's PCRs
@@ -29,6 +30,16 @@ pub enum StateError {
     Invalid { path: PathBuf, reason: String },
     #[error("{}: unsupported state version {version}", path.display())]
     Version { path: PathBuf, version: u32 },
+    #[error("{0:?} is not a valid VM id: {1}")]
+    VmId(String, String),
+}
+
+/// Checks a VM id: the broker's serial `ksb-<vm id>` must fit virtio-blk's 20 bytes, so the
+/// rules are a holder id's.
+pub fn check_vm_id(id: &str) -> Result<(), StateError> {
+    HolderId::new(id)
+        .map(|_| ())
+        .map_err(|e| StateError::VmId(id.to_owned(), e.to_string()))
 }
 
 /// Where each file of a state directory lives.
@@ -98,6 +109,10 @@ struct StateFile {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pcrs: Vec<u8>,
     holders: Vec<StateHolder>,
+    /// The VMs whose brokers may be given the attested shares; none in a file from before
+    /// VM binding, which the coordinator then refuses to serve.
+    #[serde(default)]
+    vm_ids: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +130,8 @@ pub struct State {
     /// The PCRs `tpm` and `sev` data keys are sealed to, when there are such holders.
     pub tpm: Option<TpmPolicy>,
     pub holders: Vec<HolderSlot>,
+    /// The VMs that may be given this key's attested shares (`keyshard init --vm-id`).
+    pub vm_ids: Vec<String>,
 }
 
 impl State {
@@ -137,6 +154,7 @@ impl State {
                     id: h.id.to_string(),
                 })
                 .collect(),
+            vm_ids: self.vm_ids.clone(),
         };
         let body = toml::to_string(&file).unwrap_or_default();
         format!("# keyshard coordinator state, written by `keyshard init`.\n{body}")
@@ -177,11 +195,15 @@ impl State {
                 })
             })
             .collect::<Result<Vec<_>, StateError>>()?;
+        for vm in &file.vm_ids {
+            check_vm_id(vm).map_err(|e| invalid(e.to_string()))?;
+        }
         Ok(Self {
             key_id,
             threshold: file.threshold,
             tpm,
             holders,
+            vm_ids: file.vm_ids,
         })
     }
 
@@ -208,6 +230,7 @@ mod tests {
             holders: HolderSlot::numbered(HolderClass::Vhd, 2)
                 .chain(HolderSlot::numbered(HolderClass::Tpm, 1))
                 .collect(),
+            vm_ids: vec!["vm1".into(), "vm-2".into()],
         }
     }
 
@@ -233,6 +256,27 @@ mod tests {
         ));
         assert!(State::parse(path, &text.replace("sha256", "md5")).is_err());
         assert!(State::parse(path, &format!("{text}\nextra = 1\n")).is_err());
+        assert!(matches!(
+            State::parse(path, &text.replace("\"vm-2\"", "\"Bad VM\"")),
+            Err(StateError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn a_state_file_from_before_vm_binding_binds_no_vm() {
+        let text = sample().to_toml();
+        let old: String = text
+            .lines()
+            .filter(|l| !l.starts_with("vm_ids"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_ne!(old, text);
+        assert!(
+            State::parse(Path::new("s"), &old)
+                .unwrap()
+                .vm_ids
+                .is_empty()
+        );
     }
 
     #[test]

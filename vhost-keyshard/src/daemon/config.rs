@@ -6,6 +6,9 @@ use std::path::PathBuf;
 
 use keyshard_core::HolderId;
 
+use super::access::{AccessError, SocketArgs};
+use crate::device::serve::SocketAccess;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("no device to serve: give --socket-path with --fragment, or --device")]
@@ -20,6 +23,8 @@ pub enum ConfigError {
     BadDeviceSpec { spec: String, reason: String },
     #[error("invalid holder id: {0}")]
     HolderId(String),
+    #[error(transparent)]
+    Access(#[from] AccessError),
 }
 
 /// Serves read-only virtio-blk fragment devices over vhost-user. Each device's serial is
@@ -43,6 +48,8 @@ pub struct Args {
     /// Write the process id here once every socket listens.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
+    #[command(flatten)]
+    pub socket: SocketArgs,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +63,8 @@ pub struct DeviceConfig {
 pub struct Config {
     pub devices: Vec<DeviceConfig>,
     pub pidfile: Option<PathBuf>,
+    /// Mode and owner of every socket file.
+    pub access: SocketAccess,
 }
 
 fn holder_id(text: String) -> Result<HolderId, ConfigError> {
@@ -129,6 +138,7 @@ impl TryFrom<Args> for Config {
         Ok(Self {
             devices,
             pidfile: args.pidfile,
+            access: SocketAccess::try_from(&args.socket)?,
         })
     }
 }
@@ -184,6 +194,32 @@ mod tests {
         );
         assert_eq!(c.devices[1].fragments.len(), 2);
         assert_eq!(c.pidfile, Some("/run/k.pid".into()));
+        assert_eq!(c.access, SocketAccess::default());
+    }
+
+    #[test]
+    fn socket_owner_and_mode_apply_to_every_device() {
+        let c = config(&[
+            "--device",
+            "socket=/run/a.sock,fragment=a1",
+            "--socket-owner",
+            "0:0",
+            "--socket-mode",
+            "660",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.access,
+            SocketAccess {
+                mode: 0o660,
+                owner: Some(0),
+                group: Some(0)
+            }
+        );
+        assert!(matches!(
+            config(&["--device", "socket=s,fragment=f", "--socket-mode", "9"]),
+            Err(ConfigError::Access(AccessError::Mode(_)))
+        ));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The `vhost-keyshard` daemon: loads each device's fragment volume, binds every socket, says it
 //! is ready, serves until SIGTERM or SIGINT, and removes its sockets on the way out.
 
+pub mod access;
 pub mod config;
 
 use std::io::Write;
@@ -33,6 +34,10 @@ pub enum DaemonError {
     Pidfile(FileError),
     #[error("signal handling: {0}")]
     Signals(std::io::Error),
+    #[error("cannot start a device thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("cannot make the stop event: {0}")]
+    StopEvent(std::io::Error),
     #[error("a device thread failed")]
     Thread,
 }
@@ -61,7 +66,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             )?;
             Ok(ServedDevice {
                 name: format!("{SERIAL_PREFIX}{}", media.holder_id()),
-                socket: BoundSocket::bind(&device.socket)?,
+                socket: BoundSocket::bind(&device.socket, config.access)?,
                 media: Arc::new(media),
             })
         })
@@ -77,7 +82,7 @@ pub fn serve_until_signal(
     mut signals: Signals,
 ) -> Result<(), DaemonError> {
     announce_ready(&devices, pidfile)?;
-    let stopper = Stopper::new().map_err(DaemonError::Signals)?;
+    let stopper = Stopper::new().map_err(DaemonError::StopEvent)?;
     let threads: Vec<_> = devices
         .into_iter()
         .map(|device| {
@@ -94,7 +99,7 @@ pub fn serve_until_signal(
                 })
         })
         .collect::<Result<_, _>>()
-        .map_err(DaemonError::Signals)?;
+        .map_err(DaemonError::Spawn)?;
 
     if let Some(signal) = signals.forever().next() {
         info!("signal {signal}: stopping");
@@ -112,9 +117,25 @@ pub fn serve_until_signal(
         }
     }
     if let Some(pidfile) = pidfile {
-        let _ = std::fs::remove_file(pidfile);
+        remove_pidfile_if_ours(pidfile);
     }
     result
+}
+
+/// Removes the pidfile only while it still names this process: another instance started since
+/// may have written its own.
+fn remove_pidfile_if_ours(path: &std::path::Path) {
+    let ours = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+        == Some(std::process::id());
+    if !ours {
+        info!("{}: names another process, left alone", path.display());
+        return;
+    }
+    if let Err(e) = std::fs::remove_file(path) {
+        log::warn!("{}: could not remove the pidfile: {e}", path.display());
+    }
 }
 
 /// Tells whoever started us that every socket listens: a line on stdout, the pidfile, and

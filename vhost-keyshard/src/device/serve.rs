@@ -2,10 +2,13 @@
 //! listen again (VM reboots and QEMU restarts reconnect), until stopped. The socket file exists
 //! exactly while the device can be reached.
 
+mod peer;
+pub mod socket_file;
+
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,16 +23,14 @@ use vmm_sys_util::event::{
 
 use super::backend::BlockBackend;
 use super::media::BlockMedia;
+use peer::{Admission, GatedMedia};
+pub use peer::{PeerCredentials, PeerPolicy};
+pub use socket_file::{DEFAULT_MODE, SocketAccess, SocketFileError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("{}: another process is serving this socket", path.display())]
-    SocketInUse { path: PathBuf },
-    #[error("{}: cannot listen: {source}", path.display())]
-    Listen {
-        path: PathBuf,
-        source: VhostUserError,
-    },
+    #[error(transparent)]
+    SocketFile(#[from] SocketFileError),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
     #[error("{}: vhost-user daemon: {message}", path.display())]
@@ -85,27 +86,39 @@ impl Stopper {
 }
 
 /// A bound socket, ready for `serve`. Binding first lets a launcher be told "ready" only once
-/// every socket accepts connections.
+/// every socket accepts connections. Dropping it removes the socket file if it is still ours.
 pub struct BoundSocket {
     path: PathBuf,
+    /// The same listening socket as `listener`, kept to find accepted connections by name.
+    socket: UnixListener,
+    /// Built from a `UnixListener` with no path, so vhost never unlinks anything.
     listener: Listener,
+    file: socket_file::FileId,
+    peers: PeerPolicy,
 }
 
 impl BoundSocket {
-    /// Binds `path`, replacing a stale socket file but never one a live process still serves.
-    pub fn bind(path: &Path) -> Result<Self, ServeError> {
-        if path.exists() && UnixStream::connect(path).is_ok() {
-            return Err(ServeError::SocketInUse {
-                path: path.to_owned(),
-            });
-        }
-        let listener = Listener::new(path, true).map_err(|source| ServeError::Listen {
+    /// Binds `path` with `access`, replacing a stale socket but never a live one nor any other
+    /// file. Connections are served to root, this process's user and `access.owner` only.
+    pub fn bind(path: &Path, access: SocketAccess) -> Result<Self, ServeError> {
+        let (socket, file) = socket_file::bind(path, access)?;
+        let for_vhost = socket.try_clone().map_err(|source| ServeError::Io {
             path: path.to_owned(),
             source,
-        })?;
+        });
+        let for_vhost = match for_vhost {
+            Ok(clone) => clone,
+            Err(e) => {
+                socket_file::remove_if_ours(path, file);
+                return Err(e);
+            }
+        };
         Ok(Self {
             path: path.to_owned(),
-            listener,
+            socket,
+            listener: Listener::from(for_vhost),
+            file,
+            peers: PeerPolicy::new(access.owner),
         })
     }
 
@@ -127,8 +140,12 @@ impl BoundSocket {
         };
         while wait_for_frontend(&self.listener, stopper).map_err(io_error)? {
             let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-            let backend =
-                Arc::new(BlockBackend::new(media.clone(), memory.clone()).map_err(io_error)?);
+            let admission = Arc::new(Admission::default());
+            let gated: Arc<dyn BlockMedia> = Arc::new(GatedMedia {
+                media: media.clone(),
+                admission: admission.clone(),
+            });
+            let backend = Arc::new(BlockBackend::new(gated, memory.clone()).map_err(io_error)?);
             let daemon_error = |e: vhost_user_backend::Error| ServeError::Daemon {
                 path: self.path.clone(),
                 message: e.to_string(),
@@ -138,18 +155,24 @@ impl BoundSocket {
             backend.release_exit_fd();
             if let Err(e) = daemon.start(&mut self.listener) {
                 backend.stop_worker();
+                admission.decide(false);
                 return Err(daemon_error(e));
             }
-            info!("{}: frontend connected", self.path.display());
             let tracked = daemon.shutdown_handle().map(|h| stopper.track(h));
-            if stopper.is_stopped() {
+            let admitted = self.admit();
+            admission.decide(admitted);
+            if !admitted || stopper.is_stopped() {
                 daemon.request_shutdown();
             }
             match daemon.wait() {
                 Ok(())
                 | Err(vhost_user_backend::Error::HandleRequest(
                     VhostUserError::Disconnected | VhostUserError::PartialMessage,
-                )) => info!("{}: frontend disconnected", self.path.display()),
+                )) => {
+                    if admitted {
+                        info!("{}: frontend disconnected", self.path.display());
+                    }
+                }
                 Err(e) => warn!("{}: connection ended: {e}", self.path.display()),
             }
             backend.stop_worker();
@@ -158,6 +181,35 @@ impl BoundSocket {
             }
         }
         Ok(())
+    }
+
+    /// Names the peer of the connection just accepted, logs it, and says whether it may be
+    /// served (see `peer` for how the connection is found).
+    fn admit(&self) -> bool {
+        let path = self.path.display();
+        match peer::accepted_peer(&self.socket) {
+            Ok(peer) if self.peers.allows(&peer) => {
+                info!("{path}: frontend connected: {peer}");
+                true
+            }
+            Ok(peer) => {
+                warn!(
+                    "{path}: refused a connection from {peer}: only uids {:?} may connect",
+                    self.peers.allowed_uids()
+                );
+                false
+            }
+            Err(reason) => {
+                info!("{path}: connection dropped unserved: {reason}");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        socket_file::remove_if_ours(&self.path, self.file);
     }
 }
 

@@ -78,20 +78,58 @@ impl Setup {
 pub struct Daemon {
     child: Child,
     lines: mpsc::Receiver<String>,
+    /// Its log lines (stderr), when started with [`Daemon::start_logged`].
+    log: Option<mpsc::Receiver<String>>,
 }
 
 impl Daemon {
     pub fn start(args: &[String]) -> Self {
+        Self::spawn(args, None)
+    }
+
+    /// Starts the daemon logging at `level`, its log lines kept for [`Daemon::wait_for_log`].
+    pub fn start_logged(args: &[String], level: &str) -> Self {
+        Self::spawn(args, Some(level))
+    }
+
+    /// Waits (at most `timeout`) for a log line containing `text`, skipping the lines before.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) -> Option<String> {
+        let log = self.log.as_ref()?;
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let line = log.recv_timeout(left).ok()?;
+            if line.contains(text) {
+                return Some(line);
+            }
+        }
+    }
+
+    fn spawn(args: &[String], log_level: Option<&str>) -> Self {
+        let level = match log_level {
+            Some(level) => level.to_owned(),
+            None => std::env::var("DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_vhost-keyshard"))
             .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if log_level.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .unwrap();
+        let log = child.stderr.take().map(|stderr| {
+            let (sender, log) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let _ = sender.send(line);
+                }
+            });
+            log
+        });
         // A thread drains stdout so the daemon never blocks on a full pipe, and so that a daemon
         // that never gets ready fails the test instead of hanging it.
         let stdout = child.stdout.take().unwrap();
@@ -101,7 +139,7 @@ impl Daemon {
                 let _ = sender.send(line);
             }
         });
-        Self { child, lines }
+        Self { child, lines, log }
     }
 
     /// Waits (at most 10 s) for the daemon's first line, the ready line, and returns it.

@@ -230,3 +230,159 @@ fn the_answer_area_is_zero_padded_and_the_request_area_reads_zero() {
     mailbox.read_into(0, 1024, &mut request_area).unwrap();
     assert!(request_area.iter().all(|b| *b == 0));
 }
+
+/// A `tpm` releaser that takes a TPM's time and counts its calls.
+struct CountingReleaser {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl crate::coordinator::release::HolderReleaser for CountingReleaser {
+    fn release(
+        &self,
+        _check: &crate::coordinator::release::ReleaseCheck<'_>,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, crate::coordinator::release::Refusal> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(2));
+        Ok(zeroize::Zeroizing::new(b"a signed fragment".to_vec()))
+    }
+}
+
+fn tpm_release(request_id: u64, key: &keyshard_core::envelope::RequestKey) -> Message {
+    Message {
+        request_id,
+        body: Body::Release {
+            class: HolderClass::Tpm,
+            holder_id: HolderId::new("tpm-1").unwrap(),
+            request_key: key.public_key(),
+            evidence: Evidence::None,
+        },
+    }
+}
+
+/// Item 7: a guest looping writes of one request sent 8,091 requests in 60 s, each a quote and
+/// an unseal and an audit line. Now the work and the log stay bounded, and a well-behaved
+/// request after the flood is still answered.
+#[test]
+fn item7_a_flood_of_one_request_does_bounded_work_and_logging() {
+    use crate::coordinator::audit::AuditLog;
+    use crate::coordinator::nonces::SystemClock;
+    use crate::coordinator::release::Coordinator;
+
+    let dir = tempfile::tempdir().unwrap();
+    let audit_path = dir.path().join("audit.log");
+    let releaser = Arc::new(CountingReleaser {
+        calls: Default::default(),
+    });
+    let mut coordinator = Coordinator::new(
+        Arc::new(SystemClock),
+        AuditLog::open(&audit_path).unwrap(),
+        ["vm1".to_owned(), "vm2".to_owned()],
+    );
+    coordinator.add_holder(
+        HolderId::new("tpm-1").unwrap(),
+        HolderClass::Tpm,
+        releaser.clone(),
+    );
+    let coordinator: Arc<dyn RequestHandler> = Arc::new(coordinator);
+    let vm1 = BrokerMailbox::new("vm1", coordinator.clone()).unwrap();
+    let vm2 = BrokerMailbox::new("vm2", coordinator).unwrap();
+    let key = keyshard_core::envelope::RequestKey::generate().unwrap();
+
+    let start = Instant::now();
+    let flood = tpm_release(0xf100d, &key);
+    for _ in 0..5_000 {
+        write(&vm1, &flood);
+    }
+    // Let the last one be worked on.
+    let last = final_answer(&vm1);
+    let elapsed = start.elapsed().as_secs_f64();
+    let calls = releaser.calls.load(std::sync::atomic::Ordering::SeqCst);
+    // The burst (8), the refill over the flood (2 a second), one in hand.
+    let bound = 8.0 + 2.0 * elapsed.ceil() + 1.0;
+    assert!(
+        (calls as f64) <= bound,
+        "{calls} releases for 5,000 writes in {elapsed:.2} s (bound {bound})"
+    );
+    assert!(calls >= 1);
+    assert!(
+        matches!(
+            last.body,
+            Body::Refused {
+                code: RefusalCode::RateLimited,
+                ..
+            }
+        ),
+        "{last:?}"
+    );
+    let lines = std::fs::read_to_string(&audit_path)
+        .unwrap()
+        .lines()
+        .count();
+    assert!(lines <= 3, "{lines} audit lines during the flood");
+
+    // Another VM is answered at once.
+    write(&vm2, &tpm_release(2, &key));
+    assert!(matches!(final_answer(&vm2).body, Body::Released { .. }));
+
+    // The flooding VM itself, asking as the guest client does (again after a refusal for
+    // rate), is answered once its allowance refills.
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut request_id = 100;
+    let answer = loop {
+        request_id += 1;
+        write(&vm1, &tpm_release(request_id, &key));
+        let answer = final_answer(&vm1);
+        let limited = matches!(
+            answer.body,
+            Body::Refused {
+                code: RefusalCode::RateLimited,
+                ..
+            }
+        );
+        if !limited || Instant::now() > until {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(answer.request_id, request_id);
+    assert!(matches!(answer.body, Body::Released { .. }), "{answer:?}");
+    drop((vm1, vm2));
+    let lines = std::fs::read_to_string(&audit_path)
+        .unwrap()
+        .lines()
+        .count();
+    assert!(lines <= 8, "{lines} audit lines in all");
+}
+
+/// A request replaced before the mailbox's thread took it is never worked on.
+#[test]
+fn item7_a_superseded_request_is_skipped_before_any_work() {
+    let handler = ScriptedHandler::new(false);
+    let counting = Arc::new(CountingHandler {
+        inner: handler.clone(),
+        seen: Mutex::new(Vec::new()),
+    });
+    let mailbox = BrokerMailbox::new("vm1", counting.clone()).unwrap();
+    // The first is taken and held at the gate; 2..=100 replace each other in the slot.
+    write(&mailbox, &nonce_request(1));
+    std::thread::sleep(Duration::from_millis(50));
+    for id in 2..=100 {
+        write(&mailbox, &nonce_request(id));
+    }
+    handler.open();
+    assert_eq!(final_answer(&mailbox).request_id, 100);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(*counting.seen.lock().unwrap(), [1, 100]);
+}
+
+struct CountingHandler {
+    inner: Arc<ScriptedHandler>,
+    seen: Mutex<Vec<u64>>,
+}
+
+impl RequestHandler for CountingHandler {
+    fn answer(&self, vm_id: &str, request: &Message) -> Body {
+        self.seen.lock().unwrap().push(request.request_id);
+        self.inner.answer(vm_id, request)
+    }
+}

@@ -42,10 +42,19 @@ struct Setup {
 }
 
 fn setup(tpm: Arc<FixedReleaser>, sev: Arc<FixedReleaser>) -> Setup {
+    setup_limited(tpm, sev, DEFAULT_RATE_LIMIT)
+}
+
+/// A coordinator bound to vm1 and vm2, with `limit` per VM.
+fn setup_limited(tpm: Arc<FixedReleaser>, sev: Arc<FixedReleaser>, limit: RateLimit) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let audit_path = dir.path().join("audit.log");
-    let mut coordinator =
-        Coordinator::new(Arc::new(SystemClock), AuditLog::open(&audit_path).unwrap());
+    let mut coordinator = Coordinator::new(
+        Arc::new(SystemClock),
+        AuditLog::open(&audit_path).unwrap(),
+        ["vm1".to_owned(), "vm2".to_owned()],
+    )
+    .with_rate_limit(limit);
     coordinator.add_holder(HolderId::new("tpm-1").unwrap(), HolderClass::Tpm, tpm);
     coordinator.add_holder(HolderId::new("sev-1").unwrap(), HolderClass::Sev, sev);
     Setup {
@@ -255,4 +264,74 @@ fn a_bad_request_key_is_refused_not_sealed_to() {
     assert!(started.elapsed().as_secs() < 5);
     // X25519 with a low-order point gives an all-zero secret, which HPKE must refuse.
     assert_eq!(refusal_code(&body), RefusalCode::Malformed);
+}
+
+/// Item 4: a VM the key is not bound to is refused, audited, and costs no releaser call.
+#[test]
+fn item4_an_unbound_vm_is_refused_before_any_check_and_audited() {
+    let tpm = FixedReleaser::new(None);
+    let s = setup(tpm.clone(), FixedReleaser::new(None));
+    let key = RequestKey::generate().unwrap();
+    let body = s.coordinator.answer(
+        "vm3",
+        &release(1, HolderClass::Tpm, "tpm-1", &key, Evidence::None),
+    );
+    assert_eq!(refusal_code(&body), RefusalCode::VmNotBound);
+    let nonce = s.coordinator.answer(
+        "vm3",
+        &Message {
+            request_id: 2,
+            body: Body::NonceRequest,
+        },
+    );
+    assert_eq!(refusal_code(&nonce), RefusalCode::VmNotBound);
+    assert_eq!(*tpm.calls.lock().unwrap(), 0);
+    let lines = audit_lines(&s);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        (&lines[0]["vm"], &lines[0]["verdict"], &lines[0]["holder"]),
+        (&"vm3".into(), &"refused".into(), &"tpm-1".into())
+    );
+    assert_eq!(lines[1]["kind"], "nonce");
+}
+
+/// Item 7: past its burst a VM is refused for rate before the releaser runs; another VM is not.
+#[test]
+fn item7_a_vm_past_its_burst_is_refused_for_rate_before_the_releaser() {
+    let tpm = FixedReleaser::new(None);
+    let s = setup_limited(
+        tpm.clone(),
+        FixedReleaser::new(None),
+        RateLimit {
+            burst: 3,
+            per_second: 1,
+        },
+    );
+    let key = RequestKey::generate().unwrap();
+    let codes: Vec<Option<RefusalCode>> = (0..10)
+        .map(|i| {
+            match s.coordinator.answer(
+                "vm1",
+                &release(i, HolderClass::Tpm, "tpm-1", &key, Evidence::None),
+            ) {
+                Body::Refused { code, .. } => Some(code),
+                _ => None,
+            }
+        })
+        .collect();
+    assert_eq!(codes[..3], [None, None, None]);
+    assert!(
+        codes[3..]
+            .iter()
+            .all(|c| *c == Some(RefusalCode::RateLimited)),
+        "{codes:?}"
+    );
+    assert_eq!(*tpm.calls.lock().unwrap(), 3);
+    assert!(matches!(
+        s.coordinator.answer(
+            "vm2",
+            &release(99, HolderClass::Tpm, "tpm-1", &key, Evidence::None)
+        ),
+        Body::Released { .. }
+    ));
 }
