@@ -274,6 +274,14 @@ impl Scanner {
         self.scanning.then_some(self.next_scan.min(self.scan_until))
     }
 
+    /// How many devices have not said what they are: still probed, or their probe failed.
+    fn without_serial(&self) -> usize {
+        self.devices
+            .iter()
+            .filter(|d| d.probed.as_ref().is_none_or(|p| p.serial.is_err()))
+            .count()
+    }
+
     /// The serials seen so far.
     fn serials(&self) -> impl Iterator<Item = (&FoundDevice, &str)> {
         self.devices
@@ -646,7 +654,7 @@ pub fn unlock_with(
                 && (shares.attached || shares.holders.is_empty());
             scanner.settle(all_there);
             if !scanner.scanning && !shares.attached {
-                let why = match scanner.pending {
+                let why = match scanner.without_serial() {
                     0 => format!(
                         "no broker device (no block device serial starts with {BROKER_SERIAL_PREFIX})"
                     ),
