@@ -252,6 +252,8 @@ fn item8_keyshard_init_prints_a_recovery_code_and_reseal_reads_it() {
             "p.toml",
             "--state-dir",
             "state",
+            "--vm-id",
+            "vm1",
             "--secret-file",
             "secret",
         ],
