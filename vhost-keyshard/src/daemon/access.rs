@@ -1,8 +1,6 @@
 //! `--socket-owner USER[:GROUP]` and `--socket-mode MODE`, shared by `vhost-keyshard` and
 //! `keyshard coordinator`: who may connect to a device's socket (the QEMU or libvirt user).
 
-use std::ffi::{CStr, CString};
-
 use crate::device::serve::{DEFAULT_MODE, SocketAccess};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -92,10 +90,12 @@ fn resolve(spec: &str, name: &str, kind: Kind) -> Result<u32, AccessError> {
         name: name.to_owned(),
         reason,
     };
-    let c_name = CString::new(name).map_err(|_| AccessError::Owner(spec.to_owned()))?;
+    if name.contains('\0') {
+        return Err(AccessError::Owner(spec.to_owned()));
+    }
     let found = match kind {
-        Kind::User => user_id(&c_name),
-        Kind::Group => group_id(&c_name),
+        Kind::User => user_id(name),
+        Kind::Group => group_id(name),
     }
     .map_err(|e| lookup_error(e.to_string()))?;
     found.ok_or(AccessError::Unknown {
@@ -107,63 +107,12 @@ fn resolve(spec: &str, name: &str, kind: Kind) -> Result<u32, AccessError> {
     })
 }
 
-/// Buffer for getpwnam_r/getgrnam_r; retried larger on ERANGE, up to a bound.
-const LOOKUP_BUFFER: usize = 4096;
-const LOOKUP_BUFFER_MAX: usize = 1 << 20;
-
-fn user_id(name: &CStr) -> std::io::Result<Option<u32>> {
-    let mut size = LOOKUP_BUFFER;
-    loop {
-        let mut buffer = vec![0 as libc::c_char; size];
-        // SAFETY: passwd is plain old data; all zeroes is a valid value to be overwritten.
-        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is to a live local (`name` is NUL-terminated, `buffer` has the
-        // length passed); getpwnam_r writes only into `entry`, `buffer` and `result`.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                name.as_ptr(),
-                &raw mut entry,
-                buffer.as_mut_ptr(),
-                buffer.len(),
-                &raw mut result,
-            )
-        };
-        match rc {
-            0 if result.is_null() => return Ok(None),
-            0 => return Ok(Some(entry.pw_uid)),
-            libc::ERANGE if size < LOOKUP_BUFFER_MAX => size *= 2,
-            libc::ENOENT | libc::ESRCH => return Ok(None),
-            code => return Err(std::io::Error::from_raw_os_error(code)),
-        }
-    }
+fn user_id(name: &str) -> nix::Result<Option<u32>> {
+    Ok(nix::unistd::User::from_name(name)?.map(|user| user.uid.as_raw()))
 }
 
-fn group_id(name: &CStr) -> std::io::Result<Option<u32>> {
-    let mut size = LOOKUP_BUFFER;
-    loop {
-        let mut buffer = vec![0 as libc::c_char; size];
-        // SAFETY: group is plain old data; all zeroes is a valid value to be overwritten.
-        let mut entry: libc::group = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: as in `user_id`, for getgrnam_r.
-        let rc = unsafe {
-            libc::getgrnam_r(
-                name.as_ptr(),
-                &raw mut entry,
-                buffer.as_mut_ptr(),
-                buffer.len(),
-                &raw mut result,
-            )
-        };
-        match rc {
-            0 if result.is_null() => return Ok(None),
-            0 => return Ok(Some(entry.gr_gid)),
-            libc::ERANGE if size < LOOKUP_BUFFER_MAX => size *= 2,
-            libc::ENOENT | libc::ESRCH => return Ok(None),
-            code => return Err(std::io::Error::from_raw_os_error(code)),
-        }
-    }
+fn group_id(name: &str) -> nix::Result<Option<u32>> {
+    Ok(nix::unistd::Group::from_name(name)?.map(|group| group.gid.as_raw()))
 }
 
 #[cfg(test)]
