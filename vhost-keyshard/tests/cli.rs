@@ -705,3 +705,45 @@ fn item11_the_device_daemons_usage_errors_are_one_line() {
         "vhost-keyshard: unexpected argument '--bogus' found (try --help)\n"
     );
 }
+
+/// Item 8 (review): `init --recovery-file` into a directory that does not exist wrote the whole
+/// state, printed "initialised", then failed to write the recovery share: a state listing a
+/// recovery holder whose share exists nowhere, and a rerun refused without --force. The path is
+/// now checked before anything is written.
+#[test]
+fn item8_init_checks_the_recovery_files_directory_before_writing_the_state() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    fs::write(
+        ws.path("p.toml"),
+        "threshold = 3\nallow_host_reachable_quorum = true\n[holders]\nvhd = 3\nrecovery = 1\n",
+    )
+    .unwrap();
+    let out = ws.run(&[
+        "init",
+        "--policy",
+        "p.toml",
+        "--state-dir",
+        "vm1",
+        "--recovery-file",
+        "missing/recovery.ksf",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("initialised"), "{}", stdout(&out));
+    assert!(stderr(&out).contains("missing"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    assert!(!ws.path("vm1").join("state.toml").exists(), "state written");
+    // With the directory there, the same command works and writes the share.
+    fs::create_dir(ws.path("missing")).unwrap();
+    ws.ok(&[
+        "init",
+        "--policy",
+        "p.toml",
+        "--state-dir",
+        "vm1",
+        "--recovery-file",
+        "missing/recovery.ksf",
+    ]);
+    assert_eq!(mode(&ws.path("missing/recovery.ksf")), 0o600);
+}
