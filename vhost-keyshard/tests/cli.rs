@@ -747,3 +747,42 @@ fn item8_init_checks_the_recovery_files_directory_before_writing_the_state() {
     ]);
     assert_eq!(mode(&ws.path("missing/recovery.ksf")), 0o600);
 }
+
+/// Item 11 (review), for `init` as for `split`: `init --force` by a policy with fewer holders
+/// left the old key's `fragments/vhd-3.ksf` (and `sealed/tpm-*.key`/`.ksf.enc`) in the state
+/// directory, so the key it was asked to replace stayed rebuildable from the directory. Only
+/// keyshard's own files of holders the new state does not list are removed.
+#[test]
+fn item11_init_force_with_fewer_holders_removes_the_old_keys_shares() {
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let policy = |vhd: u8| {
+        format!("threshold = 2\nallow_host_reachable_quorum = true\n[holders]\nvhd = {vhd}\n")
+    };
+    fs::write(ws.path("big.toml"), policy(3)).unwrap();
+    fs::write(ws.path("small.toml"), policy(2)).unwrap();
+    ws.ok(&["init", "--policy", "big.toml", "--state-dir", "vm1"]);
+    let old = fs::read(ws.path("vm1/fragments/vhd-3.ksf")).unwrap();
+    // Not keyshard's: left alone.
+    fs::write(ws.path("vm1/fragments/notes.txt"), "mine").unwrap();
+    fs::write(ws.path("vm1/fragments/vhd-9.ksf"), "not a fragment").unwrap();
+    let out = ws.ok(&[
+        "init",
+        "--policy",
+        "small.toml",
+        "--state-dir",
+        "vm1",
+        "--force",
+    ]);
+    assert!(
+        !ws.path("vm1/fragments/vhd-3.ksf").exists(),
+        "a share of the replaced key is left: {} bytes",
+        old.len()
+    );
+    assert!(stdout(&out).contains("removed 1"), "{}", stdout(&out));
+    assert!(ws.path("vm1/fragments/vhd-1.ksf").exists());
+    assert!(ws.path("vm1/fragments/vhd-2.ksf").exists());
+    assert!(ws.path("vm1/fragments/notes.txt").exists());
+    assert!(ws.path("vm1/fragments/vhd-9.ksf").exists());
+}

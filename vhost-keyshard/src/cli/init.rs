@@ -180,6 +180,12 @@ pub fn run(config: Config) -> Result<(), CliError> {
             report.sealed
         );
     }
+    if report.removed > 0 {
+        println!(
+            "  removed {} share file(s) of the replaced key's holders that this policy does not have",
+            report.removed
+        );
+    }
     println!("  guest manifest: {dir}/manifest.toml");
     println!(
         "  attested shares bound to VM id(s): {}",
