@@ -374,6 +374,10 @@ fn policy_check_says_which_adversaries_each_example_resists() {
         "  accepted because allow_host_reachable_quorum = true",
         "recovery share: kept offline, so none of these obtains it; a stolen state directory \
          together with it obtains 3 of the 3 shares needed",
+        // Item 2 (review): "kept offline" is the operator's doing; a recovery file left on the
+        // host is read after a boot change as well, and that adversary then reaches k.
+        "  only while it is kept off this host: a recovery file or code left on it is read by a \
+         changed firmware or boot chain too, which then obtains 3 of the 3 shares needed",
     ] {
         assert!(out.contains(line), "{line:?} missing from:\n{out}");
     }
