@@ -61,6 +61,12 @@ pub enum PolicyError {
     )]
     RecoveryNeededAtBoot { k: u8, boot: u32 },
     #[error(
+        "threshold = {k}, but the recovery share and the {vhd} vhd share(s) are only {} shares: \
+         `keyshard reseal` rebuilds the key from these alone once the PCRs change, so it could \
+         never reseal; give more vhd shares or lower k", u32::from(*vhd) + 1
+    )]
+    RecoveryCannotReseal { k: u8, vhd: u8 },
+    #[error(
         "the policy gives {class} shares, whose data keys are sealed to the TPM, but has no [tpm] \
          section with the PCRs to seal to"
     )]
@@ -196,6 +202,15 @@ impl Policy {
         let sealed = [HolderClass::Tpm, HolderClass::Sev]
             .into_iter()
             .find(|class| self.holders.get(*class) > 0);
+        // After a firmware update the TPM no longer unseals tpm and sev shares: reseal has only
+        // the vhd fragments and the recovery share to rebuild the key from.
+        let reseal_shares = u32::from(self.holders.vhd) + u32::from(self.holders.recovery);
+        if self.holders.recovery > 0 && sealed.is_some() && reseal_shares < u32::from(k) {
+            return Err(PolicyError::RecoveryCannotReseal {
+                k,
+                vhd: self.holders.vhd,
+            });
+        }
         if let Some(class) = sealed {
             let tpm = self
                 .tpm
@@ -398,6 +413,26 @@ mod tests {
             parse_err(&ok.replace("threshold = 3", "threshold = 4")),
             PolicyError::RecoveryNeededAtBoot { k: 4, boot: 3 }
         );
+    }
+
+    /// Item 8 (review): vhd = 1, tpm = 2, recovery = 1, k = 3 passed `policy check` and `init`
+    /// wrote a recovery share, but once the PCRs change `reseal` has the vhd share and the
+    /// recovery share only, 2 of 3: the promised recovery could never work.
+    #[test]
+    fn item8_a_recovery_share_that_cannot_reseal_is_refused() {
+        let text = "allow_host_reachable_quorum = true\nthreshold = 3\n\
+                    [holders]\nvhd = 1\ntpm = 2\nrecovery = 1\n\
+                    [tpm]\npcr_bank = \"sha256\"\npcrs = [0, 7]\n";
+        let err = parse_err(text);
+        assert_eq!(err, PolicyError::RecoveryCannotReseal { k: 3, vhd: 1 });
+        assert!(err.to_string().contains("only 2 shares"), "{err}");
+        // One more vhd share, or k = 2, and reseal has k shares.
+        assert!(Policy::parse(&text.replace("vhd = 1", "vhd = 2")).is_ok());
+        assert!(Policy::parse(&text.replace("threshold = 3", "threshold = 2")).is_ok());
+        // Without tpm or sev shares nothing is ever resealed: the recovery share is a spare.
+        let unsealed = "allow_host_reachable_quorum = true\nthreshold = 3\n\
+                        [holders]\nvhd = 3\nrecovery = 1\n";
+        assert!(Policy::parse(unsealed).is_ok());
     }
 
     #[test]

@@ -354,6 +354,8 @@ pub fn rebuild(request: &QuorumRequest<'_>, candidates: &[Candidate]) -> Result<
 
     let mut best: Option<(usize, u8)> = None;
     let mut outcome: Option<QuorumOutcome> = None;
+    // Members of incomplete deals: renamed OtherDeal when another deal of their epoch is used.
+    let mut incomplete: Vec<(String, u64, DealId)> = Vec::new();
     for ((epoch, deal), members) in deals {
         let k = members
             .first()
@@ -383,6 +385,7 @@ pub fn rebuild(request: &QuorumRequest<'_>, candidates: &[Candidate]) -> Result<
             for v in &members {
                 let valid = members.len();
                 reject(&v.source, RejectReason::IncompleteEpoch { epoch, valid, k });
+                incomplete.push((v.source.clone(), epoch, deal));
             }
             continue;
         }
@@ -413,6 +416,22 @@ pub fn rebuild(request: &QuorumRequest<'_>, candidates: &[Candidate]) -> Result<
 
     match outcome {
         Some(mut outcome) => {
+            for rejection in &mut rejected {
+                let RejectReason::IncompleteEpoch { epoch, .. } = rejection.reason else {
+                    continue;
+                };
+                let deal = incomplete
+                    .iter()
+                    .find(|(source, e, _)| *source == rejection.source && *e == epoch)
+                    .map(|(_, _, deal)| *deal);
+                if let Some(deal) = deal.filter(|_| epoch == outcome.epoch) {
+                    rejection.reason = RejectReason::OtherDeal {
+                        epoch,
+                        deal,
+                        used_deal: outcome.deal,
+                    };
+                }
+            }
             outcome.rejected = rejected;
             Ok(outcome)
         }

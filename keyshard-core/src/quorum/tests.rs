@@ -601,3 +601,34 @@ fn rejection_lines_say_missing_unused_or_rejected() {
     );
     assert!(line(RejectReason::BadSignature).starts_with("rejected src: bad signature"));
 }
+
+/// Item 5 (review): an incomplete deal of the epoch that was rebuilt by another deal was named
+/// "epoch 1 has only 2 valid of the 3 shares it needs", which reads as if epoch 1 failed. Its
+/// fragments are another split of the epoch used, whichever deal sorts first.
+#[test]
+fn item5_an_incomplete_deal_of_the_used_epoch_is_named_another_split() {
+    let key = keys::generate().unwrap();
+    let vk = key.verifying_key();
+    let good = deal_named(SECRET, 1, 2, 3, [3; 16], "g", &key);
+    for stale_id in [[1; 16], [9; 16]] {
+        let stale = deal_named(b"an older secret", 1, 3, 5, stale_id, "s", &key);
+        let all = [
+            stale[0].clone(),
+            stale[1].clone(),
+            good[0].clone(),
+            good[1].clone(),
+        ];
+        let out = rebuild(&request(&vk), &all).unwrap();
+        assert_eq!(out.secret.as_slice(), SECRET);
+        let expected = RejectReason::OtherDeal {
+            epoch: 1,
+            deal: DealId::from_bytes(stale_id),
+            used_deal: DealId::from_bytes([3; 16]),
+        };
+        assert_eq!(
+            reasons(&out.rejected),
+            [("s-f1", expected.clone()), ("s-f2", expected)],
+            "stale deal {stale_id:?}"
+        );
+    }
+}

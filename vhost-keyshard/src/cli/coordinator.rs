@@ -88,7 +88,7 @@ fn check_bound(config: &Config, bound: &[String]) -> Result<(), CliError> {
     let dir = config.state_dir.root().display();
     if bound.is_empty() {
         return Err(CliError::InvalidArgument(format!(
-            "{dir}: the key's shares are bound to no VM (a state from before VM binding): run keyshard init --vm-id ID again"
+            "{dir}: the key's shares are bound to no VM (a state from before VM binding, with fragments this build no longer reads): keyshard init --force --vm-id ID deals a NEW key and replaces these shares, so first keep a copy of {dir} and enroll the new key in the VM's volume (or pass the old key with --secret-file)"
         )));
     }
     let unbound: Vec<&str> = config
@@ -188,5 +188,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(none.contains("bound to no VM"), "{none}");
+    }
+
+    /// Item 4 (review): the refusal of a state from before VM binding said "run keyshard init
+    /// --vm-id ID again"; init (with --force, as it then asks) deals a new random key and replaces
+    /// every share of the old one, which the VM's volume still needs.
+    #[test]
+    fn item4_an_unbound_state_says_that_init_deals_a_new_key() {
+        let none = check_bound(&config(&[]).unwrap(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!none.contains("again"), "{none}");
+        assert!(none.contains("NEW key"), "{none}");
+        assert!(none.contains("--secret-file"), "{none}");
+        assert!(!none.contains('\n'), "{none}");
     }
 }

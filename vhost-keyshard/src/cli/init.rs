@@ -180,6 +180,12 @@ pub fn run(config: Config) -> Result<(), CliError> {
             report.sealed
         );
     }
+    if report.removed > 0 {
+        println!(
+            "  removed {} share file(s) of the replaced key's holders that this policy does not have",
+            report.removed
+        );
+    }
     println!("  guest manifest: {dir}/manifest.toml");
     println!(
         "  attested shares bound to VM id(s): {}",
@@ -229,6 +235,19 @@ fn check_recovery_file(path: &Path, state_dir: &StateDir, shares: u8) -> Result<
             path.display()
         )));
     }
+    // The share is written after the state: a directory that is missing or not writable must
+    // fail now, not leave a state whose recovery share exists nowhere.
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    tempfile::NamedTempFile::new_in(parent).map_err(|source| {
+        CliError::InvalidArgument(format!(
+            "--recovery-file {}: cannot write in {}: {source}",
+            path.display(),
+            parent.display()
+        ))
+    })?;
     Ok(())
 }
 

@@ -104,11 +104,18 @@ pub fn describe(policy: &Policy) -> Vec<String> {
         }
     }
     if policy.holders.recovery > 0 {
-        let with_directory = policy.exposure(Adversary::StolenStateDirectory).shares()
-            + u32::from(policy.holders.recovery);
+        let with =
+            |adversary| policy.exposure(adversary).shares() + u32::from(policy.holders.recovery);
         lines.push(format!(
             "recovery share: kept offline, so none of these obtains it; a stolen state directory \
-             together with it obtains {with_directory} of the {} shares needed",
+             together with it obtains {} of the {} shares needed",
+            with(Adversary::StolenStateDirectory),
+            policy.threshold
+        ));
+        lines.push(format!(
+            "  only while it is kept off this host: a recovery file or code left on it is read by \
+             a changed firmware or boot chain too, which then obtains {} of the {} shares needed",
+            with(Adversary::ChangedBootChain),
             policy.threshold
         ));
     }

@@ -6,10 +6,10 @@
 
 use std::path::Path;
 
-use keyshard_core::dealer::{self, DealError, DealPlan};
+use keyshard_core::dealer::{self, DealError, DealPlan, HolderSlot};
 use keyshard_core::files::{self, FileError, Overwrite};
-use keyshard_core::fragment::VerifiedFragment;
-use keyshard_core::holder::{HolderClass, KeyId};
+use keyshard_core::fragment::{Fragment, FragmentError, MAX_FRAGMENT_LEN, VerifiedFragment};
+use keyshard_core::holder::{HolderClass, HolderId, KeyId};
 use keyshard_core::kcv::KeyCheckValue;
 use keyshard_core::keys::DealerSigningKey;
 use keyshard_core::manifest::Manifest;
@@ -55,6 +55,8 @@ pub struct InitReport {
     /// The recovery fragment, when the policy has one: never written to the state directory;
     /// the caller hands it to the operator (a file or a printed code).
     pub recovery: Option<VerifiedFragment>,
+    /// Share files of an earlier init's holders that this state does not list, removed.
+    pub removed: usize,
 }
 
 /// Deals `secret` by `policy` into `dir`. `tpm` is needed when the policy has `tpm` or `sev`
@@ -187,12 +189,70 @@ pub fn init(
         0o644,
         Overwrite::Replace,
     )?;
+    let removed = match overwrite {
+        Overwrite::Replace => remove_stale_shares(dir, &state.holders)?,
+        Overwrite::Refuse => 0,
+    };
     Ok(InitReport {
         key_id,
         vhd,
         sealed: sealed.len(),
         selection: selection_text,
         recovery,
+        removed,
+    })
+}
+
+/// After `init --force`: removes the shares of holders the new state does not list, left by an
+/// earlier init with more holders, so the key that was replaced cannot be rebuilt from the
+/// directory. Only regular files named for a holder are touched: `fragments/<id>.ksf` when it is
+/// a keyshard fragment, `sealed/<id>.ksf.enc` and `sealed/<id>.key`. Returns how many went.
+fn remove_stale_shares(dir: &StateDir, holders: &[HolderSlot]) -> Result<usize, FileError> {
+    let mut removed = 0;
+    for (folder, suffixes) in [
+        ("fragments", &[".ksf"][..]),
+        ("sealed", &[".ksf.enc", ".key"][..]),
+    ] {
+        let Ok(entries) = std::fs::read_dir(dir.root().join(folder)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let file_name = entry.file_name();
+            let Some(id) = file_name
+                .to_str()
+                .and_then(|name| suffixes.iter().find_map(|s| name.strip_suffix(s)))
+                .and_then(|stem| HolderId::new(stem).ok())
+            else {
+                continue;
+            };
+            let is_file = path.symlink_metadata().is_ok_and(|meta| meta.is_file());
+            if !is_file || holders.iter().any(|h| h.id == id) {
+                continue;
+            }
+            if folder == "fragments" && !is_keyshard_fragment(&path) {
+                log::warn!(
+                    "left {}: not a keyshard fragment, so not removed as stale",
+                    path.display()
+                );
+                continue;
+            }
+            std::fs::remove_file(&path).map_err(|source| FileError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+fn is_keyshard_fragment(path: &Path) -> bool {
+    files::read_limited(path, MAX_FRAGMENT_LEN).is_ok_and(|bytes| {
+        matches!(
+            Fragment::parse(&bytes),
+            Ok(_) | Err(FragmentError::VersionWithoutDealId)
+        )
     })
 }
 

@@ -168,6 +168,10 @@ impl Coordinator {
     }
 }
 
+/// The audit reason for a release naming a holder that does not exist: without the name, which
+/// the guest chooses freely (the guest still hears it in the refusal).
+const UNKNOWN_HOLDER_AUDITED: &str = "no such holder here";
+
 impl RequestHandler for Coordinator {
     fn answer(&self, vm_id: &str, request: &Message) -> Body {
         let kind = match request.body {
@@ -175,13 +179,6 @@ impl RequestHandler for Coordinator {
             _ => AuditKind::Release,
         };
         let mut entry = AuditEntry::new(vm_id, request.request_id, kind);
-        if let Body::Release {
-            class, holder_id, ..
-        } = &request.body
-        {
-            entry.class = Some(class.to_string());
-            entry.holder = Some(holder_id.to_string());
-        }
         // Cheap refusals first: a flood is refused before any TPM or SNP work.
         let answer = if !self.rate.allow(vm_id) {
             let limit = self.rate.limit();
@@ -216,6 +213,23 @@ impl RequestHandler for Coordinator {
                 _ => Err(Refusal::new(RefusalCode::UnknownKind, "not a request")),
             }
         };
+        // The audit line names the holder only when it exists and the request got past the
+        // rate limit: otherwise the name is the guest's free choice, and a new name per request
+        // would open a new folded run (one line) per request.
+        let rate_limited =
+            matches!(&answer, Err(refusal) if refusal.code == RefusalCode::RateLimited);
+        if let Body::Release {
+            class, holder_id, ..
+        } = &request.body
+            && !rate_limited
+        {
+            if self.holders.contains_key(holder_id) {
+                entry.class = Some(class.to_string());
+                entry.holder = Some(holder_id.to_string());
+            } else {
+                entry.reason = Some(UNKNOWN_HOLDER_AUDITED.to_owned());
+            }
+        }
         match answer {
             Ok(body) => {
                 entry.verdict = match kind {
@@ -226,7 +240,9 @@ impl RequestHandler for Coordinator {
                 body
             }
             Err(refusal) => {
-                entry.reason = Some(refusal.reason.clone());
+                if entry.reason.is_none() {
+                    entry.reason = Some(refusal.reason.clone());
+                }
                 // A repeat is counted in the audit log; only the first of a run is logged.
                 if self.audit.record(&entry) {
                     log::error!(

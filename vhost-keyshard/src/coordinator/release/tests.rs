@@ -335,3 +335,57 @@ fn item7_a_vm_past_its_burst_is_refused_for_rate_before_the_releaser() {
         Body::Released { .. }
     ));
 }
+
+/// Item 7 (review): a guest past its rate limit that names a new holder in every request must not
+/// get an audit line per request. The holder and class it names are its own choice, so they do
+/// not open a new folded run; a refusal before the holder is known carries neither.
+#[test]
+fn item7_a_flood_naming_new_holders_folds_into_a_bounded_audit_log() {
+    let s = setup_limited(
+        FixedReleaser::new(None),
+        FixedReleaser::new(None),
+        RateLimit {
+            burst: 2,
+            per_second: 1,
+        },
+    );
+    let key = RequestKey::generate().unwrap();
+    let flood = 1000u64;
+    for i in 0..flood {
+        let class = if i % 2 == 0 {
+            HolderClass::Tpm
+        } else {
+            HolderClass::Sev
+        };
+        let holder = format!("h{i}");
+        let body = s
+            .coordinator
+            .answer("vm1", &release(i, class, &holder, &key, Evidence::None));
+        assert!(matches!(body, Body::Refused { .. }), "{body:?}");
+    }
+    drop(s.coordinator);
+    let lines = std::fs::read_to_string(&s.audit_path).unwrap();
+    let lines: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert!(
+        lines.len() <= 6,
+        "{} audit lines for {flood} refused requests",
+        lines.len()
+    );
+    let counted: u64 = lines
+        .iter()
+        .map(|l| l["repeated"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!(counted, flood, "every request is counted once: {lines:?}");
+    let rate_limited = lines
+        .iter()
+        .find(|l| {
+            l["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("too many requests"))
+        })
+        .unwrap();
+    assert!(rate_limited.get("holder").is_none(), "{rate_limited}");
+}
