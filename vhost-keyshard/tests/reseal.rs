@@ -256,8 +256,6 @@ fn item8_keyshard_init_prints_a_recovery_code_and_reseal_reads_it() {
             "vm1",
             "--secret-file",
             "secret",
-            "--vm-id",
-            "vm1",
         ],
         &[],
     );
