@@ -4,7 +4,9 @@
 //! disagree with the rest of their deal, are set aside with a reason. Fragments are grouped by
 //! (epoch, deal id): two splits are never mixed. The newest epoch that has a deal with k valid
 //! shares is combined and the result checked against the key check value; when the check fails,
-//! other k-subsets of that deal are tried, at most [`MAX_SUBSETS_TRIED`], in a fixed order. An
+//! other k-subsets of that deal are tried in a fixed order: first each one that leaves out one of
+//! the k + 1 lowest shares (so one bad share is always got round when a spare exists), then the
+//! rest in lexicographic order, at most [`MAX_SUBSETS_TRIED`] (or k + 2) in all. An
 //! invalid fragment is never fatal while a quorum remains, and the outcome never depends on the
 //! order of the candidates.
 
@@ -19,8 +21,9 @@ use crate::holder::KeyId;
 use crate::kcv::KeyCheckValue;
 use crate::sharing::{self, Share};
 
-/// The most k-subsets of one deal combined when the first fails the key check: a bound on the
-/// work a set of bad but dealer-signed fragments can cause (each try is one interpolation).
+/// The most k-subsets of one deal combined when the first fails the key check (or k + 2, when
+/// more): a bound on the work a set of bad but dealer-signed fragments can cause (each try is one
+/// interpolation). k itself comes from the manifest, or from the dealer's signed fragments.
 pub const MAX_SUBSETS_TRIED: usize = 32;
 
 /// What the combiner trusts: the dealer key, and optionally the key id and k from a manifest.
@@ -472,22 +475,43 @@ fn disagreement(members: &[Valid], candidate: &Valid) -> Option<RejectReason> {
         })
 }
 
-/// Combines k-subsets of `members` (sorted by index) in lexicographic order of positions until
-/// one rebuilds a secret that passes the key check, trying at most [`MAX_SUBSETS_TRIED`]. Returns
-/// the secret and the positions used.
+/// Combines k-subsets of `members` (sorted by index) until one rebuilds a secret that passes the
+/// key check: the k lowest; then each that leaves out one of the k + 1 lowest; then the rest in
+/// lexicographic order of positions; at most `max(MAX_SUBSETS_TRIED, k + 2)` in all. Returns the
+/// secret and the positions used.
 fn combine_some_subset(
     members: &[Valid],
     key_id: &KeyId,
-    k: u8,
+    threshold: u8,
 ) -> Option<(Zeroizing<Vec<u8>>, Vec<usize>)> {
-    let mut positions: Vec<usize> = (0..usize::from(k)).collect();
-    for _ in 0..MAX_SUBSETS_TRIED {
-        let subset: Vec<&Valid> = positions.iter().filter_map(|p| members.get(*p)).collect();
-        if let Some(secret) = combine_checked(&subset, key_id, k) {
-            return Some((secret, positions));
-        }
-        if !next_combination(&mut positions, members.len()) {
+    let k = usize::from(threshold);
+    let lowest: Vec<usize> = (0..k).collect();
+    // With a spare, leaving out one share at a time gets round any one bad share among the
+    // k + 1 lowest, whatever its place.
+    let leave_one_out = (members.len() > k)
+        .then(|| {
+            (0..=k)
+                .rev()
+                .map(move |out| (0..=k).filter(|p| *p != out).collect())
+        })
+        .into_iter()
+        .flatten();
+    let mut lexicographic = lowest.clone();
+    let rest = std::iter::from_fn(move || {
+        next_combination(&mut lexicographic, members.len()).then(|| lexicographic.clone())
+    });
+    let mut tried = BTreeSet::new();
+    let limit = MAX_SUBSETS_TRIED.max(k + 2);
+    for positions in std::iter::once(lowest).chain(leave_one_out).chain(rest) {
+        if tried.len() >= limit {
             break;
+        }
+        if !tried.insert(positions.clone()) {
+            continue;
+        }
+        let subset: Vec<&Valid> = positions.iter().filter_map(|p| members.get(*p)).collect();
+        if let Some(secret) = combine_checked(&subset, key_id, threshold) {
+            return Some((secret, positions));
         }
     }
     None

@@ -632,3 +632,15 @@ fn item5_an_incomplete_deal_of_the_used_epoch_is_named_another_split() {
         );
     }
 }
+
+#[test]
+fn item5_one_bad_share_at_the_lowest_index_of_a_large_deal_is_got_round() {
+    // 5 of 10 with share 1 bad: in lexicographic order, the first 126 subsets all hold it.
+    let key = keys::generate().unwrap();
+    let good = deal_named(SECRET, 1, 5, 10, [7; 16], "d", &key);
+    let mut all = good.clone();
+    all[0] = signed_with_share(&good[0], &[0x42; 32], &key);
+    let out = rebuild(&request(&key.verifying_key()), &all).unwrap();
+    assert_eq!(out.secret.as_slice(), SECRET);
+    assert!(!sources(&out.used).contains(&"d-f1-bad"), "{:?}", out.used);
+}
