@@ -265,6 +265,12 @@ fn item8_keyshard_init_prints_a_recovery_code_and_reseal_reads_it() {
         "{}",
         text(&out.stderr)
     );
+    // Captured here, not on a terminal: init says the code may now be kept on this host.
+    assert!(
+        text(&out.stderr).contains("stdout is not a terminal"),
+        "{}",
+        text(&out.stderr)
+    );
     let stdout = text(&out.stdout);
     let code: String = stdout
         .lines()

@@ -301,6 +301,14 @@ fn hand_over_recovery(recovery: &VerifiedFragment, file: Option<&Path>) -> Resul
                 "the recovery code below is shown once and stored nowhere: write it down and keep \
                  it offline; `keyshard reseal --recovery-code` reads it after a firmware update"
             );
+            if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                // A log file or a pipe on this host keeps the code where root can read it.
+                log::warn!(
+                    "stdout is not a terminal: the recovery code goes to a file or pipe, which may \
+                     keep it on this host; remove it from there, or use --recovery-file on media \
+                     kept offline"
+                );
+            }
             println!("  recovery code:");
             let groups: Vec<&str> = code.split('-').collect();
             for line in groups.chunks(8) {
