@@ -42,6 +42,13 @@ pub enum SocketFileError {
     Probe { path: PathBuf, source: io::Error },
     #[error("{}: changed while the socket was being bound; left alone", path.display())]
     Changed { path: PathBuf },
+    #[error(
+        "{}: too long for a UNIX socket ({len} bytes; at most {MAX_SOCKET_PATH_LEN}, and \
+         {STAGING_OVERHEAD} fewer when the file name is shorter than the private name it is bound \
+         under first)",
+        path.display()
+    )]
+    TooLong { path: PathBuf, len: usize },
     #[error("{}: cannot {step}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -49,6 +56,13 @@ pub enum SocketFileError {
         source: io::Error,
     },
 }
+
+/// The longest path a UNIX socket address holds (`sun_path` is 108 bytes, NUL included).
+pub const MAX_SOCKET_PATH_LEN: usize = 107;
+/// The private directory's name: `.ks` and six random characters.
+const STAGING_PREFIX: &str = ".ks";
+/// The staged path's name in the parent directory: `.ksXXXXXX/s`.
+const STAGING_OVERHEAD: usize = STAGING_PREFIX.len() + 6 + 2;
 
 /// Which file a path named when we looked: a file is ours only while this still matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,15 +129,26 @@ fn socket_id(path: &Path) -> Option<FileId> {
 /// Binds a listening socket at `path` with `access`, replacing only a stale socket. Returns the
 /// listener and the identity of the file, for [`remove_if_ours`].
 pub fn bind(path: &Path, access: SocketAccess) -> Result<(UnixListener, FileId), SocketFileError> {
-    let existing = inspect(path)?;
     let parent = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
+    // Both the staged path and the final one must fit a socket address; say so before
+    // touching anything.
+    let len = path.as_os_str().len();
+    let staged_len = parent.as_os_str().len() + 1 + STAGING_OVERHEAD;
+    if len.max(staged_len) > MAX_SOCKET_PATH_LEN {
+        return Err(SocketFileError::TooLong {
+            path: path.to_owned(),
+            len,
+        });
+    }
+    let existing = inspect(path)?;
     // A directory only we can enter: the socket listens there, with its final mode and owner,
     // before any other user could reach it. Removed (with what is left in it) on return.
     let private = tempfile::Builder::new()
-        .prefix(".ks-bind-")
+        .prefix(STAGING_PREFIX)
+        .rand_bytes(6)
         .tempdir_in(parent)
         .map_err(io_error(path, "make a private directory next to it"))?;
     let staged = private.path().join("s");
@@ -173,6 +198,22 @@ pub fn remove_if_ours(path: &Path, id: FileId) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_path_too_long_for_a_socket_is_refused_before_anything_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        // Fits as a socket address, and so does its staged name: binds.
+        let room = MAX_SOCKET_PATH_LEN - dir.path().as_os_str().len() - 1;
+        let fits = dir.path().join("x".repeat(room));
+        assert!(bind(&fits, SocketAccess::default()).is_ok());
+        // One byte more: refused, and nothing left in the directory but the first socket.
+        let long = dir.path().join("y".repeat(room + 1));
+        assert!(matches!(
+            bind(&long, SocketAccess::default()),
+            Err(SocketFileError::TooLong { .. })
+        ));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
     use super::*;
 
     fn mode(path: &Path) -> u32 {
