@@ -14,7 +14,7 @@ use keyshard_core::quorum::Candidate;
 use keyshard_core::{HolderClass, HolderId};
 
 use super::wire::Record;
-use super::{RecordWriter, WorkerError, WorkerLauncher};
+use super::{RecordWriter, WorkerError, WorkerLauncher, option_arg};
 use crate::broker::BrokerClient;
 use crate::broker::mailbox::MailboxSpec;
 use crate::broker::shares::{self, ShareFetcher};
@@ -73,15 +73,15 @@ pub struct WorkerBroker {
 
 impl WorkerBroker {
     fn args(&self, holders: &[(usize, HolderSlot)], deadline: Instant) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec!["broker".into(), "--path".into(), (&self.path).into()];
+        let mut args: Vec<OsString> = vec!["broker".into(), option_arg("path", &self.path)];
         if let Some(serial) = &self.serial {
-            args.extend(["--serial".into(), serial.into()]);
+            args.push(option_arg("serial", serial));
         }
-        args.extend(["--sysfs-root".into(), (&self.sysfs_root).into()]);
+        args.push(option_arg("sysfs-root", &self.sysfs_root));
         let millis = deadline
             .saturating_duration_since(Instant::now())
             .as_millis();
-        args.extend(["--timeout-ms".into(), millis.to_string().into()]);
+        args.push(option_arg("timeout-ms", millis.to_string()));
         if self.snp {
             args.push("--snp".into());
         }
@@ -91,7 +91,7 @@ impl WorkerBroker {
                     index,
                     holder: holder.clone(),
                 };
-                args.extend(["--holder".into(), arg.to_string().into()]);
+                args.push(option_arg("holder", arg.to_string()));
             }
         }
         args

@@ -45,6 +45,15 @@ pub enum WorkerError {
     Ended,
 }
 
+/// One `--name=VALUE` argument for a worker. Joined, never two arguments: a value that starts
+/// with `-` (a path such as `-img`) is then still the option's value, never read as an option of
+/// its own, whatever the value holds.
+pub fn option_arg(name: &str, value: impl AsRef<std::ffi::OsStr>) -> OsString {
+    let mut arg = OsString::from(format!("--{name}="));
+    arg.push(value);
+    arg
+}
+
 /// Starts workers: which program to run (this one, normally).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerLauncher {
