@@ -154,10 +154,10 @@ impl Record {
             TAG_SHARE_FAILED => {
                 let (index, reason) = indexed("share failure")?;
                 let reason = std::str::from_utf8(reason)
+                    .map(|s| crate::serial::printable(s.as_bytes()))
                     .map_err(|_| RecordError::Malformed {
                         what: "share failure",
-                    })?
-                    .to_owned();
+                    })?;
                 Ok(Self::ShareFailed { index, reason })
             }
             other => Err(RecordError::UnknownTag(other)),
@@ -227,6 +227,25 @@ mod tests {
         assert_eq!(
             Record::take(&mut escape).unwrap(),
             Some(Record::Serial("ksf-?[31m".into()))
+        );
+    }
+
+    /// Review of issue 7: a holder's failure is text from the host too, and is made printable
+    /// like a serial.
+    #[test]
+    fn a_share_failure_cannot_write_escapes_or_lines() {
+        let mut record = Record::ShareFailed {
+            index: 2,
+            reason: "refused\n\u{1b}[31mfake".into(),
+        }
+        .encode()
+        .to_vec();
+        assert_eq!(
+            Record::take(&mut record).unwrap(),
+            Some(Record::ShareFailed {
+                index: 2,
+                reason: "refused??[31mfake".into()
+            })
         );
     }
 
