@@ -24,7 +24,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use self::wire::{MAX_OUTPUT, Record, RecordError};
+use self::wire::{HEADER_LEN, MAX_OUTPUT, MAX_PAYLOAD, Record, RecordError};
+
+/// How much is read from a worker's pipe at a time.
+const READ_CHUNK: usize = 16 * 1024;
+/// What a worker's buffer holds at most: one record not yet whole, and one more read. Allocated
+/// once, so the buffer never grows: a grown `Vec` would leave its old copy of a share behind,
+/// freed but not wiped.
+const BUFFER_CAPACITY: usize = HEADER_LEN + MAX_PAYLOAD + READ_CHUNK;
 
 /// The subcommand a worker is run as.
 pub const WORKER_SUBCOMMAND: &str = "worker";
@@ -99,7 +106,7 @@ impl WorkerLauncher {
         Ok(WorkerProcess {
             child,
             stdout,
-            buffer: Vec::new(),
+            buffer: Vec::with_capacity(BUFFER_CAPACITY),
             total: 0,
             eof: false,
         })
@@ -131,13 +138,15 @@ impl WorkerProcess {
         }
     }
 
-    /// Reads what the worker has written, waiting for something until `deadline`.
+    /// Reads what the worker has written, waiting for something until `deadline`. Called only
+    /// when the buffer holds no whole record, so what it holds and what is read fit in
+    /// [`BUFFER_CAPACITY`].
     fn fill(&mut self, deadline: Instant) -> Result<(), WorkerError> {
         let timeout = deadline.saturating_duration_since(Instant::now());
         if !wait_readable(&self.stdout, timeout).map_err(WorkerError::Read)? {
             return Err(WorkerError::Timeout(timeout));
         }
-        let mut chunk = zeroize::Zeroizing::new(vec![0u8; 16 * 1024]);
+        let mut chunk = zeroize::Zeroizing::new(vec![0u8; READ_CHUNK]);
         let read = match self.stdout.read(&mut chunk) {
             Ok(read) => read,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
@@ -271,6 +280,31 @@ mod tests {
             }
         };
         assert!(matches!(error, WorkerError::TooMuchOutput), "{error:?}");
+    }
+
+    /// Review of issue 7 (item 11's unwiped copies): the largest record, arriving in pieces,
+    /// never makes the buffer that shares pass through grow (and leave a copy behind).
+    #[test]
+    fn the_largest_record_fits_without_the_buffer_growing() {
+        let (launcher, _dir) = shell(
+            r"printf '\002\000\000\001\000'; head -c 65536 /dev/zero; printf '\001\001\000\000\000x'",
+        );
+        let mut worker = launcher.spawn(&[]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let capacity = worker.buffer.capacity();
+        assert!(capacity >= BUFFER_CAPACITY);
+        assert_eq!(
+            worker.next_record(deadline).unwrap(),
+            Some(Record::Volume(zeroize::Zeroizing::new(vec![
+                0;
+                MAX_PAYLOAD
+            ])))
+        );
+        assert_eq!(
+            worker.next_record(deadline).unwrap(),
+            Some(Record::Serial("x".into()))
+        );
+        assert_eq!(worker.buffer.capacity(), capacity);
     }
 
     #[test]

@@ -19,7 +19,8 @@ use zeroize::Zeroizing;
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// The most a worker may write in all; past it the agent stops reading and ends the worker.
 pub const MAX_OUTPUT: usize = 512 * 1024;
-const HEADER_LEN: usize = 5;
+/// The bytes before a record's payload: tag and length.
+pub const HEADER_LEN: usize = 5;
 
 const TAG_SERIAL: u8 = 1;
 const TAG_VOLUME: u8 = 2;
