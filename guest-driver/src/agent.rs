@@ -172,7 +172,8 @@ struct Scanner {
     scan_until: Instant,
     next_scan: Instant,
     scanning: bool,
-    listing_failed: Option<String>,
+    /// Why the last listing of `<sysfs>/block` failed, if it did (sysfs not mounted, say).
+    listing_failed: Option<discovery::DiscoveryError>,
 }
 
 impl Scanner {
@@ -198,10 +199,13 @@ impl Scanner {
         }
         self.next_scan = now + SCAN_INTERVAL;
         let names = match discovery::block_devices(&self.discovery.sysfs_root) {
-            Ok(names) => names,
+            Ok(names) => {
+                self.listing_failed = None;
+                names
+            }
             Err(e) => {
                 // The tree may appear late (sysfs mounted after us); say why if it never does.
-                self.listing_failed = Some(e.to_string());
+                self.listing_failed = Some(e);
                 Vec::new()
             }
         };
@@ -297,6 +301,20 @@ impl Scanner {
                     fragments,
                 }
             })
+    }
+
+    /// When no device was ever found because `<sysfs>/block` could not be listed: that, as an
+    /// unavailable source, so the report says why rather than only which holders are missing.
+    fn listing_failure(&self) -> Option<SourceReport> {
+        let discovery::DiscoveryError::ListBlockDevices { dir, source } = self
+            .listing_failed
+            .as_ref()
+            .filter(|_| self.devices.is_empty())?;
+        Some(SourceReport::unavailable(
+            dir.display().to_string(),
+            None,
+            format!("cannot list block devices: {source}"),
+        ))
     }
 
     /// The devices whose serial never came, as unavailable sources: any may have been a holder.
@@ -491,6 +509,7 @@ pub fn survey(inputs: Inputs, timeout: Duration) -> Survey {
     if let Some(scanner) = &scanner {
         reports.extend(scanner.fragment_reports(timeout));
         reports.extend(scanner.unanswered(timeout));
+        reports.extend(scanner.listing_failure());
         broker = scanner
             .serials()
             .find(|(_, serial)| DeviceKind::of_serial(serial) == DeviceKind::Broker)
@@ -506,13 +525,13 @@ pub type ListedDevice = (String, Result<String, String>);
 /// `until_serial`, ends once a device with that serial is found and the others have answered
 /// or `settle` has passed since; without, once the device wait is over and every device has
 /// answered. Never later than `timeout`; a device that has not answered by then is listed with
-/// the reason.
+/// the reason. An error when `<sysfs>/block` could never be listed (sysfs not mounted).
 pub fn list_devices(
     discovery: Discovery,
     until_serial: Option<&str>,
     settle: Duration,
     timeout: Duration,
-) -> Vec<ListedDevice> {
+) -> discovery::Result<Vec<ListedDevice>> {
     let deadline = Instant::now() + timeout;
     let (sender, receiver) = mpsc::channel();
     let mut scanner = Scanner::new(discovery, ProbeScope::SerialOnly, Instant::now());
@@ -539,7 +558,12 @@ pub fn list_devices(
             scanner.fill(index, probed);
         }
     }
-    scanner
+    if scanner.devices.is_empty()
+        && let Some(error) = scanner.listing_failed
+    {
+        return Err(error);
+    }
+    Ok(scanner
         .devices
         .into_iter()
         .map(|device| {
@@ -549,7 +573,7 @@ pub fn list_devices(
             };
             (device.location, serial)
         })
-        .collect()
+        .collect())
 }
 
 /// Reads every named source concurrently; returns one report per source, in the order given,
@@ -749,6 +773,7 @@ pub fn unlock_with(
     if let Some(scanner) = &scanner {
         reports.extend(scanner.fragment_reports(timeout));
         reports.extend(scanner.unanswered(timeout));
+        reports.extend(scanner.listing_failure());
     }
     let mut all = candidates(&reports, manifest);
     all.extend(shares.finish(timeout));
