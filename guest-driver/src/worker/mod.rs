@@ -20,6 +20,7 @@ pub mod wire;
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -85,20 +86,34 @@ impl WorkerLauncher {
         Self::new(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("keyshard-guest")))
     }
 
-    /// Starts `program worker <args>`, its stdout a pipe and nothing else shared with us.
+    /// Starts `program worker <args>`, its stdout a pipe and nothing else shared with us. The
+    /// worker is sent SIGKILL when the thread that started it ends, and so when the agent exits:
+    /// once the agent has its key and leaves, no worker it left behind goes on asking the
+    /// coordinator for shares or reading devices.
     pub fn spawn(&self, args: &[OsString]) -> Result<WorkerProcess, WorkerError> {
         let spawn_error = |source| WorkerError::Spawn {
             program: self.program.display().to_string(),
             source,
         };
-        let mut child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        command
             .arg(WORKER_SUBCOMMAND)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(spawn_error)?;
+            .stderr(Stdio::null());
+        // SAFETY: the closure runs in the child between fork and exec, and calls only prctl, which
+        // is async-signal-safe; it allocates nothing and touches no lock.
+        unsafe {
+            command.pre_exec(|| {
+                // PR_SET_PDEATHSIG: the kernel sends this signal when the parent thread ends.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(spawn_error)?;
         let Some(stdout) = child.stdout.take() else {
             let _ = child.kill();
             return Err(spawn_error(io::Error::other("no pipe to the worker")));
@@ -305,6 +320,35 @@ mod tests {
             Some(Record::Serial("x".into()))
         );
         assert_eq!(worker.buffer.capacity(), capacity);
+    }
+
+    /// Review of issue 7: a worker the agent left behind (the agent had its key and exited,
+    /// or the thread that waited for it ended without its Drop) does not live on.
+    #[test]
+    fn a_worker_dies_with_the_thread_that_started_it() {
+        let (launcher, _dir) = shell("exec sleep 600");
+        let pid = std::thread::spawn(move || {
+            let worker = launcher.spawn(&[]).unwrap();
+            let pid = worker.child.id();
+            // As if the agent exited: nothing of ours kills it.
+            std::mem::forget(worker);
+            pid
+        })
+        .join()
+        .unwrap();
+        let pid = libc::pid_t::try_from(pid).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut status = 0;
+        // SAFETY: waitpid on our own child, with a live status pointer.
+        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "worker {pid} outlived its thread"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(libc::WIFSIGNALED(status), "{status:#x}");
+        assert_eq!(libc::WTERMSIG(status), libc::SIGKILL);
     }
 
     #[test]
