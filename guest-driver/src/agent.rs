@@ -347,6 +347,9 @@ struct ShareSlots {
     pending: usize,
     /// Whether a broker was given or found.
     attached: bool,
+    /// Tells the broker thread to ask for the next holder; dropped (so: stop) when the agent
+    /// returns.
+    go_ahead: Option<Sender<()>>,
 }
 
 impl ShareSlots {
@@ -362,6 +365,14 @@ impl ShareSlots {
             pending: holders.len(),
             holders,
             attached: false,
+            go_ahead: None,
+        }
+    }
+
+    /// Lets the broker go on to the next holder, after an answer that did not meet the quorum.
+    fn go_ahead(&self) {
+        if let Some(go_ahead) = &self.go_ahead {
+            let _ = go_ahead.send(());
         }
     }
 
@@ -399,12 +410,18 @@ impl ShareSlots {
             return;
         }
         let (sender, cancel) = (sender.clone(), cancel.clone());
+        let (go_ahead, go_aheads) = mpsc::channel();
+        self.go_ahead = Some(go_ahead);
         let spawned = std::thread::Builder::new()
             .name("broker".into())
             .spawn(move || {
                 fetcher.fetch_all(to_ask, deadline, cancel, &mut |index, candidate| {
-                    // False once the agent has stopped listening.
+                    // False once the agent has stopped listening, or has what it needs: no
+                    // holder is asked for a share that would not be used.
                     sender.send(Arrival::Share(index, candidate)).is_ok()
+                        && go_aheads
+                            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                            .is_ok()
                 });
             });
         if let Err(e) = spawned {
@@ -691,6 +708,7 @@ pub fn unlock_with(
             .as_ref()
             .and_then(Scanner::wake_at)
             .map_or(give_up, |at| at.min(give_up));
+        let mut share_arrived = false;
         let usable = match next(&receiver, wake) {
             Some(Arrival::Source(index, report)) => {
                 if let Err(why) = &report.fragments {
@@ -726,12 +744,16 @@ pub fn unlock_with(
                 }
                 let usable = candidate.content.is_ok();
                 shares.fill(index, candidate);
+                share_arrived = true;
                 usable
             }
             None if Instant::now() >= give_up => break,
             None => false,
         };
         if !usable {
+            if share_arrived {
+                shares.go_ahead();
+            }
             continue;
         }
         let found: Vec<SourceReport> = scanner
@@ -766,6 +788,9 @@ pub fn unlock_with(
                 );
             }
             return Ok(outcome);
+        }
+        if share_arrived {
+            shares.go_ahead();
         }
     }
     cancel.store(true, Ordering::Relaxed);

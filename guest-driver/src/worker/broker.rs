@@ -130,7 +130,13 @@ impl ShareFetcher for WorkerBroker {
                     }
                 }
             };
-        let mut worker = match self.launcher.spawn(&self.args(&holders, deadline)) {
+        // The worker asks the coordinator for the next holder only once told to: the agent says
+        // so after each answer, unless that answer met the quorum (then nobody is asked for a
+        // share that would not be used).
+        let mut worker = match self
+            .launcher
+            .spawn_with_go_ahead(&self.args(&holders, deadline))
+        {
             Ok(worker) => worker,
             Err(e) => return fail_rest(&mut unanswered, e.to_string(), deliver),
         };
@@ -170,6 +176,10 @@ impl ShareFetcher for WorkerBroker {
             if !deliver(index, candidate) {
                 return;
             }
+            // A worker that cannot be told has ended: what it wrote before is still read.
+            if !unanswered.is_empty() {
+                worker.go_ahead();
+            }
         }
     }
 }
@@ -185,6 +195,7 @@ pub fn run(
     out: &mut RecordWriter<impl std::io::Write>,
 ) {
     let location = mailbox.location();
+    let mut go_aheads = std::io::stdin().lock();
     let mut client = BrokerClient::new(mailbox.into_mailbox(sysfs_root));
     let reports = snp.then(|| Box::new(SevGuestFirmware) as Box<dyn ReportSource>);
     let holders: Vec<(usize, HolderSlot)> = holders
@@ -203,7 +214,7 @@ pub fn run(
                 Err(reason) => Record::ShareFailed { index, reason },
             };
             log::debug!("{location}: {record:?}");
-            out.emit(&record)
+            out.emit(&record) && super::wait_for_go_ahead(&mut go_aheads)
         },
     );
 }

@@ -10,8 +10,10 @@
 //! same `keyshard-guest` binary, run again as `keyshard-guest worker ...`, which reports what it
 //! read as [`wire::Record`]s on a pipe. The agent reads that pipe with a deadline; a worker that
 //! has not finished by then is killed and abandoned. A worker stuck in the kernel dies only when
-//! its I/O ends, if ever, but it holds nothing the agent needs: its stdin and stderr are
-//! `/dev/null` and its stdout is a pipe only the agent reads.
+//! its I/O ends, if ever, but it holds nothing the agent needs: its stderr is `/dev/null`, its
+//! stdout a pipe only the agent reads, and its stdin `/dev/null` too, except for the broker's
+//! worker, whose stdin is a pipe on which the agent says "go on" after each answer that did not
+//! meet the quorum (so no holder is asked for a share that would not be used).
 
 pub mod broker;
 pub mod probe;
@@ -22,7 +24,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use self::wire::{HEADER_LEN, MAX_OUTPUT, MAX_PAYLOAD, Record, RecordError};
@@ -36,6 +38,21 @@ const BUFFER_CAPACITY: usize = HEADER_LEN + MAX_PAYLOAD + READ_CHUNK;
 
 /// The subcommand a worker is run as.
 pub const WORKER_SUBCOMMAND: &str = "worker";
+/// The byte that tells a worker on its stdin to go on.
+pub const GO_AHEAD: u8 = b'+';
+
+/// The worker's side of a go-ahead: waits for one on stdin. False at its end (the agent dropped
+/// it, or exited) or on anything else: then the worker stops.
+pub fn wait_for_go_ahead(input: &mut impl Read) -> bool {
+    let mut byte = [0u8; 1];
+    loop {
+        match input.read(&mut byte) {
+            Ok(1) => return byte == [GO_AHEAD],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            _ => return false,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -91,6 +108,16 @@ impl WorkerLauncher {
     /// once the agent has its key and leaves, no worker it left behind goes on asking the
     /// coordinator for shares or reading devices.
     pub fn spawn(&self, args: &[OsString]) -> Result<WorkerProcess, WorkerError> {
+        self.start(args, false)
+    }
+
+    /// As [`Self::spawn`], with the worker's stdin a pipe from us: [`WorkerProcess::go_ahead`]
+    /// tells it to go on, and its end (we dropped it, or exited) tells it to stop.
+    pub fn spawn_with_go_ahead(&self, args: &[OsString]) -> Result<WorkerProcess, WorkerError> {
+        self.start(args, true)
+    }
+
+    fn start(&self, args: &[OsString], go_ahead: bool) -> Result<WorkerProcess, WorkerError> {
         let spawn_error = |source| WorkerError::Spawn {
             program: self.program.display().to_string(),
             source,
@@ -99,7 +126,11 @@ impl WorkerLauncher {
         command
             .arg(WORKER_SUBCOMMAND)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(if go_ahead {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         // SAFETY: the closure runs in the child between fork and exec, and calls only prctl, which
@@ -118,8 +149,10 @@ impl WorkerLauncher {
             let _ = child.kill();
             return Err(spawn_error(io::Error::other("no pipe to the worker")));
         };
+        let stdin = child.stdin.take();
         Ok(WorkerProcess {
             child,
+            stdin,
             stdout,
             buffer: Vec::with_capacity(BUFFER_CAPACITY),
             total: 0,
@@ -132,6 +165,8 @@ impl WorkerLauncher {
 #[derive(Debug)]
 pub struct WorkerProcess {
     child: Child,
+    /// Where go-aheads are written, for a worker started with them.
+    stdin: Option<ChildStdin>,
     stdout: ChildStdout,
     buffer: Vec<u8>,
     total: usize,
@@ -139,6 +174,14 @@ pub struct WorkerProcess {
 }
 
 impl WorkerProcess {
+    /// Tells a worker started with [`WorkerLauncher::spawn_with_go_ahead`] to go on to its next
+    /// step; false if it cannot be told (it has gone, or takes no go-aheads).
+    pub fn go_ahead(&mut self) -> bool {
+        self.stdin
+            .as_mut()
+            .is_some_and(|stdin| stdin.write_all(&[GO_AHEAD]).is_ok())
+    }
+
     /// The next record, waiting for it until `deadline`; `None` once the worker closed its
     /// stdout (it ended) with nothing more to say.
     pub fn next_record(&mut self, deadline: Instant) -> Result<Option<Record>, WorkerError> {
