@@ -83,7 +83,9 @@ moddir=${moddir:-/lib/modules/$kver}
 
 # The sev-guest driver: a module (packed when the manifest has sev holders), built in, or absent.
 sev_holders=0
-grep -Eq '^[[:space:]]*class[[:space:]]*=[[:space:]]*"sev"' "$manifest" && sev_holders=1
+# Any TOML spelling of a sev holder: [[holders]] tables or inline ones, either quote, a quoted
+# key; outside comments. A false match only packs the driver (or asks for it).
+grep -Eq "^[^#]*[\"']?class[\"']?[[:space:]]*=[[:space:]]*[\"']sev[\"']" "$manifest" && sev_holders=1
 sev_guest_module=$(awk -F: '$1 ~ /(^|\/)sev-guest\.ko(\.(xz|zst|gz))?$/ {print $1; exit}' "$moddir/modules.dep")
 if [ -n "$sev_guest_module" ]; then
     sev_guest="module $sev_guest_module"

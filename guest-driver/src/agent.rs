@@ -172,7 +172,8 @@ struct Scanner {
     scan_until: Instant,
     next_scan: Instant,
     scanning: bool,
-    listing_failed: Option<String>,
+    /// Why the last listing of `<sysfs>/block` failed, if it did (sysfs not mounted, say).
+    listing_failed: Option<discovery::DiscoveryError>,
 }
 
 impl Scanner {
@@ -198,10 +199,13 @@ impl Scanner {
         }
         self.next_scan = now + SCAN_INTERVAL;
         let names = match discovery::block_devices(&self.discovery.sysfs_root) {
-            Ok(names) => names,
+            Ok(names) => {
+                self.listing_failed = None;
+                names
+            }
             Err(e) => {
                 // The tree may appear late (sysfs mounted after us); say why if it never does.
-                self.listing_failed = Some(e.to_string());
+                self.listing_failed = Some(e);
                 Vec::new()
             }
         };
@@ -307,6 +311,20 @@ impl Scanner {
             })
     }
 
+    /// When no device was ever found because `<sysfs>/block` could not be listed: that, as an
+    /// unavailable source, so the report says why rather than only which holders are missing.
+    fn listing_failure(&self) -> Option<SourceReport> {
+        let discovery::DiscoveryError::ListBlockDevices { dir, source } = self
+            .listing_failed
+            .as_ref()
+            .filter(|_| self.devices.is_empty())?;
+        Some(SourceReport::unavailable(
+            dir.display().to_string(),
+            None,
+            format!("cannot list block devices: {source}"),
+        ))
+    }
+
     /// The devices whose serial never came, as unavailable sources: any may have been a holder.
     fn unanswered(&self, timeout: Duration) -> impl Iterator<Item = SourceReport> + '_ {
         self.devices.iter().filter_map(move |device| {
@@ -337,6 +355,9 @@ struct ShareSlots {
     pending: usize,
     /// Whether a broker was given or found.
     attached: bool,
+    /// Tells the broker thread to ask for the next holder; dropped (so: stop) when the agent
+    /// returns.
+    go_ahead: Option<Sender<()>>,
 }
 
 impl ShareSlots {
@@ -352,6 +373,14 @@ impl ShareSlots {
             pending: holders.len(),
             holders,
             attached: false,
+            go_ahead: None,
+        }
+    }
+
+    /// Lets the broker go on to the next holder, after an answer that did not meet the quorum.
+    fn go_ahead(&self) {
+        if let Some(go_ahead) = &self.go_ahead {
+            let _ = go_ahead.send(());
         }
     }
 
@@ -389,12 +418,18 @@ impl ShareSlots {
             return;
         }
         let (sender, cancel) = (sender.clone(), cancel.clone());
+        let (go_ahead, go_aheads) = mpsc::channel();
+        self.go_ahead = Some(go_ahead);
         let spawned = std::thread::Builder::new()
             .name("broker".into())
             .spawn(move || {
                 fetcher.fetch_all(to_ask, deadline, cancel, &mut |index, candidate| {
-                    // False once the agent has stopped listening.
+                    // False once the agent has stopped listening, or has what it needs: no
+                    // holder is asked for a share that would not be used.
                     sender.send(Arrival::Share(index, candidate)).is_ok()
+                        && go_aheads
+                            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                            .is_ok()
                 });
             });
         if let Err(e) = spawned {
@@ -499,6 +534,7 @@ pub fn survey(inputs: Inputs, timeout: Duration) -> Survey {
     if let Some(scanner) = &scanner {
         reports.extend(scanner.fragment_reports(timeout));
         reports.extend(scanner.unanswered(timeout));
+        reports.extend(scanner.listing_failure());
         broker = scanner
             .serials()
             .find(|(_, serial)| DeviceKind::of_serial(serial) == DeviceKind::Broker)
@@ -514,13 +550,13 @@ pub type ListedDevice = (String, Result<String, String>);
 /// `until_serial`, ends once a device with that serial is found and the others have answered
 /// or `settle` has passed since; without, once the device wait is over and every device has
 /// answered. Never later than `timeout`; a device that has not answered by then is listed with
-/// the reason.
+/// the reason. An error when `<sysfs>/block` could never be listed (sysfs not mounted).
 pub fn list_devices(
     discovery: Discovery,
     until_serial: Option<&str>,
     settle: Duration,
     timeout: Duration,
-) -> Vec<ListedDevice> {
+) -> discovery::Result<Vec<ListedDevice>> {
     let deadline = Instant::now() + timeout;
     let (sender, receiver) = mpsc::channel();
     let mut scanner = Scanner::new(discovery, ProbeScope::SerialOnly, Instant::now());
@@ -547,7 +583,12 @@ pub fn list_devices(
             scanner.fill(index, probed);
         }
     }
-    scanner
+    if scanner.devices.is_empty()
+        && let Some(error) = scanner.listing_failed
+    {
+        return Err(error);
+    }
+    Ok(scanner
         .devices
         .into_iter()
         .map(|device| {
@@ -557,7 +598,7 @@ pub fn list_devices(
             };
             (device.location, serial)
         })
-        .collect()
+        .collect())
 }
 
 /// Reads every named source concurrently; returns one report per source, in the order given,
@@ -675,6 +716,7 @@ pub fn unlock_with(
             .as_ref()
             .and_then(Scanner::wake_at)
             .map_or(give_up, |at| at.min(give_up));
+        let mut share_arrived = false;
         let usable = match next(&receiver, wake) {
             Some(Arrival::Source(index, report)) => {
                 if let Err(why) = &report.fragments {
@@ -710,12 +752,16 @@ pub fn unlock_with(
                 }
                 let usable = candidate.content.is_ok();
                 shares.fill(index, candidate);
+                share_arrived = true;
                 usable
             }
             None if Instant::now() >= give_up => break,
             None => false,
         };
         if !usable {
+            if share_arrived {
+                shares.go_ahead();
+            }
             continue;
         }
         let found: Vec<SourceReport> = scanner
@@ -751,12 +797,16 @@ pub fn unlock_with(
             }
             return Ok(outcome);
         }
+        if share_arrived {
+            shares.go_ahead();
+        }
     }
     cancel.store(true, Ordering::Relaxed);
     let mut reports = sources.finish(timeout);
     if let Some(scanner) = &scanner {
         reports.extend(scanner.fragment_reports(timeout));
         reports.extend(scanner.unanswered(timeout));
+        reports.extend(scanner.listing_failure());
     }
     let mut all = candidates(&reports, manifest);
     all.extend(shares.finish(timeout));

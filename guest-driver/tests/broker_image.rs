@@ -231,3 +231,56 @@ fn a_silent_broker_costs_the_timeout_and_is_named() {
         }
     ));
 }
+
+/// Review of issue 7: through the broker worker too, no holder is asked for a share once the
+/// quorum is met (the worker waits for the agent's go-ahead before each next request).
+#[test]
+fn no_holder_is_asked_once_the_quorum_is_met() {
+    let fixture = Fixture::dealt(
+        HolderSlot::numbered(HolderClass::Vhd, 2)
+            .chain(HolderSlot::numbered(HolderClass::Tpm, 2))
+            .collect(),
+        3,
+    );
+    let fragments = fixture.fragments.clone();
+    let broker = fixture.dir.path().join("ksb.img");
+    let coordinator = FileCoordinator::serve(broker.clone(), move |request| {
+        let Body::Release {
+            class,
+            holder_id,
+            request_key,
+            ..
+        } = &request.body
+        else {
+            panic!("{request:?}");
+        };
+        // The devices answer first; then tpm-1's share makes k.
+        std::thread::sleep(Duration::from_millis(300));
+        let fragment = if holder_id.to_string() == "tpm-1" {
+            &fragments[2]
+        } else {
+            &fragments[3]
+        };
+        let context = ReleaseContext {
+            request_id: request.request_id,
+            class: *class,
+            holder_id: holder_id.clone(),
+        };
+        Body::Released {
+            class: *class,
+            holder_id: holder_id.clone(),
+            envelope: envelope::seal(request_key, fragment, &context).unwrap(),
+        }
+    });
+    let run = unlock(&fixture, &broker);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(run.stdout, SECRET);
+    // A worker that went on would have written its next request by now.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(coordinator.finish(), 1);
+}

@@ -141,3 +141,25 @@ fn item11_usage_errors_are_one_line() {
         assert_eq!(String::from_utf8(run.stderr).unwrap(), expected, "{args:?}");
     }
 }
+
+/// Review of issue 7: the worker's arguments are `--option=VALUE`, so an image whose name starts
+/// with `-` is read as the path it is, never taken for an option of the worker (before, `--path
+/// -vhd-1.img` made the worker's own argument parser fail and the device read as "the worker
+/// ended without reporting").
+#[test]
+fn review_a_device_path_that_starts_with_a_dash_is_not_an_option() {
+    let fixture = Fixture::new();
+    for (i, name) in [(0, "-vhd-1.img"), (2, "--serial-only")] {
+        fs::copy(&fixture.images[i], fixture.dir.path().join(name)).unwrap();
+    }
+    let run = Command::new(env!("CARGO_BIN_EXE_keyshard-guest"))
+        .current_dir(fixture.dir.path())
+        .args(["unlock", "--manifest", "manifest.toml"])
+        .args(["--device=-vhd-1.img", "--device=--serial-only"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(0), "{stderr}");
+    assert_eq!(run.stdout, SECRET);
+    assert!(!stderr.contains("worker ended"), "{stderr}");
+}

@@ -261,3 +261,41 @@ fn item_1_a_hung_device_that_may_be_the_broker_costs_only_the_deadline() {
         run.stderr
     );
 }
+
+/// Review of issue 7: a guest whose sysfs is not mounted (a confused init) lists no device.
+/// `devices` said nothing and exited 0, and `unlock` named only the missing holders; both now
+/// say that the block devices could not be listed, and why.
+#[test]
+fn review_a_sysfs_that_cannot_be_listed_is_named() {
+    let fixture = Fixture::new();
+    let root = fixture.dir.path().join("unmounted");
+    let guest = Guest {
+        sys: root.join("sys"),
+        dev: root.join("dev"),
+    };
+    let why = format!(
+        "cannot list block devices in {}/block: No such file or directory",
+        guest.sys.display()
+    );
+    let mut args = vec!["devices".to_owned(), "--timeout".into(), "1".into()];
+    args.extend(guest.args());
+    let run = run_guest(&args);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(run.stdout.is_empty());
+    assert!(run.stderr.contains(&why), "{}", run.stderr);
+
+    let mut args = unlock_args(&fixture, &guest, "1");
+    args.extend(["--device-wait".into(), "0.5".into()]);
+    let run = run_guest(&args);
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    let line = format!(
+        "keyshard-guest: missing {}/block: cannot list block devices: No such file or directory \
+         (os error 2)",
+        guest.sys.display()
+    );
+    assert!(
+        run.stderr.lines().any(|l| l == line),
+        "no {line:?} in:\n{}",
+        run.stderr
+    );
+}

@@ -203,3 +203,42 @@ fn item9_a_built_in_sev_guest_is_reported_and_accepted() {
         text(&out.stdout)
     );
 }
+
+/// Review of issue 7: a hand-written manifest may list its holders as inline tables with single
+/// quotes (valid TOML, which the agent reads); its sev holder must be seen all the same, so a
+/// kernel without sev-guest is refused rather than built into an image that can never ask it.
+#[test]
+fn review_sev_holders_in_any_toml_spelling_are_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let modules = module_tree(dir.path(), SevGuest::Absent);
+    for holders in [
+        "holders = [{ class = 'vhd', id = 'vhd-1' }, { class = 'sev', id = 'sev-1' }]",
+        "holders = [ {id=\"sev-1\",class=\"sev\"} ]",
+        "[[holders]]\n\"class\" = \"sev\"\nid = \"sev-1\"",
+    ] {
+        let path = dir.path().join("manifest.toml");
+        fs::write(
+            &path,
+            format!("version = 1\nkey_id = \"t\"\nthreshold = 2\n{holders}\n"),
+        )
+        .unwrap();
+        let out = build(dir.path(), &modules, &path, &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{holders}: {}",
+            text(&out.stdout)
+        );
+        assert!(
+            text(&out.stderr).contains("has no sev-guest driver"),
+            "{holders}: {}",
+            text(&out.stderr)
+        );
+    }
+    // A sev holder in a comment only is no sev holder.
+    let path = manifest(dir.path(), &["vhd"]);
+    let mut text_now = fs::read_to_string(&path).unwrap();
+    text_now.push_str("# class = \"sev\"\n");
+    fs::write(&path, text_now).unwrap();
+    assert!(build(dir.path(), &modules, &path, &[]).status.success());
+}

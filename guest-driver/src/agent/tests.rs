@@ -553,3 +553,37 @@ fn item_13_a_signed_epoch_of_the_same_key_at_a_lower_k_is_refused() {
     assert_eq!((outcome.epoch, outcome.k), (1, 3));
     assert_eq!(&outcome.secret[..], dealt.secret.as_slice());
 }
+
+/// Review of issue 7: once a released share meets the quorum, no further holder is asked. The
+/// broker used to go straight on to the next holder while the agent rebuilt the key: one more
+/// release (an unseal, an audit line) for a share nobody used.
+#[test]
+fn no_holder_is_asked_once_a_released_share_meets_the_quorum() {
+    let dealt = mixed(2, 2, 0, 3);
+    // The devices answer first; then tpm-1's share makes k.
+    let broker = ScriptedMailbox::new(releasing(&dealt, Duration::from_millis(300)));
+    let requests = broker.requests.clone();
+    let outcome = unlock_with(
+        &dealt.manifest,
+        inputs(
+            (0..2).map(|i| serving(&dealt, i, Duration::ZERO)).collect(),
+            Some(Box::new(broker)),
+            None,
+        ),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(outcome.used.len(), 3);
+    // Give a broker that would go on the time to do so.
+    std::thread::sleep(Duration::from_millis(300));
+    let released: Vec<String> = requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|request| match &request.body {
+            keyshard_core::broker::Body::Release { holder_id, .. } => Some(holder_id.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released, ["tpm-1"]);
+}

@@ -106,6 +106,9 @@ pub fn candidate(
     let bytes = match fetched {
         Ok(bytes) => bytes,
         Err(BrokerError::Refused { code, reason }) => {
+            // The reason is the host's text: one printable line, so it can neither break the
+            // report into lines nor write escape sequences to the console.
+            let reason = crate::serial::printable(reason.as_bytes());
             // The quorum report names the holder with this reason; the code is for debugging.
             log::debug!("{id}: refused by the coordinator ({code:?}): {reason}");
             return Candidate::unavailable(id, format!("refused by the coordinator: {reason}"));

@@ -361,6 +361,20 @@ fn answers_become_candidates_named_after_their_holder() {
         "refused by the coordinator: PCR 7 differs from its golden value"
     );
 
+    // Review of issue 7: the reason is the host's text, printed on the guest's console.
+    let hostile = candidate(
+        &tpm,
+        "/dev/vdd",
+        Err(BrokerError::Refused {
+            code: RefusalCode::Other(9),
+            reason: "no\nkeyshard-guest: rebuilt key\u{1b}[2J".into(),
+        }),
+    );
+    assert_eq!(
+        hostile.content.unwrap_err(),
+        "refused by the coordinator: no?keyshard-guest: rebuilt key?[2J"
+    );
+
     // The sev holder's fragment handed out as the tpm holder's is not counted as tpm-1's.
     let swapped = candidate(
         &tpm,

@@ -77,7 +77,7 @@ pub fn run(config: Config) -> Result<(), CliError> {
         config.until_serial.as_deref(),
         config.settle,
         config.timeout,
-    );
+    )?;
     let mut found = false;
     for (location, serial) in &devices {
         match serial {

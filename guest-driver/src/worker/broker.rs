@@ -14,7 +14,7 @@ use keyshard_core::quorum::Candidate;
 use keyshard_core::{HolderClass, HolderId};
 
 use super::wire::Record;
-use super::{RecordWriter, WorkerError, WorkerLauncher};
+use super::{RecordWriter, WorkerError, WorkerLauncher, option_arg};
 use crate::broker::BrokerClient;
 use crate::broker::mailbox::MailboxSpec;
 use crate::broker::shares::{self, ShareFetcher};
@@ -73,15 +73,15 @@ pub struct WorkerBroker {
 
 impl WorkerBroker {
     fn args(&self, holders: &[(usize, HolderSlot)], deadline: Instant) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec!["broker".into(), "--path".into(), (&self.path).into()];
+        let mut args: Vec<OsString> = vec!["broker".into(), option_arg("path", &self.path)];
         if let Some(serial) = &self.serial {
-            args.extend(["--serial".into(), serial.into()]);
+            args.push(option_arg("serial", serial));
         }
-        args.extend(["--sysfs-root".into(), (&self.sysfs_root).into()]);
+        args.push(option_arg("sysfs-root", &self.sysfs_root));
         let millis = deadline
             .saturating_duration_since(Instant::now())
             .as_millis();
-        args.extend(["--timeout-ms".into(), millis.to_string().into()]);
+        args.push(option_arg("timeout-ms", millis.to_string()));
         if self.snp {
             args.push("--snp".into());
         }
@@ -91,7 +91,7 @@ impl WorkerBroker {
                     index,
                     holder: holder.clone(),
                 };
-                args.extend(["--holder".into(), arg.to_string().into()]);
+                args.push(option_arg("holder", arg.to_string()));
             }
         }
         args
@@ -130,7 +130,13 @@ impl ShareFetcher for WorkerBroker {
                     }
                 }
             };
-        let mut worker = match self.launcher.spawn(&self.args(&holders, deadline)) {
+        // The worker asks the coordinator for the next holder only once told to: the agent says
+        // so after each answer, unless that answer met the quorum (then nobody is asked for a
+        // share that would not be used).
+        let mut worker = match self
+            .launcher
+            .spawn_with_go_ahead(&self.args(&holders, deadline))
+        {
             Ok(worker) => worker,
             Err(e) => return fail_rest(&mut unanswered, e.to_string(), deliver),
         };
@@ -170,6 +176,10 @@ impl ShareFetcher for WorkerBroker {
             if !deliver(index, candidate) {
                 return;
             }
+            // A worker that cannot be told has ended: what it wrote before is still read.
+            if !unanswered.is_empty() {
+                worker.go_ahead();
+            }
         }
     }
 }
@@ -185,6 +195,7 @@ pub fn run(
     out: &mut RecordWriter<impl std::io::Write>,
 ) {
     let location = mailbox.location();
+    let mut go_aheads = std::io::stdin().lock();
     let mut client = BrokerClient::new(mailbox.into_mailbox(sysfs_root));
     let reports = snp.then(|| Box::new(SevGuestFirmware) as Box<dyn ReportSource>);
     let holders: Vec<(usize, HolderSlot)> = holders
@@ -203,7 +214,7 @@ pub fn run(
                 Err(reason) => Record::ShareFailed { index, reason },
             };
             log::debug!("{location}: {record:?}");
-            out.emit(&record)
+            out.emit(&record) && super::wait_for_go_ahead(&mut go_aheads)
         },
     );
 }

@@ -10,8 +10,10 @@
 //! same `keyshard-guest` binary, run again as `keyshard-guest worker ...`, which reports what it
 //! read as [`wire::Record`]s on a pipe. The agent reads that pipe with a deadline; a worker that
 //! has not finished by then is killed and abandoned. A worker stuck in the kernel dies only when
-//! its I/O ends, if ever, but it holds nothing the agent needs: its stdin and stderr are
-//! `/dev/null` and its stdout is a pipe only the agent reads.
+//! its I/O ends, if ever, but it holds nothing the agent needs: its stderr is `/dev/null`, its
+//! stdout a pipe only the agent reads, and its stdin `/dev/null` too, except for the broker's
+//! worker, whose stdin is a pipe on which the agent says "go on" after each answer that did not
+//! meet the quorum (so no holder is asked for a share that would not be used).
 
 pub mod broker;
 pub mod probe;
@@ -20,14 +22,37 @@ pub mod wire;
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use self::wire::{MAX_OUTPUT, Record, RecordError};
+use self::wire::{HEADER_LEN, MAX_OUTPUT, MAX_PAYLOAD, Record, RecordError};
+
+/// How much is read from a worker's pipe at a time.
+const READ_CHUNK: usize = 16 * 1024;
+/// What a worker's buffer holds at most: one record not yet whole, and one more read. Allocated
+/// once, so the buffer never grows: a grown `Vec` would leave its old copy of a share behind,
+/// freed but not wiped.
+const BUFFER_CAPACITY: usize = HEADER_LEN + MAX_PAYLOAD + READ_CHUNK;
 
 /// The subcommand a worker is run as.
 pub const WORKER_SUBCOMMAND: &str = "worker";
+/// The byte that tells a worker on its stdin to go on.
+pub const GO_AHEAD: u8 = b'+';
+
+/// The worker's side of a go-ahead: waits for one on stdin. False at its end (the agent dropped
+/// it, or exited) or on anything else: then the worker stops.
+pub fn wait_for_go_ahead(input: &mut impl Read) -> bool {
+    let mut byte = [0u8; 1];
+    loop {
+        match input.read(&mut byte) {
+            Ok(1) => return byte == [GO_AHEAD],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            _ => return false,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -43,6 +68,15 @@ pub enum WorkerError {
     TooMuchOutput,
     #[error("the worker ended without reporting")]
     Ended,
+}
+
+/// One `--name=VALUE` argument for a worker. Joined, never two arguments: a value that starts
+/// with `-` (a path such as `-img`) is then still the option's value, never read as an option of
+/// its own, whatever the value holds.
+pub fn option_arg(name: &str, value: impl AsRef<std::ffi::OsStr>) -> OsString {
+    let mut arg = OsString::from(format!("--{name}="));
+    arg.push(value);
+    arg
 }
 
 /// Starts workers: which program to run (this one, normally).
@@ -69,28 +103,58 @@ impl WorkerLauncher {
         Self::new(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("keyshard-guest")))
     }
 
-    /// Starts `program worker <args>`, its stdout a pipe and nothing else shared with us.
+    /// Starts `program worker <args>`, its stdout a pipe and nothing else shared with us. The
+    /// worker is sent SIGKILL when the thread that started it ends, and so when the agent exits:
+    /// once the agent has its key and leaves, no worker it left behind goes on asking the
+    /// coordinator for shares or reading devices.
     pub fn spawn(&self, args: &[OsString]) -> Result<WorkerProcess, WorkerError> {
+        self.start(args, false)
+    }
+
+    /// As [`Self::spawn`], with the worker's stdin a pipe from us: [`WorkerProcess::go_ahead`]
+    /// tells it to go on, and its end (we dropped it, or exited) tells it to stop.
+    pub fn spawn_with_go_ahead(&self, args: &[OsString]) -> Result<WorkerProcess, WorkerError> {
+        self.start(args, true)
+    }
+
+    fn start(&self, args: &[OsString], go_ahead: bool) -> Result<WorkerProcess, WorkerError> {
         let spawn_error = |source| WorkerError::Spawn {
             program: self.program.display().to_string(),
             source,
         };
-        let mut child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        command
             .arg(WORKER_SUBCOMMAND)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(if go_ahead {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(spawn_error)?;
+            .stderr(Stdio::null());
+        // SAFETY: the closure runs in the child between fork and exec, and calls only prctl, which
+        // is async-signal-safe; it allocates nothing and touches no lock.
+        unsafe {
+            command.pre_exec(|| {
+                // PR_SET_PDEATHSIG: the kernel sends this signal when the parent thread ends.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(spawn_error)?;
         let Some(stdout) = child.stdout.take() else {
             let _ = child.kill();
             return Err(spawn_error(io::Error::other("no pipe to the worker")));
         };
+        let stdin = child.stdin.take();
         Ok(WorkerProcess {
             child,
+            stdin,
             stdout,
-            buffer: Vec::new(),
+            buffer: Vec::with_capacity(BUFFER_CAPACITY),
             total: 0,
             eof: false,
         })
@@ -101,6 +165,8 @@ impl WorkerLauncher {
 #[derive(Debug)]
 pub struct WorkerProcess {
     child: Child,
+    /// Where go-aheads are written, for a worker started with them.
+    stdin: Option<ChildStdin>,
     stdout: ChildStdout,
     buffer: Vec<u8>,
     total: usize,
@@ -108,6 +174,14 @@ pub struct WorkerProcess {
 }
 
 impl WorkerProcess {
+    /// Tells a worker started with [`WorkerLauncher::spawn_with_go_ahead`] to go on to its next
+    /// step; false if it cannot be told (it has gone, or takes no go-aheads).
+    pub fn go_ahead(&mut self) -> bool {
+        self.stdin
+            .as_mut()
+            .is_some_and(|stdin| stdin.write_all(&[GO_AHEAD]).is_ok())
+    }
+
     /// The next record, waiting for it until `deadline`; `None` once the worker closed its
     /// stdout (it ended) with nothing more to say.
     pub fn next_record(&mut self, deadline: Instant) -> Result<Option<Record>, WorkerError> {
@@ -122,13 +196,15 @@ impl WorkerProcess {
         }
     }
 
-    /// Reads what the worker has written, waiting for something until `deadline`.
+    /// Reads what the worker has written, waiting for something until `deadline`. Called only
+    /// when the buffer holds no whole record, so what it holds and what is read fit in
+    /// [`BUFFER_CAPACITY`].
     fn fill(&mut self, deadline: Instant) -> Result<(), WorkerError> {
         let timeout = deadline.saturating_duration_since(Instant::now());
         if !wait_readable(&self.stdout, timeout).map_err(WorkerError::Read)? {
             return Err(WorkerError::Timeout(timeout));
         }
-        let mut chunk = zeroize::Zeroizing::new(vec![0u8; 16 * 1024]);
+        let mut chunk = zeroize::Zeroizing::new(vec![0u8; READ_CHUNK]);
         let read = match self.stdout.read(&mut chunk) {
             Ok(read) => read,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
@@ -262,6 +338,60 @@ mod tests {
             }
         };
         assert!(matches!(error, WorkerError::TooMuchOutput), "{error:?}");
+    }
+
+    /// Review of issue 7 (item 11's unwiped copies): the largest record, arriving in pieces,
+    /// never makes the buffer that shares pass through grow (and leave a copy behind).
+    #[test]
+    fn the_largest_record_fits_without_the_buffer_growing() {
+        let (launcher, _dir) = shell(
+            r"printf '\002\000\000\001\000'; head -c 65536 /dev/zero; printf '\001\001\000\000\000x'",
+        );
+        let mut worker = launcher.spawn(&[]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let capacity = worker.buffer.capacity();
+        assert!(capacity >= BUFFER_CAPACITY);
+        assert_eq!(
+            worker.next_record(deadline).unwrap(),
+            Some(Record::Volume(zeroize::Zeroizing::new(vec![
+                0;
+                MAX_PAYLOAD
+            ])))
+        );
+        assert_eq!(
+            worker.next_record(deadline).unwrap(),
+            Some(Record::Serial("x".into()))
+        );
+        assert_eq!(worker.buffer.capacity(), capacity);
+    }
+
+    /// Review of issue 7: a worker the agent left behind (the agent had its key and exited,
+    /// or the thread that waited for it ended without its Drop) does not live on.
+    #[test]
+    fn a_worker_dies_with_the_thread_that_started_it() {
+        let (launcher, _dir) = shell("exec sleep 600");
+        let pid = std::thread::spawn(move || {
+            let worker = launcher.spawn(&[]).unwrap();
+            let pid = worker.child.id();
+            // As if the agent exited: nothing of ours kills it.
+            std::mem::forget(worker);
+            pid
+        })
+        .join()
+        .unwrap();
+        let pid = libc::pid_t::try_from(pid).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut status = 0;
+        // SAFETY: waitpid on our own child, with a live status pointer.
+        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "worker {pid} outlived its thread"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(libc::WIFSIGNALED(status), "{status:#x}");
+        assert_eq!(libc::WTERMSIG(status), libc::SIGKILL);
     }
 
     #[test]

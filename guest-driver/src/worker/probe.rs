@@ -10,7 +10,7 @@ use keyshard_core::volume::MAX_VOLUME_LEN;
 use zeroize::Zeroizing;
 
 use super::wire::Record;
-use super::{RecordWriter, WorkerError, WorkerLauncher};
+use super::{RecordWriter, WorkerError, WorkerLauncher, option_arg};
 use crate::block_device::BlockDevice;
 use crate::serial;
 
@@ -45,13 +45,13 @@ impl ProbeTarget {
                 dev_root,
                 name,
             } => {
-                args.extend(["--sysfs-root".into(), sysfs_root.into()]);
-                args.extend(["--dev-root".into(), dev_root.into()]);
-                args.extend(["--name".into(), name.into()]);
+                args.push(option_arg("sysfs-root", sysfs_root));
+                args.push(option_arg("dev-root", dev_root));
+                args.push(option_arg("name", name));
             }
             Self::Path { path, sysfs_root } => {
-                args.extend(["--sysfs-root".into(), sysfs_root.into()]);
-                args.extend(["--path".into(), path.into()]);
+                args.push(option_arg("sysfs-root", sysfs_root));
+                args.push(option_arg("path", path));
             }
         }
         if scope == ProbeScope::SerialOnly {

@@ -19,7 +19,8 @@ use zeroize::Zeroizing;
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// The most a worker may write in all; past it the agent stops reading and ends the worker.
 pub const MAX_OUTPUT: usize = 512 * 1024;
-const HEADER_LEN: usize = 5;
+/// The bytes before a record's payload: tag and length.
+pub const HEADER_LEN: usize = 5;
 
 const TAG_SERIAL: u8 = 1;
 const TAG_VOLUME: u8 = 2;
@@ -154,10 +155,10 @@ impl Record {
             TAG_SHARE_FAILED => {
                 let (index, reason) = indexed("share failure")?;
                 let reason = std::str::from_utf8(reason)
+                    .map(|s| crate::serial::printable(s.as_bytes()))
                     .map_err(|_| RecordError::Malformed {
                         what: "share failure",
-                    })?
-                    .to_owned();
+                    })?;
                 Ok(Self::ShareFailed { index, reason })
             }
             other => Err(RecordError::UnknownTag(other)),
@@ -227,6 +228,25 @@ mod tests {
         assert_eq!(
             Record::take(&mut escape).unwrap(),
             Some(Record::Serial("ksf-?[31m".into()))
+        );
+    }
+
+    /// Review of issue 7: a holder's failure is text from the host too, and is made printable
+    /// like a serial.
+    #[test]
+    fn a_share_failure_cannot_write_escapes_or_lines() {
+        let mut record = Record::ShareFailed {
+            index: 2,
+            reason: "refused\n\u{1b}[31mfake".into(),
+        }
+        .encode()
+        .to_vec();
+        assert_eq!(
+            Record::take(&mut record).unwrap(),
+            Some(Record::ShareFailed {
+                index: 2,
+                reason: "refused??[31mfake".into()
+            })
         );
     }
 
