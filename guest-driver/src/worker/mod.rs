@@ -100,7 +100,17 @@ impl WorkerLauncher {
         if proc_self.exists() {
             return Self::new(proc_self);
         }
-        Self::new(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("keyshard-guest")))
+        // Without /proc: the path we were started by, when it is one; else PATH's.
+        let started_as = std::env::args_os()
+            .next()
+            .map(PathBuf::from)
+            .filter(|path| path.components().count() > 1);
+        Self::new(
+            std::env::current_exe()
+                .ok()
+                .or(started_as)
+                .unwrap_or_else(|| PathBuf::from("keyshard-guest")),
+        )
     }
 
     /// Starts `program worker <args>`, its stdout a pipe and nothing else shared with us. The
