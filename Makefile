@@ -20,7 +20,7 @@ SYSTEM_PACKAGES := qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-st
 
 FUZZ_SECONDS ?= 600
 
-.PHONY: test demo deps lint unit check-configs check-fuzz bench bench-devices bench-release fuzz e2e \
+.PHONY: test demo deps lint unit check-deps check-configs check-fuzz bench bench-devices bench-release fuzz e2e \
 	e2e-bins guest-static images
 
 # Twice on purpose: where a newer qemu-utils is preinstalled (bookworm-backports), it breaks
@@ -37,7 +37,13 @@ lint: deps
 unit: deps
 	$(CARGO) test --workspace
 
-test: deps lint unit check-configs check-fuzz e2e
+test: deps lint check-deps unit check-configs check-fuzz e2e
+
+# The crates keep what they hold: no tss-esapi (libtss2) in the trees of vhost-keyshard,
+# guest-driver and keyshard-attest, and no sev or aws-lc-rs in what vhost-keyshard ships
+# (`cargo tree`; the rules and why the whole tree is searched are in the script).
+check-deps:
+	CARGO="$(CARGO)" scripts/check-crate-deps.sh
 
 # The VMM configurations no test boots: the libvirt domain validated (virt-xml-validate) and
 # defined on libvirt's test driver, as shipped and with iommu='on'; cloud-hypervisor.sh's dry run
@@ -112,7 +118,7 @@ bench-devices: deps
 
 # The coordinator: tpm release latency on swtpm, sev releases on test-signed evidence, SNP checks/s.
 bench-release: deps
-	$(CARGO) bench -p vhost-keyshard --bench release
+	$(CARGO) bench -p keyshard-coordinator --bench release
 
 # Fuzz a parser of untrusted bytes (nightly and cargo-fuzz; cargo-fuzz is installed when
 # missing): `make fuzz FUZZ_TARGET=descriptor_chain`. Targets: fragment_parse, descriptor_chain,

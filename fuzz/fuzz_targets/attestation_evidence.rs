@@ -4,10 +4,11 @@
 
 #![no_main]
 
+use keyshard_attest::snp::Report;
+use keyshard_attest::snp::vcek::Vcek;
+use keyshard_attest::tpm::{PcrValues, QuoteAttest};
+use keyshard_tpm::SealedBlob;
 use libfuzzer_sys::fuzz_target;
-use vhost_keyshard::snp::Report;
-use vhost_keyshard::snp::vcek::Vcek;
-use vhost_keyshard::tpm::{PcrValues, QuoteAttest, SealedBlob};
 
 fuzz_target!(|data: &[u8]| {
     let _ = Report::from_file_contents(data);

@@ -1,11 +1,8 @@
-//! keyshard's host side: the virtio-blk device engine ([`device`]) and the fragment device
-//! daemon built on it ([`daemon`], [`fragment_volume`]), and the dealer and admin CLI
-//! `keyshard` ([`cli`]).
+//! keyshard's guest-facing host code: the virtio-blk device engine ([`device`]), the fragment
+//! volume it serves ([`fragment_volume`]) and the fragment device daemon `vhost-keyshard`
+//! ([`daemon`]). No TPM, SNP or network code: the coordinator (`keyshard-coordinator`) serves
+//! its broker mailbox on this engine.
 
-pub mod cli;
-pub mod coordinator;
 pub mod daemon;
 pub mod device;
 pub mod fragment_volume;
-pub mod snp;
-pub mod tpm;

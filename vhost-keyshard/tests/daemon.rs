@@ -343,3 +343,17 @@ fn usage_errors_exit_1() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no device to serve"));
 }
+
+#[test]
+fn item11_the_device_daemons_usage_errors_are_one_line() {
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-keyshard"))
+        .args(["--socket-path", "s.sock", "--bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    let stderr = String::from_utf8(run.stderr).unwrap();
+    assert_eq!(
+        stderr,
+        "vhost-keyshard: unexpected argument '--bogus' found (try --help)\n"
+    );
+}

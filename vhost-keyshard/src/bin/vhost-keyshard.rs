@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Err(e) if e.use_stderr() => {
             eprintln!(
                 "vhost-keyshard: {} (try --help)",
-                vhost_keyshard::cli::usage_error_line(&e)
+                keyshard_core::usage::one_line(&e.render().to_string())
             );
             return ExitCode::FAILURE;
         }

@@ -3,9 +3,6 @@
 
 #![allow(dead_code)]
 
-pub mod snp_chain;
-pub mod swtpm;
-
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};

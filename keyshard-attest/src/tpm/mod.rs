@@ -1,0 +1,19 @@
+//! TPM 2.0 quotes checked in software, with no TPM and no tss-esapi: the quoted structure
+//! ([`attest`]), PCR selections and values and the PolicyPCR digest ([`pcr`]), the attestation
+//! key's public part and the quote's signature ([`quote`]), and the TCG constants and wire
+//! reader they share ([`spec`], [`wire`]). `keyshard-tpm` produces what this module checks.
+//!
+//! A release checks `verify_quote(quote, pinned AK, nonce, golden)`: a changed PCR fails it
+//! with [`QuoteError::PcrDigest`], and [`differing_pcrs`] names which PCR changed.
+
+pub mod attest;
+pub mod pcr;
+pub mod quote;
+pub mod spec;
+pub mod wire;
+
+pub use attest::{AttestError, ClockInfo, QuoteAttest, QuotedBank};
+pub use pcr::{PcrError, PcrSelection, PcrValues, differing_pcrs};
+pub use quote::{AK_PUBLIC_LEN, AkPublic, NONCE_LEN, Quote, QuoteError, QuoteInfo, verify_quote};
+pub use spec::{AK_HANDLE, MAX_SEALED_DATA, SRK_HANDLE};
+pub use wire::WireError;

@@ -1,0 +1,271 @@
+//! `keyshard init`: deal a secret by a policy into a coordinator state directory. `vhd` fragments
+//! are written for the fragment devices; each `tpm` and `sev` fragment is encrypted under its own
+//! data key, which is sealed to the TPM under the policy's PCRs (below the persistent storage
+//! root key); the golden PCR values and the attestation key are recorded; and the guest
+//! manifest is written. A `recovery` fragment is returned to the caller, never written here.
+
+use std::path::Path;
+
+use keyshard_core::dealer::{self, DealError, DealPlan, HolderSlot};
+use keyshard_core::files::{self, FileError, Overwrite};
+use keyshard_core::fragment::{Fragment, FragmentError, MAX_FRAGMENT_LEN, VerifiedFragment};
+use keyshard_core::holder::{HolderClass, HolderId, KeyId};
+use keyshard_core::kcv::KeyCheckValue;
+use keyshard_core::keys::DealerSigningKey;
+use keyshard_core::manifest::Manifest;
+use keyshard_core::policy::Policy;
+
+use super::at_rest::{self, AtRestError};
+use super::state::{State, StateDir, StateError, check_vm_id};
+use keyshard_attest::tpm::{PcrError, PcrSelection};
+use keyshard_tpm::{Tpm, TpmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("{}: already holds a coordinator state (pass --force to replace it)", .0.display())]
+    Exists(std::path::PathBuf),
+    #[error(
+        "the policy gives {class} shares, which are sealed to the TPM: it needs a [tpm] section with the PCRs"
+    )]
+    NoPcrs { class: HolderClass },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Deal(#[from] DealError),
+    #[error("TPM: {0}")]
+    Tpm(#[from] TpmError),
+    #[error("PCR selection: {0}")]
+    Pcrs(#[from] PcrError),
+    #[error("encrypting a fragment: {0}")]
+    AtRest(#[from] AtRestError),
+    #[error("no randomness from the operating system")]
+    Random,
+    #[error("no VM id to bind the shares to")]
+    NoVmId,
+    #[error(transparent)]
+    VmId(#[from] StateError),
+}
+
+/// What `init` made, for its report.
+#[derive(Debug)]
+pub struct InitReport {
+    pub key_id: KeyId,
+    pub vhd: usize,
+    pub sealed: usize,
+    pub selection: Option<String>,
+    /// The recovery fragment, when the policy has one: never written to the state directory;
+    /// the caller hands it to the operator (a file or a printed code).
+    pub recovery: Option<VerifiedFragment>,
+    /// Share files of an earlier init's holders that this state does not list, removed.
+    pub removed: usize,
+}
+
+/// Deals `secret` by `policy` into `dir`. `tpm` is needed when the policy has `tpm` or `sev`
+/// holders. The attested shares are bound to `vm_ids`: the coordinator releases them to those
+/// VMs' brokers only.
+pub fn init(
+    dir: &StateDir,
+    policy: &Policy,
+    secret: &[u8],
+    dealer_key: &DealerSigningKey,
+    tpm: Option<&mut Tpm>,
+    overwrite: Overwrite,
+    vm_ids: &[String],
+) -> Result<InitReport, InitError> {
+    if vm_ids.is_empty() {
+        return Err(InitError::NoVmId);
+    }
+    for vm in vm_ids {
+        check_vm_id(vm)?;
+    }
+    if overwrite == Overwrite::Refuse && dir.state_file().exists() {
+        return Err(InitError::Exists(dir.root().to_owned()));
+    }
+    let key_id = KeyId::random().map_err(|_| InitError::Random)?;
+    let holders = policy.holder_slots();
+    let plan = DealPlan {
+        key_id: key_id.clone(),
+        epoch: 1,
+        k: policy.threshold,
+        holders: holders.clone(),
+    };
+    let mut fragments = dealer::deal(secret, &plan, dealer_key)?;
+    let recovery = fragments
+        .iter()
+        .position(|f| f.header().class == HolderClass::Recovery)
+        .map(|at| fragments.remove(at));
+
+    let attested: Vec<_> = fragments
+        .iter()
+        .filter(|f| matches!(f.header().class, HolderClass::Tpm | HolderClass::Sev))
+        .collect();
+    let mut selection_text = None;
+    let mut sealed = Vec::new();
+    if let Some(first) = attested.first() {
+        let class = first.header().class;
+        let tpm_policy = policy.tpm.as_ref().ok_or(InitError::NoPcrs { class })?;
+        let tpm = tpm.ok_or(InitError::Tpm(TpmError::Unreachable {
+            tcti: String::new(),
+            detail: "no TPM was opened".into(),
+        }))?;
+        let selection = PcrSelection::try_from(tpm_policy)?;
+        let golden = tpm.read_pcrs(&selection)?;
+        for fragment in &attested {
+            let holder = &fragment.header().holder_id;
+            let data_key = at_rest::new_data_key()?;
+            let blob = tpm.seal(&golden, data_key.as_slice())?;
+            let encrypted = at_rest::encrypt(&data_key, holder, fragment.encoded())?;
+            sealed.push((
+                dir.sealed_key(holder),
+                blob.to_bytes(),
+                dir.sealed_fragment(holder),
+                encrypted,
+            ));
+        }
+        create_dirs(dir, &["sealed", "tpm"])?;
+        files::write_atomic(
+            &dir.golden_pcrs(),
+            &golden.to_bytes(),
+            0o644,
+            Overwrite::Replace,
+        )?;
+        files::write_atomic(
+            &dir.ak_public(),
+            &tpm.ak_public().to_sec1(),
+            0o644,
+            Overwrite::Replace,
+        )?;
+        selection_text = Some(selection.to_string());
+    }
+    create_dirs(dir, &["fragments", "snp", "snp/vcek"])?;
+    let mut vhd = 0;
+    for fragment in fragments
+        .iter()
+        .filter(|f| f.header().class == HolderClass::Vhd)
+    {
+        files::write_private(
+            &dir.fragment(&fragment.header().holder_id),
+            fragment.encoded(),
+            Overwrite::Replace,
+        )?;
+        vhd += 1;
+    }
+    for (key_path, blob, fragment_path, encrypted) in &sealed {
+        files::write_private(key_path, blob, Overwrite::Replace)?;
+        files::write_private(fragment_path, encrypted, Overwrite::Replace)?;
+    }
+    let manifest = Manifest {
+        key_id: key_id.clone(),
+        threshold: policy.threshold,
+        key_check_value: KeyCheckValue::compute(secret, &key_id),
+        dealer: dealer_key.verifying_key(),
+        // The guest never asks for the recovery share, so it is not listed as missing at boot.
+        holders: holders
+            .iter()
+            .filter(|h| h.class != HolderClass::Recovery)
+            .cloned()
+            .collect(),
+    };
+    files::write_atomic(
+        &dir.manifest(),
+        manifest.to_toml().as_bytes(),
+        0o644,
+        Overwrite::Replace,
+    )?;
+    let state = State {
+        key_id: key_id.clone(),
+        threshold: policy.threshold,
+        tpm: if sealed.is_empty() {
+            None
+        } else {
+            policy.tpm.clone()
+        },
+        holders,
+        vm_ids: vm_ids.to_vec(),
+    };
+    // Last: a state file means the directory is complete.
+    files::write_atomic(
+        &dir.state_file(),
+        state.to_toml().as_bytes(),
+        0o644,
+        Overwrite::Replace,
+    )?;
+    let removed = match overwrite {
+        Overwrite::Replace => remove_stale_shares(dir, &state.holders)?,
+        Overwrite::Refuse => 0,
+    };
+    Ok(InitReport {
+        key_id,
+        vhd,
+        sealed: sealed.len(),
+        selection: selection_text,
+        recovery,
+        removed,
+    })
+}
+
+/// After `init --force`: removes the shares of holders the new state does not list, left by an
+/// earlier init with more holders, so the key that was replaced cannot be rebuilt from the
+/// directory. Only regular files named for a holder are touched: `fragments/<id>.ksf` when it is
+/// a keyshard fragment, `sealed/<id>.ksf.enc` and `sealed/<id>.key`. Returns how many went.
+fn remove_stale_shares(dir: &StateDir, holders: &[HolderSlot]) -> Result<usize, FileError> {
+    let mut removed = 0;
+    for (folder, suffixes) in [
+        ("fragments", &[".ksf"][..]),
+        ("sealed", &[".ksf.enc", ".key"][..]),
+    ] {
+        let Ok(entries) = std::fs::read_dir(dir.root().join(folder)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let file_name = entry.file_name();
+            let Some(id) = file_name
+                .to_str()
+                .and_then(|name| suffixes.iter().find_map(|s| name.strip_suffix(s)))
+                .and_then(|stem| HolderId::new(stem).ok())
+            else {
+                continue;
+            };
+            let is_file = path.symlink_metadata().is_ok_and(|meta| meta.is_file());
+            if !is_file || holders.iter().any(|h| h.id == id) {
+                continue;
+            }
+            if folder == "fragments" && !is_keyshard_fragment(&path) {
+                log::warn!(
+                    "left {}: not a keyshard fragment, so not removed as stale",
+                    path.display()
+                );
+                continue;
+            }
+            std::fs::remove_file(&path).map_err(|source| FileError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+fn is_keyshard_fragment(path: &Path) -> bool {
+    files::read_limited(path, MAX_FRAGMENT_LEN).is_ok_and(|bytes| {
+        matches!(
+            Fragment::parse(&bytes),
+            Ok(_) | Err(FragmentError::VersionWithoutDealId)
+        )
+    })
+}
+
+fn create_dirs(dir: &StateDir, names: &[&str]) -> Result<(), FileError> {
+    files::create_private_dir(dir.root())?;
+    for name in names {
+        files::create_private_dir(&dir.root().join(name))?;
+    }
+    Ok(())
+}
+
+/// Whether `path` looks like a state directory already.
+pub fn is_initialised(path: &Path) -> bool {
+    StateDir::new(path).state_file().exists()
+}

@@ -1,0 +1,147 @@
+//! [`TpmService`]: a [`Tpm`] shared by a server's threads. One thread owns the `Tpm`; callers
+//! send it jobs over a channel and wait for the answer. The TPM runs one command at a time
+//! anyway, and this keeps every ESAPI call, and the sessions and handles ESAPI tracks, on one
+//! thread. Cloning a `TpmService` is cheap; the thread ends when the last clone is dropped.
+//! From async code, call it from `spawn_blocking`; never hold a call across an `.await`.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
+
+use zeroize::Zeroizing;
+
+use crate::blob::SealedBlob;
+use crate::device::{Startup, Tpm, TpmConfig, TpmInfo};
+use crate::error::{Result, TpmError};
+use keyshard_attest::tpm::pcr::{PcrSelection, PcrValues};
+use keyshard_attest::tpm::quote::{AkPublic, NONCE_LEN, Quote};
+
+type Job = Box<dyn FnOnce(&mut Tpm) + Send>;
+
+/// A handle to the thread that owns the TPM.
+#[derive(Clone)]
+pub struct TpmService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    info: TpmInfo,
+    startup: Startup,
+    ak_public: AkPublic,
+}
+
+impl std::fmt::Debug for TpmService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpmService")
+            .field("info", &self.inner.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TpmService {
+    /// Starts the owner thread and opens the TPM on it; returns once the TPM is open.
+    pub fn spawn(config: TpmConfig) -> Result<Self> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (ready, opened) = mpsc::sync_channel(1);
+        let thread = thread::Builder::new()
+            .name("tpm".to_owned())
+            .spawn(move || {
+                let mut tpm = match Tpm::open_with(&config) {
+                    Ok(tpm) => tpm,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let facts = (tpm.info().clone(), *tpm.startup(), tpm.ak_public().clone());
+                if ready.send(Ok(facts)).is_err() {
+                    return;
+                }
+                // Ends when every TpmService (every Sender) is gone.
+                for job in queue {
+                    job(&mut tpm);
+                }
+            })
+            .map_err(|e| TpmError::Spawn(e.to_string()))?;
+        let opened = opened.recv().map_err(|_| TpmError::ServiceStopped);
+        let (info, startup, ak_public) = match opened {
+            Ok(Ok(facts)) => facts,
+            Ok(Err(e)) | Err(e) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                jobs: Some(jobs),
+                thread: Some(thread),
+                info,
+                startup,
+                ak_public,
+            }),
+        })
+    }
+
+    /// Runs `job` on the TPM thread and returns its result. Jobs run one at a time, in the
+    /// order they arrive. If a job panics the thread stops, and this and every later call
+    /// returns [`TpmError::ServiceStopped`]. A job must not call or hold a `TpmService`: the
+    /// thread would wait for itself.
+    pub fn call<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Tpm) -> R + Send + 'static,
+    ) -> Result<R> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let boxed: Job = Box::new(move |tpm| {
+            let _ = reply.send(job(tpm));
+        });
+        self.inner
+            .jobs
+            .as_ref()
+            .ok_or(TpmError::ServiceStopped)?
+            .send(boxed)
+            .map_err(|_| TpmError::ServiceStopped)?;
+        answer.recv().map_err(|_| TpmError::ServiceStopped)
+    }
+
+    pub fn info(&self) -> &TpmInfo {
+        &self.inner.info
+    }
+
+    pub fn startup(&self) -> &Startup {
+        &self.inner.startup
+    }
+
+    pub fn ak_public(&self) -> &AkPublic {
+        &self.inner.ak_public
+    }
+
+    /// [`Tpm::quote`] on the TPM thread.
+    pub fn quote(&self, selection: &PcrSelection, nonce: &[u8; NONCE_LEN]) -> Result<Quote> {
+        let (selection, nonce) = (selection.clone(), *nonce);
+        self.call(move |tpm| tpm.quote(&selection, &nonce))?
+    }
+
+    /// [`Tpm::unseal`] on the TPM thread.
+    pub fn unseal(&self, blob: &SealedBlob) -> Result<Zeroizing<Vec<u8>>> {
+        let blob = blob.clone();
+        self.call(move |tpm| tpm.unseal(&blob))?
+    }
+
+    /// [`Tpm::read_pcrs`] on the TPM thread.
+    pub fn read_pcrs(&self, selection: &PcrSelection) -> Result<PcrValues> {
+        let selection = selection.clone();
+        self.call(move |tpm| tpm.read_pcrs(&selection))?
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop; then wait for it to close the TPM.
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

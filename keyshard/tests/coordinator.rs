@@ -1,0 +1,269 @@
+//! The coordinator against a real (software) TPM: `init` deals a vhd = 2, tpm = 1, k = 3 policy
+//! into a state directory, the coordinator releases the tpm share after the host's quote
+//! verifies, and refuses it, naming the PCR, once a PCR has changed.
+
+// Test code: a panic here is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+
+use common::swtpm::Swtpm;
+use keyshard_coordinator::init::{InitError, init};
+use keyshard_coordinator::mailbox::RequestHandler;
+use keyshard_coordinator::setup;
+use keyshard_coordinator::state::StateDir;
+use keyshard_core::broker::{Body, Evidence, Message, RefusalCode};
+use keyshard_core::envelope::{ReleaseContext, RequestKey};
+use keyshard_core::files::Overwrite;
+use keyshard_core::manifest::Manifest;
+use keyshard_core::policy::{PcrBank, Policy};
+use keyshard_core::quorum::{self, Candidate};
+use keyshard_core::{HolderClass, HolderId};
+use keyshard_tpm::{Tpm, TpmConfig, TpmService};
+
+const POLICY: &str = include_str!("../../examples/vhd-tpm.toml");
+
+struct Initialised {
+    swtpm: Swtpm,
+    dir: tempfile::TempDir,
+    secret: Vec<u8>,
+}
+
+fn initialised() -> Initialised {
+    let swtpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = keyshard_core::keys::generate().unwrap().to_bytes().to_vec();
+    let dealer = keyshard_core::keys::generate().unwrap();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let report = init(
+        &StateDir::new(dir.path()),
+        &Policy::parse(POLICY).unwrap(),
+        &secret,
+        &dealer,
+        Some(&mut tpm),
+        Overwrite::Refuse,
+        &["vm1".to_owned()],
+    )
+    .unwrap();
+    assert_eq!((report.vhd, report.sealed), (2, 1));
+    assert_eq!(report.selection.as_deref(), Some("sha256:0,7"));
+    Initialised { swtpm, dir, secret }
+}
+
+fn release_tpm(handler: &dyn RequestHandler, key: &RequestKey, request_id: u64) -> Body {
+    release_tpm_to("vm1", handler, key, request_id)
+}
+
+fn release_tpm_to(
+    vm: &str,
+    handler: &dyn RequestHandler,
+    key: &RequestKey,
+    request_id: u64,
+) -> Body {
+    handler.answer(
+        vm,
+        &Message {
+            request_id,
+            body: Body::Release {
+                class: HolderClass::Tpm,
+                holder_id: HolderId::new("tpm-1").unwrap(),
+                request_key: key.public_key(),
+                evidence: Evidence::None,
+            },
+        },
+    )
+}
+
+#[test]
+fn init_writes_the_documented_state_and_refuses_to_overwrite_it() {
+    let set = initialised();
+    let dir = StateDir::new(set.dir.path());
+    let vhd1 = HolderId::new("vhd-1").unwrap();
+    let tpm1 = HolderId::new("tpm-1").unwrap();
+    for private in [
+        dir.fragment(&vhd1),
+        dir.sealed_key(&tpm1),
+        dir.sealed_fragment(&tpm1),
+    ] {
+        let mode = std::fs::metadata(&private).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", private.display());
+    }
+    assert!(
+        !dir.fragment(&tpm1).exists(),
+        "the tpm fragment is never stored in the clear"
+    );
+    let manifest = Manifest::parse(&std::fs::read_to_string(dir.manifest()).unwrap()).unwrap();
+    assert!(
+        manifest
+            .key_check_value
+            .matches(&set.secret, &manifest.key_id)
+    );
+    assert_eq!(manifest.holders.len(), 3);
+
+    let mut tpm = Tpm::open(&set.swtpm.tcti()).unwrap();
+    let again = init(
+        &dir,
+        &Policy::parse(POLICY).unwrap(),
+        &set.secret,
+        &keyshard_core::keys::generate().unwrap(),
+        Some(&mut tpm),
+        Overwrite::Refuse,
+        &["vm1".to_owned()],
+    );
+    assert!(matches!(again, Err(InitError::Exists(_))), "{again:?}");
+}
+
+#[test]
+fn the_tpm_share_is_released_after_the_host_quote_and_refused_after_a_pcr_change() {
+    let set = initialised();
+    let dir = StateDir::new(set.dir.path());
+    let state = setup::load_state(&dir).unwrap();
+    let service = TpmService::spawn(TpmConfig::new(set.swtpm.tcti())).unwrap();
+    let coordinator = setup::coordinator(&dir, &state, Some(service.clone())).unwrap();
+    let manifest = Manifest::parse(&std::fs::read_to_string(dir.manifest()).unwrap()).unwrap();
+
+    // Released: the envelope opens to the signed fragment, which with the two vhd fragments
+    // rebuilds the secret under the manifest's rules.
+    let key = RequestKey::generate().unwrap();
+    let Body::Released { envelope, .. } = release_tpm(&coordinator, &key, 1) else {
+        panic!("not released");
+    };
+    let context = ReleaseContext {
+        request_id: 1,
+        class: HolderClass::Tpm,
+        holder_id: HolderId::new("tpm-1").unwrap(),
+    };
+    let fragment = key.open(&envelope, &context).unwrap();
+    let mut candidates = vec![Candidate::new("broker tpm-1", fragment.to_vec())];
+    for vhd in ["vhd-1", "vhd-2"] {
+        let bytes = std::fs::read(dir.fragment(&HolderId::new(vhd).unwrap())).unwrap();
+        candidates.push(Candidate::new(vhd, bytes));
+    }
+    let outcome = quorum::rebuild(&manifest.quorum_request(), &candidates).unwrap();
+    assert_eq!(outcome.secret.as_slice(), set.secret.as_slice());
+
+    // A changed PCR: refused, the PCR named, nothing released.
+    service
+        .call(|tpm| tpm.extend_pcr(PcrBank::Sha256, 7, b"an unexpected boot component"))
+        .unwrap()
+        .unwrap();
+    let refused = release_tpm(&coordinator, &key, 2);
+    let Body::Refused { code, reason } = refused else {
+        panic!("released after a PCR change: {refused:?}");
+    };
+    assert_eq!(code, RefusalCode::HostAttestation);
+    assert_eq!(reason, "PCR 7 (sha256) differs from its golden value");
+
+    let audit = std::fs::read_to_string(dir.audit_log()).unwrap();
+    let verdicts: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(verdicts.len(), 2);
+    assert_eq!(verdicts[0]["verdict"], "released");
+    assert_eq!(verdicts[1]["verdict"], "refused");
+    assert_eq!(
+        verdicts[1]["reason"],
+        "PCR 7 (sha256) differs from its golden value"
+    );
+}
+
+/// Item 4: one state directory served as `--broker vm1=... --broker vm2=...` released vm1's
+/// share to vm2.
+#[test]
+fn item4_a_key_bound_to_vm1_is_not_served_or_released_to_vm2() {
+    let set = initialised();
+    let dir = StateDir::new(set.dir.path());
+    let state = setup::load_state(&dir).unwrap();
+    assert_eq!(state.vm_ids, ["vm1"]);
+
+    // The coordinator refuses to start with a broker for a VM the key is not bound to.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyshard"))
+        .arg("coordinator")
+        .arg("--state-dir")
+        .arg(set.dir.path())
+        .arg("--broker")
+        .arg(format!("vm1={}", set.dir.path().join("vm1.sock").display()))
+        .arg("--broker")
+        .arg(format!("vm2={}", set.dir.path().join("vm2.sock").display()))
+        .arg("--tcti")
+        .arg(set.swtpm.tcti())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("--broker vm2: not bound") && stderr.contains("bound VM ids: vm1"),
+        "{stderr}"
+    );
+    assert!(!set.dir.path().join("vm1.sock").exists());
+
+    // And the release path refuses vm2 whatever serves it, with a code and an audit line.
+    let service = TpmService::spawn(TpmConfig::new(set.swtpm.tcti())).unwrap();
+    let coordinator = setup::coordinator(&dir, &state, Some(service)).unwrap();
+    let key = RequestKey::generate().unwrap();
+    let refused = release_tpm_to("vm2", &coordinator, &key, 1);
+    let Body::Refused { code, reason } = refused else {
+        panic!("vm1's share released to vm2: {refused:?}");
+    };
+    assert_eq!(code, RefusalCode::VmNotBound);
+    assert!(reason.contains("vm2"), "{reason}");
+    assert!(matches!(
+        release_tpm_to("vm1", &coordinator, &key, 2),
+        Body::Released { .. }
+    ));
+    let audit: Vec<serde_json::Value> = std::fs::read_to_string(dir.audit_log())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(audit.len(), 2);
+    assert_eq!(
+        (&audit[0]["vm"], &audit[0]["verdict"], &audit[0]["holder"]),
+        (&"vm2".into(), &"refused".into(), &"tpm-1".into())
+    );
+    assert_eq!(audit[1]["verdict"], "released");
+}
+
+/// Item 4: `init` binds the key to the state directory's name unless given `--vm-id`s.
+#[test]
+fn item4_init_binds_the_state_directory_name_or_the_given_vm_ids() {
+    let work = tempfile::tempdir().unwrap();
+    let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/vhd-only.toml");
+    let init = |dir: &std::path::Path, ids: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keyshard"));
+        command
+            .args(["init", "--policy", policy])
+            .arg("--state-dir")
+            .arg(dir);
+        for id in ids {
+            command.args(["--vm-id", id]);
+        }
+        command.output().unwrap()
+    };
+    let named = work.path().join("vm7");
+    assert!(init(&named, &[]).status.success());
+    let state = setup::load_state(&StateDir::new(&named)).unwrap();
+    assert_eq!(state.vm_ids, ["vm7"]);
+
+    let many = work.path().join("state");
+    assert!(init(&many, &["vm1", "vm-2"]).status.success());
+    let state = setup::load_state(&StateDir::new(&many)).unwrap();
+    assert_eq!(state.vm_ids, ["vm1", "vm-2"]);
+
+    let out = init(&work.path().join("My State"), &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("give --vm-id"), "{stderr}");
+    assert!(!work.path().join("My State").join("state.toml").exists());
+    let out = init(&work.path().join("x"), &["Bad Id"]);
+    assert_eq!(out.status.code(), Some(1));
+}
