@@ -19,8 +19,8 @@ use std::thread;
 use keyshard_core::broker::{AREA_LEN, Body, Message, MessageError, RefusalCode, SERIAL_PREFIX};
 use log::{debug, warn};
 
+use keyshard_core::virtio_blk::SERIAL_LEN;
 use vhost_keyshard::device::media::{self, BlockMedia, MediaError};
-use vhost_keyshard::device::spec::SERIAL_LEN;
 
 /// Where the answer area starts.
 pub const ANSWER_OFFSET: u64 = AREA_LEN as u64;

@@ -21,6 +21,7 @@ pub mod quorum;
 pub mod recovery;
 pub mod sharing;
 pub mod usage;
+pub mod virtio_blk;
 pub mod volume;
 
 pub use fragment::{Fragment, FragmentHeader, VerifiedFragment};

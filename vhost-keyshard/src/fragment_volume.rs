@@ -9,7 +9,7 @@ use keyshard_core::volume::{self, VolumeError};
 use keyshard_core::{HolderId, holder::NameError};
 
 use crate::device::media::{self, BlockMedia, MediaError};
-use crate::device::spec::SERIAL_LEN;
+use keyshard_core::virtio_blk::SERIAL_LEN;
 
 /// Serial prefix of fragment devices; the guest looks for it.
 pub const SERIAL_PREFIX: &str = "ksf-";

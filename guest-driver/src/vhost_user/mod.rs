@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use keyshard_core::virtio_blk::{self, SECTOR_SIZE, SERIAL_LEN, Status};
 use virtio_driver::virtqueue::{Virtqueue, VirtqueueLayout};
 use virtio_driver::{
     EventFd, QueueNotifier, VhostUser, VirtioBlkConfig, VirtioBlkFeatureFlags, VirtioFeatureFlags,
@@ -31,7 +32,7 @@ use virtio_driver::{
 use zeroize::Zeroizing;
 
 use self::shared_memory::SharedMemory;
-use self::spec::{BlkRequest, SECTOR_SIZE, SERIAL_LEN, Status};
+use self::spec::BlkRequest;
 
 /// Descriptors in the one virtqueue; a request takes three and only one is in flight.
 const QUEUE_SIZE: u16 = 8;
@@ -291,7 +292,7 @@ impl VhostUserBlk {
     pub fn serial(&mut self, deadline: Instant) -> Result<Option<String>> {
         const REQUEST: &str = "GET_ID";
         let request = Request {
-            request_type: spec::REQUEST_GET_ID,
+            request_type: virtio_blk::T_GET_ID,
             sector: 0,
             len: SERIAL_LEN,
             data: DataDirection::FromDevice,
@@ -340,7 +341,7 @@ impl VhostUserBlk {
                 area.fill(0);
             }
             let request = Request {
-                request_type: spec::REQUEST_READ,
+                request_type: virtio_blk::T_IN,
                 sector: position / SECTOR_SIZE,
                 len: chunk_len,
                 data: DataDirection::FromDevice,
@@ -397,7 +398,7 @@ impl VhostUserBlk {
                 .ok_or_else(|| FrontendError::Protocol("write chunk out of buffer".into()))?;
             area.copy_from_slice(chunk);
             let request = Request {
-                request_type: spec::REQUEST_WRITE,
+                request_type: virtio_blk::T_OUT,
                 sector: position / SECTOR_SIZE,
                 len: chunk.len(),
                 data: DataDirection::ToDevice,
@@ -447,7 +448,7 @@ impl VhostUserBlk {
                 add_descriptor(
                     iovec {
                         iov_base: header_ptr.cast(),
-                        iov_len: spec::HEADER_LEN,
+                        iov_len: virtio_blk::OUTHDR_LEN,
                     },
                     false,
                 )?;
@@ -479,11 +480,11 @@ impl VhostUserBlk {
         }
         let status = self.wait_for_completion(chain, deadline, request)?;
         match Status::from_byte(status) {
-            Status::Ok => Ok(()),
-            Status::IoError => Err(FrontendError::DeviceIo { request }),
-            Status::Unsupported => Err(FrontendError::Unsupported { request }),
-            Status::Invalid(byte) => Err(FrontendError::Protocol(format!(
-                "status byte {byte:#04x} for {request}"
+            Some(Status::Ok) => Ok(()),
+            Some(Status::IoErr) => Err(FrontendError::DeviceIo { request }),
+            Some(Status::Unsupported) => Err(FrontendError::Unsupported { request }),
+            None => Err(FrontendError::Protocol(format!(
+                "status byte {status:#04x} for {request}"
             ))),
         }
     }

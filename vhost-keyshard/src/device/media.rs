@@ -3,7 +3,7 @@
 
 use std::io;
 
-use super::spec::SERIAL_LEN;
+use keyshard_core::virtio_blk::SERIAL_LEN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MediaError {

@@ -11,7 +11,7 @@ use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use super::media::{BlockMedia, MediaError};
-use super::spec::{REQUEST_HEADER_LEN, RequestType, SECTOR_SIZE, SERIAL_LEN, Status};
+use keyshard_core::virtio_blk::{OUTHDR_LEN, RequestType, SECTOR_SIZE, SERIAL_LEN, Status};
 
 /// A chain that cannot carry a status byte back: completed with used length 0.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -157,9 +157,9 @@ fn execute(
     writer: &mut Writer<'_>,
     data_len: usize,
 ) -> Result<(), RequestError> {
-    let mut header = [0u8; REQUEST_HEADER_LEN];
+    let mut header = [0u8; OUTHDR_LEN];
     let available = reader.available_bytes();
-    if available < REQUEST_HEADER_LEN {
+    if available < OUTHDR_LEN {
         return Err(RequestError::ShortHeader(available));
     }
     reader

@@ -1,21 +1,15 @@
-//! virtio-blk as the device sees it (virtio 1.2, section 5.2): feature bits, request types,
-//! status codes, and the little-endian config space.
+//! virtio-blk as only the device sees it (virtio 1.2, section 5.2): the feature bits it offers
+//! and its little-endian config space. Sizes, request types and status codes are shared with
+//! the guest's frontend in `keyshard_core::virtio_blk`.
 
+use keyshard_core::virtio_blk::SECTOR_SIZE;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_SEG_MAX,
 };
 use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::ByteValued;
-
-pub const SECTOR_SIZE: u64 = 512;
-/// Length of the serial answered to GET_ID; shorter serials are zero-padded.
-pub const SERIAL_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
-/// `struct virtio_blk_outhdr`: le32 type, le32 ioprio, le64 sector.
-pub const REQUEST_HEADER_LEN: usize = 16;
 
 /// Device feature bits offered, before the vhost-user PROTOCOL_FEATURES bit.
 ///
@@ -40,47 +34,6 @@ pub fn device_features(read_only: bool, multi_queue: bool) -> u64 {
         features |= 1 << VIRTIO_BLK_F_MQ;
     }
     features
-}
-
-/// What the driver asked for, from the header's type field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestType {
-    In,
-    Out,
-    Flush,
-    GetId,
-    Other(u32),
-}
-
-impl From<u32> for RequestType {
-    fn from(value: u32) -> Self {
-        match value {
-            VIRTIO_BLK_T_IN => Self::In,
-            VIRTIO_BLK_T_OUT => Self::Out,
-            VIRTIO_BLK_T_FLUSH => Self::Flush,
-            VIRTIO_BLK_T_GET_ID => Self::GetId,
-            other => Self::Other(other),
-        }
-    }
-}
-
-/// The status byte the device writes last.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Ok,
-    IoErr,
-    Unsupported,
-}
-
-impl Status {
-    pub fn byte(self) -> u8 {
-        // The spec's status codes are 0, 1 and 2.
-        (match self {
-            Self::Ok => VIRTIO_BLK_S_OK,
-            Self::IoErr => VIRTIO_BLK_S_IOERR,
-            Self::Unsupported => VIRTIO_BLK_S_UNSUPP,
-        }) as u8
-    }
 }
 
 /// `struct virtio_blk_config` up to `num_queues`, every field little-endian. The frontend may
@@ -139,7 +92,36 @@ impl BlkConfig {
 
 #[cfg(test)]
 mod tests {
+    use keyshard_core::virtio_blk::{
+        OUTHDR_LEN, S_IOERR, S_OK, S_UNSUPP, SERIAL_LEN, T_FLUSH, T_GET_ID, T_IN, T_OUT,
+    };
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+        VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    };
+
     use super::*;
+
+    /// The shared spec module holds plain numbers; here they meet the kernel's own headers
+    /// (virtio-bindings), so a wrong one fails on the engine's side and the frontend's at once.
+    #[test]
+    fn the_shared_virtio_blk_numbers_match_virtio_bindings() {
+        assert_eq!(SERIAL_LEN, VIRTIO_BLK_ID_BYTES as usize);
+        assert_eq!(OUTHDR_LEN, 16);
+        assert_eq!(
+            [T_IN, T_OUT, T_FLUSH, T_GET_ID],
+            [
+                VIRTIO_BLK_T_IN,
+                VIRTIO_BLK_T_OUT,
+                VIRTIO_BLK_T_FLUSH,
+                VIRTIO_BLK_T_GET_ID
+            ]
+        );
+        assert_eq!(
+            [u32::from(S_OK), u32::from(S_IOERR), u32::from(S_UNSUPP)],
+            [VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP]
+        );
+    }
 
     #[test]
     fn config_layout_matches_the_spec_offsets() {

@@ -23,8 +23,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::backend::BlockBackend;
 use super::media::BlockMedia;
 use super::request::{ChainError, RequestError};
-use super::spec::Status;
 use crate::fragment_volume::FragmentVolume;
+use keyshard_core::virtio_blk::Status;
 
 const QSIZE: u16 = 16;
 const HEADER: u64 = 0x1000;

@@ -21,7 +21,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use crate::device::media::{self, BlockMedia, MediaError};
-use crate::device::spec::SERIAL_LEN;
+use keyshard_core::virtio_blk::SERIAL_LEN;
 
 /// How long a request waits for the peer check before it is refused (the check takes
 /// microseconds; this only bounds a stuck serving loop).
