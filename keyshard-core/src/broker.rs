@@ -60,6 +60,8 @@ pub const AREA_LEN: usize = 16 * 1024;
 pub const MAX_BODY_LEN: usize = AREA_LEN - HEADER_LEN;
 pub const NONCE_LEN: usize = 32;
 pub const MAX_REPORT_LEN: usize = 4000;
+/// Largest VCEK a request carries, and the largest the host's verifier accepts from anywhere
+/// (AMD's VCEKs are about 1.4 KB).
 pub const MAX_VCEK_LEN: usize = 4096;
 pub const MAX_REASON_LEN: usize = 512;
 /// The broker device's serial prefix; the guest looks for it.

@@ -34,8 +34,9 @@ pub mod oid {
 /// Critical extensions a VCEK may carry; any other critical extension is refused (RFC 5280).
 const KNOWN_CRITICAL: [ObjectIdentifier; 2] = [oid::BASIC_CONSTRAINTS, oid::KEY_USAGE];
 
-/// Largest VCEK accepted (AMD's are about 1.4 KB).
-pub const MAX_VCEK_LEN: usize = 16 * 1024;
+/// Largest VCEK accepted (AMD's are about 1.4 KB): the one limit, the broker's, so a VCEK read
+/// from a file, the CLI or the VCEK directory is held to what a guest's request may carry.
+pub use keyshard_core::broker::MAX_VCEK_LEN;
 
 /// Length of an uncompressed SEC1 P-384 point: 0x04 || X || Y.
 const P384_POINT_LEN: usize = 97;
@@ -302,6 +303,17 @@ mod tests {
             Vcek::from_der(&vec![0u8; MAX_VCEK_LEN + 1]),
             Err(VcekError::TooLarge(_))
         ));
+    }
+
+    /// Issue 8, item 1: the verifier allowed 16 KiB and the broker 4 KiB. One limit now: a VCEK
+    /// one byte over what a broker request carries is refused by its size, before any parsing.
+    #[test]
+    fn item1_one_vcek_limit_for_the_broker_and_the_verifier() {
+        let over = vec![0x30u8; keyshard_core::broker::MAX_VCEK_LEN + 1];
+        assert_eq!(
+            Vcek::from_der(&over).err(),
+            Some(VcekError::TooLarge(keyshard_core::broker::MAX_VCEK_LEN + 1))
+        );
     }
 
     #[test]
