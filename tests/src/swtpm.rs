@@ -7,7 +7,7 @@ use std::fs;
 use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -119,6 +119,13 @@ impl Swtpm {
 
     pub fn pid(&self) -> u32 {
         self.guard.pid()
+    }
+
+    /// Stops swtpm with SIGTERM, so it saves its state, and SIGKILL if it has not ended after
+    /// `grace`. [`Swtpm::start`] on the same state directory is then a reboot: seeds and
+    /// persistent keys survive, PCRs are reset.
+    pub fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
+        self.guard.terminate(grace)
     }
 
     /// The sha256 bank's value of `pcr`, lower-case hex (`tpm2_pcrread`).
