@@ -31,6 +31,7 @@ use keyshard_core::envelope::{self, ReleaseContext};
 use keyshard_core::manifest::Manifest;
 use keyshard_core::quorum::{QuorumError, QuorumOutcome, RejectReason, Rejection};
 use keyshard_core::{HolderClass, HolderId, KeyCheckValue, KeyId, keys};
+use keyshard_e2e::process::{LineWait, read_lines_in_background, wait_for_line};
 use vhost_keyshard::device::media::BlockMedia;
 use vhost_keyshard::device::serve::{BoundSocket, ServeError, Stopper};
 use vhost_keyshard::fragment_volume::FragmentVolume;
@@ -374,7 +375,6 @@ impl Drop for Process {
 /// 0600, and on SIGTERM the audit log gets the count of the folded repeats: a few lines in all.
 #[test]
 fn item7_the_coordinator_process_bounds_a_flooding_guest() {
-    use std::io::{BufRead, BufReader};
     use std::os::unix::fs::PermissionsExt;
 
     let work = tempfile::tempdir().unwrap();
@@ -399,10 +399,11 @@ fn item7_the_coordinator_process_bounds_a_flooding_guest() {
             .spawn()
             .unwrap(),
     );
-    let mut ready = String::new();
-    BufReader::new(coordinator.0.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
+    let stdout = read_lines_in_background(coordinator.0.stdout.take().unwrap(), Arc::default());
+    let ready = match wait_for_line(&stdout, "", Duration::from_secs(10)) {
+        LineWait::Found(line) => line,
+        other => panic!("keyshard coordinator did not get ready within 10 s: {other:?}"),
+    };
     assert!(
         ready.starts_with("ready: serving 1 device(s): ksb-vm1"),
         "{ready}"

@@ -15,14 +15,15 @@
     clippy::panic
 )]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest_driver::vhost_user::VhostUserBlk;
 use keyshard_core::dealer::{self, DealPlan, HolderSlot};
 use keyshard_core::{HolderClass, KeyId};
+use keyshard_e2e::process::{LineWait, read_lines_in_background, wait_for_line};
 
 const READ_LEN: usize = 4096;
 const WARMUP_READS: usize = 2_000;
@@ -77,11 +78,11 @@ fn start_vhost_keyshard(sockets: &[PathBuf], fragments: &[PathBuf]) -> Process {
         .stdout(Stdio::piped())
         .spawn()
         .expect("start vhost-keyshard");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("ready"), "vhost-keyshard: {line}");
+    let stdout = read_lines_in_background(child.stdout.take().unwrap(), Arc::default());
+    match wait_for_line(&stdout, "", Duration::from_secs(10)) {
+        LineWait::Found(line) => assert!(line.starts_with("ready"), "vhost-keyshard: {line}"),
+        other => panic!("vhost-keyshard did not get ready within 10 s: {other:?}"),
+    }
     Process(child)
 }
 

@@ -3,14 +3,14 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use keyshard_core::dealer::{self, DealPlan, HolderSlot};
 use keyshard_core::{HolderClass, KeyId};
+use keyshard_e2e::process::{LineWait, read_lines_in_background, wait_for_line};
 
 /// A random 32-byte key split k of n, fragment files written to a temporary directory.
 pub struct Setup {
@@ -118,32 +118,23 @@ impl Daemon {
             })
             .spawn()
             .unwrap();
-        let log = child.stderr.take().map(|stderr| {
-            let (sender, log) = mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    let _ = sender.send(line);
-                }
-            });
-            log
-        });
+        let log = child
+            .stderr
+            .take()
+            .map(|stderr| read_lines_in_background(stderr, Arc::default()));
         // A thread drains stdout so the daemon never blocks on a full pipe, and so that a daemon
         // that never gets ready fails the test instead of hanging it.
         let stdout = child.stdout.take().unwrap();
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = sender.send(line);
-            }
-        });
+        let lines = read_lines_in_background(stdout, Arc::default());
         Self { child, lines, log }
     }
 
     /// Waits (at most 10 s) for the daemon's first line, the ready line, and returns it.
     pub fn ready_line(&self) -> String {
-        self.lines
-            .recv_timeout(Duration::from_secs(10))
-            .expect("vhost-keyshard did not get ready within 10 s")
+        match wait_for_line(&self.lines, "", Duration::from_secs(10)) {
+            LineWait::Found(line) => line,
+            other => panic!("vhost-keyshard did not get ready within 10 s: {other:?}"),
+        }
     }
 
     pub fn pid(&self) -> u32 {
