@@ -52,12 +52,9 @@ impl TryFrom<Args> for Config {
     fn try_from(args: Args) -> Result<Self, CliError> {
         let mut brokers: Vec<(String, PathBuf)> = Vec::new();
         for spec in &args.broker {
-            let (vm, socket) = spec
-                .split_once('=')
-                .filter(|(vm, socket)| !vm.is_empty() && !socket.is_empty())
-                .ok_or_else(|| {
-                    CliError::InvalidArgument(format!("--broker {spec:?}: expected VMID=SOCKET"))
-                })?;
+            let (vm, socket) = keyshard_core::usage::key_value(spec).map_err(|_| {
+                CliError::InvalidArgument(format!("--broker {spec:?}: expected VMID=SOCKET"))
+            })?;
             // The serial ksb-<vm id> must fit virtio-blk's 20 bytes: same rules as a holder id.
             HolderId::new(vm)
                 .map_err(|e| CliError::InvalidArgument(format!("--broker {spec:?}: vm id: {e}")))?;

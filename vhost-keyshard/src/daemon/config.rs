@@ -80,13 +80,8 @@ fn parse_device_spec(spec: &str) -> Result<DeviceConfig, ConfigError> {
     let mut socket = None;
     let mut fragments = Vec::new();
     let mut holder = None;
-    for part in spec.split(',') {
-        let (key, value) = part
-            .split_once('=')
-            .ok_or_else(|| bad("expected key=value"))?;
-        if value.is_empty() {
-            return Err(bad("empty value"));
-        }
+    for pair in keyshard_core::usage::key_values(spec) {
+        let (key, value) = pair.map_err(|e| bad(&e.to_string()))?;
         match key {
             "socket" if socket.is_none() => socket = Some(PathBuf::from(value)),
             "socket" => return Err(bad("socket given twice")),
