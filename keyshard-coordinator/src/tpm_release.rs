@@ -1,10 +1,18 @@
 //! Releasing `tpm` holders: the host attests itself before each release. A fresh nonce, a quote
 //! over the policy's PCRs by the attestation key pinned at init, checked in software against the
-//! golden values; then the TPM unseals the holder's data key under its own PolicyPCR check, and
-//! the stored fragment is decrypted with it. A changed PCR is named in the refusal.
+//! golden values; then the stored fragment is decrypted with the holder's data key. The data keys
+//! are unsealed by the TPM, under their own PolicyPCR check, once when the releaser is built (the
+//! coordinator starts), and held in zeroizing memory: a release then costs the TPM one quote, not
+//! a quote and an unseal. A quote whose PCRs differ from the golden values drops every held key
+//! and refuses, naming the PCR; a key that could not be unsealed at start is unsealed again (under
+//! PolicyPCR) by the first release whose quote verifies.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 
 use keyshard_core::HolderId;
 use keyshard_core::broker::RefusalCode;
+use log::warn;
 use zeroize::Zeroizing;
 
 use super::at_rest;
@@ -27,17 +35,60 @@ pub struct TpmReleaser {
     golden: PcrValues,
     ak: AkPublic,
     holders: Vec<TpmHolder>,
+    /// Data keys unsealed so far, by holder. Emptied when a quote shows changed PCRs.
+    held: Mutex<HashMap<HolderId, at_rest::DataKey>>,
 }
 
 impl TpmReleaser {
+    /// Unseals every holder's data key now (each under its PolicyPCR). A key the TPM refuses
+    /// (PCRs already changed, a TPM error) is logged and left sealed: its releases try again.
     pub fn new(tpm: TpmService, golden: PcrValues, ak: AkPublic, holders: Vec<TpmHolder>) -> Self {
+        let mut held = HashMap::new();
+        for holder in &holders {
+            match unseal_data_key(&tpm, holder) {
+                Ok(key) => {
+                    held.insert(holder.id.clone(), key);
+                }
+                Err(refusal) => warn!(
+                    "{}: data key not unsealed at start: {}",
+                    holder.id, refusal.reason
+                ),
+            }
+        }
         Self {
             tpm,
             selection: golden.selection().clone(),
             golden,
             ak,
             holders,
+            held: Mutex::new(held),
         }
+    }
+
+    /// How many data keys are held unsealed now.
+    pub fn held_keys(&self) -> usize {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    fn drop_held_keys(&self) {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// The holder's data key: the held one, or unsealed now (PolicyPCR) and then held.
+    fn data_key(&self, holder: &TpmHolder) -> Result<at_rest::DataKey, Refusal> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(key) = held.get(&holder.id) {
+            return Ok(key.clone());
+        }
+        let key = unseal_data_key(&self.tpm, holder)?;
+        held.insert(holder.id.clone(), key.clone());
+        Ok(key)
     }
 
     /// The host's own attestation: quote with a fresh nonce and check it against golden values.
@@ -52,10 +103,13 @@ impl TpmReleaser {
             .map_err(tpm_refusal)?;
         match verify_quote(&quote, &self.ak, &nonce, &self.golden) {
             Ok(_) => Ok(()),
-            Err(QuoteError::PcrDigest { selection }) => Err(Refusal::new(
-                RefusalCode::HostAttestation,
-                self.changed_pcrs_reason(&selection),
-            )),
+            Err(QuoteError::PcrDigest { selection }) => {
+                self.drop_held_keys();
+                Err(Refusal::new(
+                    RefusalCode::HostAttestation,
+                    self.changed_pcrs_reason(&selection),
+                ))
+            }
             Err(e) => Err(Refusal::new(
                 RefusalCode::HostAttestation,
                 format!("host quote refused: {e}"),
@@ -86,6 +140,18 @@ impl TpmReleaser {
     }
 }
 
+fn unseal_data_key(tpm: &TpmService, holder: &TpmHolder) -> Result<at_rest::DataKey, Refusal> {
+    let key = tpm.unseal(&holder.sealed_key).map_err(tpm_refusal)?;
+    <[u8; at_rest::DATA_KEY_LEN]>::try_from(key.as_slice())
+        .map(Zeroizing::new)
+        .map_err(|_| {
+            Refusal::new(
+                RefusalCode::Internal,
+                "unsealed data key has the wrong length",
+            )
+        })
+}
+
 fn tpm_refusal(error: TpmError) -> Refusal {
     let code = match error {
         TpmError::PolicyRefused { .. } => RefusalCode::HostAttestation,
@@ -107,15 +173,7 @@ impl HolderReleaser for TpmReleaser {
                 )
             })?;
         self.attest_host()?;
-        let key = self.tpm.unseal(&holder.sealed_key).map_err(tpm_refusal)?;
-        let key: at_rest::DataKey = Zeroizing::new(
-            <[u8; at_rest::DATA_KEY_LEN]>::try_from(key.as_slice()).map_err(|_| {
-                Refusal::new(
-                    RefusalCode::Internal,
-                    "unsealed data key has the wrong length",
-                )
-            })?,
-        );
+        let key = self.data_key(holder)?;
         at_rest::decrypt(&key, &holder.id, &holder.encrypted_fragment).map_err(|e| {
             Refusal::new(
                 RefusalCode::Internal,

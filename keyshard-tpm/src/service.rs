@@ -5,6 +5,7 @@
 //! From async code, call it from `spawn_blocking`; never hold a call across an `.await`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 
@@ -30,6 +31,8 @@ struct Inner {
     info: TpmInfo,
     startup: Startup,
     ak_public: AkPublic,
+    /// Jobs sent to the TPM thread so far: each is one TPM operation (quote, unseal, read).
+    calls: AtomicU64,
 }
 
 impl std::fmt::Debug for TpmService {
@@ -80,6 +83,7 @@ impl TpmService {
                 info,
                 startup,
                 ak_public,
+                calls: AtomicU64::new(0),
             }),
         })
     }
@@ -92,6 +96,7 @@ impl TpmService {
         &self,
         job: impl FnOnce(&mut Tpm) -> R + Send + 'static,
     ) -> Result<R> {
+        self.inner.calls.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = mpsc::sync_channel(1);
         let boxed: Job = Box::new(move |tpm| {
             let _ = reply.send(job(tpm));
@@ -103,6 +108,12 @@ impl TpmService {
             .send(boxed)
             .map_err(|_| TpmError::ServiceStopped)?;
         answer.recv().map_err(|_| TpmError::ServiceStopped)
+    }
+
+    /// How many operations (jobs: a quote, an unseal, a PCR read...) this service has sent to
+    /// the TPM since it started, across every clone. What a boot storm costs the TPM.
+    pub fn calls(&self) -> u64 {
+        self.inner.calls.load(Ordering::Relaxed)
     }
 
     pub fn info(&self) -> &TpmInfo {

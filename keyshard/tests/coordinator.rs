@@ -267,3 +267,41 @@ fn item4_init_binds_the_state_directory_name_or_the_given_vm_ids() {
     let out = init(&work.path().join("x"), &["Bad Id"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// Issue 8 item 3a: the tpm holder's data key is unsealed when the coordinator starts, so each
+/// release costs the TPM one operation (the quote), not two (a quote and an unseal). After a PCR
+/// change the quote still refuses, naming the PCR, and the held key is no help.
+#[test]
+fn item3a_tpm_data_keys_are_unsealed_at_start_and_a_release_costs_one_quote() {
+    let set = initialised();
+    let dir = StateDir::new(set.dir.path());
+    let state = setup::load_state(&dir).unwrap();
+    let service = TpmService::spawn(TpmConfig::new(set.swtpm.tcti())).unwrap();
+    let coordinator = setup::coordinator(&dir, &state, Some(service.clone())).unwrap();
+    let started = service.calls();
+    assert!(started >= 1, "the data key was not unsealed at start");
+
+    const RELEASES: u64 = 5;
+    let key = RequestKey::generate().unwrap();
+    for request_id in 1..=RELEASES {
+        let body = release_tpm(&coordinator, &key, request_id);
+        assert!(matches!(body, Body::Released { .. }), "{body:?}");
+    }
+    assert_eq!(
+        service.calls() - started,
+        RELEASES,
+        "one TPM operation (the quote) per release"
+    );
+
+    service
+        .call(|tpm| tpm.extend_pcr(PcrBank::Sha256, 7, b"an unexpected boot component"))
+        .unwrap()
+        .unwrap();
+    for request_id in [10, 11] {
+        let Body::Refused { code, reason } = release_tpm(&coordinator, &key, request_id) else {
+            panic!("released after a PCR change");
+        };
+        assert_eq!(code, RefusalCode::HostAttestation);
+        assert_eq!(reason, "PCR 7 (sha256) differs from its golden value");
+    }
+}
