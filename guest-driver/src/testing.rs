@@ -61,6 +61,7 @@ pub fn deal_over(holders: Vec<HolderSlot>, k: u8) -> Dealt {
         threshold: k,
         dealer: dealer_key.verifying_key(),
         holders,
+        host_attestation: None,
     };
     Dealt {
         secret,
@@ -158,7 +159,7 @@ pub fn releasing(dealt: &Dealt, pending_for: Duration) -> Coordinator {
                 evidence,
             } => {
                 let evidence_ok = match evidence {
-                    Evidence::None => *class == HolderClass::Tpm,
+                    Evidence::None | Evidence::TpmNonce { .. } => *class == HolderClass::Tpm,
                     Evidence::Snp {
                         nonce,
                         report,
@@ -185,6 +186,7 @@ pub fn releasing(dealt: &Dealt, pending_for: Duration) -> Coordinator {
                             },
                         )
                         .unwrap(),
+                        host_quote: None,
                     },
                     Some(_) => Body::Refused {
                         code: RefusalCode::SnpEvidence,

@@ -121,6 +121,7 @@ fn releasing(fixture: &Fixture) -> impl Fn(&Message) -> Body + Send + 'static {
             class: *class,
             holder_id: holder_id.clone(),
             envelope: envelope::seal(request_key, &fragment, &context).unwrap(),
+            host_quote: None,
         }
     }
 }
@@ -270,6 +271,7 @@ fn no_holder_is_asked_once_the_quorum_is_met() {
             class: *class,
             holder_id: holder_id.clone(),
             envelope: envelope::seal(request_key, fragment, &context).unwrap(),
+            host_quote: None,
         }
     });
     let run = unlock(&fixture, &broker);

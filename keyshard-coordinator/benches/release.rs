@@ -282,6 +282,7 @@ fn timed_sev_release(client: &mut BrokerClient, sev: &SevSetup) -> Duration {
         class,
         holder_id,
         envelope,
+        ..
     } = answer.body
     else {
         panic!("not released: {:?}", answer.body);

@@ -2,7 +2,8 @@
 //! are written for the fragment devices; each `tpm` and `sev` fragment is encrypted under its own
 //! data key, which is sealed to the TPM under the policy's PCRs (below the persistent storage
 //! root key); the golden PCR values and the attestation key are recorded; and the guest
-//! manifest is written. A `recovery` fragment is returned to the caller, never written here.
+//! manifest is written, with the AK and the golden PCR digest when there are `tpm` holders, so
+//! that the guest checks the host's quotes itself. A `recovery` fragment is returned to the caller, never written here.
 
 use std::path::Path;
 
@@ -12,7 +13,7 @@ use keyshard_core::fragment::{Fragment, FragmentError, MAX_FRAGMENT_LEN, Verifie
 use keyshard_core::holder::{HolderClass, HolderId, KeyId};
 use keyshard_core::kcv::KeyCheckValue;
 use keyshard_core::keys::DealerSigningKey;
-use keyshard_core::manifest::Manifest;
+use keyshard_core::manifest::{HOST_AK_LEN, HostAttestation, Manifest};
 use keyshard_core::policy::Policy;
 
 use super::at_rest::{self, AtRestError};
@@ -44,6 +45,8 @@ pub enum InitError {
     NoVmId,
     #[error(transparent)]
     VmId(#[from] StateError),
+    #[error("the TPM's attestation key is not a 65-byte uncompressed P-256 point")]
+    AkForm,
 }
 
 /// What `init` made, for its report.
@@ -100,6 +103,7 @@ pub fn init(
         .filter(|f| matches!(f.header().class, HolderClass::Tpm | HolderClass::Sev))
         .collect();
     let mut selection_text = None;
+    let mut host_attestation = None;
     let mut sealed = Vec::new();
     if let Some(first) = attested.first() {
         let class = first.header().class;
@@ -136,6 +140,20 @@ pub fn init(
             Overwrite::Replace,
         )?;
         selection_text = Some(selection.to_string());
+        // The guest checks the host's quotes for `tpm` shares against these (issue 8 item 4).
+        if attested
+            .iter()
+            .any(|f| f.header().class == HolderClass::Tpm)
+        {
+            let ak = <[u8; HOST_AK_LEN]>::try_from(tpm.ak_public().to_sec1().as_slice())
+                .map_err(|_| InitError::AkForm)?;
+            host_attestation = Some(HostAttestation {
+                ak,
+                pcr_bank: selection.bank(),
+                pcrs: selection.indices().to_vec(),
+                pcr_digest: golden.composite_digest(),
+            });
+        }
     }
     create_dirs(dir, &["fragments", "snp", "snp/vcek"])?;
     let mut vhd = 0;
@@ -165,6 +183,7 @@ pub fn init(
             .filter(|h| h.class != HolderClass::Recovery)
             .cloned()
             .collect(),
+        host_attestation,
     };
     files::write_atomic(
         &dir.manifest(),

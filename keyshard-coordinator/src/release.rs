@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use keyshard_core::HolderId;
-use keyshard_core::broker::{Body, Evidence, Message, RefusalCode};
+use keyshard_core::broker::{Body, Evidence, HostQuote, Message, RefusalCode};
 use keyshard_core::envelope::{self, PUBLIC_KEY_LEN, ReleaseContext};
 use keyshard_core::holder::HolderClass;
 use zeroize::Zeroizing;
@@ -46,6 +46,15 @@ pub struct ReleaseCheck<'a> {
 /// Releases one class of holder: checks the evidence, returns the holder's signed fragment.
 pub trait HolderReleaser: Send + Sync {
     fn release(&self, check: &ReleaseCheck<'_>) -> Result<Zeroizing<Vec<u8>>, Refusal>;
+
+    /// [`Self::release`], and the host quote the answer carries for the guest to check (`tpm`
+    /// releases that carried a guest nonce). The coordinator calls this one.
+    fn release_attested(
+        &self,
+        check: &ReleaseCheck<'_>,
+    ) -> Result<(Zeroizing<Vec<u8>>, Option<HostQuote>), Refusal> {
+        self.release(check).map(|fragment| (fragment, None))
+    }
 }
 
 pub struct Coordinator {
@@ -147,7 +156,7 @@ impl Coordinator {
                 .redeem(nonce)
                 .map_err(|e| Refusal::new(RefusalCode::Nonce, e.to_string()))?;
         }
-        let fragment = releaser.release(&ReleaseCheck {
+        let (fragment, host_quote) = releaser.release_attested(&ReleaseCheck {
             vm_id,
             holder,
             request_key,
@@ -164,6 +173,7 @@ impl Coordinator {
             class,
             holder_id: holder.clone(),
             envelope,
+            host_quote,
         })
     }
 }

@@ -6,19 +6,25 @@
 //! a quote and an unseal. A quote whose PCRs differ from the golden values drops every held key
 //! and refuses, naming the PCR; a key that could not be unsealed at start is unsealed again (under
 //! PolicyPCR) by the first release whose quote verifies.
+//!
+//! A request that carries the guest's own nonce ([`Evidence::TpmNonce`]) is quoted with the
+//! Merkle root over its nonce as qualifying data, and the answer carries the quote and the
+//! nonce's inclusion path ([`keyshard_core::broker::merkle`]), so the guest checks the host's
+//! state itself against the AK and golden digest of its manifest.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use keyshard_core::HolderId;
-use keyshard_core::broker::RefusalCode;
+use keyshard_core::broker::merkle::{self, PathStep};
+use keyshard_core::broker::{Evidence, HostQuote, RefusalCode};
 use log::warn;
 use zeroize::Zeroizing;
 
 use super::at_rest;
 use super::release::{HolderReleaser, Refusal, ReleaseCheck};
 use keyshard_attest::tpm::{
-    AkPublic, NONCE_LEN, PcrSelection, PcrValues, QuoteError, differing_pcrs, verify_quote,
+    AkPublic, NONCE_LEN, PcrSelection, PcrValues, Quote, QuoteError, differing_pcrs, verify_quote,
 };
 use keyshard_tpm::{SealedBlob, TpmError, TpmService};
 
@@ -91,18 +97,37 @@ impl TpmReleaser {
         Ok(key)
     }
 
-    /// The host's own attestation: quote with a fresh nonce and check it against golden values.
-    fn attest_host(&self) -> Result<(), Refusal> {
-        let mut nonce = [0u8; NONCE_LEN];
-        getrandom::fill(&mut nonce).map_err(|_| {
-            Refusal::new(RefusalCode::Internal, "no randomness for the quote nonce")
-        })?;
+    /// The host's own attestation: a quote whose qualifying data is the Merkle root over the
+    /// guest's nonce (or a fresh nonce of ours when the guest sent none), checked against the
+    /// golden values. Returns the quote and the guest nonce's inclusion path.
+    fn attest_host(
+        &self,
+        guest_nonce: Option<&[u8; NONCE_LEN]>,
+    ) -> Result<(Quote, Vec<PathStep>), Refusal> {
+        let (qualifying, path) = match guest_nonce {
+            Some(nonce) => {
+                let tree = merkle::Tree::new(std::slice::from_ref(nonce)).ok_or_else(|| {
+                    Refusal::new(RefusalCode::Internal, "no nonce to build the quote's tree")
+                })?;
+                let path = tree.path(0).ok_or_else(|| {
+                    Refusal::new(RefusalCode::Internal, "no inclusion path for the nonce")
+                })?;
+                (tree.root(), path)
+            }
+            None => {
+                let mut nonce = [0u8; NONCE_LEN];
+                getrandom::fill(&mut nonce).map_err(|_| {
+                    Refusal::new(RefusalCode::Internal, "no randomness for the quote nonce")
+                })?;
+                (nonce, Vec::new())
+            }
+        };
         let quote = self
             .tpm
-            .quote(&self.selection, &nonce)
+            .quote(&self.selection, &qualifying)
             .map_err(tpm_refusal)?;
-        match verify_quote(&quote, &self.ak, &nonce, &self.golden) {
-            Ok(_) => Ok(()),
+        match verify_quote(&quote, &self.ak, &qualifying, &self.golden) {
+            Ok(_) => Ok((quote, path)),
             Err(QuoteError::PcrDigest { selection }) => {
                 self.drop_held_keys();
                 Err(Refusal::new(
@@ -162,6 +187,13 @@ fn tpm_refusal(error: TpmError) -> Refusal {
 
 impl HolderReleaser for TpmReleaser {
     fn release(&self, check: &ReleaseCheck<'_>) -> Result<Zeroizing<Vec<u8>>, Refusal> {
+        self.release_attested(check).map(|(fragment, _)| fragment)
+    }
+
+    fn release_attested(
+        &self,
+        check: &ReleaseCheck<'_>,
+    ) -> Result<(Zeroizing<Vec<u8>>, Option<HostQuote>), Refusal> {
         let holder = self
             .holders
             .iter()
@@ -172,13 +204,30 @@ impl HolderReleaser for TpmReleaser {
                     format!("no tpm holder {}", check.holder),
                 )
             })?;
-        self.attest_host()?;
+        let guest_nonce = match check.evidence {
+            Evidence::TpmNonce { nonce } => Some(nonce),
+            Evidence::None => None,
+            Evidence::Snp { .. } => {
+                return Err(Refusal::new(
+                    RefusalCode::Malformed,
+                    "a tpm release carries no SEV-SNP evidence",
+                ));
+            }
+        };
+        let (quote, path) = self.attest_host(guest_nonce)?;
         let key = self.data_key(holder)?;
-        at_rest::decrypt(&key, &holder.id, &holder.encrypted_fragment).map_err(|e| {
-            Refusal::new(
-                RefusalCode::Internal,
-                format!("stored fragment of {}: {e}", holder.id),
-            )
-        })
+        let fragment =
+            at_rest::decrypt(&key, &holder.id, &holder.encrypted_fragment).map_err(|e| {
+                Refusal::new(
+                    RefusalCode::Internal,
+                    format!("stored fragment of {}: {e}", holder.id),
+                )
+            })?;
+        let host_quote = guest_nonce.map(|_| HostQuote {
+            attest: quote.attest,
+            signature: quote.signature,
+            path,
+        });
+        Ok((fragment, host_quote))
     }
 }

@@ -204,6 +204,7 @@ fn assert_released(body: &Body, key: &RequestKey, request_id: u64) {
         class,
         holder_id,
         envelope,
+        ..
     } = body
     else {
         panic!("expected a release, got {body:?}");

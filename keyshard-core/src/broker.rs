@@ -18,12 +18,19 @@
 //! Kinds and bodies:
 //! - `0x01` nonce request (guest): empty. Asks for a fresh coordinator nonce, for SEV-SNP.
 //! - `0x02` release request (guest): holder class (1), holder id (1 + 1..=16), the request's
-//!   X25519 public key (32), evidence tag (1: 0 none, 1 SEV-SNP); for SEV-SNP: the nonce (32),
-//!   the attestation report (2 + 1..=4000) and the VCEK in DER (2 + 0..=4096; 0: use the cache).
+//!   X25519 public key (32), evidence tag (1: 0 none, 1 SEV-SNP, 2 guest nonce); for SEV-SNP:
+//!   the nonce (32), the attestation report (2 + 1..=4000) and the VCEK in DER (2 + 0..=4096; 0:
+//!   use the cache); for a guest nonce (a `tpm` release whose host quote the guest checks): the
+//!   guest's own random nonce (32).
 //! - `0x81` nonce (coordinator): the nonce (32), how long it stays valid in milliseconds (4).
 //! - `0x82` pending (coordinator): empty; the request is being worked on.
 //! - `0x83` released (coordinator): holder class (1), holder id (1 + ...), the HPKE
 //!   encapsulated key (32), ciphertext (2 + ...): the signed fragment, sealed to the request key.
+//!   Then, only for a release that carried a guest nonce, the host quote: tag 1 (1), the
+//!   TPMS_ATTEST bytes (2 + 1..=[`MAX_ATTEST_LEN`]), the ECDSA P-256 signature r || s (64), and
+//!   the request's inclusion path ([`merkle`]): a count (1, at most [`merkle::MAX_PATH_LEN`]),
+//!   then per step the side (1: 0 sibling on the right, 1 on the left) and the sibling (32).
+//!   The quote's qualifying data is the Merkle root over the nonces it answers.
 //! - `0xFF` refused (coordinator): a code (2) and a reason (2 + 0..=512 bytes of UTF-8).
 //!
 //! Refusal codes ([`RefusalCode`]); an unknown code is kept as a number:
@@ -44,6 +51,7 @@
 //! | 12   | `VmNotBound`         | the key's shares are not bound to this VM (`init --vm-id`)   |
 
 mod binding;
+pub mod merkle;
 
 pub use binding::{REPORT_DATA_LEN, report_data_binding};
 
@@ -64,6 +72,10 @@ pub const MAX_REPORT_LEN: usize = 4000;
 /// (AMD's VCEKs are about 1.4 KB).
 pub const MAX_VCEK_LEN: usize = 4096;
 pub const MAX_REASON_LEN: usize = 512;
+/// Largest TPMS_ATTEST a host quote carries (a quote over one bank is about 150 bytes).
+pub const MAX_ATTEST_LEN: usize = 1024;
+/// Bytes of an ECDSA P-256 signature, r || s.
+pub const QUOTE_SIGNATURE_LEN: usize = 64;
 /// The broker device's serial prefix; the guest looks for it.
 pub const SERIAL_PREFIX: &str = "ksb-";
 
@@ -96,6 +108,10 @@ pub enum MessageError {
     },
     #[error("unknown evidence tag {0}")]
     UnknownEvidence(u8),
+    #[error("unknown host quote tag {0}")]
+    UnknownQuote(u8),
+    #[error("inclusion path side {0} is neither 0 nor 1")]
+    PathSide(u8),
     #[error("reason is not UTF-8")]
     ReasonEncoding,
 }
@@ -120,6 +136,19 @@ pub enum Evidence {
         /// Empty: the coordinator looks the VCEK up in its cache.
         vcek: Vec<u8>,
     },
+    /// `tpm` shares checked by the guest: the guest's own nonce, which the host quote in the
+    /// answer must include (through the Merkle root it quotes).
+    TpmNonce { nonce: [u8; NONCE_LEN] },
+}
+
+/// The host's quote as a `tpm` release answer carries it: what the guest checks against the AK
+/// and golden PCR digest of its manifest, and its nonce's path to the quoted root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostQuote {
+    /// The marshalled TPMS_ATTEST, exactly the signed bytes.
+    pub attest: Vec<u8>,
+    pub signature: [u8; QUOTE_SIGNATURE_LEN],
+    pub path: Vec<merkle::PathStep>,
 }
 
 /// Why the coordinator refused; the code lets a guest tell failures apart without parsing text.
@@ -196,6 +225,8 @@ pub enum Body {
         class: HolderClass,
         holder_id: HolderId,
         envelope: Envelope,
+        /// The host quote, for a release that carried a guest nonce.
+        host_quote: Option<HostQuote>,
     },
     Refused {
         code: RefusalCode,
@@ -255,6 +286,10 @@ impl Message {
                         put_bytes(&mut body, "report", report, 1, MAX_REPORT_LEN)?;
                         put_bytes(&mut body, "vcek", vcek, 0, MAX_VCEK_LEN)?;
                     }
+                    Evidence::TpmNonce { nonce } => {
+                        body.push(2);
+                        body.extend_from_slice(nonce);
+                    }
                 }
             }
             Body::Nonce {
@@ -268,6 +303,7 @@ impl Message {
                 class,
                 holder_id,
                 envelope,
+                host_quote,
             } => {
                 body.push(class.code());
                 put_short_str(&mut body, holder_id.as_str());
@@ -279,6 +315,9 @@ impl Message {
                     1,
                     MAX_CIPHERTEXT_LEN,
                 )?;
+                if let Some(quote) = host_quote {
+                    put_host_quote(&mut body, quote)?;
+                }
             }
             Body::Refused { code, reason } => {
                 body.extend_from_slice(&code.to_u16().to_le_bytes());
@@ -340,6 +379,9 @@ impl Message {
                         report: get_bytes(&mut b, "report", 1, MAX_REPORT_LEN)?,
                         vcek: get_bytes(&mut b, "vcek", 0, MAX_VCEK_LEN)?,
                     },
+                    2 => Evidence::TpmNonce {
+                        nonce: b.array("guest nonce")?,
+                    },
                     tag => return Err(MessageError::UnknownEvidence(tag)),
                 };
                 Body::Release {
@@ -360,6 +402,11 @@ impl Message {
                 envelope: Envelope {
                     encapped_key: b.array::<ENCAPPED_KEY_LEN>("encapsulated key")?,
                     ciphertext: get_bytes(&mut b, "ciphertext", 1, MAX_CIPHERTEXT_LEN)?,
+                },
+                host_quote: if b.remaining() == 0 {
+                    None
+                } else {
+                    Some(get_host_quote(&mut b)?)
                 },
             },
             0xFF => {
@@ -387,6 +434,63 @@ fn class(r: &mut Reader<'_>) -> Result<HolderClass> {
 
 fn holder_id(r: &mut Reader<'_>) -> Result<HolderId> {
     HolderId::new(r.short_str("holder id")?).map_err(|e| MessageError::HolderId(e.to_string()))
+}
+
+fn put_host_quote(out: &mut Vec<u8>, quote: &HostQuote) -> Result<()> {
+    out.push(1);
+    put_bytes(out, "quote attest", &quote.attest, 1, MAX_ATTEST_LEN)?;
+    out.extend_from_slice(&quote.signature);
+    let count = u8::try_from(quote.path.len())
+        .ok()
+        .filter(|n| usize::from(*n) <= merkle::MAX_PATH_LEN)
+        .ok_or(MessageError::FieldLength {
+            field: "inclusion path",
+            len: quote.path.len(),
+            min: 0,
+            max: merkle::MAX_PATH_LEN,
+        })?;
+    out.push(count);
+    for step in &quote.path {
+        out.push(u8::from(step.sibling_on_left));
+        out.extend_from_slice(&step.sibling);
+    }
+    Ok(())
+}
+
+fn get_host_quote(r: &mut Reader<'_>) -> Result<HostQuote> {
+    let tag = r.u8("host quote tag")?;
+    if tag != 1 {
+        return Err(MessageError::UnknownQuote(tag));
+    }
+    let attest = get_bytes(r, "quote attest", 1, MAX_ATTEST_LEN)?;
+    let signature = r.array("quote signature")?;
+    let count = usize::from(r.u8("inclusion path length")?);
+    if count > merkle::MAX_PATH_LEN {
+        return Err(MessageError::FieldLength {
+            field: "inclusion path",
+            len: count,
+            min: 0,
+            max: merkle::MAX_PATH_LEN,
+        });
+    }
+    let path = (0..count)
+        .map(|_| {
+            let sibling_on_left = match r.u8("path side")? {
+                0 => false,
+                1 => true,
+                other => return Err(MessageError::PathSide(other)),
+            };
+            Ok(merkle::PathStep {
+                sibling_on_left,
+                sibling: r.array("path sibling")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(HostQuote {
+        attest,
+        signature,
+        path,
+    })
 }
 
 fn get_bytes(r: &mut Reader<'_>, field: &'static str, min: usize, max: usize) -> Result<Vec<u8>> {

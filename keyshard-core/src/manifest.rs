@@ -10,9 +10,20 @@
 //! [[holders]]
 //! class = "vhd"
 //! id = "vhd-1"
+//!
+//! # Optional; `keyshard init` writes it when the policy has `tpm` holders.
+//! [host_attestation]
+//! ak = "04<128 hex digits>"             # the host TPM's attestation key: P-256, SEC1 uncompressed
+//! pcr_bank = "sha256"                   # sha1, sha256 or sha384
+//! pcrs = [0, 7]                         # ascending, each 0..=23, at least one
+//! pcr_digest = "<64 hex digits>"        # SHA-256 over the golden values of those PCRs, in order
 //! ```
 //!
-//! The holder list lets the guest name each holder that is missing, not just count them.
+//! The holder list lets the guest name each holder that is missing, not just count them. With
+//! `[host_attestation]` the guest checks the host itself: it accepts a `tpm` share only with a
+//! quote signed by `ak` whose PCR digest is `pcr_digest` over `pcrs` of `pcr_bank` and whose
+//! qualifying data includes the guest's own nonce. Without it, `tpm` shares are refused by the
+//! guest (fail closed). A malformed table is a parse error: the manifest is refused whole.
 
 use std::collections::BTreeSet;
 
@@ -22,9 +33,23 @@ use serde::{Deserialize, Serialize};
 use crate::dealer::HolderSlot;
 use crate::holder::{HolderClass, HolderId, KeyId};
 use crate::kcv::{KCV_LEN, KeyCheckValue};
+use crate::policy::{MAX_PCR_INDEX, PcrBank};
 use crate::quorum::QuorumRequest;
 
 pub const MANIFEST_VERSION: u32 = 1;
+/// Bytes of the attestation key's SEC1 uncompressed P-256 point.
+pub const HOST_AK_LEN: usize = 65;
+
+/// What the guest pins of the host's TPM: the AK that signs quotes and the golden PCR digest.
+/// The AK is checked here for its form (65 bytes, 0x04 first); the guest's verifier refuses a
+/// point that is not on the curve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostAttestation {
+    pub ak: [u8; HOST_AK_LEN],
+    pub pcr_bank: PcrBank,
+    pub pcrs: Vec<u8>,
+    pub pcr_digest: [u8; 32],
+}
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ManifestError {
@@ -49,6 +74,7 @@ pub struct Manifest {
     pub key_check_value: KeyCheckValue,
     pub dealer: VerifyingKey,
     pub holders: Vec<HolderSlot>,
+    pub host_attestation: Option<HostAttestation>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -60,6 +86,59 @@ struct ManifestFile {
     key_check_value: String,
     dealer_public_key: String,
     holders: Vec<HolderEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host_attestation: Option<HostAttestationEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostAttestationEntry {
+    ak: String,
+    pcr_bank: String,
+    pcrs: Vec<u8>,
+    pcr_digest: String,
+}
+
+impl HostAttestationEntry {
+    fn parse(self) -> Result<HostAttestation> {
+        let ak_bytes =
+            hex::decode(&self.ak).map_err(|e| field("host_attestation.ak")(e.to_string()))?;
+        let ak = <[u8; HOST_AK_LEN]>::try_from(ak_bytes.as_slice())
+            .ok()
+            .filter(|ak| ak.first() == Some(&0x04))
+            .ok_or_else(|| {
+                field("host_attestation.ak")(format!(
+                    "{} bytes, expected a 65-byte uncompressed P-256 point (04...)",
+                    ak_bytes.len()
+                ))
+            })?;
+        let pcr_bank = [PcrBank::Sha1, PcrBank::Sha256, PcrBank::Sha384]
+            .into_iter()
+            .find(|bank| bank.as_str() == self.pcr_bank)
+            .ok_or_else(|| {
+                field("host_attestation.pcr_bank")(format!(
+                    "{:?} is not sha1, sha256 or sha384",
+                    self.pcr_bank
+                ))
+            })?;
+        let ascending = self.pcrs.windows(2).all(|w| matches!(w, [a, b] if a < b));
+        if self.pcrs.is_empty()
+            || !ascending
+            || self.pcrs.iter().any(|index| *index > MAX_PCR_INDEX)
+        {
+            return Err(field("host_attestation.pcrs")(format!(
+                "{:?}: want at least one PCR, ascending, each 0..={MAX_PCR_INDEX}",
+                self.pcrs
+            )));
+        }
+        let pcr_digest = hex32(&self.pcr_digest).map_err(field("host_attestation.pcr_digest"))?;
+        Ok(HostAttestation {
+            ak,
+            pcr_bank,
+            pcrs: self.pcrs,
+            pcr_digest,
+        })
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -106,12 +185,17 @@ impl Manifest {
                 Ok(HolderSlot { class: h.class, id })
             })
             .collect::<Result<Vec<_>>>()?;
+        let host_attestation = file
+            .host_attestation
+            .map(HostAttestationEntry::parse)
+            .transpose()?;
         let manifest = Self {
             key_id,
             threshold: file.threshold,
             key_check_value,
             dealer,
             holders,
+            host_attestation,
         };
         manifest.check()?;
         Ok(manifest)
@@ -147,6 +231,15 @@ impl Manifest {
                     id: h.id.to_string(),
                 })
                 .collect(),
+            host_attestation: self
+                .host_attestation
+                .as_ref()
+                .map(|host| HostAttestationEntry {
+                    ak: hex::encode(host.ak),
+                    pcr_bank: host.pcr_bank.as_str().to_owned(),
+                    pcrs: host.pcrs.clone(),
+                    pcr_digest: hex::encode(host.pcr_digest),
+                }),
         };
         let body = toml::to_string(&file).unwrap_or_default();
         format!("# keyshard guest manifest: the guest trusts only what this file names.\n{body}")
@@ -186,7 +279,57 @@ mod tests {
             holders: HolderSlot::numbered(HolderClass::Vhd, 2)
                 .chain(HolderSlot::numbered(HolderClass::Tpm, 1))
                 .collect(),
+            host_attestation: None,
         }
+    }
+
+    fn attested() -> Manifest {
+        let mut ak = [0x11; HOST_AK_LEN];
+        ak[0] = 0x04;
+        Manifest {
+            host_attestation: Some(HostAttestation {
+                ak,
+                pcr_bank: PcrBank::Sha256,
+                pcrs: vec![0, 7],
+                pcr_digest: [0x22; 32],
+            }),
+            ..sample()
+        }
+    }
+
+    /// Issue 8 item 4: the host attestation table round-trips, and a malformed one refuses the
+    /// manifest, naming the field.
+    #[test]
+    fn item4_host_attestation_round_trips_and_fails_closed() {
+        let manifest = attested();
+        let text = manifest.to_toml();
+        assert!(text.contains("[host_attestation]"), "{text}");
+        assert_eq!(Manifest::parse(&text).unwrap(), manifest);
+        let field_of = |from: &str, to: &str| match Manifest::parse(&text.replacen(from, to, 1)) {
+            Err(ManifestError::Field { field, .. }) => field,
+            other => panic!("{from} -> {to}: {other:?}"),
+        };
+        assert_eq!(field_of("ak = \"04", "ak = \"05"), "host_attestation.ak");
+        assert_eq!(field_of("ak = \"04", "ak = \"0411"), "host_attestation.ak");
+        assert_eq!(field_of("ak = \"04", "ak = \"zz"), "host_attestation.ak");
+        assert_eq!(
+            field_of("pcr_bank = \"sha256\"", "pcr_bank = \"md5\""),
+            "host_attestation.pcr_bank"
+        );
+        for pcrs in ["[]", "[7, 0]", "[0, 0]", "[0, 24]"] {
+            assert_eq!(
+                field_of("pcrs = [0, 7]", &format!("pcrs = {pcrs}")),
+                "host_attestation.pcrs"
+            );
+        }
+        assert_eq!(
+            field_of("pcr_digest = \"", "pcr_digest = \"00"),
+            "host_attestation.pcr_digest"
+        );
+        assert!(matches!(
+            Manifest::parse(&text.replacen("pcrs = [0, 7]", "pcrs = [0, 7]\nextra = 1", 1)),
+            Err(ManifestError::Syntax(_))
+        ));
     }
 
     #[test]

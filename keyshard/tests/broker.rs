@@ -74,6 +74,7 @@ fn deal() -> Dealt {
             threshold: 3,
             dealer: dealer_key.verifying_key(),
             holders,
+            host_attestation: None,
         },
         fragments,
     }
@@ -108,6 +109,7 @@ impl RequestHandler for ReleaseTpm1 {
                     class: HolderClass::Tpm,
                     holder_id: holder_id.clone(),
                     envelope: envelope::seal(request_key, &self.fragment, &context).unwrap(),
+                    host_quote: None,
                 }
             }
             _ => Body::Refused {

@@ -305,3 +305,57 @@ fn item3a_tpm_data_keys_are_unsealed_at_start_and_a_release_costs_one_quote() {
         assert_eq!(reason, "PCR 7 (sha256) differs from its golden value");
     }
 }
+
+/// Issue 8 item 4: `init` pins the AK and the golden PCR digest in the manifest, and a tpm
+/// release that carries the guest's nonce answers with a quote that verifies against them, over
+/// the Merkle root that the guest's nonce and path lead to.
+#[test]
+fn item4_a_guest_nonce_release_carries_a_quote_the_manifest_verifies() {
+    use keyshard_attest::tpm::{AkPublic, PcrSelection, Quote, verify_quote_digest};
+    use keyshard_core::broker::merkle;
+
+    let set = initialised();
+    let dir = StateDir::new(set.dir.path());
+    let state = setup::load_state(&dir).unwrap();
+    let service = TpmService::spawn(TpmConfig::new(set.swtpm.tcti())).unwrap();
+    let coordinator = setup::coordinator(&dir, &state, Some(service)).unwrap();
+    let manifest = Manifest::parse(&std::fs::read_to_string(dir.manifest()).unwrap()).unwrap();
+    let host = manifest.host_attestation.expect("init pins the host");
+    assert_eq!(
+        (host.pcr_bank, host.pcrs.as_slice()),
+        (PcrBank::Sha256, &[0, 7][..])
+    );
+
+    let key = RequestKey::generate().unwrap();
+    let nonce = [0x42; 32];
+    let answer = coordinator.answer(
+        "vm1",
+        &Message {
+            request_id: 1,
+            body: Body::Release {
+                class: HolderClass::Tpm,
+                holder_id: HolderId::new("tpm-1").unwrap(),
+                request_key: key.public_key(),
+                evidence: Evidence::TpmNonce { nonce },
+            },
+        },
+    );
+    let Body::Released {
+        host_quote: Some(quote),
+        ..
+    } = answer
+    else {
+        panic!("no host quote: {answer:?}");
+    };
+    let root = merkle::root_from_path(&nonce, &quote.path);
+    let selection = PcrSelection::new(host.pcr_bank, &host.pcrs).unwrap();
+    let signed = Quote {
+        attest: quote.attest.clone(),
+        signature: quote.signature,
+    };
+    let ak = AkPublic::from_sec1(&host.ak).unwrap();
+    verify_quote_digest(&signed, &ak, &root, &selection, &host.pcr_digest).unwrap();
+    // Another nonce does not lead to the quoted root.
+    let other = merkle::root_from_path(&[0x43; 32], &quote.path);
+    assert!(verify_quote_digest(&signed, &ak, &other, &selection, &host.pcr_digest).is_err());
+}

@@ -35,6 +35,7 @@ fn manifest(setup: &Setup, n: u8) -> Manifest {
         threshold: setup.k,
         dealer: setup.dealer.verifying_key(),
         holders: HolderSlot::numbered(HolderClass::Vhd, n).collect(),
+        host_attestation: None,
     }
 }
 

@@ -230,6 +230,7 @@ impl BrokerClient {
                 class: released_class,
                 holder_id,
                 envelope,
+                ..
             } => {
                 if released_class != class || holder_id != *holder {
                     return Err(BrokerError::Protocol(format!(

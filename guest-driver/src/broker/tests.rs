@@ -276,6 +276,7 @@ fn a_wrong_kind_a_wrong_holder_or_a_foreign_envelope_is_refused() {
                 class: HolderClass::Tpm,
                 holder_id: HolderId::new("tpm-9").unwrap(),
                 envelope,
+                host_quote: None,
             },
             other => other,
         };
@@ -305,6 +306,7 @@ fn a_wrong_kind_a_wrong_holder_or_a_foreign_envelope_is_refused() {
                 class: HolderClass::Tpm,
                 holder_id: context.holder_id,
                 envelope,
+                host_quote: None,
             },
         )
     }));
@@ -330,6 +332,7 @@ fn one_read_holds_the_longest_answer() {
                         + keyshard_core::envelope::TAG_LEN
                 ],
             },
+            host_quote: None,
         },
     };
     let encoded = longest.encode().unwrap();

@@ -69,6 +69,7 @@ impl Fixture {
             threshold: k,
             dealer: dealer_key.verifying_key(),
             holders,
+            host_attestation: None,
         };
         fs::write(dir.path().join("manifest.toml"), manifest.to_toml()).unwrap();
         Self {

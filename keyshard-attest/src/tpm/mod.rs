@@ -14,6 +14,9 @@ pub mod wire;
 
 pub use attest::{AttestError, ClockInfo, QuoteAttest, QuotedBank};
 pub use pcr::{PcrError, PcrSelection, PcrValues, differing_pcrs};
-pub use quote::{AK_PUBLIC_LEN, AkPublic, NONCE_LEN, Quote, QuoteError, QuoteInfo, verify_quote};
+pub use quote::{
+    AK_PUBLIC_LEN, AkPublic, NONCE_LEN, Quote, QuoteError, QuoteInfo, verify_quote,
+    verify_quote_digest,
+};
 pub use spec::{AK_HANDLE, MAX_SEALED_DATA, SRK_HANDLE};
 pub use wire::WireError;

@@ -5,7 +5,7 @@ use p256::ecdsa::signature::Verifier as _;
 use p256::ecdsa::{Signature, VerifyingKey};
 
 use super::attest::{AttestError, QuoteAttest};
-use super::pcr::PcrValues;
+use super::pcr::{PcrSelection, PcrValues};
 use super::spec::{self, TPM_GENERATED_VALUE, TPM_ST_ATTEST_QUOTE};
 
 /// Bytes of the qualifying data (nonce) a quote carries.
@@ -111,6 +111,25 @@ pub fn verify_quote(
     nonce: &[u8; NONCE_LEN],
     golden: &PcrValues,
 ) -> Result<QuoteInfo> {
+    verify_quote_digest(
+        quote,
+        ak,
+        nonce,
+        golden.selection(),
+        &golden.composite_digest(),
+    )
+}
+
+/// [`verify_quote`] against a golden PCR *digest* (SHA-256 over the golden values of
+/// `selection`, in order) instead of the values: what a guest checks, whose manifest pins only
+/// the digest. The same checks in the same order.
+pub fn verify_quote_digest(
+    quote: &Quote,
+    ak: &AkPublic,
+    nonce: &[u8; NONCE_LEN],
+    expected: &PcrSelection,
+    golden_digest: &[u8; 32],
+) -> Result<QuoteInfo> {
     let signature = Signature::from_slice(&quote.signature).map_err(|_| QuoteError::Signature)?;
     // p256's Verifier hashes the message with SHA-256: the AK's ECDSA-SHA256 scheme.
     ak.0.verify(&quote.attest, &signature)
@@ -120,7 +139,6 @@ pub fn verify_quote(
     if attest.extra_data != nonce {
         return Err(QuoteError::Nonce);
     }
-    let expected = golden.selection();
     let matches = match attest.banks.as_slice() {
         [bank] => {
             spec::bank_from_alg(bank.alg) == Some(expected.bank())
@@ -134,7 +152,7 @@ pub fn verify_quote(
             found: attest.selection_text(),
         });
     }
-    if attest.pcr_digest != golden.composite_digest() {
+    if attest.pcr_digest != golden_digest {
         return Err(QuoteError::PcrDigest {
             selection: expected.to_string(),
         });

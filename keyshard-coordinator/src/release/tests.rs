@@ -117,6 +117,7 @@ fn a_tpm_release_is_sealed_to_the_request_key_and_audited() {
         class,
         holder_id,
         envelope,
+        host_quote: None,
     } = body
     else {
         panic!("{body:?}");

@@ -37,6 +37,35 @@ fn samples() -> Vec<Message> {
                 encapped_key: [4; 32],
                 ciphertext: vec![5; 181],
             },
+            host_quote: None,
+        },
+        Body::Release {
+            class: HolderClass::Tpm,
+            holder_id: holder("tpm-1"),
+            request_key: [7; 32],
+            evidence: Evidence::TpmNonce { nonce: [6; 32] },
+        },
+        Body::Released {
+            class: HolderClass::Tpm,
+            holder_id: holder("tpm-1"),
+            envelope: Envelope {
+                encapped_key: [4; 32],
+                ciphertext: vec![5; 181],
+            },
+            host_quote: Some(HostQuote {
+                attest: vec![0xff; 145],
+                signature: [0x11; QUOTE_SIGNATURE_LEN],
+                path: vec![
+                    merkle::PathStep {
+                        sibling_on_left: true,
+                        sibling: [0x22; 32],
+                    },
+                    merkle::PathStep {
+                        sibling_on_left: false,
+                        sibling: [0x33; 32],
+                    },
+                ],
+            }),
         },
         Body::Refused {
             code: RefusalCode::HostAttestation,
@@ -160,7 +189,12 @@ fn body_malformations() {
         MessageError::TrailingBytes(1)
     );
     // A reason that is not UTF-8.
-    let mut refused = samples()[6].encode().unwrap();
+    let mut refused = samples()
+        .into_iter()
+        .find(|m| matches!(m.body, Body::Refused { .. }))
+        .unwrap()
+        .encode()
+        .unwrap();
     let last = refused.len() - 1;
     refused[last] = 0xFF;
     assert_eq!(
@@ -213,4 +247,43 @@ fn refusal_codes_round_trip() {
     }
     assert_eq!(RefusalCode::from_u16(11), RefusalCode::RateLimited);
     assert_eq!(RefusalCode::from_u16(12), RefusalCode::VmNotBound);
+}
+
+/// Issue 8 item 4: a host quote's path side is 0 or 1, its length bounded, its tag known.
+#[test]
+fn item4_a_malformed_host_quote_is_refused() {
+    let message = samples()
+        .into_iter()
+        .find(|m| {
+            matches!(
+                &m.body,
+                Body::Released {
+                    host_quote: Some(_),
+                    ..
+                }
+            )
+        })
+        .unwrap();
+    let bytes = message.encode().unwrap();
+    // The quote starts after header, class, id, encapped key and ciphertext.
+    let quote_at = HEADER_LEN + 1 + 1 + "tpm-1".len() + 32 + 2 + 181;
+    assert_eq!(bytes[quote_at], 1);
+    let mut bad_tag = bytes.clone();
+    bad_tag[quote_at] = 7;
+    assert_eq!(Message::parse(&bad_tag), Err(MessageError::UnknownQuote(7)));
+    let side_at = quote_at + 1 + 2 + 145 + QUOTE_SIGNATURE_LEN + 1;
+    assert_eq!(bytes[side_at], 1);
+    let mut bad_side = bytes.clone();
+    bad_side[side_at] = 2;
+    assert_eq!(Message::parse(&bad_side), Err(MessageError::PathSide(2)));
+    let mut too_deep = bytes.clone();
+    too_deep[side_at - 1] = 17;
+    assert!(matches!(
+        Message::parse(&too_deep),
+        Err(MessageError::FieldLength {
+            field: "inclusion path",
+            len: 17,
+            ..
+        })
+    ));
 }

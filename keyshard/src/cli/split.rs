@@ -135,6 +135,7 @@ pub fn run(config: Config) -> Result<(), CliError> {
             key_check_value: KeyCheckValue::compute(&secret, &config.plan.key_id),
             dealer: dealer_key.verifying_key(),
             holders: config.plan.holders.clone(),
+            host_attestation: None,
         };
         files::write_atomic(path, manifest.to_toml().as_bytes(), 0o644, config.overwrite)?;
     }
