@@ -20,7 +20,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use keyshard_core::dealer::HolderSlot;
-use keyshard_core::manifest::Manifest;
+use keyshard_core::manifest::{HostAttestation, Manifest};
 use keyshard_core::quorum::{self, Candidate, QuorumOutcome};
 use keyshard_core::{HolderClass, HolderId};
 
@@ -350,6 +350,8 @@ impl Scanner {
 /// The `tpm` and `sev` holders of the manifest: the coordinator's answers as they arrive.
 struct ShareSlots {
     holders: Vec<HolderSlot>,
+    /// The manifest's pins of the host TPM, which every `tpm` share's quote must pass.
+    host: Option<HostAttestation>,
     answers: Vec<Option<Candidate>>,
     /// Holders not answered yet (asked, or waiting for a broker to be found).
     pending: usize,
@@ -372,6 +374,7 @@ impl ShareSlots {
             answers: vec![None; holders.len()],
             pending: holders.len(),
             holders,
+            host: manifest.host_attestation.clone(),
             attached: false,
             go_ahead: None,
         }
@@ -417,13 +420,13 @@ impl ShareSlots {
         if to_ask.is_empty() {
             return;
         }
-        let (sender, cancel) = (sender.clone(), cancel.clone());
+        let (sender, cancel, host) = (sender.clone(), cancel.clone(), self.host.clone());
         let (go_ahead, go_aheads) = mpsc::channel();
         self.go_ahead = Some(go_ahead);
         let spawned = std::thread::Builder::new()
             .name("broker".into())
             .spawn(move || {
-                fetcher.fetch_all(to_ask, deadline, cancel, &mut |index, candidate| {
+                fetcher.fetch_all(to_ask, host, deadline, cancel, &mut |index, candidate| {
                     // False once the agent has stopped listening, or has what it needs: no
                     // holder is asked for a share that would not be used.
                     sender.send(Arrival::Share(index, candidate)).is_ok()

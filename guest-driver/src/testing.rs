@@ -4,11 +4,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use keyshard_attest::tpm::{ClockInfo, QuoteAttest, QuotedBank};
 use keyshard_core::broker::{Body, Evidence, Message, RefusalCode};
+use keyshard_core::broker::{HostQuote, NONCE_LEN, merkle};
 use keyshard_core::dealer::{self, DealPlan, HolderSlot};
 use keyshard_core::envelope::{self, ReleaseContext};
-use keyshard_core::manifest::Manifest;
+use keyshard_core::manifest::{HOST_AK_LEN, HostAttestation, Manifest};
+use keyshard_core::policy::PcrBank;
 use keyshard_core::{HolderClass, KeyCheckValue, KeyId, keys, volume};
+use p256::ecdsa::signature::Signer as _;
+use p256::ecdsa::{Signature, SigningKey};
 use zeroize::Zeroizing;
 
 use crate::broker::mailbox::{self, Mailbox};
@@ -61,7 +66,7 @@ pub fn deal_over(holders: Vec<HolderSlot>, k: u8) -> Dealt {
         threshold: k,
         dealer: dealer_key.verifying_key(),
         holders,
-        host_attestation: None,
+        host_attestation: Some(TestHost::honest().attestation()),
     };
     Dealt {
         secret,
@@ -143,7 +148,8 @@ pub const TEST_NONCE: [u8; 32] = [0x5a; 32];
 
 /// A coordinator double that releases the dealt fragment of every `tpm` holder, and of every
 /// `sev` holder whose evidence is a [`FakeSnp`] report binding [`TEST_NONCE`] and the request
-/// key, after `pending_for`; it refuses everything else.
+/// key, after `pending_for`; it refuses everything else. A `tpm` release with a guest nonce is
+/// answered with [`TestHost::honest`]'s quote for it.
 pub fn releasing(dealt: &Dealt, pending_for: Duration) -> Coordinator {
     let dealt = dealt.clone();
     Box::new(move |request| {
@@ -186,7 +192,12 @@ pub fn releasing(dealt: &Dealt, pending_for: Duration) -> Coordinator {
                             },
                         )
                         .unwrap(),
-                        host_quote: None,
+                        host_quote: match evidence {
+                            Evidence::TpmNonce { nonce } => {
+                                Some(TestHost::honest().quote_for(nonce))
+                            }
+                            _ => None,
+                        },
                     },
                     Some(_) => Body::Refused {
                         code: RefusalCode::SnpEvidence,
@@ -236,5 +247,68 @@ impl ReportSource for FakeSnp {
     fn report(&mut self, report_data: &[u8; REPORT_DATA_LEN]) -> snp::Result<Vec<u8>> {
         self.calls += 1;
         Ok(Self::report_for(report_data))
+    }
+}
+
+/// A host TPM double: an attestation key and the PCR digest its quotes report.
+pub struct TestHost {
+    pub key: SigningKey,
+    pub pcr_digest: [u8; 32],
+}
+
+/// The golden PCR digest of the test manifests.
+pub const TEST_PCR_DIGEST: [u8; 32] = [0x77; 32];
+
+impl TestHost {
+    /// The host the test manifests pin.
+    pub fn honest() -> Self {
+        Self {
+            key: SigningKey::from_slice(&[0x42; 32]).unwrap(),
+            pcr_digest: TEST_PCR_DIGEST,
+        }
+    }
+
+    /// The manifest's pins of this host: its AK, sha256 PCRs 0 and 7, its digest.
+    pub fn attestation(&self) -> HostAttestation {
+        let point = self.key.verifying_key().to_encoded_point(false);
+        HostAttestation {
+            ak: <[u8; HOST_AK_LEN]>::try_from(point.as_bytes()).unwrap(),
+            pcr_bank: PcrBank::Sha256,
+            pcrs: vec![0, 7],
+            pcr_digest: TEST_PCR_DIGEST,
+        }
+    }
+
+    /// A quote over sha256 PCRs 0 and 7 with `qualifying` as its nonce, signed by this AK.
+    pub fn quote(&self, qualifying: &[u8; 32], path: Vec<merkle::PathStep>) -> HostQuote {
+        let attest = QuoteAttest {
+            signer_name: vec![0, 0x0b, 1, 2, 3],
+            extra_data: qualifying.to_vec(),
+            clock: ClockInfo {
+                clock: 1,
+                reset_count: 0,
+                restart_count: 0,
+                safe: true,
+            },
+            firmware_version: 1,
+            banks: vec![QuotedBank {
+                alg: 0x000b,
+                bitmap: vec![0x81, 0, 0],
+            }],
+            pcr_digest: self.pcr_digest.to_vec(),
+        }
+        .to_bytes()
+        .unwrap();
+        let signature: Signature = self.key.sign(&attest);
+        HostQuote {
+            attest,
+            signature: signature.to_bytes().into(),
+            path,
+        }
+    }
+
+    /// The quote an honest coordinator answers a lone request's `nonce` with.
+    pub fn quote_for(&self, nonce: &[u8; NONCE_LEN]) -> HostQuote {
+        self.quote(&merkle::leaf(nonce), Vec::new())
     }
 }

@@ -107,7 +107,7 @@ fn releasing(fixture: &Fixture) -> impl Fn(&Message) -> Body + Send + 'static {
             class,
             holder_id,
             request_key,
-            ..
+            evidence,
         } = &request.body
         else {
             panic!("{request:?}");
@@ -121,7 +121,7 @@ fn releasing(fixture: &Fixture) -> impl Fn(&Message) -> Body + Send + 'static {
             class: *class,
             holder_id: holder_id.clone(),
             envelope: envelope::seal(request_key, &fragment, &context).unwrap(),
-            host_quote: None,
+            host_quote: common::host_quote(evidence),
         }
     }
 }
@@ -250,7 +250,7 @@ fn no_holder_is_asked_once_the_quorum_is_met() {
             class,
             holder_id,
             request_key,
-            ..
+            evidence,
         } = &request.body
         else {
             panic!("{request:?}");
@@ -271,7 +271,7 @@ fn no_holder_is_asked_once_the_quorum_is_met() {
             class: *class,
             holder_id: holder_id.clone(),
             envelope: envelope::seal(request_key, fragment, &context).unwrap(),
-            host_quote: None,
+            host_quote: common::host_quote(evidence),
         }
     });
     let run = unlock(&fixture, &broker);

@@ -155,14 +155,22 @@ fn bench_tpm(dir: &Path) {
     let served = ServedMailbox::start(dir, Arc::new(coordinator));
     let mut client = served.client();
     let holder = HolderId::new("tpm-1").unwrap();
+    let manifest = std::fs::read_to_string(state_dir.manifest()).unwrap();
+    let host = keyshard_core::manifest::Manifest::parse(&manifest)
+        .unwrap()
+        .host_attestation;
 
     for _ in 0..TPM_WARMUP {
-        client.release_tpm(&holder, deadline()).unwrap();
+        client
+            .release_tpm(&holder, host.as_ref(), deadline())
+            .unwrap();
     }
     let mut samples: Vec<Duration> = (0..TPM_RELEASES)
         .map(|_| {
             let start = Instant::now();
-            let fragment = client.release_tpm(&holder, deadline()).unwrap();
+            let fragment = client
+                .release_tpm(&holder, host.as_ref(), deadline())
+                .unwrap();
             let elapsed = start.elapsed();
             assert!(!fragment.is_empty());
             elapsed

@@ -90,6 +90,53 @@ struct ManifestFile {
     host_attestation: Option<HostAttestationEntry>,
 }
 
+impl HostAttestation {
+    /// From the manifest's textual fields, with the manifest's checks (a worker's argument).
+    pub fn from_fields(ak: &str, pcr_bank: &str, pcrs: Vec<u8>, pcr_digest: &str) -> Result<Self> {
+        HostAttestationEntry {
+            ak: ak.to_owned(),
+            pcr_bank: pcr_bank.to_owned(),
+            pcrs,
+            pcr_digest: pcr_digest.to_owned(),
+        }
+        .parse()
+    }
+}
+
+impl std::fmt::Display for HostAttestation {
+    /// `AK:BANK:PCR,PCR...:DIGEST`, hex where binary; [`std::str::FromStr`] reads it back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pcrs: Vec<String> = self.pcrs.iter().map(u8::to_string).collect();
+        write!(
+            f,
+            "{}:{}:{}:{}",
+            hex::encode(self.ak),
+            self.pcr_bank.as_str(),
+            pcrs.join(","),
+            hex::encode(self.pcr_digest)
+        )
+    }
+}
+
+impl std::str::FromStr for HostAttestation {
+    type Err = ManifestError;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let parts: Vec<&str> = text.split(':').collect();
+        let [ak, bank, pcrs, digest] = parts.as_slice() else {
+            return Err(field("host_attestation")(
+                "expected AK:BANK:PCRS:DIGEST".into(),
+            ));
+        };
+        let pcrs = pcrs
+            .split(',')
+            .map(|p| p.parse::<u8>())
+            .collect::<std::result::Result<Vec<u8>, _>>()
+            .map_err(|e| field("host_attestation.pcrs")(e.to_string()))?;
+        Self::from_fields(ak, bank, pcrs, digest)
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HostAttestationEntry {
@@ -305,6 +352,9 @@ mod tests {
         let text = manifest.to_toml();
         assert!(text.contains("[host_attestation]"), "{text}");
         assert_eq!(Manifest::parse(&text).unwrap(), manifest);
+        let host = manifest.host_attestation.clone().unwrap();
+        assert_eq!(host.to_string().parse::<HostAttestation>().unwrap(), host);
+        assert!("04:sha256:0,7".parse::<HostAttestation>().is_err());
         let field_of = |from: &str, to: &str| match Manifest::parse(&text.replacen(from, to, 1)) {
             Err(ManifestError::Field { field, .. }) => field,
             other => panic!("{from} -> {to}: {other:?}"),

@@ -74,9 +74,57 @@ fn deal() -> Dealt {
             threshold: 3,
             dealer: dealer_key.verifying_key(),
             holders,
-            host_attestation: None,
+            host_attestation: Some(host_attestation()),
         },
         fragments,
+    }
+}
+
+/// The host TPM double's attestation key.
+fn host_key() -> p256::ecdsa::SigningKey {
+    p256::ecdsa::SigningKey::from_slice(&[0x42; 32]).unwrap()
+}
+
+const GOLDEN_DIGEST: [u8; 32] = [0x77; 32];
+
+/// What the guest's manifest pins of the host double: its AK, sha256 PCRs 0 and 7, a digest.
+fn host_attestation() -> keyshard_core::manifest::HostAttestation {
+    let point = host_key().verifying_key().to_encoded_point(false);
+    keyshard_core::manifest::HostAttestation {
+        ak: point.as_bytes().try_into().unwrap(),
+        pcr_bank: keyshard_core::policy::PcrBank::Sha256,
+        pcrs: vec![0, 7],
+        pcr_digest: GOLDEN_DIGEST,
+    }
+}
+
+/// The host double's quote answering a lone request's `nonce`.
+fn host_quote(nonce: &[u8; 32]) -> keyshard_core::broker::HostQuote {
+    use keyshard_attest::tpm::{ClockInfo, QuoteAttest, QuotedBank};
+    use p256::ecdsa::signature::Signer as _;
+    let attest = QuoteAttest {
+        signer_name: vec![0, 0x0b, 1, 2, 3],
+        extra_data: keyshard_core::broker::merkle::leaf(nonce).to_vec(),
+        clock: ClockInfo {
+            clock: 1,
+            reset_count: 0,
+            restart_count: 0,
+            safe: true,
+        },
+        firmware_version: 1,
+        banks: vec![QuotedBank {
+            alg: 0x000b,
+            bitmap: vec![0x81, 0, 0],
+        }],
+        pcr_digest: GOLDEN_DIGEST.to_vec(),
+    }
+    .to_bytes()
+    .unwrap();
+    let signature: p256::ecdsa::Signature = host_key().sign(&attest);
+    keyshard_core::broker::HostQuote {
+        attest,
+        signature: signature.to_bytes().into(),
+        path: Vec::new(),
     }
 }
 
@@ -98,7 +146,7 @@ impl RequestHandler for ReleaseTpm1 {
                 class: HolderClass::Tpm,
                 holder_id,
                 request_key,
-                evidence: Evidence::None,
+                evidence: Evidence::TpmNonce { nonce },
             } if holder_id.as_str() == "tpm-1" && vm_id == VM_ID => {
                 let context = ReleaseContext {
                     request_id: request.request_id,
@@ -109,7 +157,7 @@ impl RequestHandler for ReleaseTpm1 {
                     class: HolderClass::Tpm,
                     holder_id: holder_id.clone(),
                     envelope: envelope::seal(request_key, &self.fragment, &context).unwrap(),
-                    host_quote: None,
+                    host_quote: Some(host_quote(nonce)),
                 }
             }
             _ => Body::Refused {
@@ -218,17 +266,29 @@ fn the_broker_client_gets_the_released_fragment_over_the_socket() {
 
     let mut client = client(&socket);
     let fragment = client
-        .release_tpm(&HolderId::new("tpm-1").unwrap(), deadline())
+        .release_tpm(
+            &HolderId::new("tpm-1").unwrap(),
+            Some(&host_attestation()),
+            deadline(),
+        )
         .unwrap();
     assert_eq!(fragment.as_slice(), dealt.fragments[2].as_slice());
     // A second request on the same connection is answered as its own.
     let again = client
-        .release_tpm(&HolderId::new("tpm-1").unwrap(), deadline())
+        .release_tpm(
+            &HolderId::new("tpm-1").unwrap(),
+            Some(&host_attestation()),
+            deadline(),
+        )
         .unwrap();
     assert_eq!(again.as_slice(), dealt.fragments[2].as_slice());
     assert_eq!(handler.seen.load(Ordering::SeqCst), 2);
     let error = client
-        .release_tpm(&HolderId::new("tpm-2").unwrap(), deadline())
+        .release_tpm(
+            &HolderId::new("tpm-2").unwrap(),
+            Some(&host_attestation()),
+            deadline(),
+        )
         .unwrap_err();
     assert_eq!(
         error.to_string(),
@@ -243,7 +303,11 @@ fn a_refusal_comes_back_with_its_code_and_reason() {
     let mut devices = Devices::new();
     let socket = devices.serve_broker(Arc::new(PcrMismatch));
     let error = client(&socket)
-        .release_tpm(&HolderId::new("tpm-1").unwrap(), deadline())
+        .release_tpm(
+            &HolderId::new("tpm-1").unwrap(),
+            Some(&host_attestation()),
+            deadline(),
+        )
         .unwrap_err();
     let BrokerError::Refused { code, reason } = error else {
         panic!("{error:?}");

@@ -10,6 +10,7 @@
 //! requests, then a few per second) is not a verdict: the client waits [`RATE_LIMITED_PAUSE`]
 //! and asks again, as a new request, until the deadline.
 
+pub mod host_check;
 pub mod mailbox;
 pub mod shares;
 
@@ -19,9 +20,11 @@ use std::time::{Duration, Instant};
 
 use keyshard_core::broker::{Body, Evidence, Message, MessageError, NONCE_LEN, RefusalCode};
 use keyshard_core::envelope::{EnvelopeError, ReleaseContext, RequestKey};
+use keyshard_core::manifest::HostAttestation;
 use keyshard_core::{HolderClass, HolderId};
 use zeroize::Zeroizing;
 
+use self::host_check::HostCheckError;
 use self::mailbox::{Mailbox, MailboxError};
 use crate::snp::{self, ReportSource, SnpError};
 
@@ -58,6 +61,8 @@ pub enum BrokerError {
     Random,
     #[error("no longer wanted: the quorum was met")]
     Cancelled,
+    #[error("host check failed: {0}")]
+    HostCheck(#[from] HostCheckError),
 }
 
 pub type Result<T> = std::result::Result<T, BrokerError>;
@@ -181,14 +186,24 @@ impl BrokerClient {
         }
     }
 
-    /// A `tpm` holder's signed fragment: the coordinator attests its own host.
+    /// A `tpm` holder's signed fragment, accepted only with a host quote that passes
+    /// [`host_check::check`] against `host` (the manifest's pins) for a nonce of our own.
+    /// Without pins nothing is asked: the share could not be accepted.
     pub fn release_tpm(
         &mut self,
         holder: &HolderId,
+        host: Option<&HostAttestation>,
         deadline: Instant,
     ) -> Result<Zeroizing<Vec<u8>>> {
+        let host = host.ok_or(HostCheckError::NotPinned)?;
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(|_| BrokerError::Random)?;
         let key = RequestKey::generate()?;
-        self.release(HolderClass::Tpm, holder, &key, Evidence::None, deadline)
+        let evidence = Evidence::TpmNonce { nonce };
+        let check = |quote: Option<&keyshard_core::broker::HostQuote>| {
+            host_check::check(host, &nonce, quote.ok_or(HostCheckError::NoQuote)?)
+        };
+        self.release_checked(HolderClass::Tpm, holder, &key, evidence, deadline, &check)
     }
 
     /// An `sev` holder's signed fragment, for a fresh SNP report from `reports` bound to a
@@ -207,16 +222,23 @@ impl BrokerClient {
             report,
             vcek: Vec::new(),
         };
-        self.release(HolderClass::Sev, holder, &key, evidence, deadline)
+        self.release_checked(HolderClass::Sev, holder, &key, evidence, deadline, &|_| {
+            Ok(())
+        })
     }
 
-    fn release(
+    /// Sends a release request; the answer's host quote must pass `check` before the share is
+    /// opened.
+    fn release_checked(
         &mut self,
         class: HolderClass,
         holder: &HolderId,
         key: &RequestKey,
         evidence: Evidence,
         deadline: Instant,
+        check: &dyn Fn(
+            Option<&keyshard_core::broker::HostQuote>,
+        ) -> std::result::Result<(), HostCheckError>,
     ) -> Result<Zeroizing<Vec<u8>>> {
         let request = Body::Release {
             class,
@@ -230,7 +252,7 @@ impl BrokerClient {
                 class: released_class,
                 holder_id,
                 envelope,
-                ..
+                host_quote,
             } => {
                 if released_class != class || holder_id != *holder {
                     return Err(BrokerError::Protocol(format!(
@@ -238,6 +260,7 @@ impl BrokerClient {
                          holder {holder}"
                     )));
                 }
+                check(host_quote.as_ref())?;
                 let context = ReleaseContext {
                     request_id: answer.request_id,
                     class,

@@ -9,6 +9,7 @@ use std::time::Instant;
 use keyshard_core::HolderClass;
 use keyshard_core::dealer::HolderSlot;
 use keyshard_core::fragment::Fragment;
+use keyshard_core::manifest::HostAttestation;
 use keyshard_core::quorum::Candidate;
 use zeroize::Zeroizing;
 
@@ -28,9 +29,11 @@ pub trait ShareFetcher: Send {
 
     /// Asks for each of `holders` (with their index in the caller's list) until `deadline`;
     /// stops early when `deliver` returns false or `cancel` is set.
+    /// `host`: the manifest's pins, which every `tpm` share's host quote must pass.
     fn fetch_all(
         self: Box<Self>,
         holders: Vec<(usize, HolderSlot)>,
+        host: Option<HostAttestation>,
         deadline: Instant,
         cancel: Arc<AtomicBool>,
         deliver: &mut dyn FnMut(usize, Candidate) -> bool,
@@ -62,12 +65,20 @@ impl ShareFetcher for InProcessFetcher {
     fn fetch_all(
         self: Box<Self>,
         holders: Vec<(usize, HolderSlot)>,
+        host: Option<HostAttestation>,
         deadline: Instant,
         cancel: Arc<AtomicBool>,
         deliver: &mut dyn FnMut(usize, Candidate) -> bool,
     ) {
         let mut client = BrokerClient::new(self.mailbox).with_cancel(cancel);
-        fetch_all(&mut client, &holders, self.reports, deadline, deliver);
+        fetch_all(
+            &mut client,
+            &holders,
+            self.reports,
+            host.as_ref(),
+            deadline,
+            deliver,
+        );
     }
 }
 
@@ -82,10 +93,11 @@ pub fn fetch(
     client: &mut BrokerClient,
     holder: &HolderSlot,
     reports: Option<&mut (dyn ReportSource + '_)>,
+    host: Option<&HostAttestation>,
     deadline: Instant,
 ) -> Result<Zeroizing<Vec<u8>>> {
     match (holder.class, reports) {
-        (HolderClass::Tpm, _) => client.release_tpm(&holder.id, deadline),
+        (HolderClass::Tpm, _) => client.release_tpm(&holder.id, host, deadline),
         (HolderClass::Sev, Some(reports)) => client.release_sev(&holder.id, reports, deadline),
         (HolderClass::Sev, None) => Err(BrokerError::Snp(SnpError::NoDevice)),
         (class, _) => Err(BrokerError::Protocol(format!(
@@ -139,12 +151,13 @@ pub fn fetch_all(
     client: &mut BrokerClient,
     holders: &[(usize, HolderSlot)],
     mut reports: Option<Box<dyn ReportSource>>,
+    host: Option<&HostAttestation>,
     deadline: Instant,
     mut deliver: impl FnMut(usize, Candidate) -> bool,
 ) {
     let location = client.location();
     for (index, holder) in holders {
-        let fetched = fetch(client, holder, reports.as_deref_mut(), deadline);
+        let fetched = fetch(client, holder, reports.as_deref_mut(), host, deadline);
         if matches!(fetched, Err(BrokerError::Cancelled)) {
             return;
         }

@@ -6,7 +6,8 @@ use keyshard_core::quorum::Candidate;
 use super::shares::{self, candidate};
 use super::*;
 use crate::testing::{
-    Coordinator, Dealt, FakeSnp, ScriptedMailbox, TEST_NONCE, deal_over, refusing, releasing,
+    Coordinator, Dealt, FakeSnp, ScriptedMailbox, TEST_NONCE, TestHost, deal_over, refusing,
+    releasing,
 };
 
 fn dealt() -> Dealt {
@@ -36,6 +37,11 @@ fn scripted(coordinator: Coordinator) -> (BrokerClient, Arc<std::sync::Mutex<Vec
     (BrokerClient::new(Box::new(mailbox)), requests)
 }
 
+/// The test manifests' pins of the host double.
+fn host() -> HostAttestation {
+    TestHost::honest().attestation()
+}
+
 fn soon() -> Instant {
     Instant::now() + Duration::from_secs(5)
 }
@@ -48,7 +54,9 @@ fn a_tpm_share_comes_back_after_pending_and_opens_to_the_signed_fragment() {
     let write_lens = mailbox.write_lens.clone();
     let mut client = BrokerClient::new(Box::new(mailbox));
     let start = Instant::now();
-    let fragment = client.release_tpm(&id("tpm-1"), soon()).unwrap();
+    let fragment = client
+        .release_tpm(&id("tpm-1"), Some(&host()), soon())
+        .unwrap();
     // It waited out the pending answer, and not much longer (polls are at most 20 ms apart).
     let took = start.elapsed();
     assert!(
@@ -62,7 +70,7 @@ fn a_tpm_share_comes_back_after_pending_and_opens_to_the_signed_fragment() {
         &requests[0].body,
         Body::Release {
             class: HolderClass::Tpm,
-            evidence: Evidence::None,
+            evidence: Evidence::TpmNonce { .. },
             ..
         }
     ));
@@ -75,8 +83,12 @@ fn a_tpm_share_comes_back_after_pending_and_opens_to_the_signed_fragment() {
 fn request_ids_are_random_and_a_release_answers_only_its_own_request() {
     let dealt = dealt();
     let (mut client, requests) = scripted(releasing(&dealt, Duration::ZERO));
-    client.release_tpm(&id("tpm-1"), soon()).unwrap();
-    client.release_tpm(&id("tpm-1"), soon()).unwrap();
+    client
+        .release_tpm(&id("tpm-1"), Some(&host()), soon())
+        .unwrap();
+    client
+        .release_tpm(&id("tpm-1"), Some(&host()), soon())
+        .unwrap();
     let requests = requests.lock().unwrap();
     assert_ne!(requests[0].request_id, requests[1].request_id);
 }
@@ -119,7 +131,9 @@ fn a_refusal_carries_its_code_and_reason() {
         RefusalCode::HostAttestation,
         "PCR 7 differs from its golden value",
     ));
-    let error = client.release_tpm(&id("tpm-1"), soon()).unwrap_err();
+    let error = client
+        .release_tpm(&id("tpm-1"), Some(&host()), soon())
+        .unwrap_err();
     assert!(
         matches!(
             &error,
@@ -142,7 +156,11 @@ fn a_coordinator_that_stays_pending_costs_only_the_deadline() {
     let (mut client, _) = scripted(releasing(&dealt, Duration::from_secs(3600)));
     let start = Instant::now();
     let error = client
-        .release_tpm(&id("tpm-1"), Instant::now() + Duration::from_millis(300))
+        .release_tpm(
+            &id("tpm-1"),
+            Some(&host()),
+            Instant::now() + Duration::from_millis(300),
+        )
         .unwrap_err();
     let took = start.elapsed();
     assert!(
@@ -176,7 +194,9 @@ fn a_cancelled_client_stops_polling() {
         flag.store(true, Ordering::Relaxed);
     });
     let start = Instant::now();
-    let error = client.release_tpm(&id("tpm-1"), soon()).unwrap_err();
+    let error = client
+        .release_tpm(&id("tpm-1"), Some(&host()), soon())
+        .unwrap_err();
     assert!(matches!(error, BrokerError::Cancelled), "{error:?}");
     assert!(start.elapsed() < Duration::from_secs(2));
 }
@@ -261,7 +281,9 @@ fn a_wrong_kind_a_wrong_holder_or_a_foreign_envelope_is_refused() {
         nonce: [0; 32],
         valid_for_ms: 1,
     }));
-    let error = client.release_tpm(&id("tpm-1"), soon()).unwrap_err();
+    let error = client
+        .release_tpm(&id("tpm-1"), Some(&host()), soon())
+        .unwrap_err();
     assert_eq!(
         error.to_string(),
         "the coordinator broke the protocol: expected a released share, got a nonce"
@@ -282,7 +304,9 @@ fn a_wrong_kind_a_wrong_holder_or_a_foreign_envelope_is_refused() {
         };
         (delay, body)
     }));
-    let error = client.release_tpm(&id("tpm-1"), soon()).unwrap_err();
+    let error = client
+        .release_tpm(&id("tpm-1"), Some(&host()), soon())
+        .unwrap_err();
     assert_eq!(
         error.to_string(),
         "the coordinator broke the protocol: released tpm holder tpm-9 for a request for tpm \
@@ -291,9 +315,15 @@ fn a_wrong_kind_a_wrong_holder_or_a_foreign_envelope_is_refused() {
 
     // Sealed to another request id: replayed from an earlier exchange.
     let (mut client, _) = scripted(Box::new(move |request: &Message| {
-        let Body::Release { request_key, .. } = &request.body else {
+        let Body::Release {
+            request_key,
+            evidence: Evidence::TpmNonce { nonce },
+            ..
+        } = &request.body
+        else {
             panic!("{request:?}");
         };
+        let quote = TestHost::honest().quote_for(nonce);
         let context = ReleaseContext {
             request_id: request.request_id ^ 1,
             class: HolderClass::Tpm,
@@ -306,11 +336,13 @@ fn a_wrong_kind_a_wrong_holder_or_a_foreign_envelope_is_refused() {
                 class: HolderClass::Tpm,
                 holder_id: context.holder_id,
                 envelope,
-                host_quote: None,
+                host_quote: Some(quote),
             },
         )
     }));
-    let error = client.release_tpm(&id("tpm-1"), soon()).unwrap_err();
+    let error = client
+        .release_tpm(&id("tpm-1"), Some(&host()), soon())
+        .unwrap_err();
     assert!(
         matches!(error, BrokerError::Envelope(EnvelopeError::Open)),
         "{error:?}"
@@ -399,10 +431,18 @@ fn without_snp_reports_an_sev_holder_is_not_an_snp_guest() {
         (0, slot(HolderClass::Tpm, "tpm-1")),
     ];
     let mut got: Vec<(usize, Candidate)> = Vec::new();
-    shares::fetch_all(&mut client, &holders, None, soon(), |index, candidate| {
-        got.push((index, candidate));
-        true
-    });
+    let pins = host();
+    shares::fetch_all(
+        &mut client,
+        &holders,
+        None,
+        Some(&pins),
+        soon(),
+        |index, candidate| {
+            got.push((index, candidate));
+            true
+        },
+    );
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].0, 1);
     assert_eq!(
@@ -421,6 +461,7 @@ fn without_snp_reports_an_sev_holder_is_not_an_snp_guest() {
         &mut client,
         &holders,
         Some(Box::new(FakeSnp::default())),
+        Some(&pins),
         soon(),
         |_, candidate| {
             released += usize::from(candidate.content.is_ok());
@@ -454,7 +495,9 @@ fn item7_a_rate_limited_request_is_asked_again_and_released() {
     let dealt = dealt();
     let (mut client, requests) = scripted(rate_limited(2, releasing(&dealt, Duration::ZERO)));
     let start = Instant::now();
-    let fragment = client.release_tpm(&id("tpm-1"), soon()).unwrap();
+    let fragment = client
+        .release_tpm(&id("tpm-1"), Some(&host()), soon())
+        .unwrap();
     assert_eq!(fragment.as_slice(), dealt.fragment_of("tpm-1").unwrap());
     assert!(
         start.elapsed() >= 2 * RATE_LIMITED_PAUSE,
@@ -482,7 +525,11 @@ fn item7_rate_limited_until_the_deadline_is_the_refusal() {
         scripted(rate_limited(usize::MAX, releasing(&dealt, Duration::ZERO)));
     let start = Instant::now();
     let err = client
-        .release_tpm(&id("tpm-1"), Instant::now() + Duration::from_millis(1200))
+        .release_tpm(
+            &id("tpm-1"),
+            Some(&host()),
+            Instant::now() + Duration::from_millis(1200),
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -497,4 +544,130 @@ fn item7_rate_limited_until_the_deadline_is_the_refusal() {
     assert!(start.elapsed() < Duration::from_millis(1300));
     let tries = requests.lock().unwrap().len();
     assert!((2..=3).contains(&tries), "{tries} tries");
+}
+
+/// A coordinator double that releases tpm-1's share with the quote `forge` makes for the
+/// request's guest nonce.
+fn quoting(
+    dealt: &Dealt,
+    forge: impl Fn(&[u8; NONCE_LEN]) -> keyshard_core::broker::HostQuote + Send + 'static,
+) -> Coordinator {
+    let mut honest = releasing(dealt, Duration::ZERO);
+    Box::new(move |request: &Message| {
+        let (delay, body) = honest(request);
+        let body = match (body, &request.body) {
+            (
+                Body::Released {
+                    class,
+                    holder_id,
+                    envelope,
+                    ..
+                },
+                Body::Release {
+                    evidence: Evidence::TpmNonce { nonce },
+                    ..
+                },
+            ) => Body::Released {
+                class,
+                holder_id,
+                envelope,
+                host_quote: Some(forge(nonce)),
+            },
+            (other, _) => other,
+        };
+        (delay, body)
+    })
+}
+
+fn host_check_error(coordinator: Coordinator) -> HostCheckError {
+    let (mut client, _) = scripted(coordinator);
+    match client.release_tpm(&id("tpm-1"), Some(&host()), soon()) {
+        Err(BrokerError::HostCheck(e)) => e,
+        other => panic!("not refused by the host check: {other:?}"),
+    }
+}
+
+/// Issue 8 item 4: a quote signed by another key than the manifest's AK is refused.
+#[test]
+fn item4_a_quote_not_signed_by_the_manifests_ak_is_refused() {
+    let dealt = dealt();
+    let impostor = TestHost {
+        key: p256::ecdsa::SigningKey::from_slice(&[0x13; 32]).unwrap(),
+        ..TestHost::honest()
+    };
+    let error = host_check_error(quoting(&dealt, move |nonce| impostor.quote_for(nonce)));
+    assert_eq!(error, HostCheckError::Signature);
+    assert_eq!(
+        error.to_string(),
+        "the host quote is not signed by the manifest's attestation key"
+    );
+}
+
+/// Issue 8 item 4: a quote by the right AK over PCRs that differ from the golden digest.
+#[test]
+fn item4_a_quote_with_a_wrong_pcr_digest_is_refused() {
+    let dealt = dealt();
+    let changed = TestHost {
+        pcr_digest: [0x78; 32],
+        ..TestHost::honest()
+    };
+    let error = host_check_error(quoting(&dealt, move |nonce| changed.quote_for(nonce)));
+    assert!(
+        matches!(&error, HostCheckError::PcrDigest { selection } if selection == "sha256:0,7"),
+        "{error:?}"
+    );
+}
+
+/// Issue 8 item 4: a genuine quote that does not include the guest's nonce (replayed, or
+/// another request's) is refused.
+#[test]
+fn item4_a_quote_whose_root_lacks_the_guests_nonce_is_refused() {
+    let dealt = dealt();
+    let error = host_check_error(quoting(&dealt, |_| {
+        TestHost::honest().quote_for(&[0xab; NONCE_LEN])
+    }));
+    assert_eq!(error, HostCheckError::Nonce);
+    // A path that leads elsewhere: the guest's nonce, but a sibling that is not in the tree.
+    let error = host_check_error(quoting(&dealt, |nonce| {
+        let mut quote = TestHost::honest().quote_for(nonce);
+        quote.path.push(keyshard_core::broker::merkle::PathStep {
+            sibling_on_left: false,
+            sibling: [0; 32],
+        });
+        quote
+    }));
+    assert_eq!(error, HostCheckError::Nonce);
+}
+
+/// Issue 8 item 4: no quote in the answer, or no pins in the manifest: no tpm share.
+#[test]
+fn item4_no_quote_or_no_pins_is_refused() {
+    let dealt = dealt();
+    let mut honest = releasing(&dealt, Duration::ZERO);
+    let error = host_check_error(Box::new(move |request: &Message| {
+        let (delay, body) = honest(request);
+        let body = match body {
+            Body::Released {
+                class,
+                holder_id,
+                envelope,
+                ..
+            } => Body::Released {
+                class,
+                holder_id,
+                envelope,
+                host_quote: None,
+            },
+            other => other,
+        };
+        (delay, body)
+    }));
+    assert_eq!(error, HostCheckError::NoQuote);
+    let (mut client, requests) = scripted(releasing(&dealt, Duration::ZERO));
+    let error = client.release_tpm(&id("tpm-1"), None, soon()).unwrap_err();
+    assert!(
+        matches!(error, BrokerError::HostCheck(HostCheckError::NotPinned)),
+        "{error:?}"
+    );
+    assert!(requests.lock().unwrap().is_empty(), "nothing is asked");
 }

@@ -10,6 +10,7 @@ use crate::broker::mailbox::MailboxSpec;
 use crate::worker::RecordWriter;
 use crate::worker::broker::{self, HolderArg};
 use crate::worker::probe::{self, ProbeScope, ProbeTarget};
+use keyshard_core::manifest::HostAttestation;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -55,6 +56,9 @@ pub struct BrokerArgs {
     pub snp: bool,
     #[arg(long = "holder", value_name = "INDEX:CLASS:ID")]
     pub holders: Vec<HolderArg>,
+    /// The manifest's pins of the host TPM (AK:BANK:PCRS:DIGEST), for `tpm` shares.
+    #[arg(long, value_name = "AK:BANK:PCRS:DIGEST")]
+    pub host_attestation: Option<HostAttestation>,
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
@@ -95,6 +99,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
                 &args.sysfs_root,
                 &args.holders,
                 args.snp,
+                args.host_attestation.as_ref(),
                 deadline,
                 &mut out,
             );

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use keyshard_core::dealer::HolderSlot;
+use keyshard_core::manifest::HostAttestation;
 use keyshard_core::quorum::Candidate;
 use keyshard_core::{HolderClass, HolderId};
 
@@ -72,7 +73,12 @@ pub struct WorkerBroker {
 }
 
 impl WorkerBroker {
-    fn args(&self, holders: &[(usize, HolderSlot)], deadline: Instant) -> Vec<OsString> {
+    fn args(
+        &self,
+        holders: &[(usize, HolderSlot)],
+        host: Option<&HostAttestation>,
+        deadline: Instant,
+    ) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec!["broker".into(), option_arg("path", &self.path)];
         if let Some(serial) = &self.serial {
             args.push(option_arg("serial", serial));
@@ -84,6 +90,9 @@ impl WorkerBroker {
         args.push(option_arg("timeout-ms", millis.to_string()));
         if self.snp {
             args.push("--snp".into());
+        }
+        if let Some(host) = host {
+            args.push(option_arg("host-attestation", host.to_string()));
         }
         for (index, holder) in holders {
             if let Ok(index) = u16::try_from(*index) {
@@ -110,6 +119,7 @@ impl ShareFetcher for WorkerBroker {
     fn fetch_all(
         self: Box<Self>,
         holders: Vec<(usize, HolderSlot)>,
+        host: Option<HostAttestation>,
         deadline: Instant,
         cancel: Arc<AtomicBool>,
         deliver: &mut dyn FnMut(usize, Candidate) -> bool,
@@ -133,13 +143,14 @@ impl ShareFetcher for WorkerBroker {
         // The worker asks the coordinator for the next holder only once told to: the agent says
         // so after each answer, unless that answer met the quorum (then nobody is asked for a
         // share that would not be used).
-        let mut worker = match self
-            .launcher
-            .spawn_with_go_ahead(&self.args(&holders, deadline))
-        {
-            Ok(worker) => worker,
-            Err(e) => return fail_rest(&mut unanswered, e.to_string(), deliver),
-        };
+        let mut worker =
+            match self
+                .launcher
+                .spawn_with_go_ahead(&self.args(&holders, host.as_ref(), deadline))
+            {
+                Ok(worker) => worker,
+                Err(e) => return fail_rest(&mut unanswered, e.to_string(), deliver),
+            };
         let give_up = deadline + REPORT_GRACE;
         while !unanswered.is_empty() && !cancel.load(Ordering::Relaxed) {
             let wake = give_up.min(Instant::now() + CANCEL_CHECK);
@@ -191,6 +202,7 @@ pub fn run(
     sysfs_root: &std::path::Path,
     holders: &[HolderArg],
     snp: bool,
+    host: Option<&HostAttestation>,
     deadline: Instant,
     out: &mut RecordWriter<impl std::io::Write>,
 ) {
@@ -206,6 +218,7 @@ pub fn run(
         &mut client,
         &holders,
         reports,
+        host,
         deadline,
         |index, candidate| {
             let index = u16::try_from(index).unwrap_or(u16::MAX);
@@ -256,6 +269,7 @@ mod tests {
                 holder(2, HolderClass::Tpm, "tpm-1"),
                 holder(3, HolderClass::Sev, "sev-1"),
             ],
+            None,
             started + timeout,
             Arc::new(AtomicBool::new(false)),
             &mut |index, candidate| {

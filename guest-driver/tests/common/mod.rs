@@ -69,7 +69,7 @@ impl Fixture {
             threshold: k,
             dealer: dealer_key.verifying_key(),
             holders,
-            host_attestation: None,
+            host_attestation: Some(host_attestation()),
         };
         fs::write(dir.path().join("manifest.toml"), manifest.to_toml()).unwrap();
         Self {
@@ -100,4 +100,57 @@ pub fn keyshard_guest(args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
+}
+
+/// The host TPM double's attestation key, pinned in every fixture's manifest.
+fn host_key() -> p256::ecdsa::SigningKey {
+    p256::ecdsa::SigningKey::from_slice(&[0x42; 32]).unwrap()
+}
+
+const GOLDEN_DIGEST: [u8; 32] = [0x77; 32];
+
+/// What the fixture manifests pin of the host double: its AK, sha256 PCRs 0 and 7, a digest.
+pub fn host_attestation() -> keyshard_core::manifest::HostAttestation {
+    let point = host_key().verifying_key().to_encoded_point(false);
+    keyshard_core::manifest::HostAttestation {
+        ak: point.as_bytes().try_into().unwrap(),
+        pcr_bank: keyshard_core::policy::PcrBank::Sha256,
+        pcrs: vec![0, 7],
+        pcr_digest: GOLDEN_DIGEST,
+    }
+}
+
+/// The host double's quote for a lone request carrying `evidence` (None without a nonce).
+pub fn host_quote(
+    evidence: &keyshard_core::broker::Evidence,
+) -> Option<keyshard_core::broker::HostQuote> {
+    use keyshard_attest::tpm::{ClockInfo, QuoteAttest, QuotedBank};
+    use p256::ecdsa::signature::Signer as _;
+    let keyshard_core::broker::Evidence::TpmNonce { nonce } = evidence else {
+        return None;
+    };
+    let attest = QuoteAttest {
+        signer_name: vec![0, 0x0b, 1, 2, 3],
+        extra_data: keyshard_core::broker::merkle::leaf(nonce).to_vec(),
+        clock: ClockInfo {
+            clock: 1,
+            reset_count: 0,
+            restart_count: 0,
+            safe: true,
+        },
+        firmware_version: 1,
+        banks: vec![QuotedBank {
+            alg: 0x000b,
+            bitmap: vec![0x81, 0, 0],
+        }],
+        pcr_digest: GOLDEN_DIGEST.to_vec(),
+    }
+    .to_bytes()
+    .unwrap();
+    let signature: p256::ecdsa::Signature = host_key().sign(&attest);
+    Some(keyshard_core::broker::HostQuote {
+        attest,
+        signature: signature.to_bytes().into(),
+        path: Vec::new(),
+    })
 }
