@@ -7,13 +7,16 @@
 //! and refuses, naming the PCR; a key that could not be unsealed at start is unsealed again (under
 //! PolicyPCR) by the first release whose quote verifies.
 //!
-//! A request that carries the guest's own nonce ([`Evidence::TpmNonce`]) is quoted with the
-//! Merkle root over its nonce as qualifying data, and the answer carries the quote and the
-//! nonce's inclusion path ([`keyshard_core::broker::merkle`]), so the guest checks the host's
-//! state itself against the AK and golden digest of its manifest.
+//! One quote serves every release pending within a short window ([`BATCH_WINDOW`], across every
+//! VM and holder served through the same TPM service): its qualifying data is the root of a
+//! Merkle tree over those requests' nonces ([`keyshard_core::broker::merkle`]). A request that
+//! carries the guest's own nonce ([`Evidence::TpmNonce`]) gets the quote and its nonce's
+//! inclusion path in the answer, so the guest checks the host's state itself against the AK and
+//! golden digest of its manifest.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use keyshard_core::HolderId;
 use keyshard_core::broker::merkle::{self, PathStep};
@@ -43,7 +46,12 @@ pub struct TpmReleaser {
     holders: Vec<TpmHolder>,
     /// Data keys unsealed so far, by holder. Emptied when a quote shows changed PCRs.
     held: Mutex<HashMap<HolderId, at_rest::DataKey>>,
+    /// How long the first release of a batch waits for others to share its quote.
+    batch_window: Duration,
 }
+
+/// The default batch window: releases arriving within 20 ms share one quote.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(20);
 
 impl TpmReleaser {
     /// Unseals every holder's data key now (each under its PolicyPCR). A key the TPM refuses
@@ -68,7 +76,14 @@ impl TpmReleaser {
             ak,
             holders,
             held: Mutex::new(held),
+            batch_window: BATCH_WINDOW,
         }
+    }
+
+    /// Replaces the batch window ([`BATCH_WINDOW`] by default).
+    pub fn with_batch_window(mut self, window: Duration) -> Self {
+        self.batch_window = window;
+        self
     }
 
     /// How many data keys are held unsealed now.
@@ -98,34 +113,28 @@ impl TpmReleaser {
     }
 
     /// The host's own attestation: a quote whose qualifying data is the Merkle root over the
-    /// guest's nonce (or a fresh nonce of ours when the guest sent none), checked against the
-    /// golden values. Returns the quote and the guest nonce's inclusion path.
+    /// nonces of every release pending within the batch window (across every VM served with this
+    /// TPM service), this one's being the guest's nonce or, when the guest sent none, a fresh
+    /// one of ours; checked against the golden values. Returns the quote and the nonce's path.
     fn attest_host(
         &self,
         guest_nonce: Option<&[u8; NONCE_LEN]>,
     ) -> Result<(Quote, Vec<PathStep>), Refusal> {
-        let (qualifying, path) = match guest_nonce {
-            Some(nonce) => {
-                let tree = merkle::Tree::new(std::slice::from_ref(nonce)).ok_or_else(|| {
-                    Refusal::new(RefusalCode::Internal, "no nonce to build the quote's tree")
-                })?;
-                let path = tree.path(0).ok_or_else(|| {
-                    Refusal::new(RefusalCode::Internal, "no inclusion path for the nonce")
-                })?;
-                (tree.root(), path)
-            }
+        let nonce = match guest_nonce {
+            Some(nonce) => *nonce,
             None => {
                 let mut nonce = [0u8; NONCE_LEN];
                 getrandom::fill(&mut nonce).map_err(|_| {
                     Refusal::new(RefusalCode::Internal, "no randomness for the quote nonce")
                 })?;
-                (nonce, Vec::new())
+                nonce
             }
         };
-        let quote = self
+        let (quote, path) = self
             .tpm
-            .quote(&self.selection, &qualifying)
+            .quote_batched(&self.selection, &nonce, self.batch_window)
             .map_err(tpm_refusal)?;
+        let qualifying = merkle::root_from_path(&nonce, &path);
         match verify_quote(&quote, &self.ak, &qualifying, &self.golden) {
             Ok(_) => Ok((quote, path)),
             Err(QuoteError::PcrDigest { selection }) => {

@@ -60,6 +60,8 @@ pub enum TpmError {
     ServiceStopped,
     #[error("cannot start the TPM owner thread: {0}")]
     Spawn(String),
+    #[error("the batched quote failed: {0}")]
+    Batched(String),
 }
 
 pub type Result<T> = std::result::Result<T, TpmError>;

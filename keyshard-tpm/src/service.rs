@@ -4,10 +4,12 @@
 //! thread. Cloning a `TpmService` is cheap; the thread ends when the last clone is dropped.
 //! From async code, call it from `spawn_blocking`; never hold a call across an `.await`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use zeroize::Zeroizing;
 
@@ -16,6 +18,20 @@ use crate::device::{Startup, Tpm, TpmConfig, TpmInfo};
 use crate::error::{Result, TpmError};
 use keyshard_attest::tpm::pcr::{PcrSelection, PcrValues};
 use keyshard_attest::tpm::quote::{AkPublic, NONCE_LEN, Quote};
+use keyshard_core::broker::merkle::{PathStep, Tree};
+
+/// What a batch's leader publishes: the quote over the batch's Merkle root (or why not), and
+/// the tree, for each member's path.
+type Published = Arc<(std::result::Result<Quote, String>, Option<Tree>)>;
+
+/// The answer slot every member of one batch waits on.
+type Slot = Arc<(Mutex<Option<Published>>, Condvar)>;
+
+/// Requests waiting for the next quote of one PCR selection.
+struct Batch {
+    nonces: Vec<[u8; NONCE_LEN]>,
+    slot: Slot,
+}
 
 type Job = Box<dyn FnOnce(&mut Tpm) + Send>;
 
@@ -33,6 +49,8 @@ struct Inner {
     ak_public: AkPublic,
     /// Jobs sent to the TPM thread so far: each is one TPM operation (quote, unseal, read).
     calls: AtomicU64,
+    /// Open batches of [`TpmService::quote_batched`], by PCR selection (TPML bytes).
+    batches: Mutex<HashMap<Vec<u8>, Batch>>,
 }
 
 impl std::fmt::Debug for TpmService {
@@ -84,6 +102,7 @@ impl TpmService {
                 startup,
                 ak_public,
                 calls: AtomicU64::new(0),
+                batches: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -132,6 +151,82 @@ impl TpmService {
     pub fn quote(&self, selection: &PcrSelection, nonce: &[u8; NONCE_LEN]) -> Result<Quote> {
         let (selection, nonce) = (selection.clone(), *nonce);
         self.call(move |tpm| tpm.quote(&selection, &nonce))?
+    }
+
+    /// One quote for every caller that asks within `window` of the first: the first caller
+    /// waits `window`, then quotes the root of a Merkle tree over all their nonces (see
+    /// `keyshard_core::broker::merkle`); each caller gets that quote and its own nonce's
+    /// inclusion path. A boot storm then costs the TPM one quote per window, not one per
+    /// release. Batches are per PCR selection; every clone of this service shares them.
+    pub fn quote_batched(
+        &self,
+        selection: &PcrSelection,
+        nonce: &[u8; NONCE_LEN],
+        window: Duration,
+    ) -> Result<(Quote, Vec<PathStep>)> {
+        let key = selection.tpml_bytes();
+        let (index, slot, leader) = {
+            let mut batches = self
+                .inner
+                .batches
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match batches.get_mut(&key) {
+                Some(batch) => {
+                    batch.nonces.push(*nonce);
+                    (batch.nonces.len() - 1, batch.slot.clone(), false)
+                }
+                None => {
+                    let slot: Slot = Arc::new((Mutex::new(None), Condvar::new()));
+                    batches.insert(
+                        key.clone(),
+                        Batch {
+                            nonces: vec![*nonce],
+                            slot: slot.clone(),
+                        },
+                    );
+                    (0, slot, true)
+                }
+            }
+        };
+        let (lock, ready) = &*slot;
+        if leader {
+            std::thread::sleep(window);
+            let nonces = self
+                .inner
+                .batches
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&key)
+                .map(|batch| batch.nonces)
+                .unwrap_or_default();
+            let tree = Tree::new(&nonces);
+            let quote = match &tree {
+                Some(tree) => self
+                    .quote(selection, &tree.root())
+                    .map_err(|e| e.to_string()),
+                None => Err("an empty batch".to_owned()),
+            };
+            *lock.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new((quote, tree)));
+            ready.notify_all();
+        }
+        let mut published = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let answer = loop {
+            if let Some(answer) = published.as_ref() {
+                break answer.clone();
+            }
+            published = ready
+                .wait(published)
+                .unwrap_or_else(PoisonError::into_inner);
+        };
+        drop(published);
+        let (quote, tree) = &*answer;
+        let quote = quote.clone().map_err(TpmError::Batched)?;
+        let path = tree
+            .as_ref()
+            .and_then(|tree| tree.path(index))
+            .ok_or_else(|| TpmError::Batched("no inclusion path for this nonce".to_owned()))?;
+        Ok((quote, path))
     }
 
     /// [`Tpm::unseal`] on the TPM thread.

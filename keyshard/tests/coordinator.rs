@@ -359,3 +359,69 @@ fn item4_a_guest_nonce_release_carries_a_quote_the_manifest_verifies() {
     let other = merkle::root_from_path(&[0x43; 32], &quote.path);
     assert!(verify_quote_digest(&signed, &ak, &other, &selection, &host.pcr_digest).is_err());
 }
+
+/// Issue 8 item 3b: eight releases arriving at once share one quote: one TPM operation for
+/// all of them, each answer carrying that quote and a path from its own nonce to the quoted
+/// root.
+#[test]
+fn item3b_one_quote_serves_every_release_pending_in_the_window() {
+    use keyshard_attest::tpm::{AkPublic, PcrSelection, Quote, verify_quote_digest};
+    use keyshard_core::broker::merkle;
+
+    const N: u8 = 8; // the per-VM burst: none is refused for rate
+    let set = initialised();
+    let dir = StateDir::new(set.dir.path());
+    let state = setup::load_state(&dir).unwrap();
+    let service = TpmService::spawn(TpmConfig::new(set.swtpm.tcti())).unwrap();
+    let coordinator = setup::coordinator(&dir, &state, Some(service.clone())).unwrap();
+    let manifest = Manifest::parse(&std::fs::read_to_string(dir.manifest()).unwrap()).unwrap();
+    let host = manifest.host_attestation.unwrap();
+    let started = service.calls();
+
+    let barrier = std::sync::Barrier::new(usize::from(N));
+    let answers: Vec<([u8; 32], Body)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..=N)
+            .map(|i| {
+                let (coordinator, barrier) = (&coordinator, &barrier);
+                scope.spawn(move || {
+                    let nonce = [i; 32];
+                    let key = RequestKey::generate().unwrap();
+                    let message = Message {
+                        request_id: u64::from(i),
+                        body: Body::Release {
+                            class: HolderClass::Tpm,
+                            holder_id: HolderId::new("tpm-1").unwrap(),
+                            request_key: key.public_key(),
+                            evidence: Evidence::TpmNonce { nonce },
+                        },
+                    };
+                    barrier.wait();
+                    (nonce, coordinator.answer("vm1", &message))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(service.calls() - started, 1, "one quote for {N} releases");
+
+    let ak = AkPublic::from_sec1(&host.ak).unwrap();
+    let selection = PcrSelection::new(host.pcr_bank, &host.pcrs).unwrap();
+    let mut attests = std::collections::BTreeSet::new();
+    for (nonce, answer) in answers {
+        let Body::Released {
+            host_quote: Some(quote),
+            ..
+        } = answer
+        else {
+            panic!("not released with a quote: {answer:?}");
+        };
+        let root = merkle::root_from_path(&nonce, &quote.path);
+        let signed = Quote {
+            attest: quote.attest.clone(),
+            signature: quote.signature,
+        };
+        verify_quote_digest(&signed, &ak, &root, &selection, &host.pcr_digest).unwrap();
+        attests.insert(quote.attest);
+    }
+    assert_eq!(attests.len(), 1, "every answer carries the same quote");
+}
