@@ -18,7 +18,7 @@ use keyshard_core::files::{self, FileError, Overwrite};
 use keyshard_core::fragment::{Fragment, MAX_FRAGMENT_LEN, VerifiedFragment};
 use keyshard_core::holder::HolderClass;
 use keyshard_core::keys::DealerSigningKey;
-use keyshard_core::manifest::{Manifest, ManifestError};
+use keyshard_core::manifest::{HOST_AK_LEN, HostAttestation, Manifest, ManifestError};
 use keyshard_core::quorum::{self, Candidate, QuorumError};
 use keyshard_core::recovery::{self, RecoveryCodeError};
 use keyshard_core::sharing::{self, Share, SharingError};
@@ -248,6 +248,27 @@ pub fn reseal(
         0o644,
         Overwrite::Replace,
     )?;
+    // The guest manifest's pins follow the new golden values (the guest's initramfs must be
+    // rebuilt with it: until then the guest refuses the host's new quotes).
+    if manifest.host_attestation.is_some() {
+        let ak = <[u8; HOST_AK_LEN]>::try_from(tpm.ak_public().to_sec1().as_slice())
+            .map_err(|_| ResealError::Check)?;
+        let updated = Manifest {
+            host_attestation: Some(HostAttestation {
+                ak,
+                pcr_bank: selection.bank(),
+                pcrs: selection.indices().to_vec(),
+                pcr_digest: current.composite_digest(),
+            }),
+            ..manifest.clone()
+        };
+        files::write_atomic(
+            &dir.manifest(),
+            updated.to_toml().as_bytes(),
+            0o644,
+            Overwrite::Replace,
+        )?;
+    }
     Ok(ResealReport {
         resealed: sealed.iter().map(|(h, _, _)| h.to_string()).collect(),
         selection: selection.to_string(),

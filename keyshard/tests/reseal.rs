@@ -151,6 +151,15 @@ fn item8_reseal_with_the_recovery_file_after_a_pcr_change() {
         "the tpm fragment was not sealed again"
     );
     assert_eq!(release_and_rebuild(&dir, &tcti).unwrap(), secret);
+    // Issue 8 item 4: the guest manifest's golden PCR digest follows the new golden values.
+    let resealed = Manifest::parse(&std::fs::read_to_string(dir.manifest()).unwrap()).unwrap();
+    let (before, after) = (
+        manifest.host_attestation.unwrap(),
+        resealed.host_attestation.unwrap(),
+    );
+    assert_ne!(before.pcr_digest, after.pcr_digest);
+    assert_eq!((before.ak, before.pcrs), (after.ak, after.pcrs));
+    assert_eq!(resealed.holders, manifest.holders);
 }
 
 #[test]
