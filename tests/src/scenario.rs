@@ -204,6 +204,21 @@ impl Scenario {
     /// its `tpm` shares to a new swtpm that the scenario owns; then builds the volume and the
     /// initramfs with the manifest `init` wrote.
     pub fn init(name: &str, policy: &str) -> Result<Self> {
+        Self::init_inner(name, policy, None)
+    }
+
+    /// Like [`Self::init`], but the guest's initramfs carries the manifest as `edit` leaves it
+    /// (written to `<work>/guest-manifest.toml`; the state directory keeps `init`'s): a guest
+    /// that pins something else than the host has.
+    pub fn init_with_guest_manifest(
+        name: &str,
+        policy: &str,
+        edit: impl FnOnce(&mut Manifest),
+    ) -> Result<Self> {
+        Self::init_inner(name, policy, Some(Box::new(edit)))
+    }
+
+    fn init_inner(name: &str, policy: &str, edit: Option<ManifestEdit<'_>>) -> Result<Self> {
         let dealing = Dealing::new(name)?;
         let swtpm = Swtpm::start(&dealing.dir().join("swtpm"))?;
         let policy = dealing.env.repo.join(policy);
@@ -234,6 +249,17 @@ impl Scenario {
                 read_fragment(&path)
             })
             .collect::<Result<Vec<_>>>()?;
+        let manifest = match edit {
+            None => manifest,
+            Some(edit) => {
+                let mut edited = parse_manifest(&manifest)?;
+                edit(&mut edited);
+                let path = dealing.dir().join("guest-manifest.toml");
+                fs::write(&path, edited.to_toml())
+                    .map_err(io_context(format!("writing {}", path.display())))?;
+                path
+            }
+        };
         dealing.finish(name, manifest, fragments, Some(state_dir), Some(swtpm))
     }
 
@@ -361,6 +387,9 @@ impl Scenario {
         }
     }
 }
+
+/// A change to the guest's copy of the manifest.
+type ManifestEdit<'a> = Box<dyn FnOnce(&mut Manifest) + 'a>;
 
 fn parse_manifest(path: &Path) -> Result<Manifest> {
     let text =

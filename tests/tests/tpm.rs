@@ -2,7 +2,8 @@
 //! `examples/vhd-tpm.toml` (two `vhd` fragments, one share sealed to a software TPM, k = 3), and
 //! the guest needs the coordinator's release, over its broker mailbox, on top of the two fragment
 //! devices. The release follows the host's measured state: after a PCR 7 extend the coordinator
-//! refuses it and the guest stays locked, naming the PCR. `make e2e` runs these.
+//! refuses it and the guest stays locked, naming the PCR. A guest whose manifest pins another
+//! attestation key refuses the share itself and stays locked. `make e2e` runs these.
 
 // Test code: a panic here is a failed test.
 #![allow(
@@ -202,4 +203,50 @@ fn without_the_coordinator_the_guest_stays_locked_and_names_the_tpm_holder() {
         outcome.stderr.contains("broker socket") && outcome.stderr.contains("booting without it"),
         "run-qemu.sh did not say it left the broker out\n{report}"
     );
+}
+
+/// Issue 8 item 4 in QEMU: the guest's manifest pins another attestation key than the host
+/// TPM's (the P-256 generator point). The coordinator releases as usual, but the guest refuses
+/// the tpm share, naming why, and stays locked.
+#[test]
+#[ignore = "needs QEMU, swtpm, tpm2-tools and built images; run by make e2e"]
+fn item4_a_guest_whose_manifest_pins_another_ak_stays_locked_naming_the_reason() {
+    const P256_GENERATOR: &str = "046b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c2964fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5";
+    let scenario = ok(Scenario::init_with_guest_manifest(
+        "foreign-ak",
+        VHD_TPM_POLICY,
+        |manifest| {
+            let host = manifest
+                .host_attestation
+                .as_mut()
+                .expect("init pins the host");
+            let ak = hex_bytes(P256_GENERATOR);
+            assert_ne!(host.ak.as_slice(), ak.as_slice());
+            host.ak.copy_from_slice(&ak);
+        },
+    ));
+    let daemons = ok(scenario.start_daemons());
+    let coordinator = ok(scenario.start_coordinator(VM));
+    let outcome = ok(scenario.boot(
+        "foreign-ak",
+        sockets(&daemons),
+        Some(coordinator.socket.clone()),
+    ));
+    let report = outcome.report();
+    assert_powered_off(&outcome);
+    assert_locked(&outcome, &scenario);
+    let guest_stderr = outcome.console.guest_stderr().unwrap_or_default();
+    assert!(
+        guest_stderr.contains(
+            "missing tpm-1: host check failed: the host quote is not signed by the manifest's attestation key"
+        ),
+        "the guest did not name the host check\n{report}"
+    );
+}
+
+fn hex_bytes(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
 }
