@@ -425,3 +425,76 @@ fn item3b_one_quote_serves_every_release_pending_in_the_window() {
     }
     assert_eq!(attests.len(), 1, "every answer carries the same quote");
 }
+
+/// A boot storm in one process, for measuring (not `make bench-storm`, which needs the
+/// multi-VM coordinator): N state directories on one swtpm, one coordinator each, all sharing
+/// one TPM service; every VM asks for its tpm share at once. Prints wall time, p50/p99 per VM
+/// and TPM operations per release. Run with `--ignored --nocapture`; N from KEYSHARD_STORM_N.
+#[test]
+#[ignore = "a measurement; run by hand"]
+fn storm_of_tpm_releases_through_one_tpm_service() {
+    let n: usize = std::env::var("KEYSHARD_STORM_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let swtpm = Swtpm::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let dirs: Vec<StateDir> = (0..n)
+        .map(|i| {
+            let dir = StateDir::new(root.path().join(format!("vm{i}")));
+            let secret = keyshard_core::keys::generate().unwrap().to_bytes().to_vec();
+            init(
+                &dir,
+                &Policy::parse(POLICY).unwrap(),
+                &secret,
+                &keyshard_core::keys::generate().unwrap(),
+                Some(&mut tpm),
+                Overwrite::Refuse,
+                &["vm1".to_owned()],
+            )
+            .unwrap();
+            dir
+        })
+        .collect();
+    drop(tpm);
+    let service = TpmService::spawn(TpmConfig::new(swtpm.tcti())).unwrap();
+    let coordinators: Vec<_> = dirs
+        .iter()
+        .map(|dir| {
+            let state = setup::load_state(dir).unwrap();
+            setup::coordinator(dir, &state, Some(service.clone())).unwrap()
+        })
+        .collect();
+    let started_calls = service.calls();
+    let barrier = std::sync::Barrier::new(n);
+    let start = std::time::Instant::now();
+    let mut took: Vec<std::time::Duration> = std::thread::scope(|scope| {
+        let handles: Vec<_> = coordinators
+            .iter()
+            .map(|coordinator| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    let key = RequestKey::generate().unwrap();
+                    barrier.wait();
+                    let asked = std::time::Instant::now();
+                    let body = release_tpm(coordinator, &key, 1);
+                    assert!(matches!(body, Body::Released { .. }), "{body:?}");
+                    asked.elapsed()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let wall = start.elapsed();
+    took.sort_unstable();
+    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    let calls = service.calls() - started_calls;
+    println!(
+        "storm N={n}: wall {:.1} ms, p50 {:.1} ms, p99 {:.1} ms, {calls} TPM operations ({:.3} per release)",
+        wall.as_secs_f64() * 1e3,
+        at(0.5).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        calls as f64 / n as f64
+    );
+}
