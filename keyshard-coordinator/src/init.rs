@@ -9,7 +9,7 @@ use std::path::Path;
 
 use keyshard_core::dealer::{self, DealError, DealPlan, HolderSlot};
 use keyshard_core::files::{self, FileError, Overwrite};
-use keyshard_core::fragment::{Fragment, FragmentError, MAX_FRAGMENT_LEN, VerifiedFragment};
+use keyshard_core::fragment::{VerifiedFragment, is_fragment_file};
 use keyshard_core::holder::{HolderClass, HolderId, KeyId};
 use keyshard_core::kcv::KeyCheckValue;
 use keyshard_core::keys::DealerSigningKey;
@@ -250,7 +250,7 @@ fn remove_stale_shares(dir: &StateDir, holders: &[HolderSlot]) -> Result<usize, 
             if !is_file || holders.iter().any(|h| h.id == id) {
                 continue;
             }
-            if folder == "fragments" && !is_keyshard_fragment(&path) {
+            if folder == "fragments" && !is_fragment_file(&path) {
                 log::warn!(
                     "left {}: not a keyshard fragment, so not removed as stale",
                     path.display()
@@ -265,15 +265,6 @@ fn remove_stale_shares(dir: &StateDir, holders: &[HolderSlot]) -> Result<usize, 
         }
     }
     Ok(removed)
-}
-
-fn is_keyshard_fragment(path: &Path) -> bool {
-    files::read_limited(path, MAX_FRAGMENT_LEN).is_ok_and(|bytes| {
-        matches!(
-            Fragment::parse(&bytes),
-            Ok(_) | Err(FragmentError::VersionWithoutDealId)
-        )
-    })
 }
 
 fn create_dirs(dir: &StateDir, names: &[&str]) -> Result<(), FileError> {

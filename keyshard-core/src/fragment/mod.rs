@@ -113,6 +113,17 @@ pub struct Fragment {
     signature: [u8; wire::SIGNATURE_LEN],
 }
 
+/// Whether the file at `path` is a keyshard fragment (of this format, or a version 1 one): the
+/// test for what keyshard may remove as its own stale fragment file, and nothing else.
+pub fn is_fragment_file(path: &std::path::Path) -> bool {
+    crate::files::read_limited(path, MAX_FRAGMENT_LEN).is_ok_and(|bytes| {
+        matches!(
+            Fragment::parse(&bytes),
+            Ok(_) | Err(FragmentError::VersionWithoutDealId)
+        )
+    })
+}
+
 impl Fragment {
     /// Parses `bytes` strictly: bounded lengths, known version and class, nothing trailing.
     pub fn parse(bytes: &[u8]) -> Result<Self> {

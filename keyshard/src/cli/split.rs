@@ -4,7 +4,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use keyshard_core::dealer::{self, DealPlan, HolderSlot};
-use keyshard_core::fragment::{Fragment, FragmentError, MAX_FRAGMENT_LEN};
+use keyshard_core::fragment::is_fragment_file;
 use keyshard_core::manifest::Manifest;
 use keyshard_core::sharing::MAX_SECRET_LEN;
 use keyshard_core::{HolderClass, KeyCheckValue, KeyId};
@@ -164,7 +164,7 @@ fn remove_stale_fragments(out_dir: &Path, n: usize) -> Result<usize, CliError> {
         let Ok(meta) = path.symlink_metadata() else {
             continue;
         };
-        if meta.is_file() && is_keyshard_fragment(&path) {
+        if meta.is_file() && is_fragment_file(&path) {
             fs::remove_file(&path).map_err(|source| files::FileError::Io {
                 path: path.clone(),
                 source,
@@ -178,13 +178,4 @@ fn remove_stale_fragments(out_dir: &Path, n: usize) -> Result<usize, CliError> {
         }
     }
     Ok(removed)
-}
-
-fn is_keyshard_fragment(path: &Path) -> bool {
-    files::read_limited(path, MAX_FRAGMENT_LEN).is_ok_and(|bytes| {
-        matches!(
-            Fragment::parse(&bytes),
-            Ok(_) | Err(FragmentError::VersionWithoutDealId)
-        )
-    })
 }
