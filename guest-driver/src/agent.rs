@@ -159,6 +159,8 @@ struct FoundDevice {
     name: String,
     location: String,
     probed: Option<Probed>,
+    /// A fragment device's report, made once when its probe answers.
+    report: Option<SourceReport>,
 }
 
 /// Discovery at work: lists `<sysfs>/block` until every expected device is there or the device
@@ -166,6 +168,8 @@ struct FoundDevice {
 struct Scanner {
     discovery: Discovery,
     scope: ProbeScope,
+    /// The wait the user gave, to say how long a device that never answered was waited for.
+    timeout: Duration,
     devices: Vec<FoundDevice>,
     pending: usize,
     /// No new device is looked for after this.
@@ -177,11 +181,12 @@ struct Scanner {
 }
 
 impl Scanner {
-    fn new(discovery: Discovery, scope: ProbeScope, now: Instant) -> Self {
+    fn new(discovery: Discovery, scope: ProbeScope, timeout: Duration, now: Instant) -> Self {
         let scan_until = now + discovery.device_wait;
         Self {
             discovery,
             scope,
+            timeout,
             devices: Vec::new(),
             pending: 0,
             scan_until,
@@ -241,6 +246,7 @@ impl Scanner {
                 name,
                 location,
                 probed,
+                report: None,
             });
         }
     }
@@ -256,6 +262,21 @@ impl Scanner {
             None => log::debug!("{}: {:?}", device.location, probed.serial),
         }
         let serial = probed.serial().map(str::to_owned);
+        device.report = serial
+            .as_deref()
+            .filter(|s| DeviceKind::of_serial(s) == DeviceKind::Fragment)
+            .map(|serial| {
+                let fragments = match &probed.volume {
+                    Some(Ok(volume)) => SourceReport::from_volume(volume),
+                    Some(Err(failure)) => Err(failure.describe(self.timeout)),
+                    None => Err("not read".to_owned()),
+                };
+                SourceReport {
+                    location: device.location.clone(),
+                    serial: Some(serial.to_owned()),
+                    fragments,
+                }
+            });
         device.probed = Some(probed);
         self.pending = self.pending.saturating_sub(1);
         Some((device.name.clone(), serial))
@@ -294,21 +315,8 @@ impl Scanner {
     }
 
     /// The fragment devices probed so far, as source reports.
-    fn fragment_reports(&self, timeout: Duration) -> impl Iterator<Item = SourceReport> + '_ {
-        self.serials()
-            .filter(|(_, serial)| DeviceKind::of_serial(serial) == DeviceKind::Fragment)
-            .map(move |(device, serial)| {
-                let fragments = match device.probed.as_ref().and_then(|p| p.volume.as_ref()) {
-                    Some(Ok(volume)) => SourceReport::from_volume(volume),
-                    Some(Err(failure)) => Err(failure.describe(timeout)),
-                    None => Err("not read".to_owned()),
-                };
-                SourceReport {
-                    location: device.location.clone(),
-                    serial: Some(serial.to_owned()),
-                    fragments,
-                }
-            })
+    fn fragment_reports(&self) -> impl Iterator<Item = &SourceReport> {
+        self.devices.iter().filter_map(|d| d.report.as_ref())
     }
 
     /// When no device was ever found because `<sysfs>/block` could not be listed: that, as an
@@ -326,7 +334,8 @@ impl Scanner {
     }
 
     /// The devices whose serial never came, as unavailable sources: any may have been a holder.
-    fn unanswered(&self, timeout: Duration) -> impl Iterator<Item = SourceReport> + '_ {
+    fn unanswered(&self) -> impl Iterator<Item = SourceReport> + '_ {
+        let timeout = self.timeout;
         self.devices.iter().filter_map(move |device| {
             let failure = match &device.probed {
                 None => &ProbeFailure::NoAnswer,
@@ -504,7 +513,7 @@ pub fn survey(inputs: Inputs, timeout: Duration) -> Survey {
     let mut sources = SourceSlots::start(inputs.sources, deadline, &sender);
     let mut scanner = inputs
         .discovery
-        .map(|d| Scanner::new(d, ProbeScope::FragmentVolume, Instant::now()));
+        .map(|d| Scanner::new(d, ProbeScope::FragmentVolume, timeout, Instant::now()));
     let give_up = deadline + REPORT_GRACE;
     loop {
         if let Some(scanner) = scanner.as_mut() {
@@ -535,8 +544,8 @@ pub fn survey(inputs: Inputs, timeout: Duration) -> Survey {
     let mut reports = sources.finish(timeout);
     let mut broker = None;
     if let Some(scanner) = &scanner {
-        reports.extend(scanner.fragment_reports(timeout));
-        reports.extend(scanner.unanswered(timeout));
+        reports.extend(scanner.fragment_reports().cloned());
+        reports.extend(scanner.unanswered());
         reports.extend(scanner.listing_failure());
         broker = scanner
             .serials()
@@ -562,7 +571,7 @@ pub fn list_devices(
 ) -> discovery::Result<Vec<ListedDevice>> {
     let deadline = Instant::now() + timeout;
     let (sender, receiver) = mpsc::channel();
-    let mut scanner = Scanner::new(discovery, ProbeScope::SerialOnly, Instant::now());
+    let mut scanner = Scanner::new(discovery, ProbeScope::SerialOnly, timeout, Instant::now());
     let mut found_at: Option<Instant> = None;
     loop {
         scanner.scan(deadline, &sender);
@@ -679,7 +688,7 @@ pub fn unlock_with(
     }
     let mut scanner = inputs
         .discovery
-        .map(|d| Scanner::new(d, ProbeScope::FragmentVolume, Instant::now()));
+        .map(|d| Scanner::new(d, ProbeScope::FragmentVolume, timeout, Instant::now()));
     if scanner.is_none() && !shares.attached {
         shares.fail_where(
             |_| true,
@@ -693,9 +702,10 @@ pub fn unlock_with(
     loop {
         if let Some(scanner) = scanner.as_mut() {
             scanner.scan(deadline, &sender);
-            let found: Vec<SourceReport> = scanner.fragment_reports(timeout).collect();
-            let all_there = every_vhd_holder_seen(manifest, sources.received().chain(&found))
-                && (shares.attached || shares.holders.is_empty());
+            let all_there = every_vhd_holder_seen(
+                manifest,
+                sources.received().chain(scanner.fragment_reports()),
+            ) && (shares.attached || shares.holders.is_empty());
             scanner.settle(all_there);
             if !scanner.scanning && !shares.attached {
                 let why = match scanner.without_serial() {
@@ -767,13 +777,11 @@ pub fn unlock_with(
             }
             continue;
         }
-        let found: Vec<SourceReport> = scanner
-            .iter()
-            .flat_map(|s| s.fragment_reports(timeout))
-            .collect();
+        let found: Vec<&SourceReport> =
+            scanner.iter().flat_map(Scanner::fragment_reports).collect();
         let mut so_far: Vec<Candidate> = sources
             .received()
-            .chain(&found)
+            .chain(found.iter().copied())
             .flat_map(SourceReport::candidates)
             .chain(shares.received().cloned())
             .collect();
@@ -783,7 +791,7 @@ pub fn unlock_with(
             .is_none_or(|s| !s.scanning && s.pending == 0);
         if sources.pending == 0 && devices_done {
             so_far.extend(missing_vhd_holders(
-                sources.received().chain(&found),
+                sources.received().chain(found.iter().copied()),
                 manifest,
             ));
         }
@@ -807,8 +815,8 @@ pub fn unlock_with(
     cancel.store(true, Ordering::Relaxed);
     let mut reports = sources.finish(timeout);
     if let Some(scanner) = &scanner {
-        reports.extend(scanner.fragment_reports(timeout));
-        reports.extend(scanner.unanswered(timeout));
+        reports.extend(scanner.fragment_reports().cloned());
+        reports.extend(scanner.unanswered());
         reports.extend(scanner.listing_failure());
     }
     let mut all = candidates(&reports, manifest);

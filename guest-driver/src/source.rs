@@ -175,7 +175,7 @@ impl VolumeSource for WorkerSource {
 }
 
 /// What one source yielded: its fragments' bytes (parsed later, by the quorum), or why not.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SourceReport {
     pub location: String,
     pub serial: Option<String>,
