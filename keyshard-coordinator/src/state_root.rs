@@ -11,6 +11,7 @@
 //! the other VMs are not touched. Each VM has its own serving thread and stopper, so adding or
 //! removing one never restarts another.
 
+mod loader;
 pub mod scan;
 
 use std::collections::BTreeMap;
@@ -26,15 +27,16 @@ use nix::fcntl::{Flock, FlockArg};
 
 use super::mailbox::{BrokerMailbox, RequestHandler};
 use super::release::Coordinator;
-use super::setup;
-use super::state::{StateDir, check_vm_id};
-use keyshard_tpm::{TpmConfig, TpmService};
+use super::state::check_vm_id;
+use loader::{LoadRequest, Loaded, Loader};
 use scan::{ScanError, VmDir};
 use vhost_keyshard::device::serve::{BoundSocket, ServeError, SocketAccess, Stopper};
 
 /// How often the root is listed. An added VM is served after two scans that agree (0.5 to
 /// 0.75 s, plus its load); a removed one stops at the next scan.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How long start-up waits for the VMs present at start to load before it says ready.
+pub const START_WAIT: Duration = Duration::from_secs(30);
 /// How often a VM whose state could not be loaded, unchanged, is tried again (a TPM that was
 /// not reachable may be now).
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
@@ -179,6 +181,20 @@ struct Vm {
     served: Option<Served>,
     /// Why it is refused now, and since when (for the retry).
     refused: Option<(String, Instant)>,
+    /// A load was asked for and has not come back.
+    loading: bool,
+}
+
+impl Vm {
+    fn new(seen: Option<VmDir>) -> Self {
+        Self {
+            seen,
+            loaded: None,
+            served: None,
+            refused: None,
+            loading: false,
+        }
+    }
 }
 
 /// Serves every VM directory under a state root. Call [`StateRootServer::watch_once`] every
@@ -186,9 +202,8 @@ struct Vm {
 pub struct StateRootServer {
     root: PathBuf,
     access: SocketAccess,
-    tcti: String,
-    /// Opened when the first VM with `tpm` or `sev` holders is loaded, then shared by all.
-    tpm: Option<TpmService>,
+    /// Loads states, each on a thread of its own, and holds the TPM service they share.
+    loader: Loader,
     vms: BTreeMap<String, Vm>,
     retiring: Vec<Retiring>,
     /// Held while serving: a second coordinator on the same root would fight over its sockets.
@@ -215,25 +230,31 @@ impl StateRootServer {
         }
         scan::check_owner_and_mode(root, &meta)?;
         let lock = lock_root(root)?;
+        let loader = Loader::new(root.to_owned(), tcti);
         let mut server = Self {
             root: root.to_owned(),
             access,
-            tcti,
-            tpm: None,
+            loader,
             vms: BTreeMap::new(),
             retiring: Vec::new(),
             _lock: lock,
         };
         let mut events = Vec::new();
         for (name, seen) in scan::scan(root)? {
-            let mut vm = Vm {
-                seen: Some(seen),
-                loaded: None,
-                served: None,
-                refused: None,
-            };
-            server.load(&name, &mut vm, &mut events);
+            let mut vm = Vm::new(Some(seen));
+            server.begin_load(&name, &mut vm, &mut events);
             server.vms.insert(name, vm);
+        }
+        // "Ready" means the VMs present at start are served; one whose load hangs (a TPM that
+        // does not answer) is left to finish later rather than hold up the others for good.
+        let deadline = Instant::now() + START_WAIT;
+        while server.loader.pending() > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(loaded) = server.loader.wait_one(left) else {
+                warn!("loads still running after {START_WAIT:?}: announced ready without them");
+                break;
+            };
+            server.finish_load(loaded, &mut events);
         }
         Ok((server, events))
     }
@@ -253,7 +274,7 @@ impl StateRootServer {
 
     /// TPM operations so far (none if no TPM was opened).
     pub fn tpm_operations(&self) -> u64 {
-        self.tpm.as_ref().map_or(0, TpmService::calls)
+        self.loader.tpm_operations()
     }
 
     /// Scans the root once and brings what is served in line with it.
@@ -270,6 +291,9 @@ impl StateRootServer {
                 }
             })
             .collect();
+        for loaded in self.loader.collect() {
+            self.finish_load(loaded, &mut events);
+        }
         let seen = match scan::scan(&self.root) {
             Ok(seen) => seen,
             Err(e) => {
@@ -297,12 +321,7 @@ impl StateRootServer {
             }
         }
         for (name, now) in seen {
-            let mut vm = self.vms.remove(&name).unwrap_or(Vm {
-                seen: None,
-                loaded: None,
-                served: None,
-                refused: None,
-            });
+            let mut vm = self.vms.remove(&name).unwrap_or_else(|| Vm::new(None));
             self.check_thread(&name, &mut vm, &mut events);
             let settled = vm.seen.as_ref() == Some(&now);
             let changed = vm.loaded.as_ref() != Some(&now);
@@ -311,8 +330,8 @@ impl StateRootServer {
                 .refused
                 .as_ref()
                 .is_some_and(|(_, since)| since.elapsed() >= RETRY_INTERVAL);
-            if settled && (changed || retry_due) {
-                self.load(&name, &mut vm, &mut events);
+            if settled && (changed || retry_due) && !vm.loading {
+                self.begin_load(&name, &mut vm, &mut events);
             }
             self.vms.insert(name, vm);
         }
@@ -355,25 +374,47 @@ impl StateRootServer {
         self.refuse(name, vm, reason, events);
     }
 
-    /// Loads (or reloads) a VM from its directory and serves it, or refuses it with the reason.
-    /// A directory that is unusable as such (another user may write it...) gets no socket; a
-    /// state that cannot be loaded gets a mailbox that answers with the reason.
-    fn load(&mut self, name: &str, vm: &mut Vm, events: &mut Vec<Event>) {
+    /// Starts (re)loading a VM from what the scan saw. A directory that is unusable as such
+    /// (another user may write it...) is refused at once and gets no socket.
+    fn begin_load(&mut self, name: &str, vm: &mut Vm, events: &mut Vec<Event>) {
         vm.loaded = vm.seen.clone();
-        if let Some(VmDir::Unusable(reason)) = &vm.seen {
-            let reason = reason.clone();
-            if let Some(served) = vm.served.take() {
-                self.retiring.push(served.stop());
+        match &vm.seen {
+            Some(VmDir::Unusable(reason)) => {
+                let reason = reason.clone();
+                if let Some(served) = vm.served.take() {
+                    self.retiring.push(served.stop());
+                }
+                self.refuse(name, vm, reason, events);
             }
-            self.refuse(name, vm, reason, events);
+            Some(seen @ VmDir::Complete(_)) => {
+                vm.loading = true;
+                self.loader.request(LoadRequest {
+                    name: name.to_owned(),
+                    seen: seen.clone(),
+                });
+            }
+            None => {}
+        }
+    }
+
+    /// Serves what a load gave: the coordinator, or a mailbox that answers with the reason the
+    /// state could not be loaded. A VM removed while it loaded is left alone.
+    fn finish_load(&mut self, loaded: Loaded, events: &mut Vec<Event>) {
+        let name = loaded.name;
+        let Some(mut vm) = self.vms.remove(&name) else {
+            return;
+        };
+        vm.loading = false;
+        if vm.loaded.as_ref() != Some(&loaded.seen) {
+            // Removed and added again while it loaded: the new one loads on its own.
+            self.vms.insert(name, vm);
             return;
         }
-        let loaded = self.coordinator_for(name);
-        let handler: Arc<dyn RequestHandler> = match &loaded {
+        let handler: Arc<dyn RequestHandler> = match &loaded.coordinator {
             Ok(coordinator) => coordinator.clone(),
             Err(reason) => Arc::new(BrokenState(reason.clone())),
         };
-        let coordinator = loaded.as_ref().ok().cloned();
+        let coordinator = loaded.coordinator.as_ref().ok().cloned();
         let newly_served = match &mut vm.served {
             Some(served) => {
                 // Same socket, new state: a connected VM keeps its connection.
@@ -383,30 +424,30 @@ impl StateRootServer {
                 }
                 false
             }
-            None => match self.serve(name, handler, coordinator) {
+            None => match self.serve(&name, handler, coordinator) {
                 Ok(served) => {
                     vm.served = Some(served);
                     true
                 }
                 Err(reason) => {
-                    self.refuse(name, vm, reason, events);
+                    self.refuse(&name, &mut vm, reason, events);
+                    self.vms.insert(name, vm);
                     return;
                 }
             },
         };
-        match loaded {
-            Err(reason) => self.refuse(name, vm, reason, events),
+        match loaded.coordinator {
+            Err(reason) => self.refuse(&name, &mut vm, reason, events),
             Ok(_) if newly_served || vm.refused.is_some() => {
                 vm.refused = None;
                 events.push(Event::Serving {
-                    vm: name.to_owned(),
-                    socket: self.socket_of(name),
+                    vm: name.clone(),
+                    socket: self.socket_of(&name),
                 });
             }
-            Ok(_) => events.push(Event::Reloaded {
-                vm: name.to_owned(),
-            }),
+            Ok(_) => events.push(Event::Reloaded { vm: name.clone() }),
         }
+        self.vms.insert(name, vm);
     }
 
     /// Records a refusal; it is reported again only when the reason changes.
@@ -424,42 +465,6 @@ impl StateRootServer {
 
     fn socket_of(&self, name: &str) -> PathBuf {
         self.root.join(name).join(scan::BROKER_SOCKET)
-    }
-
-    /// The coordinator for `ROOT/<name>`: its state loaded, bound to the VM the directory is
-    /// named for, its attested holders on the shared TPM service.
-    fn coordinator_for(&mut self, name: &str) -> Result<Arc<Coordinator>, String> {
-        check_vm_id(name).map_err(|e| format!("the directory's name is not a VM id: {e}"))?;
-        let dir = StateDir::new(self.root.join(name));
-        let state = setup::load_state(&dir).map_err(|e| e.to_string())?;
-        if !state.vm_ids.iter().any(|bound| bound == name) {
-            return Err(format!(
-                "the key's shares are bound to VM ids [{}], not to {name}, the directory's name",
-                state.vm_ids.join(", ")
-            ));
-        }
-        let tpm = if state.attested_holders().next().is_some() {
-            Some(self.tpm()?)
-        } else {
-            None
-        };
-        let coordinator = setup::coordinator(&dir, &state, tpm).map_err(|e| e.to_string())?;
-        Ok(Arc::new(coordinator))
-    }
-
-    /// The shared TPM service, opened on first use; an open that fails is tried again by the
-    /// next VM that needs it.
-    fn tpm(&mut self) -> Result<TpmService, String> {
-        if let Some(tpm) = &self.tpm {
-            return Ok(tpm.clone());
-        }
-        let service = TpmService::spawn(TpmConfig::new(self.tcti.clone()))
-            .map_err(|e| format!("the TPM could not be opened: {e}"))?;
-        if service.info().software {
-            warn!("{} is a software TPM ({})", self.tcti, service.info());
-        }
-        self.tpm = Some(service.clone());
-        Ok(service)
     }
 
     /// Binds `ROOT/<name>/broker.sock` and serves the VM's mailbox on a thread of its own.

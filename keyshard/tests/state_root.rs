@@ -345,3 +345,66 @@ fn a_second_coordinator_on_the_same_root_is_refused() {
     assert!(root.join("vm-b/broker.sock").exists());
     assert_eq!(first.terminate().code(), Some(0));
 }
+
+/// Sends `signal` to a process; SIGCONT again on drop, so a stopped swtpm never outlives a
+/// failed test stopped.
+struct Paused(libc::pid_t);
+
+impl Paused {
+    fn new(pid: u32) -> Self {
+        let pid = libc::pid_t::try_from(pid).unwrap();
+        // SAFETY: kill(2) with the pid of a child process the test harness started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        Self(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// A TPM that stops answering holds up only the VMs whose load needs it: while a `tpm` VM's
+/// load waits on it, a VM without TPM shares is added and another removed, each within 2 s;
+/// once the TPM answers again, the waiting VM is served.
+#[test]
+fn a_hung_tpm_holds_up_only_the_vms_that_need_it() {
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    init(&root, "vm-a", Path::new(VHD_TPM), &tcti);
+    init(&root, "vm-b", Path::new(VHD_ONLY), &tcti);
+    // Dealt now, while the TPM answers; moved under its name once the TPM hangs.
+    let staged = root.join(".staged-vm-t");
+    init(&root, ".staged-vm-t", Path::new(VHD_TPM), &tcti);
+    let state = std::fs::read_to_string(staged.join("state.toml")).unwrap();
+    std::fs::write(
+        staged.join("state.toml"),
+        state.replace("\".staged-vm-t\"", "\"vm-t\""),
+    )
+    .unwrap();
+    let coordinator = Coordinator::start(&root, &tcti);
+    coordinator.expect("ready: serving 2 VM(s)", Duration::from_secs(20));
+
+    let paused = Paused::new(swtpm.pid());
+    std::fs::rename(&staged, root.join("vm-t")).unwrap();
+    std::thread::sleep(Duration::from_secs(1)); // its load is under way, waiting on the TPM
+    let secret_c = init(&root, "vm-c", Path::new(VHD_ONLY), &tcti);
+    coordinator.expect("serving vm-c at ", FOLLOW_LIMIT);
+    Guest::new(&root, "vm-c", secret_c).unlock().unwrap();
+    std::fs::remove_dir_all(root.join("vm-b")).unwrap();
+    coordinator.expect("stopped serving vm-b: ", FOLLOW_LIMIT);
+    assert!(
+        !coordinator.said().iter().any(|l| l.contains("vm-t")),
+        "vm-t was dealt with while the TPM hung: {:?}",
+        coordinator.said()
+    );
+
+    drop(paused);
+    coordinator.expect("serving vm-t at ", Duration::from_secs(20));
+    assert_eq!(coordinator.terminate().code(), Some(0));
+}

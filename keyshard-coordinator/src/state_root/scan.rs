@@ -148,6 +148,12 @@ fn walk(
             continue;
         };
         let kind = meta.file_type();
+        if kind.is_symlink() {
+            return Err(ScanError::Unsafe {
+                path: here.join(&name),
+                reason: "a symbolic link: a state directory holds regular files only".into(),
+            });
+        }
         let is_ours = depth == 0 && (name == "audit.log" || name == BROKER_SOCKET);
         // `.ks*`: a socket's private staging directory (vhost-keyshard's socket_file).
         let is_staging = name.to_string_lossy().starts_with(".ks");
@@ -155,6 +161,8 @@ fn walk(
             continue;
         }
         let path = relative.join(&name);
+        // A file or directory inside that another user may write is as good as the directory.
+        check_owner_and_mode(&dir.join(&path), &meta)?;
         if kind.is_dir() {
             if depth + 1 < MAX_DEPTH {
                 walk(dir, &path, depth + 1, stamps)?;
@@ -229,6 +237,26 @@ mod tests {
             panic!("{seen:?}");
         };
         assert!(reason.contains("writable by group or others"), "{reason}");
+    }
+
+    #[test]
+    fn a_share_file_others_may_write_or_a_symlink_makes_the_vm_unusable() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = vm(root.path(), "vm1");
+        let key = dir.join("sealed/tpm-1.key");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o666)).unwrap();
+        let seen = scan(root.path()).unwrap();
+        assert!(
+            matches!(&seen["vm1"], VmDir::Unusable(r) if r.contains("tpm-1.key") && r.contains("writable")),
+            "{seen:?}"
+        );
+        fs::remove_file(&key).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", &key).unwrap();
+        let seen = scan(root.path()).unwrap();
+        assert!(
+            matches!(&seen["vm1"], VmDir::Unusable(r) if r.contains("symbolic link")),
+            "{seen:?}"
+        );
     }
 
     #[test]

@@ -30,6 +30,10 @@ impl Swtpm {
         self.tpm.tcti()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.tpm.pid()
+    }
+
     pub fn state_dir(&self) -> &Path {
         self.dir.path()
     }
