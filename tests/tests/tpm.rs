@@ -3,7 +3,9 @@
 //! the guest needs the coordinator's release, over its broker mailbox, on top of the two fragment
 //! devices. The release follows the host's measured state: after a PCR 7 extend the coordinator
 //! refuses it and the guest stays locked, naming the PCR. A guest whose manifest pins another
-//! attestation key refuses the share itself and stays locked. `make e2e` runs these.
+//! attestation key refuses the share itself and stays locked. Two VMs with keys of their own,
+//! dealt under one state root against one TPM, boot at the same time against one coordinator and
+//! each unlocks its own volume. `make e2e` runs these.
 
 // Test code: a panic here is a failed test.
 #![allow(
@@ -14,10 +16,11 @@
 )]
 
 use std::path::PathBuf;
+use std::time::Instant;
 
 use keyshard_e2e::audit;
 use keyshard_e2e::qemu::BootOutcome;
-use keyshard_e2e::scenario::{FragmentDaemon, Scenario, VHD_TPM_POLICY};
+use keyshard_e2e::scenario::{FragmentDaemon, Scenario, StateRoot, VHD_TPM_POLICY};
 
 /// What the coordinator says, and the guest repeats, once PCR 7 has moved.
 const PCR7_REASON: &str = "PCR 7 (sha256) differs from its golden value";
@@ -241,6 +244,210 @@ fn item4_a_guest_whose_manifest_pins_another_ak_stays_locked_naming_the_reason()
             "missing tpm-1: host check failed: the host quote is not signed by the manifest's attestation key"
         ),
         "the guest did not name the host check\n{report}"
+    );
+}
+
+/// Boots each `(scenario, label, fragment sockets, broker socket)` on a thread of its own, all at
+/// the same time; the outcomes in the same order, and the wall time until the last one ended.
+fn boot_at_once(
+    boots: Vec<(&Scenario, String, Vec<PathBuf>, PathBuf)>,
+) -> (Vec<BootOutcome>, std::time::Duration) {
+    let started = Instant::now();
+    let outcomes = std::thread::scope(|scope| {
+        let threads: Vec<_> = boots
+            .into_iter()
+            .map(|(scenario, label, fragments, broker)| {
+                scope.spawn(move || ok(scenario.boot(&label, fragments, Some(broker))))
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|thread| thread.join().expect("a boot thread panicked"))
+            .collect()
+    });
+    (outcomes, started.elapsed())
+}
+
+/// The release entries of VM `vm`'s audit log, summarised; fails if the log holds an entry for
+/// another VM.
+fn own_releases(scenario: &Scenario) -> Vec<String> {
+    let state_dir = scenario.state_dir.as_ref().expect("dealt by keyshard init");
+    let entries = ok(audit::read(&state_dir.join("audit.log")));
+    assert!(
+        entries.iter().all(|e| e.vm == scenario.vm_id),
+        "{}'s audit log holds an entry for another VM: {entries:?}",
+        scenario.vm_id
+    );
+    audit::releases(&entries)
+        .iter()
+        .map(|e| e.summary())
+        .collect()
+}
+
+/// Issue 8 item 2 in QEMU: two VMs, each with its own key (vhd = 2, tpm = 1), dealt into
+/// `ROOT/vm-a` and `ROOT/vm-b` against one swtpm, boot at the same time against one coordinator
+/// serving ROOT. Each unlocks its own volume, and each VM's audit log shows one tpm release, to
+/// that VM. Then each guest boots with the other VM's fragment devices (same holder ids and
+/// serials, another key): its own coordinator still releases its tpm share, but the foreign
+/// fragments do not complete it and both stay locked.
+#[test]
+#[ignore = "needs QEMU, swtpm, tpm2-tools and built images; run by make e2e"]
+fn item2_two_vms_booted_at_once_against_one_state_root_coordinator_unlock_their_own_volumes() {
+    const VMS: [&str; 2] = ["vm-a", "vm-b"];
+    let test_started = Instant::now();
+    let root = ok(StateRoot::new("state-root"));
+    let vms: Vec<Scenario> = VMS
+        .iter()
+        .map(|vm| ok(root.init_vm(&format!("state-root-{vm}"), VHD_TPM_POLICY, vm)))
+        .collect();
+    let [a, b] = [&vms[0], &vms[1]];
+    assert_ne!(
+        std::fs::read(&a.secret).unwrap(),
+        std::fs::read(&b.secret).unwrap(),
+        "the two VMs were dealt the same key"
+    );
+    for vm in &vms {
+        assert_eq!(
+            vm.state_dir.as_deref(),
+            Some(root.state_dir(&vm.vm_id).as_path())
+        );
+        assert_eq!(
+            ok(vm.manifest_holders()),
+            ["vhd-1", "vhd-2", TPM_HOLDER],
+            "examples/vhd-tpm.toml no longer deals two vhd and one tpm holder"
+        );
+    }
+    let daemons: Vec<Vec<FragmentDaemon>> = vms.iter().map(|vm| ok(vm.start_daemons())).collect();
+    let coordinators: Vec<_> = vms
+        .iter()
+        .map(|vm| ok(vm.start_coordinator(&vm.vm_id)))
+        .collect();
+    let brokers: Vec<PathBuf> = coordinators.iter().map(|c| c.socket.clone()).collect();
+    let setup = test_started.elapsed();
+
+    // 1. Both at once, each with its own fragments: each unlocks its own volume.
+    let (outcomes, wall) = boot_at_once(
+        vms.iter()
+            .zip(&daemons)
+            .zip(&brokers)
+            .map(|((vm, daemons), broker)| {
+                (
+                    vm,
+                    format!("{}-unlock", vm.vm_id),
+                    sockets(daemons),
+                    broker.clone(),
+                )
+            })
+            .collect(),
+    );
+    eprintln!(
+        "state-root: set-up {:.1} s; both unlock boots at once: {:.1} s and {:.1} s, {:.1} s wall",
+        setup.as_secs_f64(),
+        outcomes[0].elapsed.as_secs_f64(),
+        outcomes[1].elapsed.as_secs_f64(),
+        wall.as_secs_f64()
+    );
+    for (vm, outcome) in vms.iter().zip(&outcomes) {
+        let report = outcome.report();
+        assert_powered_off(outcome);
+        assert!(
+            outcome
+                .console
+                .device_serials()
+                .contains(&format!("ksb-{}", vm.vm_id).as_str()),
+            "{} does not see its broker\n{report}",
+            vm.vm_id
+        );
+        assert!(
+            outcome.console.has_marker("unlocked"),
+            "{} stayed locked\n{report}",
+            vm.vm_id
+        );
+        assert_eq!(
+            outcome.console.volume_file().as_deref(),
+            Some(vm.volume_content.as_str()),
+            "{} did not print its own volume's file\n{report}",
+            vm.vm_id
+        );
+        assert_eq!(
+            own_releases(vm),
+            [format!("{}: released {TPM_HOLDER}", vm.vm_id)],
+            "{}'s audit log after the unlock boots",
+            vm.vm_id
+        );
+    }
+
+    // 2. Both at once, each with the other's fragment devices: locked.
+    let (outcomes, wall) = boot_at_once(vec![
+        (
+            a,
+            "vm-a-with-b-fragments".to_owned(),
+            sockets(&daemons[1]),
+            brokers[0].clone(),
+        ),
+        (
+            b,
+            "vm-b-with-a-fragments".to_owned(),
+            sockets(&daemons[0]),
+            brokers[1].clone(),
+        ),
+    ]);
+    eprintln!(
+        "state-root: both swapped-fragment boots at once: {:.1} s and {:.1} s, {:.1} s wall",
+        outcomes[0].elapsed.as_secs_f64(),
+        outcomes[1].elapsed.as_secs_f64(),
+        wall.as_secs_f64()
+    );
+    for (vm, outcome) in vms.iter().zip(&outcomes) {
+        let report = outcome.report();
+        assert_powered_off(outcome);
+        assert_locked(outcome, vm);
+        let guest_stderr = outcome.console.guest_stderr().unwrap_or_default();
+        for serial in ["ksf-vhd-1", "ksf-vhd-2"] {
+            assert!(
+                guest_stderr
+                    .lines()
+                    .any(|line| line.contains(&format!("rejected {serial}"))
+                        && line.contains("not signed by the trusted dealer key")),
+                "{} did not reject the other VM's {serial}\n{report}",
+                vm.vm_id
+            );
+        }
+        // Its own tpm share was released and verified: the only valid share it holds.
+        assert!(
+            guest_stderr
+                .lines()
+                .any(|line| line.contains(&format!("unused {TPM_HOLDER}"))
+                    && line.contains("has only 1 valid of the 3 shares")),
+            "{} did not keep its own {TPM_HOLDER} share as valid\n{report}",
+            vm.vm_id
+        );
+    }
+
+    // Stopped before the audit logs are read: it writes the folded repeats when it stops.
+    for mut coordinator in coordinators {
+        let status = ok(coordinator.daemon.stop());
+        assert!(status.success(), "{}", coordinator.daemon.stderr());
+    }
+    for vm in &vms {
+        assert_eq!(
+            own_releases(vm),
+            [
+                format!("{}: released {TPM_HOLDER}", vm.vm_id),
+                format!("{}: released {TPM_HOLDER} (repeated 1)", vm.vm_id),
+            ],
+            "{}'s audit log after the swapped boots",
+            vm.vm_id
+        );
+    }
+    for mut d in daemons.into_iter().flatten() {
+        let status = ok(d.daemon.stop());
+        assert!(status.success(), "{}", d.daemon.stderr());
+    }
+    drop(root);
+    eprintln!(
+        "state-root: the whole test took {:.1} s",
+        test_started.elapsed().as_secs_f64()
     );
 }
 
