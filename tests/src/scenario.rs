@@ -535,6 +535,29 @@ impl RootCoordinator {
         audit::read(&self.root.join(vm_id).join("audit.log"))
     }
 
+    /// Stops it with SIGTERM (SIGKILL after a grace period), and reads the TPM operations it
+    /// reports on its way out: `stopped: tpm operations: TOTAL (AT_READY before ready)`.
+    pub fn stop(&mut self) -> Result<RootStopped> {
+        let status = self.daemon.stop()?;
+        // Its stdout is read on a thread of the harness, which may lag behind its exit a little.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let tpm_operations = loop {
+            let found = self
+                .daemon
+                .stdout()
+                .iter()
+                .find_map(|line| parse_stopped_line(line));
+            if found.is_some() || std::time::Instant::now() >= deadline {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(RootStopped {
+            status,
+            tpm_operations,
+        })
+    }
+
     /// The VMs it announced (`serving <vmid> at <socket>`), with their sockets, in order.
     pub fn serving(&self) -> Vec<(String, PathBuf)> {
         self.daemon
@@ -546,6 +569,23 @@ impl RootCoordinator {
             })
             .collect()
     }
+}
+
+/// How a [`RootCoordinator`] ended.
+#[derive(Debug)]
+pub struct RootStopped {
+    pub status: std::process::ExitStatus,
+    /// `(total, before ready)` TPM operations (quotes, unseals and PCR reads sent to the TPM),
+    /// if it printed its `stopped:` line.
+    pub tpm_operations: Option<(u64, u64)>,
+}
+
+/// `stopped: tpm operations: TOTAL (AT_READY before ready)`.
+fn parse_stopped_line(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("stopped: tpm operations: ")?;
+    let (total, rest) = rest.split_once(" (")?;
+    let at_ready = rest.strip_suffix(" before ready)")?;
+    Some((total.parse().ok()?, at_ready.parse().ok()?))
 }
 
 /// A change to the guest's copy of the manifest.
@@ -608,4 +648,25 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::write(path, bytes).map_err(io_context(format!("writing {}", path.display())))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))
         .map_err(io_context(format!("chmod {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_tpm_operations_of_the_stopped_line() {
+        assert_eq!(
+            parse_stopped_line("stopped: tpm operations: 12 (4 before ready)"),
+            Some((12, 4))
+        );
+        for line in [
+            "stopped serving vm-a: removed",
+            "stopped: tpm operations: 12",
+            "stopped: tpm operations: x (4 before ready)",
+            "stopped: tpm operations: 12 (4 before ready) and more",
+        ] {
+            assert_eq!(parse_stopped_line(line), None, "{line}");
+        }
+    }
 }

@@ -16,11 +16,13 @@
 )]
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use keyshard_e2e::audit;
 use keyshard_e2e::qemu::BootOutcome;
-use keyshard_e2e::scenario::{FragmentDaemon, Scenario, StateRoot, VHD_TPM_POLICY};
+use keyshard_e2e::scenario::{
+    FragmentDaemon, RootCoordinator, Scenario, StateRoot, VHD_TPM_POLICY,
+};
 
 /// What the coordinator says, and the guest repeats, once PCR 7 has moved.
 const PCR7_REASON: &str = "PCR 7 (sha256) differs from its golden value";
@@ -249,15 +251,20 @@ fn item4_a_guest_whose_manifest_pins_another_ak_stays_locked_naming_the_reason()
 
 /// Boots each `(scenario, label, fragment sockets, broker socket)` on a thread of its own, all at
 /// the same time; the outcomes in the same order, and the wall time until the last one ended.
+/// Fails unless the boots overlapped in time.
 fn boot_at_once(
     boots: Vec<(&Scenario, String, Vec<PathBuf>, PathBuf)>,
-) -> (Vec<BootOutcome>, std::time::Duration) {
+) -> (Vec<BootOutcome>, Duration) {
     let started = Instant::now();
-    let outcomes = std::thread::scope(|scope| {
+    let runs: Vec<(BootOutcome, Instant, Instant)> = std::thread::scope(|scope| {
         let threads: Vec<_> = boots
             .into_iter()
             .map(|(scenario, label, fragments, broker)| {
-                scope.spawn(move || ok(scenario.boot(&label, fragments, Some(broker))))
+                scope.spawn(move || {
+                    let start = Instant::now();
+                    let outcome = ok(scenario.boot(&label, fragments, Some(broker)));
+                    (outcome, start, Instant::now())
+                })
             })
             .collect();
         threads
@@ -265,18 +272,22 @@ fn boot_at_once(
             .map(|thread| thread.join().expect("a boot thread panicked"))
             .collect()
     });
-    (outcomes, started.elapsed())
+    let last_start = runs.iter().map(|r| r.1).max().unwrap();
+    let first_end = runs.iter().map(|r| r.2).min().unwrap();
+    assert!(
+        last_start < first_end,
+        "the boots did not run at the same time: one ended before the last began"
+    );
+    (runs.into_iter().map(|r| r.0).collect(), started.elapsed())
 }
 
 /// The release entries of VM `vm`'s audit log, summarised; fails if the log holds an entry for
 /// another VM.
-fn own_releases(scenario: &Scenario) -> Vec<String> {
-    let state_dir = scenario.state_dir.as_ref().expect("dealt by keyshard init");
-    let entries = ok(audit::read(&state_dir.join("audit.log")));
+fn own_releases(coordinator: &RootCoordinator, vm: &str) -> Vec<String> {
+    let entries = ok(coordinator.audit(vm));
     assert!(
-        entries.iter().all(|e| e.vm == scenario.vm_id),
-        "{}'s audit log holds an entry for another VM: {entries:?}",
-        scenario.vm_id
+        entries.iter().all(|e| e.vm == vm),
+        "{vm}'s audit log holds an entry for another VM: {entries:?}"
     );
     audit::releases(&entries)
         .iter()
@@ -285,11 +296,12 @@ fn own_releases(scenario: &Scenario) -> Vec<String> {
 }
 
 /// Issue 8 item 2 in QEMU: two VMs, each with its own key (vhd = 2, tpm = 1), dealt into
-/// `ROOT/vm-a` and `ROOT/vm-b` against one swtpm, boot at the same time against one coordinator
-/// serving ROOT. Each unlocks its own volume, and each VM's audit log shows one tpm release, to
-/// that VM. Then each guest boots with the other VM's fragment devices (same holder ids and
-/// serials, another key): its own coordinator still releases its tpm share, but the foreign
-/// fragments do not complete it and both stay locked.
+/// `ROOT/vm-a` and `ROOT/vm-b` against one swtpm, boot at the same time against one
+/// `keyshard coordinator --state-root ROOT`. Each unlocks its own volume, and each VM's audit log
+/// shows one tpm release, to that VM. Then each guest boots with the other VM's fragment devices
+/// (same holder ids and serials, another key): the coordinator still releases its own tpm share,
+/// which the guest accepts, but the foreign fragments are rejected and both stay locked. The
+/// four releases cost the TPM at most one operation each (the data keys are unsealed at start).
 #[test]
 #[ignore = "needs QEMU, swtpm, tpm2-tools and built images; run by make e2e"]
 fn item2_two_vms_booted_at_once_against_one_state_root_coordinator_unlock_their_own_volumes() {
@@ -318,11 +330,19 @@ fn item2_two_vms_booted_at_once_against_one_state_root_coordinator_unlock_their_
         );
     }
     let daemons: Vec<Vec<FragmentDaemon>> = vms.iter().map(|vm| ok(vm.start_daemons())).collect();
-    let coordinators: Vec<_> = vms
-        .iter()
-        .map(|vm| ok(vm.start_coordinator(&vm.vm_id)))
-        .collect();
-    let brokers: Vec<PathBuf> = coordinators.iter().map(|c| c.socket.clone()).collect();
+    let mut coordinator = ok(root.start_coordinator());
+    assert_eq!(
+        coordinator.daemon.ready_line(),
+        format!("ready: serving 2 VM(s) under {}", root.path().display())
+    );
+    let brokers: Vec<PathBuf> = VMS.iter().map(|vm| coordinator.socket(vm)).collect();
+    assert_eq!(
+        coordinator.serving(),
+        VMS.iter()
+            .map(|vm| (vm.to_string(), coordinator.socket(vm)))
+            .collect::<Vec<_>>(),
+        "the coordinator did not announce both VMs' broker sockets"
+    );
     let setup = test_started.elapsed();
 
     // 1. Both at once, each with its own fragments: each unlocks its own volume.
@@ -370,7 +390,7 @@ fn item2_two_vms_booted_at_once_against_one_state_root_coordinator_unlock_their_
             vm.vm_id
         );
         assert_eq!(
-            own_releases(vm),
+            own_releases(&coordinator, &vm.vm_id),
             [format!("{}: released {TPM_HOLDER}", vm.vm_id)],
             "{}'s audit log after the unlock boots",
             vm.vm_id
@@ -425,25 +445,49 @@ fn item2_two_vms_booted_at_once_against_one_state_root_coordinator_unlock_their_
     }
 
     // Stopped before the audit logs are read: it writes the folded repeats when it stops.
-    for mut coordinator in coordinators {
-        let status = ok(coordinator.daemon.stop());
-        assert!(status.success(), "{}", coordinator.daemon.stderr());
-    }
-    for vm in &vms {
-        assert_eq!(
-            own_releases(vm),
-            [
-                format!("{}: released {TPM_HOLDER}", vm.vm_id),
-                format!("{}: released {TPM_HOLDER} (repeated 1)", vm.vm_id),
-            ],
-            "{}'s audit log after the swapped boots",
-            vm.vm_id
+    let stopped = ok(coordinator.stop());
+    assert!(
+        stopped.status.success(),
+        "the coordinator did not stop cleanly ({}): {}",
+        stopped.status,
+        coordinator.daemon.stderr()
+    );
+    for broker in &brokers {
+        assert!(
+            !broker.exists(),
+            "the coordinator left {} behind",
+            broker.display()
         );
     }
+    for vm in VMS {
+        assert_eq!(
+            own_releases(&coordinator, vm),
+            [
+                format!("{vm}: released {TPM_HOLDER}"),
+                format!("{vm}: released {TPM_HOLDER} (repeated 1)"),
+            ],
+            "{vm}'s audit log after the swapped boots"
+        );
+    }
+    let (total, at_ready) = stopped.tpm_operations.unwrap_or_else(|| {
+        panic!(
+            "the coordinator did not report its TPM operations: {:?}",
+            coordinator.daemon.stdout()
+        )
+    });
+    let per_release = total - at_ready;
+    eprintln!(
+        "state-root: TPM operations: {at_ready} before ready, {per_release} for the 4 releases"
+    );
+    assert!(
+        (1..=4).contains(&per_release),
+        "4 tpm releases cost {per_release} TPM operations, not 1 to 4 (a quote each at most)"
+    );
     for mut d in daemons.into_iter().flatten() {
         let status = ok(d.daemon.stop());
         assert!(status.success(), "{}", d.daemon.stderr());
     }
+    drop(vms);
     drop(root);
     eprintln!(
         "state-root: the whole test took {:.1} s",
