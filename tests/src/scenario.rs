@@ -304,7 +304,8 @@ impl Scenario {
         self.work.path()
     }
 
-    /// The software TPM the key's `tpm` shares are sealed to (scenarios made by [`Self::init`]).
+    /// The software TPM the key's `tpm` shares are sealed to (scenarios made by [`Self::init`];
+    /// a VM of a [`StateRoot`] has none of its own: see [`StateRoot::swtpm`]).
     pub fn swtpm(&self) -> Option<&Swtpm> {
         self.swtpm.as_ref()
     }
