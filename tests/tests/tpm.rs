@@ -336,8 +336,10 @@ fn item2_two_vms_booted_at_once_against_one_state_root_coordinator_unlock_their_
         format!("ready: serving 2 VM(s) under {}", root.path().display())
     );
     let brokers: Vec<PathBuf> = VMS.iter().map(|vm| coordinator.socket(vm)).collect();
+    let mut serving = coordinator.serving();
+    serving.sort();
     assert_eq!(
-        coordinator.serving(),
+        serving,
         VMS.iter()
             .map(|vm| (vm.to_string(), coordinator.socket(vm)))
             .collect::<Vec<_>>(),
