@@ -1,5 +1,7 @@
 //! The coordinator's audit log (`<state dir>/audit.log`), read back: one JSON object per line,
-//! one line per request it answered, released or refused, with the reason.
+//! one line per request it answered, released or refused, with the reason. Answers identical to
+//! an earlier line within a minute are folded into one line with `repeated: N`, written when
+//! that minute ends or the coordinator stops: read the log after stopping it to see them all.
 
 use std::path::Path;
 
@@ -18,11 +20,13 @@ pub struct AuditEntry {
     /// `issued`, `released` or `refused`.
     pub verdict: String,
     pub reason: Option<String>,
+    /// A folded line: this many more answers identical to an earlier line.
+    pub repeated: Option<u64>,
 }
 
 impl AuditEntry {
-    /// `vm1: released tpm-1`, `vm1: refused tpm-1: <reason>`, `vm1: issued nonce`: for
-    /// assertion messages.
+    /// `vm1: released tpm-1`, `vm1: refused tpm-1: <reason>`, `vm1: issued nonce`, and
+    /// ` (repeated N)` after a folded line: for assertion messages.
     pub fn summary(&self) -> String {
         let mut text = format!(
             "{}: {} {}",
@@ -33,6 +37,9 @@ impl AuditEntry {
         if let Some(reason) = &self.reason {
             text.push_str(": ");
             text.push_str(reason);
+        }
+        if let Some(repeated) = self.repeated {
+            text.push_str(&format!(" (repeated {repeated})"));
         }
         text
     }
@@ -79,14 +86,18 @@ mod tests {
                 r#"{"time":"2026-11-22T01:00:09Z","vm":"vm1","request":"0100","kind":"nonce","verdict":"issued"}"#,
                 "\n",
                 r#"{"time":"2026-11-22T01:00:10Z","vm":"vm1","request":"0101","kind":"release","class":"tpm","holder":"tpm-1","verdict":"refused","reason":"PCR 7 (sha256) differs from its golden value"}"#,
+                "\n",
+                r#"{"time":"2026-11-22T01:00:30Z","vm":"vm1","request":"0107","kind":"release","class":"tpm","holder":"tpm-1","verdict":"released","repeated":2,"since":"2026-11-22T01:00:20Z"}"#,
                 "\n"
             ),
         )
         .unwrap();
         let entries = read(&path).unwrap();
-        assert_eq!(entries.len(), 3);
+        assert_eq!(entries.len(), 4);
         let releases = releases(&entries);
-        assert_eq!(releases.len(), 2);
+        assert_eq!(releases.len(), 3);
+        assert_eq!(releases[2].repeated, Some(2));
+        assert_eq!(releases[2].summary(), "vm1: released tpm-1 (repeated 2)");
         assert_eq!(releases[0].summary(), "vm1: released tpm-1");
         assert_eq!(entries[1].summary(), "vm1: issued nonce");
         assert_eq!(releases[1].verdict, "refused");

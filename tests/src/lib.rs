@@ -9,7 +9,8 @@
 //! - [`images`]: the guest initramfs and the LUKS2 test volume, through `images/*.sh`.
 //! - [`env`]: where the binaries and the kernel are (environment variables set by `make e2e`).
 //! - [`scenario`]: a split key (or a coordinator state from `keyshard init`), its volume and
-//!   initramfs, its fragment daemons and coordinator: what a test boots.
+//!   initramfs, its fragment daemons and coordinator: what a test boots; and many VMs' states
+//!   under one root and one swtpm, served by one `keyshard coordinator --state-root`.
 //! - [`swtpm`]: a software TPM for the coordinator, and PCR extends with tpm2-tools.
 //! - [`audit`]: the coordinator's audit log, read back.
 

@@ -7,6 +7,11 @@
 //! Two ways to deal the key, as an operator would: [`Scenario::split`] (`keyshard split`, `vhd`
 //! holders only) and [`Scenario::init`] (`keyshard init --policy`, which also seals shares to the
 //! TPM and writes the coordinator's state directory).
+//!
+//! A host with many VMs is a [`StateRoot`]: one directory whose `<vmid>/` subdirectories are
+//! state directories dealt by [`StateRoot::init_vm`] against one shared swtpm, each VM a
+//! [`Scenario`] of its own (key, volume, initramfs, fragment daemons), all served by one
+//! `keyshard coordinator --state-root` ([`StateRoot::start_coordinator`]).
 
 use std::fs;
 use std::io::Read;
@@ -94,6 +99,11 @@ pub struct Scenario {
     pub fragments: Vec<FragmentFile>,
     /// The coordinator's state directory, when `keyshard init` dealt the key.
     pub state_dir: Option<PathBuf>,
+    /// The VM id `keyshard init` bound the attested shares to ([`VM_ID`] for [`Scenario::init`]).
+    pub vm_id: String,
+    /// The TCTI of the TPM the `tpm` shares are sealed to: the scenario's own swtpm, or a
+    /// [`StateRoot`]'s.
+    tcti: Option<String>,
     pub volume: PathBuf,
     /// The known file's content on the volume; random, so no other boot can print it.
     pub volume_content: String,
@@ -143,8 +153,7 @@ impl Dealing {
         name: &str,
         manifest: PathBuf,
         fragments: Vec<FragmentFile>,
-        state_dir: Option<PathBuf>,
-        swtpm: Option<Swtpm>,
+        dealt: Dealt,
     ) -> Result<Scenario> {
         let dir = self.dir();
         let volume_content = format!(
@@ -156,13 +165,15 @@ impl Dealing {
         let initramfs = dir.join("initramfs.cpio");
         build_initramfs(&self.env, &manifest, &initramfs)?;
         Ok(Scenario {
-            swtpm,
+            swtpm: dealt.swtpm,
             env: self.env,
             work: self.work,
             secret: self.secret,
             manifest,
             fragments,
-            state_dir,
+            state_dir: dealt.state_dir,
+            vm_id: dealt.vm_id,
+            tcti: dealt.tcti,
             volume,
             volume_content,
             initramfs,
@@ -196,7 +207,13 @@ impl Scenario {
         ])?;
         let manifest = dealing.dir().join("manifest.toml");
         let fragments = read_split_fragments(&dealing.dir().join("fragments"))?;
-        dealing.finish(name, manifest, fragments, None, None)
+        let dealt = Dealt {
+            state_dir: None,
+            vm_id: VM_ID.to_owned(),
+            tcti: None,
+            swtpm: None,
+        };
+        dealing.finish(name, manifest, fragments, dealt)
     }
 
     /// Deals a fresh random volume key by `policy` (a path under the repository root, e.g.
@@ -221,9 +238,29 @@ impl Scenario {
     fn init_inner(name: &str, policy: &str, edit: Option<ManifestEdit<'_>>) -> Result<Self> {
         let dealing = Dealing::new(name)?;
         let swtpm = Swtpm::start(&dealing.dir().join("swtpm"))?;
-        let policy = dealing.env.repo.join(policy);
         let state_dir = dealing.dir().join("state");
-        let tcti = swtpm.tcti();
+        let dealt = Dealt {
+            state_dir: Some(state_dir),
+            vm_id: VM_ID.to_owned(),
+            tcti: Some(swtpm.tcti()),
+            swtpm: Some(swtpm),
+        };
+        Self::init_dealt(dealing, name, policy, edit, dealt)
+    }
+
+    /// `keyshard init --policy P --state-dir D --tcti T --vm-id V` as `dealt` says, then the
+    /// volume and the initramfs.
+    fn init_dealt(
+        dealing: Dealing,
+        name: &str,
+        policy: &str,
+        edit: Option<ManifestEdit<'_>>,
+        dealt: Dealt,
+    ) -> Result<Self> {
+        let (Some(state_dir), Some(tcti)) = (dealt.state_dir.clone(), dealt.tcti.clone()) else {
+            return Err(HarnessError::NoCoordinatorState);
+        };
+        let policy = dealing.env.repo.join(policy);
         dealing.keyshard(&[
             "init",
             "--policy",
@@ -235,7 +272,7 @@ impl Scenario {
             "--tcti",
             &tcti,
             "--vm-id",
-            VM_ID,
+            &dealt.vm_id,
         ])?;
         let manifest = state_dir.join("manifest.toml");
         let fragments = parse_manifest(&manifest)?
@@ -260,14 +297,15 @@ impl Scenario {
                 path
             }
         };
-        dealing.finish(name, manifest, fragments, Some(state_dir), Some(swtpm))
+        dealing.finish(name, manifest, fragments, dealt)
     }
 
     pub fn dir(&self) -> &Path {
         self.work.path()
     }
 
-    /// The software TPM the key's `tpm` shares are sealed to (scenarios made by [`Self::init`]).
+    /// The software TPM the key's `tpm` shares are sealed to (scenarios made by [`Self::init`];
+    /// a VM of a [`StateRoot`] has none of its own: see [`StateRoot::swtpm`]).
     pub fn swtpm(&self) -> Option<&Swtpm> {
         self.swtpm.as_ref()
     }
@@ -315,9 +353,9 @@ impl Scenario {
     }
 
     /// Starts `keyshard coordinator --state-dir DIR --broker VM=SOCKET --tcti SWTPM` and waits
-    /// until it says it is ready (scenarios made by [`Self::init`]).
+    /// until it says it is ready (scenarios made by [`Self::init`] or [`StateRoot::init_vm`]).
     pub fn start_coordinator(&self, vm_id: &str) -> Result<CoordinatorDaemon> {
-        let (Some(state_dir), Some(swtpm)) = (&self.state_dir, &self.swtpm) else {
+        let (Some(state_dir), Some(tcti)) = (&self.state_dir, &self.tcti) else {
             return Err(HarnessError::NoCoordinatorState);
         };
         let socket = self.dir().join(format!("broker-{vm_id}.sock"));
@@ -330,7 +368,7 @@ impl Scenario {
                 .arg("--broker")
                 .arg(format!("{vm_id}={}", socket.display()))
                 .arg("--tcti")
-                .arg(swtpm.tcti()),
+                .arg(tcti),
             DAEMON_READY_PREFIX,
             DAEMON_READY_TIMEOUT,
             &self.dir().join(format!("coordinator-{vm_id}.stderr.log")),
@@ -386,6 +424,169 @@ impl Scenario {
             stderr_log: self.dir().join(format!("{label}.qemu-stderr.log")),
         }
     }
+}
+
+/// Where `keyshard init` deals a key: the state directory, the VM id, the TPM (and the swtpm,
+/// when the scenario owns it).
+#[derive(Debug)]
+struct Dealt {
+    state_dir: Option<PathBuf>,
+    vm_id: String,
+    tcti: Option<String>,
+    swtpm: Option<Swtpm>,
+}
+
+/// The state directories of many VMs under one root (`<root>/<vmid>/`, each made by
+/// `keyshard init --state-dir <root>/<vmid> --vm-id <vmid>`), all sealed to one swtpm: a host
+/// served by one `keyshard coordinator --state-root`. The root and the TPM live in a temporary
+/// directory of their own; each VM's volume, initramfs and fragment sockets live in its
+/// [`Scenario`]'s.
+#[derive(Debug)]
+pub struct StateRoot {
+    /// Declared before `work`: killed before the directory that holds its state is removed.
+    swtpm: Swtpm,
+    env: E2eEnv,
+    work: tempfile::TempDir,
+}
+
+impl StateRoot {
+    /// An empty root and a fresh swtpm (its state beside the root, not in it).
+    pub fn new(name: &str) -> Result<Self> {
+        let env = E2eEnv::from_env()?;
+        let mut work = tempfile::Builder::new()
+            .prefix(&format!("keyshard-e2e-{name}-"))
+            .tempdir()
+            .map_err(io_context("creating a work directory"))?;
+        if env.keep_workdirs {
+            work.disable_cleanup(true);
+            eprintln!("keyshard-e2e: {name}: keeping {}", work.path().display());
+        }
+        let root = work.path().join("root");
+        fs::create_dir(&root).map_err(io_context(format!("creating {}", root.display())))?;
+        let swtpm = Swtpm::start(&work.path().join("swtpm"))?;
+        Ok(Self { swtpm, env, work })
+    }
+
+    /// The directory `--state-root` names.
+    pub fn path(&self) -> PathBuf {
+        self.work.path().join("root")
+    }
+
+    /// `<root>/<vm_id>`.
+    pub fn state_dir(&self, vm_id: &str) -> PathBuf {
+        self.path().join(vm_id)
+    }
+
+    /// The TPM every VM's `tpm` shares are sealed to.
+    pub fn swtpm(&self) -> &Swtpm {
+        &self.swtpm
+    }
+
+    /// Deals a fresh random volume key for VM `vm_id` by `policy` into `<root>/<vm_id>`, sealed
+    /// to the root's swtpm, and builds the VM's volume and initramfs in a work directory of its
+    /// own (see [`Scenario::init`]).
+    pub fn init_vm(&self, name: &str, policy: &str, vm_id: &str) -> Result<Scenario> {
+        let dealing = Dealing::new(name)?;
+        let dealt = Dealt {
+            state_dir: Some(self.state_dir(vm_id)),
+            vm_id: vm_id.to_owned(),
+            tcti: Some(self.swtpm.tcti()),
+            swtpm: None,
+        };
+        Scenario::init_dealt(dealing, name, policy, None, dealt)
+    }
+
+    /// Starts `keyshard coordinator --state-root ROOT --tcti SWTPM` and waits until it says it
+    /// is ready (every VM present then listens).
+    pub fn start_coordinator(&self) -> Result<RootCoordinator> {
+        let daemon = Daemon::start(
+            "keyshard coordinator --state-root",
+            Command::new(&self.env.keyshard)
+                .arg("coordinator")
+                .arg("--state-root")
+                .arg(self.path())
+                .arg("--tcti")
+                .arg(self.swtpm.tcti()),
+            DAEMON_READY_PREFIX,
+            DAEMON_READY_TIMEOUT,
+            &self.work.path().join("coordinator.stderr.log"),
+        )?;
+        Ok(RootCoordinator {
+            root: self.path(),
+            daemon,
+        })
+    }
+}
+
+/// A running `keyshard coordinator --state-root ROOT`: VM `<vmid>`'s broker socket is
+/// `ROOT/<vmid>/broker.sock`, its audit log `ROOT/<vmid>/audit.log`.
+#[derive(Debug)]
+pub struct RootCoordinator {
+    pub root: PathBuf,
+    pub daemon: Daemon,
+}
+
+impl RootCoordinator {
+    pub fn socket(&self, vm_id: &str) -> PathBuf {
+        self.root.join(vm_id).join("broker.sock")
+    }
+
+    /// Everything in VM `vm_id`'s audit log so far.
+    pub fn audit(&self, vm_id: &str) -> Result<Vec<AuditEntry>> {
+        audit::read(&self.root.join(vm_id).join("audit.log"))
+    }
+
+    /// Stops it with SIGTERM (SIGKILL after a grace period), and reads the TPM operations it
+    /// reports on its way out: `stopped: tpm operations: TOTAL (AT_READY before ready)`.
+    pub fn stop(&mut self) -> Result<RootStopped> {
+        let status = self.daemon.stop()?;
+        // Its stdout is read on a thread of the harness, which may lag behind its exit a little.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let tpm_operations = loop {
+            let found = self
+                .daemon
+                .stdout()
+                .iter()
+                .find_map(|line| parse_stopped_line(line));
+            if found.is_some() || std::time::Instant::now() >= deadline {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(RootStopped {
+            status,
+            tpm_operations,
+        })
+    }
+
+    /// The VMs it announced (`serving <vmid> at <socket>`), with their sockets, in order.
+    pub fn serving(&self) -> Vec<(String, PathBuf)> {
+        self.daemon
+            .stdout()
+            .iter()
+            .filter_map(|line| {
+                let (vm, socket) = line.strip_prefix("serving ")?.split_once(" at ")?;
+                Some((vm.to_owned(), PathBuf::from(socket)))
+            })
+            .collect()
+    }
+}
+
+/// How a [`RootCoordinator`] ended.
+#[derive(Debug)]
+pub struct RootStopped {
+    pub status: std::process::ExitStatus,
+    /// `(total, before ready)` TPM operations (quotes, unseals and PCR reads sent to the TPM),
+    /// if it printed its `stopped:` line.
+    pub tpm_operations: Option<(u64, u64)>,
+}
+
+/// `stopped: tpm operations: TOTAL (AT_READY before ready)`.
+fn parse_stopped_line(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("stopped: tpm operations: ")?;
+    let (total, rest) = rest.split_once(" (")?;
+    let at_ready = rest.strip_suffix(" before ready)")?;
+    Some((total.parse().ok()?, at_ready.parse().ok()?))
 }
 
 /// A change to the guest's copy of the manifest.
@@ -448,4 +649,25 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::write(path, bytes).map_err(io_context(format!("writing {}", path.display())))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))
         .map_err(io_context(format!("chmod {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_tpm_operations_of_the_stopped_line() {
+        assert_eq!(
+            parse_stopped_line("stopped: tpm operations: 12 (4 before ready)"),
+            Some((12, 4))
+        );
+        for line in [
+            "stopped serving vm-a: removed",
+            "stopped: tpm operations: 12",
+            "stopped: tpm operations: x (4 before ready)",
+            "stopped: tpm operations: 12 (4 before ready) and more",
+        ] {
+            assert_eq!(parse_stopped_line(line), None, "{line}");
+        }
+    }
 }
