@@ -12,4 +12,5 @@ pub mod reseal;
 pub mod setup;
 pub mod sev_release;
 pub mod state;
+pub mod state_root;
 pub mod tpm_release;

@@ -12,12 +12,14 @@
     clippy::panic
 )]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::devices::Devices;
 use guest_driver::agent::{self, Inputs};
 use guest_driver::broker::mailbox::{MailboxSpec, VhostUserMailbox};
 use guest_driver::broker::shares::InProcessFetcher;
@@ -33,7 +35,6 @@ use keyshard_core::quorum::{QuorumError, QuorumOutcome, RejectReason, Rejection}
 use keyshard_core::{HolderClass, HolderId, KeyCheckValue, KeyId, keys};
 use keyshard_e2e::process::{LineWait, read_lines_in_background, wait_for_line};
 use vhost_keyshard::device::media::BlockMedia;
-use vhost_keyshard::device::serve::{BoundSocket, ServeError, Stopper};
 use vhost_keyshard::fragment_volume::FragmentVolume;
 
 const SECRET: &[u8] = b"a LUKS2 volume key of 32 bytes!!";
@@ -180,63 +181,16 @@ impl RequestHandler for PcrMismatch {
     }
 }
 
-/// Devices served in-process, each on its own socket and thread; stopped and joined at the
-/// end, or on drop when a test fails.
-struct Devices {
-    dir: tempfile::TempDir,
-    stopper: Arc<Stopper>,
-    threads: Vec<JoinHandle<Result<(), ServeError>>>,
+fn serve_fragment(devices: &mut Devices, dealt: &Dealt, index: usize) -> PathBuf {
+    let holder = dealt.manifest.holders[index].id.clone();
+    let volume =
+        FragmentVolume::from_fragments(&[&dealt.fragments[index]], holder.clone()).unwrap();
+    devices.serve(holder.as_str(), Arc::new(volume))
 }
 
-impl Devices {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-            stopper: Stopper::new().unwrap(),
-            threads: Vec::new(),
-        }
-    }
-
-    /// Binds `<name>.sock` now (so it accepts connections on return) and serves `media` on it.
-    fn serve(&mut self, name: &str, media: Arc<dyn BlockMedia>) -> PathBuf {
-        let path = self.dir.path().join(format!("{name}.sock"));
-        let bound = BoundSocket::bind(&path, Default::default()).unwrap();
-        let stopper = self.stopper.clone();
-        let name = name.to_owned();
-        self.threads.push(std::thread::spawn(move || {
-            bound.serve(&name, media, &stopper)
-        }));
-        path
-    }
-
-    fn serve_fragment(&mut self, dealt: &Dealt, index: usize) -> PathBuf {
-        let holder = dealt.manifest.holders[index].id.clone();
-        let volume =
-            FragmentVolume::from_fragments(&[&dealt.fragments[index]], holder.clone()).unwrap();
-        self.serve(holder.as_str(), Arc::new(volume))
-    }
-
-    fn serve_broker(&mut self, handler: Arc<dyn RequestHandler>) -> PathBuf {
-        let mailbox = BrokerMailbox::new(VM_ID, handler).unwrap();
-        self.serve("broker", Arc::new(mailbox) as Arc<dyn BlockMedia>)
-    }
-
-    /// Stops every server and checks that each ended cleanly.
-    fn stop(mut self) {
-        self.stopper.stop();
-        for thread in self.threads.drain(..) {
-            thread.join().unwrap().unwrap();
-        }
-    }
-}
-
-impl Drop for Devices {
-    fn drop(&mut self) {
-        self.stopper.stop();
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
-    }
+fn serve_broker(devices: &mut Devices, handler: Arc<dyn RequestHandler>) -> PathBuf {
+    let mailbox = BrokerMailbox::new(VM_ID, handler).unwrap();
+    devices.serve("broker", Arc::new(mailbox) as Arc<dyn BlockMedia>)
 }
 
 fn client(socket: &Path) -> BrokerClient {
@@ -252,7 +206,7 @@ fn the_broker_client_gets_the_released_fragment_over_the_socket() {
         seen: AtomicUsize::new(0),
     });
     let mut devices = Devices::new();
-    let socket = devices.serve_broker(handler.clone());
+    let socket = serve_broker(&mut devices, handler.clone());
 
     // What the device says about itself.
     let mut device = VhostUserBlk::connect(&socket, deadline()).unwrap();
@@ -301,7 +255,7 @@ fn the_broker_client_gets_the_released_fragment_over_the_socket() {
 #[test]
 fn a_refusal_comes_back_with_its_code_and_reason() {
     let mut devices = Devices::new();
-    let socket = devices.serve_broker(Arc::new(PcrMismatch));
+    let socket = serve_broker(&mut devices, Arc::new(PcrMismatch));
     let error = client(&socket)
         .release_tpm(
             &HolderId::new("tpm-1").unwrap(),
@@ -320,7 +274,7 @@ fn a_refusal_comes_back_with_its_code_and_reason() {
 #[test]
 fn the_mailbox_takes_whole_requests_at_offset_0_only() {
     let mut devices = Devices::new();
-    let socket = devices.serve_broker(Arc::new(PcrMismatch));
+    let socket = serve_broker(&mut devices, Arc::new(PcrMismatch));
     let mut device = VhostUserBlk::connect(&socket, deadline()).unwrap();
     // Elsewhere than offset 0: the device answers IOERR, and the connection stays usable.
     let error = device.write_at(512, &[0; 512], deadline()).unwrap_err();
@@ -354,11 +308,11 @@ fn unlock(
 ) -> keyshard_core::quorum::Result<QuorumOutcome> {
     let sources = (0..2)
         .map(|index| {
-            SourceSpec::VhostUser(devices.serve_fragment(dealt, index))
+            SourceSpec::VhostUser(serve_fragment(devices, dealt, index))
                 .into_source(Path::new("/sys"))
         })
         .collect();
-    let broker = MailboxSpec::VhostUser(devices.serve_broker(handler));
+    let broker = MailboxSpec::VhostUser(serve_broker(devices, handler));
     let inputs = Inputs {
         sources,
         broker: Some(Box::new(InProcessFetcher::new(

@@ -1,6 +1,9 @@
-//! `keyshard coordinator`: serve one broker mailbox per VM from a state directory until SIGTERM.
+//! `keyshard coordinator`: serve the broker mailboxes until SIGTERM, either of every VM under a
+//! state root (`--state-root`, watched for VMs added and removed) or of the VMs given with
+//! `--broker` from one state directory.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use keyshard_core::HolderId;
@@ -12,6 +15,7 @@ use super::CliError;
 use keyshard_coordinator::mailbox::{BrokerMailbox, RequestHandler};
 use keyshard_coordinator::setup;
 use keyshard_coordinator::state::StateDir;
+use keyshard_coordinator::state_root::{Event, POLL_INTERVAL, StateRootServer};
 use keyshard_tpm::{TpmConfig, TpmService, resolve_tcti};
 use vhost_keyshard::daemon::access::SocketArgs;
 use vhost_keyshard::daemon::{self, DaemonError, ServedDevice};
@@ -19,11 +23,15 @@ use vhost_keyshard::device::serve::{BoundSocket, SocketAccess};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The state directory `keyshard init` made.
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: PathBuf,
-    /// A VM's broker device: VMID=SOCKET (serial ksb-VMID). Repeat for each VM.
-    #[arg(long, value_name = "VMID=SOCKET", required = true)]
+    /// Serve every VM under DIR: each DIR/VMID/ is a state directory `keyshard init` made, served
+    /// on DIR/VMID/broker.sock (serial ksb-VMID); VMs added or removed are picked up while running.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["state_dir", "broker"])]
+    pub state_root: Option<PathBuf>,
+    /// One state directory `keyshard init` made (with --broker).
+    #[arg(long, value_name = "DIR", required_unless_present = "state_root")]
+    pub state_dir: Option<PathBuf>,
+    /// A VM's broker device: VMID=SOCKET (serial ksb-VMID), with --state-dir. Repeat for each VM.
+    #[arg(long, value_name = "VMID=SOCKET", requires = "state_dir")]
     pub broker: Vec<String>,
     /// The TPM (default: $TPM2TOOLS_TCTI, else $TCTI, else device:/dev/tpmrm0).
     #[arg(long, value_name = "TCTI")]
@@ -37,13 +45,24 @@ pub struct Args {
 
 #[derive(Debug)]
 pub struct Config {
-    pub state_dir: StateDir,
-    /// (vm id, socket)
-    pub brokers: Vec<(String, PathBuf)>,
+    pub served: Served,
     pub tcti: String,
     pub pidfile: Option<PathBuf>,
     /// Mode and owner of every broker socket file.
     pub access: SocketAccess,
+}
+
+/// Which VMs are served.
+#[derive(Debug)]
+pub enum Served {
+    /// Every VM directory under a root, watched.
+    Root(PathBuf),
+    /// The VMs named with --broker, from one state directory.
+    Brokers {
+        state_dir: StateDir,
+        /// (vm id, socket)
+        brokers: Vec<(String, PathBuf)>,
+    },
 }
 
 impl TryFrom<Args> for Config {
@@ -68,9 +87,25 @@ impl TryFrom<Args> for Config {
             }
             brokers.push((vm.to_owned(), PathBuf::from(socket)));
         }
+        let served = match (args.state_root, args.state_dir) {
+            (Some(root), _) => Served::Root(root),
+            (None, Some(_)) if brokers.is_empty() => {
+                return Err(CliError::InvalidArgument(
+                    "--state-dir needs at least one --broker VMID=SOCKET".into(),
+                ));
+            }
+            (None, Some(dir)) => Served::Brokers {
+                state_dir: StateDir::new(dir),
+                brokers,
+            },
+            (None, None) => {
+                return Err(CliError::InvalidArgument(
+                    "give --state-root DIR, or --state-dir DIR with --broker VMID=SOCKET".into(),
+                ));
+            }
+        };
         Ok(Self {
-            state_dir: StateDir::new(args.state_dir),
-            brokers,
+            served,
             tcti: resolve_tcti(args.tcti.as_deref()),
             pidfile: args.pidfile,
             access: SocketAccess::try_from(&args.socket)
@@ -81,15 +116,18 @@ impl TryFrom<Args> for Config {
 
 /// Refuses a `--broker` for a VM the key's shares are not bound to: it would be refused every
 /// release anyway, and serving it hides the mistake until a boot fails.
-fn check_bound(config: &Config, bound: &[String]) -> Result<(), CliError> {
-    let dir = config.state_dir.root().display();
+fn check_bound(
+    state_dir: &StateDir,
+    brokers: &[(String, PathBuf)],
+    bound: &[String],
+) -> Result<(), CliError> {
+    let dir = state_dir.root().display();
     if bound.is_empty() {
         return Err(CliError::InvalidArgument(format!(
             "{dir}: the key's shares are bound to no VM (a state from before VM binding, with fragments this build no longer reads): keyshard init --force --vm-id ID deals a NEW key and replaces these shares, so first keep a copy of {dir} and enroll the new key in the VM's volume (or pass the old key with --secret-file)"
         )));
     }
-    let unbound: Vec<&str> = config
-        .brokers
+    let unbound: Vec<&str> = brokers
         .iter()
         .map(|(vm, _)| vm.as_str())
         .filter(|vm| !bound.iter().any(|b| b == vm))
@@ -107,8 +145,20 @@ fn check_bound(config: &Config, bound: &[String]) -> Result<(), CliError> {
 pub fn run(config: Config) -> Result<(), CliError> {
     let signals =
         Signals::new([SIGTERM, SIGINT]).map_err(|e| CliError::from(DaemonError::Signals(e)))?;
-    let state = setup::load_state(&config.state_dir)?;
-    check_bound(&config, &state.vm_ids)?;
+    match &config.served {
+        Served::Root(root) => run_state_root(root, &config, signals),
+        Served::Brokers { state_dir, brokers } => run_brokers(state_dir, brokers, &config, signals),
+    }
+}
+
+fn run_brokers(
+    state_dir: &StateDir,
+    brokers: &[(String, PathBuf)],
+    config: &Config,
+    signals: Signals,
+) -> Result<(), CliError> {
+    let state = setup::load_state(state_dir)?;
+    check_bound(state_dir, brokers, &state.vm_ids)?;
     let tpm = if state.attested_holders().next().is_some() {
         let service = TpmService::spawn(TpmConfig::new(config.tcti.clone()))?;
         if service.info().software {
@@ -118,10 +168,9 @@ pub fn run(config: Config) -> Result<(), CliError> {
     } else {
         None
     };
-    let coordinator = Arc::new(setup::coordinator(&config.state_dir, &state, tpm)?);
+    let coordinator = Arc::new(setup::coordinator(state_dir, &state, tpm)?);
     let handler: Arc<dyn RequestHandler> = coordinator.clone();
-    let devices = config
-        .brokers
+    let devices = brokers
         .iter()
         .map(|(vm, socket)| {
             let mailbox = BrokerMailbox::new(vm, handler.clone()).map_err(DaemonError::Spawn)?;
@@ -136,6 +185,54 @@ pub fn run(config: Config) -> Result<(), CliError> {
     coordinator.flush_audit();
     served?;
     Ok(())
+}
+
+/// Serves every VM under `root` and follows the directory until a stop signal: one line on
+/// stdout per VM served, refused or stopped, and the TPM operations spent at the end.
+fn run_state_root(root: &Path, config: &Config, mut signals: Signals) -> Result<(), CliError> {
+    let (mut server, events) = StateRootServer::start(root, config.access, config.tcti.clone())
+        .map_err(|e| CliError::InvalidArgument(format!("--state-root: {e}")))?;
+    print_events(&events);
+    let at_ready = server.tpm_operations();
+    daemon::announce(
+        &format!(
+            "ready: serving {} VM(s) under {}",
+            server.served().len(),
+            root.display()
+        ),
+        config.pidfile.as_deref(),
+    )?;
+    loop {
+        if let Some(signal) = signals.pending().next() {
+            log::info!("signal {signal}: stopping");
+            break;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+        print_events(&server.watch_once());
+    }
+    let total = server.tpm_operations();
+    server.stop();
+    if let Some(pidfile) = &config.pidfile {
+        daemon::remove_pidfile_if_ours(pidfile);
+    }
+    print_events_line(&format!(
+        "stopped: tpm operations: {total} ({at_ready} before ready)"
+    ));
+    Ok(())
+}
+
+fn print_events(events: &[Event]) {
+    for event in events {
+        print_events_line(&event.to_string());
+    }
+}
+
+/// One line on stdout, flushed at once: a launcher or a test follows them as they come.
+fn print_events_line(line: &str) {
+    let mut stdout = std::io::stdout().lock();
+    // The same events are in the log; a closed stdout is no reason to stop serving.
+    let _ = writeln!(stdout, "{line}");
+    let _ = stdout.flush();
 }
 
 #[cfg(test)]
@@ -162,6 +259,31 @@ mod tests {
         Config::try_from(Command::try_parse_from(argv).unwrap().args)
     }
 
+    fn check(config: &Config, bound: &[String]) -> Result<(), CliError> {
+        let Served::Brokers { state_dir, brokers } = &config.served else {
+            panic!("not the --broker form: {config:?}");
+        };
+        check_bound(state_dir, brokers, bound)
+    }
+
+    fn parse(argv: &[&str]) -> Result<Config, CliError> {
+        let argv = ["coordinator"].iter().chain(argv);
+        Command::try_parse_from(argv)
+            .map_err(|e| CliError::InvalidArgument(e.to_string()))
+            .and_then(|command| Config::try_from(command.args))
+    }
+
+    #[test]
+    fn a_state_root_is_served_alone_and_a_state_dir_needs_a_broker() {
+        let root = parse(&["--state-root", "/r"]).unwrap();
+        assert!(matches!(&root.served, Served::Root(dir) if dir == Path::new("/r")));
+        assert!(parse(&["--state-root", "/r", "--state-dir", "/s"]).is_err());
+        assert!(parse(&["--state-root", "/r", "--broker", "vm1=/b.sock"]).is_err());
+        let alone = parse(&["--state-dir", "/s"]).unwrap_err().to_string();
+        assert!(alone.contains("--broker"), "{alone}");
+        assert!(parse(&[]).is_err());
+    }
+
     #[test]
     fn broker_sockets_are_0600_unless_told() {
         assert_eq!(config(&[]).unwrap().access, SocketAccess::default());
@@ -177,13 +299,11 @@ mod tests {
     fn item4_a_broker_for_an_unbound_vm_is_refused_with_the_bound_ids() {
         let c = config(&["--broker", "vm2=/c.sock"]).unwrap();
         let bound = ["vm1".to_owned(), "vm9".to_owned()];
-        let err = check_bound(&c, &bound).unwrap_err().to_string();
+        let err = check(&c, &bound).unwrap_err().to_string();
         assert!(err.contains("--broker vm2: not bound"), "{err}");
         assert!(err.contains("bound VM ids: vm1, vm9"), "{err}");
-        assert!(check_bound(&config(&[]).unwrap(), &bound).is_ok());
-        let none = check_bound(&config(&[]).unwrap(), &[])
-            .unwrap_err()
-            .to_string();
+        assert!(check(&config(&[]).unwrap(), &bound).is_ok());
+        let none = check(&config(&[]).unwrap(), &[]).unwrap_err().to_string();
         assert!(none.contains("bound to no VM"), "{none}");
     }
 
@@ -192,9 +312,7 @@ mod tests {
     /// every share of the old one, which the VM's volume still needs.
     #[test]
     fn item4_an_unbound_state_says_that_init_deals_a_new_key() {
-        let none = check_bound(&config(&[]).unwrap(), &[])
-            .unwrap_err()
-            .to_string();
+        let none = check(&config(&[]).unwrap(), &[]).unwrap_err().to_string();
         assert!(!none.contains("again"), "{none}");
         assert!(none.contains("NEW key"), "{none}");
         assert!(none.contains("--secret-file"), "{none}");

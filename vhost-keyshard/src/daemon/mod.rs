@@ -124,7 +124,7 @@ pub fn serve_until_signal(
 
 /// Removes the pidfile only while it still names this process: another instance started since
 /// may have written its own.
-fn remove_pidfile_if_ours(path: &std::path::Path) {
+pub fn remove_pidfile_if_ours(path: &std::path::Path) {
     let ours = std::fs::read_to_string(path)
         .ok()
         .and_then(|text| text.trim().parse::<u32>().ok())
@@ -144,6 +144,23 @@ fn announce_ready(
     devices: &[ServedDevice],
     pidfile: Option<&std::path::Path>,
 ) -> Result<(), DaemonError> {
+    let list: Vec<String> = devices
+        .iter()
+        .map(|d| format!("{} at {}", d.name, d.socket.path().display()))
+        .collect();
+    announce(
+        &format!(
+            "ready: serving {} device(s): {}",
+            devices.len(),
+            list.join(", ")
+        ),
+        pidfile,
+    )
+}
+
+/// Writes the pidfile, tells systemd (sd_notify) and prints `ready_line` on stdout: what a
+/// launcher waits for once every socket listens.
+pub fn announce(ready_line: &str, pidfile: Option<&std::path::Path>) -> Result<(), DaemonError> {
     if let Some(path) = pidfile {
         let pid = format!("{}\n", std::process::id());
         files::write_atomic(path, pid.as_bytes(), 0o644, Overwrite::Replace)
@@ -152,18 +169,9 @@ fn announce_ready(
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         log::debug!("sd_notify: {e}");
     }
-    let list: Vec<String> = devices
-        .iter()
-        .map(|d| format!("{} at {}", d.name, d.socket.path().display()))
-        .collect();
     let mut stdout = std::io::stdout().lock();
     // A launcher waits for this line; losing it is not worth failing over.
-    let _ = writeln!(
-        stdout,
-        "ready: serving {} device(s): {}",
-        devices.len(),
-        list.join(", ")
-    );
+    let _ = writeln!(stdout, "{ready_line}");
     let _ = stdout.flush();
     info!("ready");
     Ok(())
