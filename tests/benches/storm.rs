@@ -1,0 +1,898 @@
+//! `make bench-storm`: a host's boot storm, printed as figures. For each N (10, 50 and 100 unless
+//! `KEYSHARD_STORM_N` says otherwise), on a fresh swtpm:
+//! - N VMs dealt with `keyshard init --policy examples/vhd-tpm.toml` (vhd = 2, tpm = 1, k = 3),
+//!   each into `ROOT/vm<i>` with its own random key, bound to VM id `vm<i>`;
+//! - ONE `vhost-keyshard` process serving all 2N fragment devices, and ONE
+//!   `keyshard coordinator --state-root ROOT` (or, with `KEYSHARD_STORM_COORDINATOR=per-vm`, one
+//!   `keyshard coordinator --state-dir ROOT/vm<i> --broker ...` per VM: the host before issue 8);
+//! - N host frontends, the real `keyshard-guest unlock --vhost-user ... --broker-vhost-user ...`
+//!   processes, started together: each waits behind a shell `read` on one shared pipe, and
+//!   closing that pipe is the common start. A VM's time runs from there until its process
+//!   has exited, having written the key; every key written is compared with the one dealt.
+//!
+//! Figures per N: wall time until the last key, p50 and p99 per VM (nearest rank), TPM operations
+//! per release from the coordinator's `stopped: tpm operations:` line, TPM commands per release
+//! counted independently in swtpm's own command log, and VmRSS/VmHWM, threads and open files of
+//! the coordinator and of the fragment daemon after the storm. Goals (issue 8) for N = 100:
+//! every key within 2 s, at most 0.1 TPM commands per release after start-up, the coordinator
+//! under 64 MiB resident.
+//!
+//! It needs the binaries `make bench-storm` builds (release `keyshard` and `vhost-keyshard`,
+//! the static `keyshard-guest`), named by the `KEYSHARD_E2E_*_BIN` variables of `make e2e`. A
+//! storm that has not finished within 60 s fails with what it saw; every process is stopped
+//! when the benchmark ends, however it ends.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use keyshard_e2e::HarnessError;
+use keyshard_e2e::env::{GUEST_BIN, KEYSHARD_BIN, VHOST_KEYSHARD_BIN};
+use keyshard_e2e::process::{ChildGuard, Daemon, describe_status, run_tool};
+use keyshard_e2e::swtpm::{Swtpm, TpmCommand};
+
+const SIZES_VAR: &str = "KEYSHARD_STORM_N";
+const MODE_VAR: &str = "KEYSHARD_STORM_COORDINATOR";
+const DEFAULT_SIZES: [usize; 3] = [10, 50, 100];
+const MAX_VMS: usize = 1000;
+const POLICY: &str = "examples/vhd-tpm.toml";
+const KEY_LEN: usize = 32;
+
+/// The storm's bound: what has not ended by then is killed and the storm fails.
+const STORM_LIMIT: Duration = Duration::from_secs(60);
+/// `keyshard-guest --timeout`: each frontend gives up by itself before the storm's bound.
+const GUEST_TIMEOUT_SECS: u64 = 30;
+/// How long the daemons may take to listen (the coordinator unseals every VM's key first).
+const READY_LIMIT: Duration = Duration::from_secs(120);
+/// How long the frontends may take to reach the gate.
+const GATE_SETTLE_LIMIT: Duration = Duration::from_secs(10);
+/// `sun_path` holds 108 bytes with the terminating NUL.
+const SOCKET_PATH_MAX: usize = 107;
+
+/// Each frontend's shell blocks reading the shared gate pipe; EOF (the benchmark drops the
+/// write end) lets them all exec the frontend at once. `$0` is the frontend's path.
+const GATE_SCRIPT: &str = "read -r gate; exec \"$0\" \"$@\"";
+
+/// Goals for N = 100 (issue 8).
+const GOAL_N: usize = 100;
+const GOAL_WALL: Duration = Duration::from_secs(2);
+const GOAL_TPM_PER_RELEASE: f64 = 0.1;
+const GOAL_RSS_KIB: u64 = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+enum StormError {
+    #[error(transparent)]
+    Harness(#[from] HarnessError),
+    #[error("{var} is not set: run `make bench-storm`, which builds the binaries and sets it")]
+    MissingEnv { var: &'static str },
+    #[error("{var}: {reason}")]
+    BadEnv { var: &'static str, reason: String },
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+    #[error(
+        "{} is {len} bytes, over the {SOCKET_PATH_MAX} a UNIX socket path may have: set TMPDIR to a shorter directory",
+        path.display()
+    )]
+    SocketPathTooLong { path: PathBuf, len: usize },
+    #[error("{what} printed no {prefix:?} line; stdout:\n{stdout}\nstderr:\n{stderr}")]
+    MissingLine {
+        what: String,
+        prefix: &'static str,
+        stdout: String,
+        stderr: String,
+    },
+    #[error("the coordinator refused VMs: {0}")]
+    Refused(String),
+    #[error("the storm failed for {failed} of {n} VMs:\n{report}")]
+    Storm {
+        failed: usize,
+        n: usize,
+        report: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, StormError>;
+
+fn io_context(context: impl Into<String>) -> impl FnOnce(io::Error) -> StormError {
+    let context = context.into();
+    move |source| StormError::Io { context, source }
+}
+
+/// How the VMs' brokers are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CoordinatorMode {
+    /// One `keyshard coordinator --state-root ROOT` for every VM.
+    StateRoot,
+    /// One `keyshard coordinator --state-dir ROOT/vm<i> --broker vm<i>=SOCKET` per VM.
+    PerVm,
+}
+
+impl CoordinatorMode {
+    fn from_env() -> Result<Self> {
+        match std::env::var(MODE_VAR).as_deref() {
+            Err(_) | Ok("state-root") => Ok(Self::StateRoot),
+            Ok("per-vm") => Ok(Self::PerVm),
+            Ok(other) => Err(StormError::BadEnv {
+                var: MODE_VAR,
+                reason: format!("{other:?}: expected state-root or per-vm"),
+            }),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::StateRoot => "one --state-root coordinator",
+            Self::PerVm => "one coordinator per VM",
+        }
+    }
+}
+
+struct Binaries {
+    keyshard: PathBuf,
+    vhost_keyshard: PathBuf,
+    guest: PathBuf,
+    policy: PathBuf,
+}
+
+impl Binaries {
+    fn from_env() -> Result<Self> {
+        let path = |var: &'static str| -> Result<PathBuf> {
+            let path = std::env::var_os(var)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .ok_or(StormError::MissingEnv { var })?;
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(StormError::BadEnv {
+                    var,
+                    reason: format!("{} is not a file", path.display()),
+                })
+            }
+        };
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap_or(Path::new(".."));
+        Ok(Self {
+            keyshard: path(KEYSHARD_BIN)?,
+            vhost_keyshard: path(VHOST_KEYSHARD_BIN)?,
+            guest: path(GUEST_BIN)?,
+            policy: repo.join(POLICY),
+        })
+    }
+}
+
+fn sizes_from_env() -> Result<Vec<usize>> {
+    let Ok(text) = std::env::var(SIZES_VAR) else {
+        return Ok(DEFAULT_SIZES.to_vec());
+    };
+    text.split([',', ' '])
+        .filter(|part| !part.is_empty())
+        .map(|part| match part.parse::<usize>() {
+            Ok(n) if (1..=MAX_VMS).contains(&n) => Ok(n),
+            _ => Err(StormError::BadEnv {
+                var: SIZES_VAR,
+                reason: format!("{part:?} is not a number of VMs in 1..={MAX_VMS}"),
+            }),
+        })
+        .collect()
+}
+
+/// One VM of the storm: its state directory, the key dealt to it and where its frontend writes
+/// the key it rebuilds.
+struct Vm {
+    id: String,
+    dir: PathBuf,
+    secret: PathBuf,
+    out: PathBuf,
+    /// (socket, fragment file) of each of its fragment devices.
+    devices: Vec<(PathBuf, PathBuf)>,
+    log: PathBuf,
+}
+
+impl Vm {
+    fn broker_socket(&self) -> PathBuf {
+        self.dir.join("broker.sock")
+    }
+
+    fn manifest(&self) -> PathBuf {
+        self.dir.join("manifest.toml")
+    }
+}
+
+/// Deals N keys with `keyshard init`, one after the other (setup, not measured).
+fn deal(bins: &Binaries, work: &Path, root: &Path, n: usize, tcti: &str) -> Result<Vec<Vm>> {
+    let private = work.join("private");
+    let sockets = work.join("sock");
+    let logs = work.join("log");
+    for dir in [root, &private, &sockets, &logs] {
+        fs::create_dir_all(dir).map_err(io_context(format!("creating {}", dir.display())))?;
+    }
+    let mut vms = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("vm{i}");
+        let dir = root.join(&id);
+        let secret = private.join(format!("{id}.key"));
+        write_private(&secret, &random_bytes(KEY_LEN)?)?;
+        run_tool(
+            "keyshard init",
+            Command::new(&bins.keyshard)
+                .arg("init")
+                .arg("--policy")
+                .arg(&bins.policy)
+                .arg("--state-dir")
+                .arg(&dir)
+                .arg("--vm-id")
+                .arg(&id)
+                .arg("--secret-file")
+                .arg(&secret)
+                .arg("--recovery-file")
+                .arg(private.join(format!("{id}.recovery")))
+                .arg("--tcti")
+                .arg(tcti)
+                .env("RUST_LOG", "error"),
+        )?;
+        let devices = fragment_files(&dir.join("fragments"))?
+            .into_iter()
+            .enumerate()
+            .map(|(j, fragment)| (sockets.join(format!("{id}-{j}.sock")), fragment))
+            .collect();
+        vms.push(Vm {
+            out: private.join(format!("{id}.out")),
+            log: logs.join(format!("{id}.guest.log")),
+            id,
+            dir,
+            secret,
+            devices,
+        });
+    }
+    for vm in &vms {
+        let paths = vm.devices.iter().map(|(socket, _)| socket.clone());
+        for path in paths.chain([vm.broker_socket()]) {
+            let len = path.as_os_str().len();
+            if len > SOCKET_PATH_MAX {
+                return Err(StormError::SocketPathTooLong { path, len });
+            }
+        }
+    }
+    Ok(vms)
+}
+
+/// The `.ksf` files `keyshard init` wrote, in name order.
+fn fragment_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io_context(format!("listing {}", dir.display())))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "ksf"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// One `vhost-keyshard` serving every VM's fragment devices.
+fn start_fragment_daemon(bins: &Binaries, vms: &[Vm], logs: &Path) -> Result<Daemon> {
+    let mut command = Command::new(&bins.vhost_keyshard);
+    for (socket, fragment) in vms.iter().flat_map(|vm| &vm.devices) {
+        command.arg("--device").arg(format!(
+            "socket={},fragment={}",
+            socket.display(),
+            fragment.display()
+        ));
+    }
+    Ok(Daemon::start(
+        "vhost-keyshard",
+        &mut command,
+        "ready",
+        READY_LIMIT,
+        &logs.join("vhost-keyshard.stderr.log"),
+    )?)
+}
+
+fn start_coordinators(
+    bins: &Binaries,
+    mode: CoordinatorMode,
+    root: &Path,
+    vms: &[Vm],
+    tcti: &str,
+    logs: &Path,
+) -> Result<Vec<Daemon>> {
+    match mode {
+        CoordinatorMode::StateRoot => {
+            let daemon = Daemon::start(
+                "keyshard coordinator --state-root",
+                Command::new(&bins.keyshard)
+                    .arg("coordinator")
+                    .arg("--state-root")
+                    .arg(root)
+                    .arg("--tcti")
+                    .arg(tcti),
+                "ready:",
+                READY_LIMIT,
+                &logs.join("coordinator.stderr.log"),
+            )?;
+            let stdout = daemon.stdout();
+            let refused: Vec<&String> = stdout
+                .iter()
+                .filter(|line| line.starts_with("refused "))
+                .collect();
+            if !refused.is_empty() {
+                return Err(StormError::Refused(
+                    refused
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ));
+            }
+            let serving = stdout.iter().filter(|l| l.starts_with("serving ")).count();
+            if serving != vms.len() {
+                return Err(StormError::Refused(format!(
+                    "it serves {serving} VMs, not {}: {}",
+                    vms.len(),
+                    daemon.ready_line()
+                )));
+            }
+            Ok(vec![daemon])
+        }
+        CoordinatorMode::PerVm => vms
+            .iter()
+            .map(|vm| {
+                Daemon::start(
+                    &format!("keyshard coordinator {}", vm.id),
+                    Command::new(&bins.keyshard)
+                        .arg("coordinator")
+                        .arg("--state-dir")
+                        .arg(&vm.dir)
+                        .arg("--broker")
+                        .arg(format!("{}={}", vm.id, vm.broker_socket().display()))
+                        .arg("--tcti")
+                        .arg(tcti),
+                    "ready",
+                    READY_LIMIT,
+                    &logs.join(format!("coordinator-{}.stderr.log", vm.id)),
+                )
+                .map_err(StormError::from)
+            })
+            .collect(),
+    }
+}
+
+/// What one frontend did.
+struct Unlock {
+    status: Option<ExitStatus>,
+    took: Duration,
+}
+
+/// Starts every VM's frontend behind the gate, opens it, and waits for all of them (at most
+/// [`STORM_LIMIT`]). Returns the wall time and each VM's outcome, in `vms` order.
+fn storm(bins: &Binaries, vms: &[Vm]) -> Result<(Duration, Vec<Unlock>)> {
+    let (gate_reader, gate_writer) = io::pipe().map_err(io_context("creating the gate pipe"))?;
+    let mut guards = Vec::with_capacity(vms.len());
+    for vm in vms {
+        let log = fs::File::create(&vm.log)
+            .map_err(io_context(format!("creating {}", vm.log.display())))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_context(format!("duplicating {}", vm.log.display())))?;
+        let gate = gate_reader
+            .try_clone()
+            .map_err(io_context("duplicating the gate pipe"))?;
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(GATE_SCRIPT)
+            .arg(&bins.guest)
+            .arg("unlock")
+            .arg("--manifest")
+            .arg(vm.manifest());
+        for (socket, _) in &vm.devices {
+            command.arg("--vhost-user").arg(socket);
+        }
+        command
+            .arg("--broker-vhost-user")
+            .arg(vm.broker_socket())
+            .arg("--timeout")
+            .arg(GUEST_TIMEOUT_SECS.to_string())
+            .arg("--out")
+            .arg(&vm.out)
+            .arg("--force")
+            .stdin(Stdio::from(gate))
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err));
+        guards.push(ChildGuard::spawn(
+            &format!("keyshard-guest {}", vm.id),
+            &mut command,
+        )?);
+    }
+    drop(gate_reader);
+    wait_at_gate(&guards);
+
+    let start = Instant::now();
+    drop(gate_writer);
+    let deadline = start + STORM_LIMIT;
+    let outcomes = thread::scope(|scope| {
+        let waiters: Vec<_> = guards
+            .iter_mut()
+            .map(|guard| {
+                scope.spawn(move || -> Result<Unlock> {
+                    let status = guard.wait_until(deadline)?;
+                    let took = start.elapsed();
+                    if status.is_none() {
+                        guard.kill()?;
+                    }
+                    Ok(Unlock { status, took })
+                })
+            })
+            .collect();
+        waiters
+            .into_iter()
+            .map(|waiter| {
+                waiter.join().unwrap_or_else(|_| {
+                    Err(StormError::Io {
+                        context: "a waiter thread panicked".to_owned(),
+                        source: io::Error::other("panic"),
+                    })
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let wall = outcomes.iter().map(|u| u.took).max().unwrap_or_default();
+    Ok((wall, outcomes))
+}
+
+/// Waits (at most [`GATE_SETTLE_LIMIT`]) until every frontend's shell is blocked reading the
+/// gate, so the start is not spread by process creation. Where the kernel does not show it
+/// (`/proc/PID/wchan`), it goes on after the limit: the figures then include shell start-up.
+fn wait_at_gate(guards: &[ChildGuard]) {
+    let until = Instant::now() + GATE_SETTLE_LIMIT;
+    while Instant::now() < until {
+        let waiting = guards
+            .iter()
+            .filter(|guard| {
+                fs::read_to_string(format!("/proc/{}/wchan", guard.pid()))
+                    .is_ok_and(|wchan| wchan.contains("pipe_read") || wchan.contains("pipe_wait"))
+            })
+            .count();
+        if waiting == guards.len() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "bench-storm: not every frontend was seen waiting at the gate within {} s; starting anyway",
+        GATE_SETTLE_LIMIT.as_secs()
+    );
+}
+
+/// Every VM's frontend exited 0 and wrote the key dealt to that VM. The report names each VM
+/// that failed with its exit status and its last output lines (never key bytes).
+fn verify(vms: &[Vm], outcomes: &[Unlock]) -> Result<()> {
+    let mut failures = Vec::new();
+    for (vm, unlock) in vms.iter().zip(outcomes) {
+        let problem = match unlock.status {
+            None => Some(format!(
+                "still running after {} s (killed)",
+                STORM_LIMIT.as_secs()
+            )),
+            Some(status) if !status.success() => Some(describe_status(&status)),
+            Some(_) => match (fs::read(&vm.out), fs::read(&vm.secret)) {
+                (Ok(got), Ok(dealt)) if got == dealt => None,
+                (Ok(_), Ok(_)) => Some("the key it wrote is not the key dealt".to_owned()),
+                (Err(e), _) => Some(format!("no key written to {}: {e}", vm.out.display())),
+                (_, Err(e)) => Some(format!("cannot read {}: {e}", vm.secret.display())),
+            },
+        };
+        if let Some(problem) = problem {
+            let log = fs::read_to_string(&vm.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            failures.push(format!(
+                "  {} after {:.0} ms: {problem}; {}",
+                vm.id,
+                unlock.took.as_secs_f64() * 1e3,
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            ));
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(StormError::Storm {
+            failed: failures.len(),
+            n: vms.len(),
+            report: failures.join("\n"),
+        })
+    }
+}
+
+/// A process's memory, threads and open files, from /proc.
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcFigures {
+    rss_kib: u64,
+    hwm_kib: u64,
+    threads: u64,
+    fds: u64,
+}
+
+impl ProcFigures {
+    fn read(pid: u32) -> Result<Self> {
+        let path = format!("/proc/{pid}/status");
+        let status = fs::read_to_string(&path).map_err(io_context(format!("reading {path}")))?;
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(0)
+        };
+        let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|entries| entries.count())
+            .map_err(io_context(format!("listing /proc/{pid}/fd")))?;
+        Ok(Self {
+            rss_kib: field("VmRSS:"),
+            hwm_kib: field("VmHWM:"),
+            threads: field("Threads:"),
+            fds: u64::try_from(fds).unwrap_or(u64::MAX),
+        })
+    }
+
+    /// The sum over several processes (the per-VM coordinators).
+    fn sum(all: impl IntoIterator<Item = Self>) -> Self {
+        all.into_iter().fold(Self::default(), |a, b| Self {
+            rss_kib: a.rss_kib + b.rss_kib,
+            hwm_kib: a.hwm_kib + b.hwm_kib,
+            threads: a.threads + b.threads,
+            fds: a.fds + b.fds,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "VmRSS {:.1} MiB, VmHWM {:.1} MiB, {} threads, {} open files",
+            mib(self.rss_kib),
+            mib(self.hwm_kib),
+            self.threads,
+            self.fds
+        )
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The coordinator's count from `stopped: tpm operations: TOTAL (AT_READY before ready)`.
+#[derive(Debug, Clone, Copy)]
+struct TpmOperations {
+    total: u64,
+    at_ready: u64,
+}
+
+impl TpmOperations {
+    fn parse(line: &str) -> Option<Self> {
+        let rest = line.strip_prefix("stopped: tpm operations:")?.trim();
+        let (total, rest) = rest.split_once(' ')?;
+        let at_ready = rest.trim().strip_prefix('(')?.split_whitespace().next()?;
+        Some(Self {
+            total: total.parse().ok()?,
+            at_ready: at_ready.parse().ok()?,
+        })
+    }
+
+    fn after_ready(&self) -> u64 {
+        self.total.saturating_sub(self.at_ready)
+    }
+}
+
+const STOPPED_PREFIX: &str = "stopped: tpm operations:";
+
+/// Stops the `--state-root` coordinator and reads its TPM operation count.
+fn stop_coordinator(daemon: &mut Daemon) -> Result<TpmOperations> {
+    daemon.stop()?;
+    // Its stdout is read on a thread: give it a moment to reach the last line.
+    let until = Instant::now() + Duration::from_secs(2);
+    loop {
+        let lines = daemon.stdout();
+        if let Some(ops) = lines.iter().find_map(|line| TpmOperations::parse(line)) {
+            return Ok(ops);
+        }
+        if Instant::now() >= until {
+            return Err(StormError::MissingLine {
+                what: daemon.name().to_owned(),
+                prefix: STOPPED_PREFIX,
+                stdout: lines.join("\n"),
+                stderr: daemon.stderr(),
+            });
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Everything measured for one N.
+struct Figures {
+    n: usize,
+    mode: CoordinatorMode,
+    deal: Duration,
+    coordinator_ready: Duration,
+    wall: Duration,
+    p50: Duration,
+    p99: Duration,
+    /// TPM operations the coordinator counted after `ready:` (state-root mode only).
+    operations: Option<TpmOperations>,
+    /// Commands swtpm processed while the coordinators started, and during the storm.
+    startup_commands: usize,
+    storm_commands: Vec<TpmCommand>,
+    coordinator_idle: ProcFigures,
+    coordinator: ProcFigures,
+    daemon: ProcFigures,
+}
+
+impl Figures {
+    fn operations_per_release(&self) -> Option<f64> {
+        self.operations
+            .map(|ops| ops.after_ready() as f64 / self.n as f64)
+    }
+
+    fn commands_per_release(&self) -> f64 {
+        self.storm_commands.len() as f64 / self.n as f64
+    }
+
+    fn command_breakdown(&self) -> String {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for command in &self.storm_commands {
+            *counts.entry(command.name()).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .map(|(name, count)| format!("{name} {count}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn line(&self) -> String {
+        let operations = match (self.operations, self.operations_per_release()) {
+            (Some(ops), Some(per)) => format!(
+                "{} TPM operations ({per:.3} per release; {} before ready)",
+                ops.after_ready(),
+                ops.at_ready
+            ),
+            _ => "TPM operations not reported (per-VM coordinators)".to_owned(),
+        };
+        format!(
+            "storm N={} ({}): all {} keys verified; wall {:.0} ms, p50 {:.0} ms, p99 {:.0} ms; \
+             {operations}; swtpm: {} commands in the storm ({:.3} per release: {}), {} while \
+             the coordinator started; coordinator {} (at ready: VmRSS {:.1} MiB); vhost-keyshard \
+             ({} devices) {}; dealing took {:.1} s, the coordinator was ready after {:.2} s",
+            self.n,
+            self.mode.label(),
+            self.n,
+            ms(self.wall),
+            ms(self.p50),
+            ms(self.p99),
+            self.storm_commands.len(),
+            self.commands_per_release(),
+            self.command_breakdown(),
+            self.startup_commands,
+            self.coordinator.describe(),
+            mib(self.coordinator_idle.rss_kib),
+            2 * self.n,
+            self.daemon.describe(),
+            self.deal.as_secs_f64(),
+            self.coordinator_ready.as_secs_f64(),
+        )
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted
+        .get(rank.saturating_sub(1).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
+/// One storm of `n` VMs, set up from scratch and torn down after.
+fn run(bins: &Binaries, mode: CoordinatorMode, n: usize) -> Result<Figures> {
+    let keep = std::env::var("KEYSHARD_E2E_KEEP").is_ok_and(|v| v == "1");
+    let mut work = tempfile::Builder::new()
+        .prefix("ks-storm-")
+        .tempdir()
+        .map_err(io_context("creating a work directory"))?;
+    if keep {
+        work.disable_cleanup(true);
+        eprintln!("bench-storm: N={n}: keeping {}", work.path().display());
+    }
+    let root = work.path().join("root");
+    let logs = work.path().join("log");
+    // Declared first among the processes, so it is stopped last (after the coordinator).
+    let swtpm = Swtpm::start_with_command_log(
+        &work.path().join("swtpm"),
+        &work.path().join("swtpm-commands.log"),
+    )?;
+    let dealing = Instant::now();
+    let vms = deal(bins, work.path(), &root, n, &swtpm.tcti())?;
+    let deal_time = dealing.elapsed();
+
+    let daemon = start_fragment_daemon(bins, &vms, &logs)?;
+    let before_coordinator = swtpm.command_log_len()?;
+    let starting = Instant::now();
+    let mut coordinators = start_coordinators(bins, mode, &root, &vms, &swtpm.tcti(), &logs)?;
+    let coordinator_ready = starting.elapsed();
+    let at_ready = swtpm.command_log_len()?;
+    let startup_commands = swtpm
+        .commands_logged_since(before_coordinator)?
+        .len()
+        .saturating_sub(swtpm.commands_logged_since(at_ready)?.len());
+    let coordinator_idle = coordinator_figures(&coordinators)?;
+
+    let (wall, outcomes) = storm(bins, &vms)?;
+    let storm_commands = swtpm.commands_logged_since(at_ready)?;
+    let coordinator = coordinator_figures(&coordinators)?;
+    let daemon_figures = ProcFigures::read(daemon.pid())?;
+    verify(&vms, &outcomes)?;
+
+    let operations = match (mode, coordinators.as_mut_slice()) {
+        (CoordinatorMode::StateRoot, [coordinator]) => Some(stop_coordinator(coordinator)?),
+        _ => None,
+    };
+    let mut took: Vec<Duration> = outcomes.iter().map(|u| u.took).collect();
+    took.sort_unstable();
+    Ok(Figures {
+        n,
+        mode,
+        deal: deal_time,
+        coordinator_ready,
+        wall,
+        p50: percentile(&took, 0.50),
+        p99: percentile(&took, 0.99),
+        operations,
+        startup_commands,
+        storm_commands,
+        coordinator_idle,
+        coordinator,
+        daemon: daemon_figures,
+    })
+}
+
+/// The coordinator's figures, summed over the per-VM coordinators.
+fn coordinator_figures(coordinators: &[Daemon]) -> Result<ProcFigures> {
+    let each = coordinators
+        .iter()
+        .map(|c| ProcFigures::read(c.pid()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ProcFigures::sum(each))
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
+
+fn print_table(all: &[Figures]) {
+    println!();
+    println!(
+        "{:>5} {:>9} {:>8} {:>8} {:>10} {:>11} {:>16} {:>16} {:>8}",
+        "N",
+        "wall ms",
+        "p50 ms",
+        "p99 ms",
+        "tpm ops/r",
+        "swtpm cmd/r",
+        "coord RSS/HWM",
+        "vhost RSS/HWM",
+        "fds c/v"
+    );
+    for f in all {
+        let ops = f
+            .operations_per_release()
+            .map_or_else(|| "-".to_owned(), |per| format!("{per:.3}"));
+        println!(
+            "{:>5} {:>9.0} {:>8.0} {:>8.0} {:>10} {:>11.3} {:>7.1}/{:<5.1}MiB {:>7.1}/{:<5.1}MiB {:>4}/{}",
+            f.n,
+            ms(f.wall),
+            ms(f.p50),
+            ms(f.p99),
+            ops,
+            f.commands_per_release(),
+            mib(f.coordinator.rss_kib),
+            mib(f.coordinator.hwm_kib),
+            mib(f.daemon.rss_kib),
+            mib(f.daemon.hwm_kib),
+            f.coordinator.fds,
+            f.daemon.fds,
+        );
+    }
+    if let Some(f) = all.iter().find(|f| f.n == GOAL_N) {
+        println!();
+        println!("goals for N = {GOAL_N} ({}):", f.mode.label());
+        println!(
+            "  every key within {} s: {} (wall {:.0} ms)",
+            GOAL_WALL.as_secs(),
+            verdict(f.wall <= GOAL_WALL),
+            ms(f.wall)
+        );
+        match f.operations_per_release() {
+            Some(per) => println!(
+                "  at most {GOAL_TPM_PER_RELEASE} TPM operations per release after start-up \
+                 (coordinator's count): {} ({per:.3})",
+                verdict(per <= GOAL_TPM_PER_RELEASE)
+            ),
+            None => println!("  TPM operations per release: not reported by per-VM coordinators"),
+        }
+        let per = f.commands_per_release();
+        println!(
+            "  at most {GOAL_TPM_PER_RELEASE} TPM commands per release after start-up \
+             (swtpm's log): {} ({per:.3})",
+            verdict(per <= GOAL_TPM_PER_RELEASE)
+        );
+        println!(
+            "  coordinator under {} MiB resident (peak, VmHWM): {} ({:.1} MiB)",
+            GOAL_RSS_KIB / 1024,
+            verdict(f.coordinator.hwm_kib < GOAL_RSS_KIB),
+            mib(f.coordinator.hwm_kib)
+        );
+    }
+}
+
+fn random_bytes(len: usize) -> Result<Vec<u8>> {
+    let mut bytes = vec![0; len];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(io_context("reading /dev/urandom"))?;
+    Ok(bytes)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    fs::write(path, bytes).map_err(io_context(format!("writing {}", path.display())))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(io_context(format!("chmod {}", path.display())))
+}
+
+fn main() -> ExitCode {
+    // `cargo bench` passes `--bench`; nothing else is taken from the command line.
+    let setup = Binaries::from_env()
+        .and_then(|bins| Ok((bins, CoordinatorMode::from_env()?, sizes_from_env()?)));
+    let (bins, mode, sizes) = match setup {
+        Ok(setup) => setup,
+        Err(e) => {
+            eprintln!("bench-storm: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "bench-storm: N = {sizes:?}, {}, {} available CPUs, load average {}",
+        mode.label(),
+        thread::available_parallelism().map_or(0, |n| n.get()),
+        fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut all = Vec::new();
+    for n in sizes {
+        match run(&bins, mode, n) {
+            Ok(figures) => {
+                println!("{}", figures.line());
+                all.push(figures);
+            }
+            Err(e) => {
+                eprintln!("bench-storm: N={n}: {e}");
+                print_table(&all);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    print_table(&all);
+    ExitCode::SUCCESS
+}
