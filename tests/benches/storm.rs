@@ -51,6 +51,8 @@ const GUEST_TIMEOUT_SECS: u64 = 30;
 const READY_LIMIT: Duration = Duration::from_secs(120);
 /// How long the frontends may take to reach the gate.
 const GATE_SETTLE_LIMIT: Duration = Duration::from_secs(10);
+/// How many failing VMs (and kinds of log lines) a failed storm lists.
+const REPORTED_FAILURES: usize = 10;
 /// `sun_path` holds 108 bytes with the terminating NUL.
 const SOCKET_PATH_MAX: usize = 107;
 
@@ -469,9 +471,11 @@ fn wait_at_gate(guards: &[ChildGuard]) {
     );
 }
 
-/// Every VM's frontend exited 0 and wrote the key dealt to that VM. The report names each VM
-/// that failed with its exit status and its last output lines (never key bytes).
-fn verify(vms: &[Vm], outcomes: &[Unlock]) -> Result<()> {
+/// Every VM's frontend exited 0 and wrote the key dealt to that VM. Otherwise the error names
+/// the VMs that failed (the first [`REPORTED_FAILURES`]) with their exit status and what their
+/// frontend said, and what the coordinators and the fragment daemon logged as going wrong (never
+/// key bytes).
+fn verify(vms: &[Vm], outcomes: &[Unlock], coordinators: &[Daemon], daemon: &Daemon) -> Result<()> {
     let mut failures = Vec::new();
     for (vm, unlock) in vms.iter().zip(outcomes) {
         let problem = match unlock.status {
@@ -489,24 +493,72 @@ fn verify(vms: &[Vm], outcomes: &[Unlock]) -> Result<()> {
         };
         if let Some(problem) = problem {
             let log = fs::read_to_string(&vm.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(3).collect();
             failures.push(format!(
-                "  {} after {:.0} ms: {problem}; {}",
+                "  {} after {:.0} ms: {problem}:\n    {}",
                 vm.id,
-                unlock.took.as_secs_f64() * 1e3,
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                ms(unlock.took),
+                log.lines().take(12).collect::<Vec<_>>().join("\n    ")
             ));
         }
     }
     if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(StormError::Storm {
-            failed: failures.len(),
-            n: vms.len(),
-            report: failures.join("\n"),
-        })
+        return Ok(());
     }
+    let failed = failures.len();
+    let mut report: Vec<String> = failures.into_iter().take(REPORTED_FAILURES).collect();
+    if failed > REPORTED_FAILURES {
+        report.push(format!("  ... and {} more", failed - REPORTED_FAILURES));
+    }
+    let coordinator_lines: Vec<String> = coordinators
+        .iter()
+        .flat_map(|c| c.stdout())
+        .filter(|line| line.starts_with("refused ") || line.starts_with("stopped serving "))
+        .collect();
+    let mut logged = coordinator_lines;
+    logged.extend(
+        coordinators
+            .iter()
+            .map(Daemon::stderr)
+            .chain([daemon.stderr()])
+            .flat_map(|text| {
+                text.lines()
+                    .filter(|l| l.contains(": warn: ") || l.contains(": error: "))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            }),
+    );
+    report.push(format!(
+        "the coordinator and vhost-keyshard logged {} refusals, warnings and errors{}",
+        logged.len(),
+        if logged.is_empty() { "" } else { ", kinds:" }
+    ));
+    report.extend(distinct_kinds(&logged));
+    Err(StormError::Storm {
+        failed,
+        n: vms.len(),
+        report: report.join("\n"),
+    })
+}
+
+/// Log lines grouped by what they say once VM ids and paths are taken out, most frequent first,
+/// each with its count and one example.
+fn distinct_kinds(lines: &[String]) -> Vec<String> {
+    let mut kinds: BTreeMap<String, (usize, &str)> = BTreeMap::new();
+    for line in lines {
+        let kind: String = line
+            .split_whitespace()
+            .filter(|word| !word.contains('/') && !word.starts_with("vm"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        kinds.entry(kind).or_insert((0, line)).0 += 1;
+    }
+    let mut kinds: Vec<(usize, &str)> = kinds.into_values().collect();
+    kinds.sort_by_key(|kind| std::cmp::Reverse(kind.0));
+    kinds
+        .into_iter()
+        .take(REPORTED_FAILURES)
+        .map(|(count, example)| format!("  {count} x {example}"))
+        .collect()
 }
 
 /// A process's memory, threads and open files, from /proc.
@@ -566,6 +618,78 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// CPU time (user and system) a process has used so far, from `/proc/PID/stat` (clock ticks,
+/// usually 10 ms).
+fn process_cpu(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).map_err(io_context(format!("reading {path}")))?;
+    // The fields after the command name, which is in parentheses and may hold spaces: state is
+    // field 3, utime 14 and stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf(3) takes a constant and returns a number.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_second = u64::try_from(per_second)
+        .ok()
+        .filter(|t| *t > 0)
+        .unwrap_or(100);
+    Ok(Duration::from_micros(ticks * 1_000_000 / per_second))
+}
+
+/// CPU time (user and system) of this process's children that have been waited for.
+fn reaped_children_cpu() -> Duration {
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage for the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let time = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// CPU time used by each part of the host during the storm.
+#[derive(Debug, Clone, Copy, Default)]
+struct StormCpu {
+    frontends: Duration,
+    coordinator: Duration,
+    daemon: Duration,
+    swtpm: Duration,
+}
+
+impl StormCpu {
+    fn now(coordinators: &[Daemon], daemon: &Daemon, swtpm: &Swtpm) -> Result<Self> {
+        let mut coordinator = Duration::ZERO;
+        for c in coordinators {
+            coordinator += process_cpu(c.pid())?;
+        }
+        Ok(Self {
+            frontends: reaped_children_cpu(),
+            coordinator,
+            daemon: process_cpu(daemon.pid())?,
+            swtpm: process_cpu(swtpm.pid())?,
+        })
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            frontends: self.frontends.saturating_sub(before.frontends),
+            coordinator: self.coordinator.saturating_sub(before.coordinator),
+            daemon: self.daemon.saturating_sub(before.daemon),
+            swtpm: self.swtpm.saturating_sub(before.swtpm),
+        }
+    }
+}
+
 /// The coordinator's count from `stopped: tpm operations: TOTAL (AT_READY before ready)`.
 #[derive(Debug, Clone, Copy)]
 struct TpmOperations {
@@ -622,6 +746,8 @@ struct Figures {
     wall: Duration,
     p50: Duration,
     p99: Duration,
+    first: Duration,
+    cpu: StormCpu,
     /// TPM operations the coordinator counted after `ready:` (state-root mode only).
     operations: Option<TpmOperations>,
     /// Commands swtpm processed while the coordinators started, and during the storm.
@@ -664,7 +790,9 @@ impl Figures {
             _ => "TPM operations not reported (per-VM coordinators)".to_owned(),
         };
         format!(
-            "storm N={} ({}): all {} keys verified; wall {:.0} ms, p50 {:.0} ms, p99 {:.0} ms; \
+            "storm N={} ({}): all {} keys verified; wall {:.0} ms, first {:.0} ms, p50 {:.0} ms, \
+             p99 {:.0} ms; CPU in the storm: frontends {:.0} ms ({:.1} ms each), coordinator \
+             {:.0} ms, vhost-keyshard {:.0} ms, swtpm {:.0} ms, of {:.0} ms on {} CPUs; \
              {operations}; swtpm: {} commands in the storm ({:.3} per release: {}), {} while \
              the coordinator started; coordinator {} (at ready: VmRSS {:.1} MiB); vhost-keyshard \
              ({} devices) {}; dealing took {:.1} s, the coordinator was ready after {:.2} s",
@@ -672,8 +800,16 @@ impl Figures {
             self.mode.label(),
             self.n,
             ms(self.wall),
+            ms(self.first),
             ms(self.p50),
             ms(self.p99),
+            ms(self.cpu.frontends),
+            ms(self.cpu.frontends) / self.n as f64,
+            ms(self.cpu.coordinator),
+            ms(self.cpu.daemon),
+            ms(self.cpu.swtpm),
+            ms(self.wall) * cpus() as f64,
+            cpus(),
             self.storm_commands.len(),
             self.commands_per_release(),
             self.command_breakdown(),
@@ -686,6 +822,10 @@ impl Figures {
             self.coordinator_ready.as_secs_f64(),
         )
     }
+}
+
+fn cpus() -> usize {
+    thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn ms(d: Duration) -> f64 {
@@ -735,11 +875,13 @@ fn run(bins: &Binaries, mode: CoordinatorMode, n: usize) -> Result<Figures> {
         .saturating_sub(swtpm.commands_logged_since(at_ready)?.len());
     let coordinator_idle = coordinator_figures(&coordinators)?;
 
+    let cpu_before = StormCpu::now(&coordinators, &daemon, &swtpm)?;
     let (wall, outcomes) = storm(bins, &vms)?;
+    let cpu = StormCpu::now(&coordinators, &daemon, &swtpm)?.since(&cpu_before);
     let storm_commands = swtpm.commands_logged_since(at_ready)?;
     let coordinator = coordinator_figures(&coordinators)?;
     let daemon_figures = ProcFigures::read(daemon.pid())?;
-    verify(&vms, &outcomes)?;
+    verify(&vms, &outcomes, &coordinators, &daemon)?;
 
     let operations = match (mode, coordinators.as_mut_slice()) {
         (CoordinatorMode::StateRoot, [coordinator]) => Some(stop_coordinator(coordinator)?),
@@ -755,6 +897,8 @@ fn run(bins: &Binaries, mode: CoordinatorMode, n: usize) -> Result<Figures> {
         wall,
         p50: percentile(&took, 0.50),
         p99: percentile(&took, 0.99),
+        first: took.first().copied().unwrap_or_default(),
+        cpu,
         operations,
         startup_commands,
         storm_commands,
@@ -857,21 +1001,57 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(io_context(format!("chmod {}", path.display())))
 }
 
+/// Raises this process's soft limit on open files to its hard limit, for the daemons it starts.
+/// Neither `keyshard coordinator` nor `vhost-keyshard` raises its own, and at 100 VMs each needs
+/// more than the usual default of 1,024 during a storm (a service gets it from `LimitNOFILE=`).
+/// Returns the soft limit before and after.
+fn raise_open_files_limit() -> Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) writes one rlimit, which `limit` is.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(StormError::Io {
+            context: "reading the open files limit".to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    let before = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit(2) reads one rlimit, which `limit` is.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(StormError::Io {
+                context: "raising the open files limit".to_owned(),
+                source: io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok((before, limit.rlim_cur))
+}
+
 fn main() -> ExitCode {
     // `cargo bench` passes `--bench`; nothing else is taken from the command line.
     let setup = Binaries::from_env()
         .and_then(|bins| Ok((bins, CoordinatorMode::from_env()?, sizes_from_env()?)));
-    let (bins, mode, sizes) = match setup {
+    let setup = setup.and_then(|setup| Ok((setup, raise_open_files_limit()?)));
+    let ((bins, mode, sizes), (files_before, files)) = match setup {
         Ok(setup) => setup,
         Err(e) => {
             eprintln!("bench-storm: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let files = if files_before == files {
+        format!("open files limit {files}")
+    } else {
+        format!("open files limit raised from {files_before} to {files}")
+    };
     println!(
-        "bench-storm: N = {sizes:?}, {}, {} available CPUs, load average {}",
+        "bench-storm: N = {sizes:?}, {}, {} available CPUs, {files}, load average {}",
         mode.label(),
-        thread::available_parallelism().map_or(0, |n| n.get()),
+        cpus(),
         fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .split_whitespace()
