@@ -128,7 +128,9 @@ bench-release: deps
 # time, p50/p99 per VM, TPM operations per release (the coordinator's count and swtpm's own
 # command log) and resident memory, and marks issue 8's goals for N = 100 met or missed. Release
 # builds of the host binaries; the static keyshard-guest. STORM_N: the sizes (default 10,50,100);
-# KEYSHARD_STORM_COORDINATOR=per-vm runs one coordinator per VM instead, for comparison.
+# KEYSHARD_STORM_COORDINATOR=per-vm runs one coordinator per VM instead, for comparison;
+# KEYSHARD_STORM_TPM_DELAY_MS=200 holds every TPM response that long during the storm (a relay
+# in front of swtpm), for a TPM as slow as a hardware one.
 STORM_N ?= 10,50,100
 bench-storm: deps guest-static
 	$(CARGO) build --release --bin keyshard --bin vhost-keyshard

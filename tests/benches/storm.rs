@@ -21,13 +21,21 @@
 //! the static `keyshard-guest`), named by the `KEYSHARD_E2E_*_BIN` variables of `make e2e`. A
 //! storm that has not finished within 60 s fails with what it saw; every process is stopped
 //! when the benchmark ends, however it ends.
+//!
+//! `KEYSHARD_STORM_COORDINATOR=per-vm`: one coordinator per VM instead (the host before
+//! `--state-root`). `KEYSHARD_STORM_TPM_DELAY_MS=D`: a relay ([`SlowTpm`]) between the
+//! coordinator and swtpm holds every TPM response D ms during the storm, for a TPM as slow as a
+//! hardware one.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -38,6 +46,7 @@ use keyshard_e2e::swtpm::{Swtpm, TpmCommand};
 
 const SIZES_VAR: &str = "KEYSHARD_STORM_N";
 const MODE_VAR: &str = "KEYSHARD_STORM_COORDINATOR";
+const TPM_DELAY_VAR: &str = "KEYSHARD_STORM_TPM_DELAY_MS";
 const DEFAULT_SIZES: [usize; 3] = [10, 50, 100];
 const MAX_VMS: usize = 1000;
 const POLICY: &str = "examples/vhd-tpm.toml";
@@ -183,6 +192,172 @@ fn sizes_from_env() -> Result<Vec<usize>> {
             }),
         })
         .collect()
+}
+
+/// `KEYSHARD_STORM_TPM_DELAY_MS`: how long each TPM response is held during the storm (none
+/// when unset or 0).
+fn tpm_delay_from_env() -> Result<Option<Duration>> {
+    let Ok(text) = std::env::var(TPM_DELAY_VAR) else {
+        return Ok(None);
+    };
+    match text.trim().parse::<u64>() {
+        Ok(0) => Ok(None),
+        Ok(ms) if ms <= 10_000 => Ok(Some(Duration::from_millis(ms))),
+        _ => Err(StormError::BadEnv {
+            var: TPM_DELAY_VAR,
+            reason: format!("{text:?} is not a number of milliseconds up to 10000"),
+        }),
+    }
+}
+
+/// A relay in front of swtpm that, once armed, holds every TPM response for a fixed delay: a
+/// TPM as slow as a hardware one (10 to 50 times slower than swtpm) without one. Its port P
+/// relays whole TPM commands and responses to swtpm's port, P + 1 relays swtpm's control
+/// channel untouched (the swtpm TCTI uses both). Armed after the coordinator is ready, so
+/// start-up (every VM's unseal) is not slowed, only the storm.
+struct SlowTpm {
+    port: u16,
+    armed: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    acceptors: Vec<thread::JoinHandle<()>>,
+}
+
+/// The largest TPM response relayed (TPM2 responses are at most a few KiB).
+const MAX_TPM_RESPONSE: usize = 64 * 1024;
+const TPM_HEADER_LEN: usize = 10;
+
+impl SlowTpm {
+    fn start(swtpm: &Swtpm, delay: Duration) -> Result<Self> {
+        let (port, command, control) = bind_port_pair()?;
+        let armed = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let upstream = swtpm.port();
+        let acceptors = vec![
+            spawn_acceptor(
+                command,
+                upstream,
+                Some((delay, armed.clone())),
+                stop.clone(),
+            ),
+            spawn_acceptor(control, upstream + 1, None, stop.clone()),
+        ];
+        Ok(Self {
+            port,
+            armed,
+            stop,
+            acceptors,
+        })
+    }
+
+    fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for SlowTpm {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake each acceptor with a connection it drops at once.
+        for port in [self.port, self.port + 1] {
+            let _ = TcpStream::connect(("127.0.0.1", port));
+        }
+        for acceptor in self.acceptors.drain(..) {
+            let _ = acceptor.join();
+        }
+    }
+}
+
+/// Two listeners on 127.0.0.1 ports P and P + 1, P even, in 20000..32000 (below the ephemeral
+/// range, as the swtpm harness's).
+fn bind_port_pair() -> Result<(u16, TcpListener, TcpListener)> {
+    let seed = std::process::id().wrapping_mul(2_654_435_761) % 6000;
+    for i in 0..6000u32 {
+        let Ok(port) = u16::try_from(20_000 + ((seed + i * 7) % 6000) * 2) else {
+            continue;
+        };
+        if let (Ok(a), Ok(b)) = (
+            TcpListener::bind(("127.0.0.1", port)),
+            TcpListener::bind(("127.0.0.1", port + 1)),
+        ) {
+            return Ok((port, a, b));
+        }
+    }
+    Err(StormError::Io {
+        context: "no free port pair in 20000..32000 for the TPM relay".to_owned(),
+        source: io::Error::from(io::ErrorKind::AddrInUse),
+    })
+}
+
+fn spawn_acceptor(
+    listener: TcpListener,
+    upstream: u16,
+    delay: Option<(Duration, Arc<AtomicBool>)>,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        for client in listener.incoming() {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let (Ok(client), Ok(server)) = (client, TcpStream::connect(("127.0.0.1", upstream)))
+            else {
+                continue;
+            };
+            let delay = delay.clone();
+            thread::spawn(move || relay(client, server, delay));
+        }
+    })
+}
+
+/// Client bytes go to the server as they come; the server's answers go back whole, each held
+/// for the delay while armed (or as they come, without a delay: the control channel).
+fn relay(client: TcpStream, server: TcpStream, delay: Option<(Duration, Arc<AtomicBool>)>) {
+    let (Ok(mut client_in), Ok(mut server_out)) = (client.try_clone(), server.try_clone()) else {
+        return;
+    };
+    let forward = thread::spawn(move || {
+        let _ = io::copy(&mut client_in, &mut server_out);
+        let _ = server_out.shutdown(Shutdown::Write);
+    });
+    let (mut server_in, mut client_out) = (server, client);
+    match delay {
+        None => {
+            let _ = io::copy(&mut server_in, &mut client_out);
+        }
+        Some((delay, armed)) => {
+            while let Some(response) = read_tpm_response(&mut server_in) {
+                if armed.load(Ordering::SeqCst) {
+                    thread::sleep(delay);
+                }
+                if client_out.write_all(&response).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = client_out.shutdown(Shutdown::Write);
+    let _ = forward.join();
+}
+
+/// One TPM response: tag (2 bytes), size (4, big-endian, the whole response), code (4), rest.
+fn read_tpm_response(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut response = vec![0; TPM_HEADER_LEN];
+    stream.read_exact(&mut response).ok()?;
+    let size = response
+        .get(2..6)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+        .and_then(|size| usize::try_from(size).ok())
+        .filter(|size| (TPM_HEADER_LEN..=MAX_TPM_RESPONSE).contains(size))?;
+    response.resize(size, 0);
+    stream
+        .read_exact(response.get_mut(TPM_HEADER_LEN..)?)
+        .ok()?;
+    Some(response)
 }
 
 /// One VM of the storm: its state directory, the key dealt to it and where its frontend writes
@@ -842,7 +1017,12 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// One storm of `n` VMs, set up from scratch and torn down after.
-fn run(bins: &Binaries, mode: CoordinatorMode, n: usize) -> Result<Figures> {
+fn run(
+    bins: &Binaries,
+    mode: CoordinatorMode,
+    tpm_delay: Option<Duration>,
+    n: usize,
+) -> Result<Figures> {
     let keep = std::env::var("KEYSHARD_E2E_KEEP").is_ok_and(|v| v == "1");
     let mut work = tempfile::Builder::new()
         .prefix("ks-storm-")
@@ -864,10 +1044,19 @@ fn run(bins: &Binaries, mode: CoordinatorMode, n: usize) -> Result<Figures> {
     let deal_time = dealing.elapsed();
 
     let daemon = start_fragment_daemon(bins, &vms, &logs)?;
+    let slow_tpm = tpm_delay
+        .map(|delay| SlowTpm::start(&swtpm, delay))
+        .transpose()?;
+    let tcti = slow_tpm
+        .as_ref()
+        .map_or_else(|| swtpm.tcti(), SlowTpm::tcti);
     let before_coordinator = swtpm.command_log_len()?;
     let starting = Instant::now();
-    let mut coordinators = start_coordinators(bins, mode, &root, &vms, &swtpm.tcti(), &logs)?;
+    let mut coordinators = start_coordinators(bins, mode, &root, &vms, &tcti, &logs)?;
     let coordinator_ready = starting.elapsed();
+    if let Some(slow_tpm) = &slow_tpm {
+        slow_tpm.arm();
+    }
     let at_ready = swtpm.command_log_len()?;
     let startup_commands = swtpm
         .commands_logged_since(before_coordinator)?
@@ -1031,25 +1220,64 @@ fn raise_open_files_limit() -> Result<(u64, u64)> {
     Ok((before, limit.rlim_cur))
 }
 
+/// What the environment asks for, and the open files limit.
+struct Settings {
+    bins: Binaries,
+    mode: CoordinatorMode,
+    sizes: Vec<usize>,
+    tpm_delay: Option<Duration>,
+    files_before: u64,
+    files: u64,
+}
+
+impl Settings {
+    fn from_env() -> Result<Self> {
+        let bins = Binaries::from_env()?;
+        let mode = CoordinatorMode::from_env()?;
+        let sizes = sizes_from_env()?;
+        let tpm_delay = tpm_delay_from_env()?;
+        let (files_before, files) = raise_open_files_limit()?;
+        Ok(Self {
+            bins,
+            mode,
+            sizes,
+            tpm_delay,
+            files_before,
+            files,
+        })
+    }
+}
+
 fn main() -> ExitCode {
     // `cargo bench` passes `--bench`; nothing else is taken from the command line.
-    let setup = Binaries::from_env()
-        .and_then(|bins| Ok((bins, CoordinatorMode::from_env()?, sizes_from_env()?)));
-    let setup = setup.and_then(|setup| Ok((setup, raise_open_files_limit()?)));
-    let ((bins, mode, sizes), (files_before, files)) = match setup {
-        Ok(setup) => setup,
+    let settings = match Settings::from_env() {
+        Ok(settings) => settings,
         Err(e) => {
             eprintln!("bench-storm: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let Settings {
+        bins,
+        mode,
+        sizes,
+        tpm_delay,
+        files_before,
+        files,
+    } = settings;
     let files = if files_before == files {
         format!("open files limit {files}")
     } else {
         format!("open files limit raised from {files_before} to {files}")
     };
+    let delay = tpm_delay.map_or_else(String::new, |d| {
+        format!(
+            ", every TPM response held {} ms during the storm",
+            d.as_millis()
+        )
+    });
     println!(
-        "bench-storm: N = {sizes:?}, {}, {} available CPUs, {files}, load average {}",
+        "bench-storm: N = {sizes:?}, {}{delay}, {} available CPUs, {files}, load average {}",
         mode.label(),
         cpus(),
         fs::read_to_string("/proc/loadavg")
@@ -1061,7 +1289,7 @@ fn main() -> ExitCode {
     );
     let mut all = Vec::new();
     for n in sizes {
-        match run(&bins, mode, n) {
+        match run(&bins, mode, tpm_delay, n) {
             Ok(figures) => {
                 println!("{}", figures.line());
                 all.push(figures);
