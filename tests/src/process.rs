@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -88,6 +89,75 @@ impl ChildGuard {
             }
             thread::sleep(POLL_INTERVAL);
         }
+    }
+
+    /// Waits until the child ends or `deadline` passes; its status, or None while it runs.
+    /// Unlike [`Self::wait_timeout`], which looks every 50 ms, it wakes when the child exits
+    /// (pidfd_open(2) and poll(2), Linux 5.3 and later; on an older kernel it falls back to
+    /// looking every millisecond), so the moment it returns is the moment the child ended, to
+    /// within scheduling: what a benchmark that times children needs.
+    pub fn wait_until(&mut self, deadline: Instant) -> Result<Option<ExitStatus>> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(Some(status));
+        }
+        let Some(pidfd) = self.pidfd() else {
+            loop {
+                if let Some(status) = self.try_wait()? {
+                    return Ok(Some(status));
+                }
+                if Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Rounded up, so the wait never ends before the deadline.
+            let millis = left.as_micros().div_ceil(1000);
+            let timeout = libc::c_int::try_from(millis).unwrap_or(libc::c_int::MAX);
+            let mut poll = libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `poll` points to one valid pollfd for the duration of the call, and the
+            // count says one.
+            let ready = unsafe { libc::poll(&mut poll, 1, timeout) };
+            if ready < 0 {
+                let error = io::Error::last_os_error();
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(HarnessError::Io {
+                    context: format!("waiting for {}", self.name),
+                    source: error,
+                });
+            }
+            if ready > 0 {
+                // The pidfd is readable once the child has exited: this reaps it at once.
+                let status = self
+                    .child
+                    .wait()
+                    .map_err(io_context(format!("reaping {}", self.name)))?;
+                self.status = Some(status);
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return self.try_wait();
+            }
+        }
+    }
+
+    /// A pidfd for the (unreaped) child, or None where the kernel has no pidfd_open(2).
+    fn pidfd(&self) -> Option<OwnedFd> {
+        let pid = libc::pid_t::try_from(self.child.id()).ok()?;
+        // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1. The
+        // child is not reaped yet (callers check), so `pid` still names it.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let fd = RawFd::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+        // SAFETY: `fd` was just returned by pidfd_open, is open, and nothing else owns it.
+        Some(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
     /// SIGTERM to the process group, then SIGKILL if the child has not ended after `grace`.
@@ -428,6 +498,34 @@ mod tests {
         thread::sleep(Duration::from_millis(200));
         let status = guard.terminate(Duration::from_millis(300)).unwrap();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn wait_until_returns_when_the_child_exits_and_not_after_the_deadline() {
+        let mut guard = ChildGuard::spawn("short sleeper", &mut sh("sleep 0.3")).unwrap();
+        let started = Instant::now();
+        let status = guard
+            .wait_until(started + Duration::from_secs(10))
+            .unwrap()
+            .expect("the child ended");
+        let took = started.elapsed();
+        assert!(status.success());
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+
+        let mut guard = ChildGuard::spawn("long sleeper", Command::new("sleep").arg("60")).unwrap();
+        let started = Instant::now();
+        let status = guard
+            .wait_until(started + Duration::from_millis(200))
+            .unwrap();
+        assert!(status.is_none(), "{status:?}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
     }
 
     #[test]

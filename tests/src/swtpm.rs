@@ -2,9 +2,13 @@
 //! swtpm) on 127.0.0.1, its state in a directory of the test, killed with the test; and PCR
 //! extends through `tpm2_pcrextend` (Debian package tpm2-tools), which is how a test changes the
 //! host's measured state. The tests never touch a real TPM.
+//!
+//! [`Swtpm::start_with_command_log`] also has swtpm log every command it is sent
+//! (`--log file=..,level=2`), so a test or a benchmark can count what really reached the TPM,
+//! independently of what the coordinator says it asked for ([`Swtpm::commands_logged_since`]).
 
 use std::fs;
-use std::io;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
@@ -24,12 +28,27 @@ pub struct Swtpm {
     guard: ChildGuard,
     port: u16,
     state: PathBuf,
+    command_log: Option<PathBuf>,
 }
+
+/// The swtpm log level from which every command read on the server port is logged with its bytes.
+const COMMAND_LOG_LEVEL: u8 = 2;
 
 impl Swtpm {
     /// Starts a fresh TPM (new seeds, PCRs reset) with its state in `state`, which is created.
     /// A port pair lost to another process is retried on another pair.
     pub fn start(state: &Path) -> Result<Self> {
+        Self::start_inner(state, None)
+    }
+
+    /// Like [`Self::start`], with swtpm logging every TPM command it processes to `log`
+    /// (`--log file=LOG,level=2`): read back with [`Self::commands_logged_since`]. The log grows
+    /// by a few hundred bytes a command.
+    pub fn start_with_command_log(state: &Path, log: &Path) -> Result<Self> {
+        Self::start_inner(state, Some(log))
+    }
+
+    fn start_inner(state: &Path, command_log: Option<&Path>) -> Result<Self> {
         fs::create_dir_all(state).map_err(io_context(format!("creating {}", state.display())))?;
         let stderr_log = state.join("swtpm.stderr.log");
         let mut lost = Vec::new();
@@ -49,6 +68,12 @@ impl Swtpm {
                 .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
                 .arg("--flags")
                 .arg("not-need-init,startup-clear")
+                .args(command_log.map(|log| {
+                    format!(
+                        "--log=file={},level={COMMAND_LOG_LEVEL},truncate",
+                        log.display()
+                    )
+                }))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(stderr);
@@ -84,6 +109,7 @@ impl Swtpm {
                         guard,
                         port,
                         state: state.to_owned(),
+                        command_log: command_log.map(Path::to_owned),
                     });
                 }
                 if Instant::now() >= deadline {
@@ -126,6 +152,38 @@ impl Swtpm {
     /// persistent keys survive, PCRs are reset.
     pub fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
         self.guard.terminate(grace)
+    }
+
+    /// The size of the command log now: a mark for [`Self::commands_logged_since`]. Zero without
+    /// a command log.
+    pub fn command_log_len(&self) -> Result<u64> {
+        let Some(log) = &self.command_log else {
+            return Ok(0);
+        };
+        fs::metadata(log)
+            .map(|m| m.len())
+            .map_err(io_context(format!("reading {}", log.display())))
+    }
+
+    /// The command codes of every TPM command swtpm processed since the log was `mark` bytes
+    /// long ([`Self::command_log_len`]), in order. An error if swtpm was started without a
+    /// command log.
+    pub fn commands_logged_since(&self, mark: u64) -> Result<Vec<TpmCommand>> {
+        let Some(log) = &self.command_log else {
+            return Err(HarnessError::Io {
+                context: "swtpm was started without a command log (start_with_command_log)"
+                    .to_owned(),
+                source: io::Error::from(io::ErrorKind::NotFound),
+            });
+        };
+        let mut text = Vec::new();
+        fs::File::open(log)
+            .and_then(|mut file| {
+                file.seek(SeekFrom::Start(mark))?;
+                file.read_to_end(&mut text)
+            })
+            .map_err(io_context(format!("reading {}", log.display())))?;
+        Ok(parse_command_log(&String::from_utf8_lossy(&text)))
     }
 
     /// The sha256 bank's value of `pcr`, lower-case hex (`tpm2_pcrread`).
@@ -171,6 +229,84 @@ impl Swtpm {
             other => other,
         }
     }
+}
+
+/// One TPM command swtpm logged: its command code (TPM2_CC), when the log showed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TpmCommand(pub Option<u32>);
+
+impl TpmCommand {
+    /// The command's name (TPM 2.0 Part 2, TPM_CC), for the commands keyshard and tpm2-tools
+    /// send; `CC 0x...` for another.
+    pub fn name(self) -> String {
+        let Some(code) = self.0 else {
+            return "(unreadable)".to_owned();
+        };
+        let name = match code {
+            0x120 => "EvictControl",
+            0x131 => "CreatePrimary",
+            0x144 => "Startup",
+            0x14e => "NV_Read",
+            0x151 => "PolicySecret",
+            0x153 => "Create",
+            0x155 => "HMAC",
+            0x157 => "Load",
+            0x158 => "Quote",
+            0x15d => "Sign",
+            0x15e => "Unseal",
+            0x161 => "ContextLoad",
+            0x162 => "ContextSave",
+            0x165 => "FlushContext",
+            0x167 => "LoadExternal",
+            0x16b => "PolicyAuthValue",
+            0x16c => "PolicyCommandCode",
+            0x171 => "PolicyOR",
+            0x173 => "ReadPublic",
+            0x176 => "StartAuthSession",
+            0x177 => "VerifySignature",
+            0x17a => "GetCapability",
+            0x17b => "GetRandom",
+            0x17d => "Hash",
+            0x17e => "PCR_Read",
+            0x17f => "PolicyPCR",
+            0x180 => "PolicyRestart",
+            0x181 => "ReadClock",
+            0x182 => "PCR_Extend",
+            0x189 => "PolicyGetDigest",
+            0x18a => "TestParms",
+            0x18c => "PolicyPassword",
+            0x191 => "CreateLoaded",
+            other => return format!("CC {other:#x}"),
+        };
+        name.to_owned()
+    }
+}
+
+/// The commands in a swtpm log (level 2 and above). swtpm writes each command it reads on the
+/// server port as a line ` SWTPM_IO_Read: length N` followed by its bytes in hex, 16 a line, and
+/// each response as ` SWTPM_IO_Write: ...`; the control channel's traffic is `Ctrl Cmd`/`Ctrl Rsp`
+/// and is not counted. A command's header is tag (2 bytes), size (4), command code (4), so the
+/// code is in the first hex line.
+pub fn parse_command_log(text: &str) -> Vec<TpmCommand> {
+    let mut lines = text.lines();
+    let mut commands = Vec::new();
+    while let Some(line) = lines.next() {
+        if !line.trim_start().starts_with("SWTPM_IO_Read:") {
+            continue;
+        }
+        let header: Vec<u8> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map_while(|byte| u8::from_str_radix(byte, 16).ok())
+            .collect();
+        let code = header
+            .get(6..10)
+            .and_then(|code| <[u8; 4]>::try_from(code).ok())
+            .map(u32::from_be_bytes);
+        commands.push(TpmCommand(code));
+    }
+    commands
 }
 
 /// P such that P and P+1 look free, in 20000..32000: below Linux's ephemeral range
@@ -233,6 +369,43 @@ mod tests {
         let pid = swtpm.pid();
         drop(swtpm);
         assert!(!alive(pid), "swtpm outlived its guard");
+    }
+
+    #[test]
+    fn the_command_log_counts_each_command_swtpm_processed() {
+        let dir = tempfile::tempdir().unwrap();
+        let swtpm =
+            Swtpm::start_with_command_log(&dir.path().join("tpm"), &dir.path().join("cmd.log"))
+                .unwrap();
+        swtpm.read_pcr(7).unwrap();
+        let mark = swtpm.command_log_len().unwrap();
+        assert!(mark > 0, "swtpm logged nothing");
+        swtpm.read_pcr(7).unwrap();
+        swtpm.read_pcr(0).unwrap();
+        let commands = swtpm.commands_logged_since(mark).unwrap();
+        let reads = commands.iter().filter(|c| c.name() == "PCR_Read").count();
+        assert_eq!(reads, 2, "{commands:?}");
+        assert!(commands.iter().all(|c| c.0.is_some()), "{commands:?}");
+        let all = swtpm.commands_logged_since(0).unwrap();
+        assert_eq!(all.iter().filter(|c| c.name() == "PCR_Read").count(), 3);
+
+        let unlogged = Swtpm::start(&dir.path().join("tpm2")).unwrap();
+        assert_eq!(unlogged.command_log_len().unwrap(), 0);
+        assert!(unlogged.commands_logged_since(0).is_err());
+    }
+
+    #[test]
+    fn a_command_log_names_commands_by_their_code() {
+        let log = " Ctrl Cmd: length 5\n 00 00 00 05 00 \n SWTPM_IO_Read: length 22\n \
+                   80 01 00 00 00 16 00 00 01 7A 00 00 00 06 00 00 \n 01 05 00 00 00 04 \n \
+                   SWTPM_IO_Write: length 19\n 80 01 00 00 00 13 00 00 00 00 00 00 00 00 01 00 \n \
+                   SWTPM_IO_Read: length 3\n 80 01 00\n SWTPM_IO_Read: length 10\n \
+                   80 01 00 00 00 0A 00 00 01 58\n";
+        let names: Vec<String> = parse_command_log(log)
+            .into_iter()
+            .map(TpmCommand::name)
+            .collect();
+        assert_eq!(names, ["GetCapability", "(unreadable)", "Quote"]);
     }
 
     #[test]
