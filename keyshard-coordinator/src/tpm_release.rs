@@ -7,7 +7,8 @@
 //! and refuses, naming the PCR; a key that could not be unsealed at start is unsealed again (under
 //! PolicyPCR) by the first release whose quote verifies.
 //!
-//! One quote serves every release pending within a short window ([`BATCH_WINDOW`], across every
+//! One quote serves every release pending within a short window ([`BATCH_WINDOW`]: 20 ms, or
+//! 100 ms while a boot storm goes on; across every
 //! VM and holder served through the same TPM service): its qualifying data is the root of a
 //! Merkle tree over those requests' nonces ([`keyshard_core::broker::merkle`]). A request that
 //! carries the guest's own nonce ([`Evidence::TpmNonce`]) gets the quote and its nonce's
@@ -16,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
 
 use keyshard_core::HolderId;
 use keyshard_core::broker::merkle::{self, PathStep};
@@ -29,7 +29,7 @@ use super::release::{HolderReleaser, Refusal, ReleaseCheck};
 use keyshard_attest::tpm::{
     AkPublic, NONCE_LEN, PcrSelection, PcrValues, Quote, QuoteError, differing_pcrs, verify_quote,
 };
-use keyshard_tpm::{SealedBlob, TpmError, TpmService};
+use keyshard_tpm::{BatchWindow, SealedBlob, TpmError, TpmService};
 
 /// One `tpm` holder's stored material.
 pub struct TpmHolder {
@@ -47,11 +47,12 @@ pub struct TpmReleaser {
     /// Data keys unsealed so far, by holder. Emptied when a quote shows changed PCRs.
     held: Mutex<HashMap<HolderId, at_rest::DataKey>>,
     /// How long the first release of a batch waits for others to share its quote.
-    batch_window: Duration,
+    batch_window: BatchWindow,
 }
 
-/// The default batch window: releases arriving within 20 ms share one quote.
-pub const BATCH_WINDOW: Duration = Duration::from_millis(20);
+/// The default batch window: releases arriving within 20 ms share one quote, and within
+/// 100 ms while a storm goes on ([`BatchWindow::DEFAULT`]).
+pub const BATCH_WINDOW: BatchWindow = BatchWindow::DEFAULT;
 
 impl TpmReleaser {
     /// Unseals every holder's data key now (each under its PolicyPCR). A key the TPM refuses
@@ -81,7 +82,7 @@ impl TpmReleaser {
     }
 
     /// Replaces the batch window ([`BATCH_WINDOW`] by default).
-    pub fn with_batch_window(mut self, window: Duration) -> Self {
+    pub fn with_batch_window(mut self, window: BatchWindow) -> Self {
         self.batch_window = window;
         self
     }

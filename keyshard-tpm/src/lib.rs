@@ -32,5 +32,5 @@ pub use blob::{BlobError, SealedBlob};
 pub use device::{Startup, Tpm, TpmConfig, TpmInfo};
 pub use error::TpmError;
 pub use measurement::MAX_EVENT_DATA;
-pub use service::TpmService;
+pub use service::{BatchWindow, TpmService};
 pub use tcti::{DEFAULT_TCTI, resolve_tcti, resolve_tcti_with};

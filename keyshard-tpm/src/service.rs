@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
@@ -26,6 +26,35 @@ type Published = Arc<(std::result::Result<Quote, String>, Option<Tree>)>;
 
 /// The answer slot every member of one batch waits on.
 type Slot = Arc<(Mutex<Option<Published>>, Condvar)>;
+
+/// How long a batch of quote requests stays open before its quote is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchWindow {
+    /// When no batch closed lately: what a lone release waits for company.
+    pub quiet: Duration,
+    /// When a batch closed less than [`BatchWindow::BUSY_MEMORY`] ago (a boot storm): requests
+    /// keep coming, and a longer window means fewer quotes for them.
+    pub busy: Duration,
+}
+
+impl BatchWindow {
+    /// 20 ms alone, 100 ms in a storm: a storm of 100 releases spread over half a second costs
+    /// a handful of quotes, and a lone boot waits 20 ms.
+    pub const DEFAULT: Self = Self {
+        quiet: Duration::from_millis(20),
+        busy: Duration::from_millis(100),
+    };
+    /// How recent the last batch must be for the next to count as part of a storm.
+    pub const BUSY_MEMORY: Duration = Duration::from_millis(300);
+
+    /// The same window whatever the load.
+    pub fn fixed(window: Duration) -> Self {
+        Self {
+            quiet: window,
+            busy: window,
+        }
+    }
+}
 
 /// Requests waiting for the next quote of one PCR selection.
 struct Batch {
@@ -51,6 +80,8 @@ struct Inner {
     calls: AtomicU64,
     /// Open batches of [`TpmService::quote_batched`], by PCR selection (TPML bytes).
     batches: Mutex<HashMap<Vec<u8>, Batch>>,
+    /// When the last batch closed, for [`BatchWindow::busy`].
+    last_batch_closed: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for TpmService {
@@ -103,6 +134,7 @@ impl TpmService {
                 ak_public,
                 calls: AtomicU64::new(0),
                 batches: Mutex::new(HashMap::new()),
+                last_batch_closed: Mutex::new(None),
             }),
         })
     }
@@ -153,8 +185,9 @@ impl TpmService {
         self.call(move |tpm| tpm.quote(&selection, &nonce))?
     }
 
-    /// One quote for every caller that asks within `window` of the first: the first caller
-    /// waits `window`, then quotes the root of a Merkle tree over all their nonces (see
+    /// One quote for every caller that asks within the window of the first: the first caller
+    /// waits the window (`window.busy` when another batch closed lately, else `window.quiet`),
+    /// then quotes the root of a Merkle tree over all their nonces (see
     /// `keyshard_core::broker::merkle`); each caller gets that quote and its own nonce's
     /// inclusion path. A boot storm then costs the TPM one quote per window, not one per
     /// release. Batches are per PCR selection; every clone of this service shares them.
@@ -162,7 +195,7 @@ impl TpmService {
         &self,
         selection: &PcrSelection,
         nonce: &[u8; NONCE_LEN],
-        window: Duration,
+        window: BatchWindow,
     ) -> Result<(Quote, Vec<PathStep>)> {
         let key = selection.tpml_bytes();
         let (index, slot, leader) = {
@@ -191,7 +224,18 @@ impl TpmService {
         };
         let (lock, ready) = &*slot;
         if leader {
-            std::thread::sleep(window);
+            let busy = self
+                .inner
+                .last_batch_closed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some_and(|closed| closed.elapsed() < BatchWindow::BUSY_MEMORY);
+            std::thread::sleep(if busy { window.busy } else { window.quiet });
+            *self
+                .inner
+                .last_batch_closed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
             let nonces = self
                 .inner
                 .batches

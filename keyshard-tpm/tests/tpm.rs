@@ -19,7 +19,7 @@ use keyshard_attest::tpm::{
     AK_HANDLE, PcrSelection, PcrValues, QuoteError, SRK_HANDLE, differing_pcrs, verify_quote,
 };
 use keyshard_core::policy::PcrBank;
-use keyshard_tpm::{BlobError, SealedBlob, Tpm, TpmConfig, TpmError, TpmService};
+use keyshard_tpm::{BatchWindow, BlobError, SealedBlob, Tpm, TpmConfig, TpmError, TpmService};
 
 const SECRET: [u8; 32] = *b"a 32-byte volume key for tests!!";
 
@@ -512,6 +512,40 @@ fn the_service_shares_one_tpm_between_threads() {
     // A failed open is reported by spawn, not by the first call.
     let err = TpmService::spawn(TpmConfig::new("swtpm:host=127.0.0.1,port=1")).unwrap_err();
     assert!(matches!(err, TpmError::Unreachable { .. }), "{err:?}");
+}
+
+/// Issue 8 (boot storms): a batch that opens soon after another closed is part of a storm and
+/// stays open for the busy window; one that opens after a quiet spell waits the quiet window.
+/// Only lower bounds on time are asserted (a sleep is never shorter), with a busy window far
+/// longer than a quote takes, so load on the machine cannot make this pass or fail wrongly.
+#[test]
+fn a_batch_soon_after_another_waits_the_busy_window() {
+    let swtpm = Swtpm::start();
+    let service = TpmService::spawn(TpmConfig::new(swtpm.tcti())).unwrap();
+    let window = BatchWindow {
+        quiet: Duration::from_millis(1),
+        busy: Duration::from_secs(3),
+    };
+    let timed = |n: u8| {
+        let start = Instant::now();
+        let (quote, path) = service
+            .quote_batched(&sha256_0_7(), &nonce(n), window)
+            .unwrap();
+        assert!(!quote.attest.is_empty() && path.is_empty());
+        start.elapsed()
+    };
+    let first = timed(1);
+    let soon_after = timed(2);
+    assert!(
+        soon_after >= window.busy,
+        "a batch {first:?} after another closed waited only {soon_after:?}"
+    );
+    std::thread::sleep(BatchWindow::BUSY_MEMORY);
+    let quiet = timed(3);
+    assert!(
+        quiet < window.busy,
+        "after a quiet spell a batch waited {quiet:?}"
+    );
 }
 
 /// p50/p90 of the TPM operations on swtpm. Run in release:

@@ -145,6 +145,7 @@ fn check_bound(
 pub fn run(config: Config) -> Result<(), CliError> {
     let signals =
         Signals::new([SIGTERM, SIGINT]).map_err(|e| CliError::from(DaemonError::Signals(e)))?;
+    daemon::raise_open_files_limit();
     match &config.served {
         Served::Root(root) => run_state_root(root, &config, signals),
         Served::Brokers { state_dir, brokers } => run_brokers(state_dir, brokers, &config, signals),

@@ -54,6 +54,7 @@ pub struct ServedDevice {
 pub fn run(config: Config) -> Result<(), DaemonError> {
     // Signal handlers first, so a SIGTERM during start-up is not lost.
     let signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    raise_open_files_limit();
     let devices = config
         .devices
         .iter()
@@ -120,6 +121,23 @@ pub fn serve_until_signal(
         remove_pidfile_if_ours(pidfile);
     }
     result
+}
+
+/// Raises the soft limit on open files to the hard limit. Each connected frontend costs a
+/// daemon about ten descriptors (the socket, eventfds, epoll, guest memory); the usual soft
+/// limit of 1,024 runs out near 100 VMs, while the hard limit (systemd's default: 524,288, or
+/// the unit's `LimitNOFILE=`) is what the operator allows. A limit that cannot be read or raised
+/// is logged and left as it is.
+pub fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!("open files limit raised from {soft} to {hard}"),
+            Err(e) => log::warn!("open files limit {soft}: could not raise it to {hard}: {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => log::warn!("could not read the open files limit: {e}"),
+    }
 }
 
 /// Removes the pidfile only while it still names this process: another instance started since
