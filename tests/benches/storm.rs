@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use keyshard_e2e::HarnessError;
 use keyshard_e2e::env::{GUEST_BIN, KEYSHARD_BIN, VHOST_KEYSHARD_BIN};
 use keyshard_e2e::process::{ChildGuard, Daemon, describe_status, run_tool};
+use keyshard_e2e::scenario::random_bytes;
 use keyshard_e2e::swtpm::{Swtpm, TpmCommand};
 
 const SIZES_VAR: &str = "KEYSHARD_STORM_N";
@@ -1174,14 +1175,6 @@ fn print_table(all: &[Figures]) {
             mib(f.coordinator.hwm_kib)
         );
     }
-}
-
-fn random_bytes(len: usize) -> Result<Vec<u8>> {
-    let mut bytes = vec![0; len];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(io_context("reading /dev/urandom"))?;
-    Ok(bytes)
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {

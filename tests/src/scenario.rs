@@ -120,14 +120,7 @@ struct Dealing {
 impl Dealing {
     fn new(name: &str) -> Result<Self> {
         let env = E2eEnv::from_env()?;
-        let mut work = tempfile::Builder::new()
-            .prefix(&format!("keyshard-e2e-{name}-"))
-            .tempdir()
-            .map_err(io_context("creating a work directory"))?;
-        if env.keep_workdirs {
-            work.disable_cleanup(true);
-            eprintln!("keyshard-e2e: {name}: keeping {}", work.path().display());
-        }
+        let work = work_dir(name, &env)?;
         let secret = work.path().join("volume.key");
         write_private(&secret, &random_bytes(VOLUME_KEY_LEN)?)?;
         Ok(Self { env, work, secret })
@@ -453,14 +446,7 @@ impl StateRoot {
     /// An empty root and a fresh swtpm (its state beside the root, not in it).
     pub fn new(name: &str) -> Result<Self> {
         let env = E2eEnv::from_env()?;
-        let mut work = tempfile::Builder::new()
-            .prefix(&format!("keyshard-e2e-{name}-"))
-            .tempdir()
-            .map_err(io_context("creating a work directory"))?;
-        if env.keep_workdirs {
-            work.disable_cleanup(true);
-            eprintln!("keyshard-e2e: {name}: keeping {}", work.path().display());
-        }
+        let work = work_dir(name, &env)?;
         let root = work.path().join("root");
         fs::create_dir(&root).map_err(io_context(format!("creating {}", root.display())))?;
         let swtpm = Swtpm::start(&work.path().join("swtpm"))?;
@@ -633,7 +619,21 @@ fn read_split_fragments(dir: &Path) -> Result<Vec<FragmentFile>> {
     Ok(fragments)
 }
 
-fn random_bytes(len: usize) -> Result<Vec<u8>> {
+/// A test's temporary directory, kept (and named on stderr) when KEYSHARD_E2E_KEEP=1.
+fn work_dir(name: &str, env: &E2eEnv) -> Result<tempfile::TempDir> {
+    let mut work = tempfile::Builder::new()
+        .prefix(&format!("keyshard-e2e-{name}-"))
+        .tempdir()
+        .map_err(io_context("creating a work directory"))?;
+    if env.keep_workdirs {
+        work.disable_cleanup(true);
+        eprintln!("keyshard-e2e: {name}: keeping {}", work.path().display());
+    }
+    Ok(work)
+}
+
+/// `len` bytes from the kernel's random source.
+pub fn random_bytes(len: usize) -> Result<Vec<u8>> {
     let mut bytes = vec![0; len];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
