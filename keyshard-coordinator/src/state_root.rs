@@ -3,41 +3,48 @@
 //! `ROOT/<vm id>/broker.sock`, through one TPM service shared by all, so one quote serves the
 //! releases of every VM pending in its batch window.
 //!
-//! The root is polled ([`POLL_INTERVAL`]): a VM directory is served once its state file exists
+//! The root is polled ([`POLL_INTERVAL`]). A VM directory counts once its state file exists
 //! (`init` writes it last) and its files have not changed between two scans (a copy in progress
-//! is not loaded half-way); a removed one stops being served; a changed one is loaded again and
-//! swapped in behind the same socket, so a connected VM is not cut. A VM whose state cannot be
-//! loaded is refused with the reason: its mailbox answers every request with that reason, and
-//! the other VMs are not touched. Each VM has its own serving thread and stopper, so adding or
-//! removing one never restarts another.
+//! is not loaded half-way). Its socket is bound at once and its state loaded on a thread of its
+//! own (see `loader`); requests wait for the load (see `handler`). A removed directory stops
+//! being served; a changed one is loaded again and swapped in behind the same socket, so a
+//! connected VM is not cut; a socket removed or replaced under us is bound again, without a
+//! reload. A VM whose state cannot be loaded is refused with the reason: its mailbox answers
+//! every request with it. Each VM has its own serving thread and stopper, so adding or removing
+//! one never restarts another.
 
+mod handler;
 mod loader;
 pub mod scan;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use keyshard_core::broker::{Body, Message, RefusalCode, SERIAL_PREFIX};
+use keyshard_core::broker::SERIAL_PREFIX;
 use log::{error, warn};
 use nix::fcntl::{Flock, FlockArg};
 
 use super::mailbox::{BrokerMailbox, RequestHandler};
 use super::release::Coordinator;
-use super::state::check_vm_id;
+use super::state::{StateDir, check_vm_id};
+use handler::{BrokenState, VmHandler};
 use loader::{LoadRequest, Loaded, Loader};
 use scan::{ScanError, VmDir};
+use vhost_keyshard::device::serve::socket_file::{self, FileId};
 use vhost_keyshard::device::serve::{BoundSocket, ServeError, SocketAccess, Stopper};
 
 /// How often the root is listed. An added VM is served after two scans that agree (0.5 to
 /// 0.75 s, plus its load); a removed one stops at the next scan.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
-/// How long start-up waits for the VMs present at start to load before it says ready.
-pub const START_WAIT: Duration = Duration::from_secs(30);
-/// How often a VM whose state could not be loaded, unchanged, is tried again (a TPM that was
+/// How long start-up waits for the VMs present at start to load before it says ready (their
+/// sockets listen from the first scan; requests wait for the load).
+pub const START_WAIT: Duration = Duration::from_secs(5);
+/// How often a VM that could not be loaded or bound, unchanged, is tried again (a TPM that was
 /// not reachable may be now).
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -47,6 +54,8 @@ pub enum StateRootError {
     Scan(#[from] ScanError),
     #[error("{}: another coordinator serves this state root (it holds {LOCK_FILE})", root.display())]
     Busy { root: PathBuf },
+    #[error("{}: a state directory, not a state root: serve it with --state-dir DIR --broker VMID=SOCKET, or give the directory that holds it", root.display())]
+    StateDirNotRoot { root: PathBuf },
 }
 
 /// The lock file in the root (its leading dot keeps it out of the VM list).
@@ -101,88 +110,72 @@ impl fmt::Display for Event {
     }
 }
 
-/// Answers every request of a VM whose state could not be loaded with the reason, so its guest
-/// says why rather than wait out its timeout.
-struct BrokenState(String);
-
-impl RequestHandler for BrokenState {
-    fn answer(&self, _vm_id: &str, _request: &Message) -> Body {
-        Body::Refused {
-            code: RefusalCode::Internal,
-            reason: format!("this VM's state on the host cannot be used: {}", self.0),
-        }
-    }
-}
-
-/// The handler behind a VM's mailbox, replaced when its state directory changes.
-struct Swappable(RwLock<Arc<dyn RequestHandler>>);
-
-impl Swappable {
-    fn set(&self, handler: Arc<dyn RequestHandler>) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = handler;
-    }
-}
-
-impl RequestHandler for Swappable {
-    fn answer(&self, vm_id: &str, request: &Message) -> Body {
-        let current = self
-            .0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        current.answer(vm_id, request)
-    }
-}
+/// A VM socket's serving thread, and how it ended.
+type ServingThread = JoinHandle<Result<(), ServeError>>;
 
 /// A VM's socket being served on its own thread.
 struct Served {
-    handler: Arc<Swappable>,
-    /// The loaded coordinator (none while the state is broken), for its audit log's flush.
-    coordinator: Option<Arc<Coordinator>>,
+    path: PathBuf,
+    file: FileId,
     stopper: Arc<Stopper>,
-    thread: JoinHandle<Result<(), ServeError>>,
+    thread: ServingThread,
 }
 
 impl Served {
-    fn stop(self) -> Retiring {
+    /// Asks the thread to stop; it is joined later, never waited for by the watch.
+    fn stop(self) -> ServingThread {
         self.stopper.stop();
-        Retiring {
-            coordinator: self.coordinator,
-            thread: self.thread,
+        self.thread
+    }
+
+    /// Why this socket no longer serves, if it does not: its thread ended, or the file at its
+    /// path was removed or replaced (the directory moved away, restored from a backup...).
+    fn broken(&self) -> Option<String> {
+        if self.thread.is_finished() {
+            return Some("its socket stopped serving".into());
         }
+        if !socket_file::is_ours(&self.path, self.file) {
+            return Some(format!("{} was removed or replaced", self.path.display()));
+        }
+        None
     }
 }
 
-/// A VM being stopped; joined once its thread is done, never waited for by the watch.
-struct Retiring {
-    coordinator: Option<Arc<Coordinator>>,
-    thread: JoinHandle<Result<(), ServeError>>,
-}
+/// A serving thread asked to stop, with the coordinator whose audit log to flush once done.
+type Retiring = (ServingThread, Option<Arc<Coordinator>>);
 
-impl Retiring {
-    fn join(self) {
-        if let Some(coordinator) = &self.coordinator {
-            coordinator.flush_audit();
-        }
-        match self.thread.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!("{e}"),
-            Err(_) => error!("a VM's serving thread panicked"),
-        }
-    }
+/// What a VM is, as the operator is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Status {
+    /// Its state is loading (nothing said yet).
+    Pending,
+    Serving,
+    Refused(String),
 }
 
 /// One VM directory as the watch knows it.
 struct Vm {
     /// What the last scan saw (None: not yet scanned, so a new VM waits for a second scan).
     seen: Option<VmDir>,
-    /// What is being served came from this (None: nothing loaded yet, or must load again).
+    /// The snapshot last loaded, or being loaded.
     loaded: Option<VmDir>,
-    served: Option<Served>,
-    /// Why it is refused now, and since when (for the retry).
-    refused: Option<(String, Instant)>,
     /// A load was asked for and has not come back.
     loading: bool,
+    /// Answers the VM's mailbox; lives as long as the VM, across sockets and reloads.
+    handler: Arc<VmHandler>,
+    /// The loaded coordinator (none while loading or broken), for its audit log's flush.
+    coordinator: Option<Arc<Coordinator>>,
+    /// Why the state could not be loaded or used, if so.
+    state_refusal: Option<String>,
+    socket: Option<Served>,
+    /// Why the socket could not be bound, and when (for the retry).
+    bind_refusal: Option<(String, Instant)>,
+    /// When the state was last refused (for the retry).
+    refused_at: Option<Instant>,
+    /// What the operator was last told.
+    status: Status,
+    /// Loaded again while served, not yet said.
+    reloaded: bool,
 }
 
 impl Vm {
@@ -190,10 +183,29 @@ impl Vm {
         Self {
             seen,
             loaded: None,
-            served: None,
-            refused: None,
             loading: false,
+            handler: Arc::new(VmHandler::default()),
+            coordinator: None,
+            state_refusal: None,
+            socket: None,
+            bind_refusal: None,
+            refused_at: None,
+            status: Status::Pending,
+            reloaded: false,
         }
+    }
+
+    fn status(&self) -> Status {
+        if let Some(reason) = &self.state_refusal {
+            return Status::Refused(reason.clone());
+        }
+        if let Some((reason, _)) = &self.bind_refusal {
+            return Status::Refused(reason.clone());
+        }
+        if self.coordinator.is_some() && self.socket.is_some() {
+            return Status::Serving;
+        }
+        Status::Pending
     }
 }
 
@@ -201,18 +213,22 @@ impl Vm {
 /// [`POLL_INTERVAL`]; [`StateRootServer::stop`] ends everything.
 pub struct StateRootServer {
     root: PathBuf,
+    /// The root's identity at start: a root moved away and replaced is not followed.
+    root_id: (u64, u64),
     access: SocketAccess,
     /// Loads states, each on a thread of its own, and holds the TPM service they share.
     loader: Loader,
     vms: BTreeMap<String, Vm>,
+    /// Serving threads asked to stop, with the coordinators whose audit logs to flush.
     retiring: Vec<Retiring>,
     /// Held while serving: a second coordinator on the same root would fight over its sockets.
     _lock: Flock<std::fs::File>,
 }
 
 impl StateRootServer {
-    /// Checks the root (a directory only root or this user may write) and serves every complete
-    /// VM directory in it now, without waiting for a second scan.
+    /// Checks the root (a directory only root or this user may write), binds the socket of
+    /// every complete VM directory in it now, without waiting for a second scan, and waits a
+    /// little ([`START_WAIT`]) for their states to load.
     pub fn start(
         root: &Path,
         access: SocketAccess,
@@ -229,33 +245,38 @@ impl StateRootServer {
             }));
         }
         scan::check_owner_and_mode(root, &meta)?;
+        if StateDir::new(root).state_file().exists() {
+            return Err(StateRootError::StateDirNotRoot {
+                root: root.to_owned(),
+            });
+        }
         let lock = lock_root(root)?;
-        let loader = Loader::new(root.to_owned(), tcti);
         let mut server = Self {
             root: root.to_owned(),
+            root_id: (meta.dev(), meta.ino()),
             access,
-            loader,
+            loader: Loader::new(root.to_owned(), tcti),
             vms: BTreeMap::new(),
             retiring: Vec::new(),
             _lock: lock,
         };
-        let mut events = Vec::new();
         for (name, seen) in scan::scan(root)? {
             let mut vm = Vm::new(Some(seen));
-            server.begin_load(&name, &mut vm, &mut events);
+            server.bring_up(&name, &mut vm, true);
             server.vms.insert(name, vm);
         }
-        // "Ready" means the VMs present at start are served; one whose load hangs (a TPM that
-        // does not answer) is left to finish later rather than hold up the others for good.
         let deadline = Instant::now() + START_WAIT;
         while server.loader.pending() > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             let Some(loaded) = server.loader.wait_one(left) else {
-                warn!("loads still running after {START_WAIT:?}: announced ready without them");
+                warn!(
+                    "loads still running after {START_WAIT:?} (a TPM that does not answer?): their sockets listen, and their requests wait"
+                );
                 break;
             };
-            server.finish_load(loaded, &mut events);
+            server.finish_load(loaded);
         }
+        let events = server.report();
         Ok((server, events))
     }
 
@@ -263,11 +284,11 @@ impl StateRootServer {
         &self.root
     }
 
-    /// The VMs served now with a loaded state (not those whose mailbox answers with a refusal).
+    /// The VMs served now with a loaded state.
     pub fn served(&self) -> Vec<&str> {
         self.vms
             .iter()
-            .filter(|(_, vm)| vm.served.is_some() && vm.refused.is_none())
+            .filter(|(_, vm)| vm.status == Status::Serving)
             .map(|(name, _)| name.as_str())
             .collect()
     }
@@ -279,27 +300,18 @@ impl StateRootServer {
 
     /// Scans the root once and brings what is served in line with it.
     pub fn watch_once(&mut self) -> Vec<Event> {
-        let mut events = Vec::new();
-        self.retiring = std::mem::take(&mut self.retiring)
-            .into_iter()
-            .filter_map(|retiring| {
-                if retiring.thread.is_finished() {
-                    retiring.join();
-                    None
-                } else {
-                    Some(retiring)
-                }
-            })
-            .collect();
+        self.join_retired();
         for loaded in self.loader.collect() {
-            self.finish_load(loaded, &mut events);
+            self.finish_load(loaded);
         }
-        let seen = match scan::scan(&self.root) {
+        let mut events = Vec::new();
+        let seen = match self.scan() {
             Ok(seen) => seen,
             Err(e) => {
                 // Keep serving what is loaded: a root that cannot be listed for a moment is not
                 // a reason to cut every VM.
                 warn!("{e}");
+                events.extend(self.report());
                 return events;
             }
         };
@@ -310,176 +322,203 @@ impl StateRootServer {
             .cloned()
             .collect();
         for name in gone {
-            if let Some(vm) = self.vms.remove(&name)
-                && let Some(served) = vm.served
-            {
-                self.retiring.push(served.stop());
-                events.push(Event::Stopped {
-                    vm: name,
-                    why: "its state directory (or state.toml) is gone".into(),
-                });
+            if let Some(vm) = self.vms.remove(&name) {
+                let served = vm.socket.is_some();
+                self.retire(vm);
+                if served {
+                    events.push(Event::Stopped {
+                        vm: name,
+                        why: "its state directory (or state.toml) is gone".into(),
+                    });
+                }
             }
         }
         for (name, now) in seen {
             let mut vm = self.vms.remove(&name).unwrap_or_else(|| Vm::new(None));
-            self.check_thread(&name, &mut vm, &mut events);
+            if let VmDir::Unreadable(reason) = &now {
+                // Not known this time (out of file descriptors...): nothing changes on that.
+                warn!("{name}: {reason}");
+                self.vms.insert(name, vm);
+                continue;
+            }
             let settled = vm.seen.as_ref() == Some(&now);
-            let changed = vm.loaded.as_ref() != Some(&now);
             vm.seen = Some(now);
-            let retry_due = vm
-                .refused
-                .as_ref()
-                .is_some_and(|(_, since)| since.elapsed() >= RETRY_INTERVAL);
-            if settled && (changed || retry_due) && !vm.loading {
-                self.begin_load(&name, &mut vm, &mut events);
+            if settled {
+                self.bring_up(&name, &mut vm, false);
             }
             self.vms.insert(name, vm);
         }
+        events.extend(self.report());
         events
     }
 
     /// Stops serving every VM, waits for their threads, flushes their audit logs.
     pub fn stop(mut self) {
-        let served: Vec<Served> = std::mem::take(&mut self.vms)
-            .into_values()
-            .filter_map(|vm| vm.served)
-            .collect();
-        let retiring: Vec<Retiring> = served.into_iter().map(Served::stop).collect();
-        for retiring in retiring.into_iter().chain(self.retiring.drain(..)) {
-            retiring.join();
+        for (_, vm) in std::mem::take(&mut self.vms) {
+            self.retire(vm);
+        }
+        for (thread, coordinator) in self.retiring.drain(..) {
+            join_serving(thread, coordinator.as_ref());
         }
     }
 
-    /// A serving thread that ended on its own (its socket failed) is reported, and the VM is
-    /// served again after [`RETRY_INTERVAL`].
-    fn check_thread(&mut self, name: &str, vm: &mut Vm, events: &mut Vec<Event>) {
-        if !vm
-            .served
-            .as_ref()
-            .is_some_and(|served| served.thread.is_finished())
-        {
-            return;
-        }
-        let Some(served) = vm.served.take() else {
-            return;
-        };
-        let reason = match served.thread.join() {
-            Ok(Err(e)) => format!("serving failed: {e}"),
-            Ok(Ok(())) => "serving ended".to_owned(),
-            Err(_) => "its serving thread panicked".to_owned(),
-        };
-        if let Some(coordinator) = &served.coordinator {
-            coordinator.flush_audit();
-        }
-        self.refuse(name, vm, reason, events);
-    }
-
-    /// Starts (re)loading a VM from what the scan saw. A directory that is unusable as such
-    /// (another user may write it...) is refused at once and gets no socket.
-    fn begin_load(&mut self, name: &str, vm: &mut Vm, events: &mut Vec<Event>) {
-        vm.loaded = vm.seen.clone();
-        match &vm.seen {
-            Some(VmDir::Unusable(reason)) => {
-                let reason = reason.clone();
-                if let Some(served) = vm.served.take() {
-                    self.retiring.push(served.stop());
-                }
-                self.refuse(name, vm, reason, events);
-            }
-            Some(seen @ VmDir::Complete(_)) => {
-                vm.loading = true;
-                self.loader.request(LoadRequest {
-                    name: name.to_owned(),
-                    seen: seen.clone(),
-                });
-            }
-            None => {}
-        }
-    }
-
-    /// Serves what a load gave: the coordinator, or a mailbox that answers with the reason the
-    /// state could not be loaded. A VM removed while it loaded is left alone.
-    fn finish_load(&mut self, loaded: Loaded, events: &mut Vec<Event>) {
-        let name = loaded.name;
-        let Some(mut vm) = self.vms.remove(&name) else {
-            return;
-        };
-        vm.loading = false;
-        if vm.loaded.as_ref() != Some(&loaded.seen) {
-            // Removed and added again while it loaded: the new one loads on its own.
-            self.vms.insert(name, vm);
-            return;
-        }
-        let handler: Arc<dyn RequestHandler> = match &loaded.coordinator {
-            Ok(coordinator) => coordinator.clone(),
-            Err(reason) => Arc::new(BrokenState(reason.clone())),
-        };
-        let coordinator = loaded.coordinator.as_ref().ok().cloned();
-        let newly_served = match &mut vm.served {
-            Some(served) => {
-                // Same socket, new state: a connected VM keeps its connection.
-                served.handler.set(handler);
-                if let Some(old) = std::mem::replace(&mut served.coordinator, coordinator) {
-                    old.flush_audit();
-                }
-                false
-            }
-            None => match self.serve(&name, handler, coordinator) {
-                Ok(served) => {
-                    vm.served = Some(served);
-                    true
-                }
-                Err(reason) => {
-                    self.refuse(&name, &mut vm, reason, events);
-                    self.vms.insert(name, vm);
-                    return;
-                }
-            },
-        };
-        match loaded.coordinator {
-            Err(reason) => self.refuse(&name, &mut vm, reason, events),
-            Ok(_) if newly_served || vm.refused.is_some() => {
-                vm.refused = None;
-                events.push(Event::Serving {
-                    vm: name.clone(),
-                    socket: self.socket_of(&name),
-                });
-            }
-            Ok(_) => events.push(Event::Reloaded { vm: name.clone() }),
-        }
-        self.vms.insert(name, vm);
-    }
-
-    /// Records a refusal; it is reported again only when the reason changes.
-    fn refuse(&self, name: &str, vm: &mut Vm, reason: String, events: &mut Vec<Event>) {
-        let repeated = vm.refused.as_ref().is_some_and(|(old, _)| *old == reason);
-        if !repeated {
-            error!("{name}: refused: {reason}");
-            events.push(Event::Refused {
-                vm: name.to_owned(),
-                reason: reason.clone(),
+    /// The root's VM directories, once the root is checked to be the one we started on and
+    /// still safe.
+    fn scan(&self) -> Result<BTreeMap<String, VmDir>, ScanError> {
+        let meta = std::fs::metadata(&self.root).map_err(|source| ScanError::Io {
+            path: self.root.clone(),
+            source,
+        })?;
+        if (meta.dev(), meta.ino()) != self.root_id {
+            return Err(ScanError::Unsafe {
+                path: self.root.clone(),
+                reason: "no longer the directory the coordinator started on: nothing is added or removed until it is back".into(),
             });
         }
-        vm.refused = Some((reason, Instant::now()));
+        scan::check_owner_and_mode(&self.root, &meta)?;
+        scan::scan(&self.root)
     }
 
-    fn socket_of(&self, name: &str) -> PathBuf {
-        self.root.join(name).join(scan::BROKER_SOCKET)
+    /// Brings a settled VM in line with what the scan saw: an unusable directory loses its
+    /// socket; a missing or broken socket is bound (again); a changed state is loaded.
+    fn bring_up(&mut self, name: &str, vm: &mut Vm, at_start: bool) {
+        let retry_due = |at: Option<Instant>| at.is_some_and(|at| at.elapsed() >= RETRY_INTERVAL);
+        if let Some(VmDir::Unusable(reason)) = &vm.seen {
+            vm.state_refusal = Some(reason.clone());
+            vm.loaded = vm.seen.clone();
+            if let Some(served) = vm.socket.take() {
+                self.retiring.push((served.stop(), vm.coordinator.take()));
+            }
+            return;
+        }
+        if let Some(why) = vm.socket.as_ref().and_then(Served::broken) {
+            warn!("{name}: {why}: binding it again");
+            if let Some(served) = vm.socket.take() {
+                self.retiring.push((served.stop(), None));
+            }
+        }
+        if vm.socket.is_none()
+            && (vm.bind_refusal.is_none() || retry_due(vm.bind_refusal.as_ref().map(|b| b.1)))
+        {
+            match self.serve(name, vm.handler.clone()) {
+                Ok(served) => {
+                    vm.socket = Some(served);
+                    vm.bind_refusal = None;
+                }
+                Err(reason) => vm.bind_refusal = Some((reason, Instant::now())),
+            }
+        }
+        let changed = vm.loaded != vm.seen;
+        let retry = vm.state_refusal.is_some() && retry_due(vm.refused_at);
+        if (changed || retry || at_start)
+            && !vm.loading
+            && let Some(seen @ VmDir::Complete(_)) = &vm.seen
+        {
+            vm.loading = true;
+            vm.loaded = Some(seen.clone());
+            self.loader.request(LoadRequest {
+                name: name.to_owned(),
+                seen: seen.clone(),
+            });
+        }
+    }
+
+    /// Puts a finished load behind the VM's mailbox: the coordinator, or a handler that answers
+    /// with the reason the state could not be loaded. A VM removed while it loaded is left
+    /// alone; one changed meanwhile is loaded again at the next settled scan.
+    fn finish_load(&mut self, loaded: Loaded) {
+        let Some(vm) = self.vms.get_mut(&loaded.name) else {
+            return;
+        };
+        if vm.loaded.as_ref() != Some(&loaded.seen) {
+            return; // removed and added again while it loaded: the new one loads on its own
+        }
+        vm.loading = false;
+        match loaded.coordinator {
+            Ok(coordinator) => {
+                vm.reloaded = vm.status == Status::Serving;
+                vm.handler.set(coordinator.clone());
+                if let Some(old) = vm.coordinator.replace(coordinator) {
+                    old.flush_audit();
+                }
+                vm.state_refusal = None;
+                vm.refused_at = None;
+            }
+            Err(reason) => {
+                vm.handler.set(Arc::new(BrokenState(reason.clone())));
+                if let Some(old) = vm.coordinator.take() {
+                    old.flush_audit();
+                }
+                vm.state_refusal = Some(reason);
+                vm.refused_at = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Stops a VM's socket (joined later) and forgets it.
+    fn retire(&mut self, mut vm: Vm) {
+        match vm.socket.take() {
+            Some(served) => self.retiring.push((served.stop(), vm.coordinator.take())),
+            None => {
+                if let Some(coordinator) = vm.coordinator.take() {
+                    coordinator.flush_audit();
+                }
+            }
+        }
+    }
+
+    /// Joins the serving threads that have ended since they were asked to stop.
+    fn join_retired(&mut self) {
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retiring)
+            .into_iter()
+            .partition(|(thread, _)| thread.is_finished());
+        self.retiring = running;
+        for (thread, coordinator) in done {
+            join_serving(thread, coordinator.as_ref());
+        }
+    }
+
+    /// What changed since the last report, one event per VM whose status changed (or that
+    /// was reloaded while served). A refusal is said again only when its reason changes.
+    fn report(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        for (name, vm) in &mut self.vms {
+            let now = vm.status();
+            let event = match (&vm.status, &now) {
+                (_, Status::Pending) => None,
+                (Status::Serving, Status::Serving) => {
+                    vm.reloaded.then(|| Event::Reloaded { vm: name.clone() })
+                }
+                (_, Status::Serving) => Some(Event::Serving {
+                    vm: name.clone(),
+                    socket: self.root.join(name).join(scan::BROKER_SOCKET),
+                }),
+                (Status::Refused(before), Status::Refused(reason)) if before == reason => None,
+                (_, Status::Refused(reason)) => {
+                    error!("{name}: refused: {reason}");
+                    Some(Event::Refused {
+                        vm: name.clone(),
+                        reason: reason.clone(),
+                    })
+                }
+            };
+            events.extend(event);
+            vm.reloaded = false;
+            if now != Status::Pending {
+                vm.status = now;
+            }
+        }
+        events
     }
 
     /// Binds `ROOT/<name>/broker.sock` and serves the VM's mailbox on a thread of its own.
-    fn serve(
-        &self,
-        name: &str,
-        handler: Arc<dyn RequestHandler>,
-        coordinator: Option<Arc<Coordinator>>,
-    ) -> Result<Served, String> {
+    fn serve(&self, name: &str, handler: Arc<VmHandler>) -> Result<Served, String> {
         check_vm_id(name).map_err(|e| format!("the directory's name is not a VM id: {e}"))?;
-        let handler = Arc::new(Swappable(RwLock::new(handler)));
-        let mailbox = BrokerMailbox::new(name, handler.clone())
+        let path = self.root.join(name).join(scan::BROKER_SOCKET);
+        let mailbox = BrokerMailbox::new(name, handler as Arc<dyn RequestHandler>)
             .map_err(|e| format!("cannot start the mailbox thread: {e}"))?;
-        let socket =
-            BoundSocket::bind(&self.socket_of(name), self.access).map_err(|e| e.to_string())?;
+        let socket = BoundSocket::bind(&path, self.access).map_err(|e| e.to_string())?;
+        let file = socket.file_id();
         let stopper = Stopper::new().map_err(|e| format!("cannot make a stop event: {e}"))?;
         let serial = format!("{SERIAL_PREFIX}{name}");
         let thread_stopper = stopper.clone();
@@ -488,11 +527,22 @@ impl StateRootServer {
             .spawn(move || socket.serve(&serial, Arc::new(mailbox), &thread_stopper))
             .map_err(|e| format!("cannot start the serving thread: {e}"))?;
         Ok(Served {
-            handler,
-            coordinator,
+            path,
+            file,
             stopper,
             thread,
         })
+    }
+}
+
+fn join_serving(thread: ServingThread, coordinator: Option<&Arc<Coordinator>>) {
+    if let Some(coordinator) = coordinator {
+        coordinator.flush_audit();
+    }
+    match thread.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!("{e}"),
+        Err(_) => error!("a VM's serving thread panicked"),
     }
 }
 

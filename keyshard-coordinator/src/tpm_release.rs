@@ -58,7 +58,8 @@ impl TpmReleaser {
     /// Unseals every holder's data key now (each under its PolicyPCR). A key the TPM refuses
     /// (PCRs already changed, a TPM error) is logged and left sealed: its releases try again.
     pub fn new(tpm: TpmService, golden: PcrValues, ak: AkPublic, holders: Vec<TpmHolder>) -> Self {
-        let mut held = HashMap::new();
+        // Sized once: a map that grows moves its keys and leaves copies that are not zeroized.
+        let mut held = HashMap::with_capacity(holders.len());
         for holder in &holders {
             match unseal_data_key(&tpm, holder) {
                 Ok(key) => {

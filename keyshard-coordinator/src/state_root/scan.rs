@@ -44,6 +44,9 @@ pub enum VmDir {
     Complete(Fingerprint),
     /// It cannot be served, and why (a symlink, owned by another user, too many files...).
     Unusable(String),
+    /// It could not be read this time (out of file descriptors, an I/O error): not a verdict on
+    /// the directory, so the watch changes nothing on it.
+    Unreadable(String),
 }
 
 /// The stamps of every file of a VM directory, except what the coordinator writes itself (the
@@ -82,12 +85,10 @@ pub fn scan(root: &Path) -> Result<BTreeMap<String, VmDir>, ScanError> {
         if !meta.is_dir() || !StateDir::new(&path).state_file().exists() {
             continue;
         }
-        let dir = match check_owner_and_mode(&path, &meta) {
-            Ok(()) => match fingerprint(&path) {
-                Ok(print) => VmDir::Complete(print),
-                Err(e) => VmDir::Unusable(e.to_string()),
-            },
-            Err(e) => VmDir::Unusable(e.to_string()),
+        let dir = match check_owner_and_mode(&path, &meta).and_then(|()| fingerprint(&path)) {
+            Ok(print) => VmDir::Complete(print),
+            Err(e @ ScanError::Unsafe { .. }) => VmDir::Unusable(e.to_string()),
+            Err(e @ ScanError::Io { .. }) => VmDir::Unreadable(e.to_string()),
         };
         vms.insert(name, dir);
     }
@@ -154,15 +155,35 @@ fn walk(
                 reason: "a symbolic link: a state directory holds regular files only".into(),
             });
         }
-        let is_ours = depth == 0 && (name == "audit.log" || name == BROKER_SOCKET);
+        let name_text = name.to_string_lossy();
         // `.ks*`: a socket's private staging directory (vhost-keyshard's socket_file).
-        let is_staging = name.to_string_lossy().starts_with(".ks");
-        if is_ours || is_staging || kind.is_socket() {
+        if kind.is_socket() || name_text.starts_with(".ks") {
             continue;
         }
         let path = relative.join(&name);
-        // A file or directory inside that another user may write is as good as the directory.
+        // A file or directory inside that another user may write is as good as the directory;
+        // a FIFO or device would hang or mislead a read; a hard link is a file shared with
+        // some other place (the audit log is appended to: it must not be).
+        let unsafe_entry = |reason: &str| ScanError::Unsafe {
+            path: dir.join(&path),
+            reason: reason.to_owned(),
+        };
         check_owner_and_mode(&dir.join(&path), &meta)?;
+        if !kind.is_dir() && !kind.is_file() {
+            return Err(unsafe_entry(
+                "neither a regular file nor a directory (a FIFO or a device?)",
+            ));
+        }
+        if kind.is_file() && meta.nlink() > 1 {
+            return Err(unsafe_entry(
+                "has other hard links: a state file must be this directory's own",
+            ));
+        }
+        // What the coordinator writes itself (the audit log, and its rotated copies) does not
+        // make the state change.
+        if depth == 0 && name_text.starts_with("audit.log") {
+            continue;
+        }
         if kind.is_dir() {
             if depth + 1 < MAX_DEPTH {
                 walk(dir, &path, depth + 1, stamps)?;
@@ -255,6 +276,34 @@ mod tests {
         let seen = scan(root.path()).unwrap();
         assert!(
             matches!(&seen["vm1"], VmDir::Unusable(r) if r.contains("symbolic link")),
+            "{seen:?}"
+        );
+    }
+
+    /// Review L3: a FIFO hung the load for good; a hard link made the audit log append to
+    /// another file.
+    #[test]
+    fn a_fifo_or_a_hard_link_makes_the_vm_unusable_and_rotated_audit_logs_do_not_count() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = vm(root.path(), "vm1");
+        let before = scan(root.path()).unwrap();
+        fs::write(dir.join("audit.log.1"), b"{}\n").unwrap();
+        assert_eq!(scan(root.path()).unwrap(), before);
+
+        let elsewhere = root.path().join("victim.txt");
+        fs::write(&elsewhere, b"not the coordinator's").unwrap();
+        fs::hard_link(&elsewhere, dir.join("audit.log")).unwrap();
+        let seen = scan(root.path()).unwrap();
+        assert!(
+            matches!(&seen["vm1"], VmDir::Unusable(r) if r.contains("hard links")),
+            "{seen:?}"
+        );
+        fs::remove_file(dir.join("audit.log")).unwrap();
+
+        nix::unistd::mkfifo(&dir.join("manifest.toml"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let seen = scan(root.path()).unwrap();
+        assert!(
+            matches!(&seen["vm1"], VmDir::Unusable(r) if r.contains("FIFO")),
             "{seen:?}"
         );
     }

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::{Duration, Instant};
 
 use keyshard_core::files::Overwrite;
 use keyshard_core::policy::Policy;
@@ -198,4 +199,88 @@ fn a_root_others_may_write_is_refused() {
         error.to_string().contains("writable by group or others"),
         "{error}"
     );
+}
+
+/// A nonce asked over the VM's broker socket, as a guest would.
+fn nonce_over(socket: &Path) -> Result<(), String> {
+    let mut client = guest_driver::broker::BrokerClient::new(Box::new(
+        guest_driver::broker::mailbox::VhostUserMailbox::new(socket.to_owned()),
+    ));
+    client
+        .nonce(Instant::now() + Duration::from_secs(10))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Watches until `done` holds (at most 5 s); returns every event seen on the way.
+fn watch_until(server: &mut StateRootServer, done: impl Fn() -> bool) -> Vec<Event> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut events = Vec::new();
+    while !done() {
+        assert!(Instant::now() < deadline, "not done within 5 s: {events:?}");
+        std::thread::sleep(Duration::from_millis(10));
+        events.extend(server.watch_once());
+    }
+    events
+}
+
+fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// Review H1: a socket file removed under the coordinator was never bound again, and the VM
+/// went unserved for good. It is bound again, behind the same state, without a reload.
+#[test]
+fn a_socket_removed_under_the_coordinator_is_bound_again_without_a_reload() {
+    let root = root();
+    deal(root.path(), "vm1", "vm1", Overwrite::Refuse);
+    let (mut server, _) = start(root.path());
+    let path = socket(root.path(), "vm1");
+    nonce_over(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let events = watch_until(&mut server, || is_socket(&path));
+    assert_eq!(events, [], "a rebind is not a reload");
+    nonce_over(&path).unwrap();
+    server.stop();
+}
+
+/// Review H1: a VM directory replaced by a rename (dealt as `.new`, moved into place) kept
+/// serving from the moved-away directory and said `reloaded`. Now its socket is bound at the
+/// new directory, and the new state answers there.
+#[test]
+fn a_vm_directory_replaced_by_a_rename_is_served_at_its_path() {
+    let root = root();
+    deal(root.path(), "vm1", "vm1", Overwrite::Refuse);
+    let (mut server, _) = start(root.path());
+    let path = socket(root.path(), "vm1");
+    let before = std::fs::metadata(&path).unwrap().ino();
+    deal(root.path(), ".new", "vm1", Overwrite::Refuse);
+    std::fs::rename(root.path().join("vm1"), root.path().join(".old")).unwrap();
+    std::fs::rename(root.path().join(".new"), root.path().join("vm1")).unwrap();
+    let events = watch_until(&mut server, || {
+        std::fs::metadata(&path).is_ok_and(|m| m.ino() != before)
+    });
+    let events = [events, next_events(&mut server)].concat();
+    assert!(
+        events.contains(&Event::Reloaded { vm: "vm1".into() }),
+        "{events:?}"
+    );
+    nonce_over(&path).unwrap();
+    server.stop();
+}
+
+#[test]
+fn a_state_directory_given_as_the_root_is_refused_naming_the_other_option() {
+    let root = root();
+    deal(root.path(), "vm1", "vm1", Overwrite::Refuse);
+    let Err(error) = StateRootServer::start(
+        &root.path().join("vm1"),
+        SocketAccess::default(),
+        String::new(),
+    ) else {
+        panic!("a state directory served as a root");
+    };
+    assert!(error.to_string().contains("--state-dir"), "{error}");
+    assert!(!root.path().join("vm1").join(LOCK_FILE).exists());
 }

@@ -228,12 +228,27 @@ fn print_events(events: &[Event]) {
     }
 }
 
-/// One line on stdout, flushed at once: a launcher or a test follows them as they come.
+/// One line on stdout, flushed at once: a launcher or a test follows them as they come. Control
+/// characters (a newline in a directory's name) are escaped, so a name cannot forge a line.
 fn print_events_line(line: &str) {
+    let line = escape_controls(line);
     let mut stdout = std::io::stdout().lock();
     // The same events are in the log; a closed stdout is no reason to stop serving.
     let _ = writeln!(stdout, "{line}");
     let _ = stdout.flush();
+}
+
+/// `line` with its control characters escaped (`\n` for a newline).
+fn escape_controls(line: &str) -> String {
+    let mut escaped = String::with_capacity(line.len());
+    for c in line.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped
 }
 
 #[cfg(test)]
@@ -283,6 +298,18 @@ mod tests {
         let alone = parse(&["--state-dir", "/s"]).unwrap_err().to_string();
         assert!(alone.contains("--broker"), "{alone}");
         assert!(parse(&[]).is_err());
+    }
+
+    /// Review L4: a directory named with a newline printed a forged `ready:` line.
+    #[test]
+    fn a_name_with_a_newline_cannot_forge_an_event_line() {
+        let event = Event::Refused {
+            vm: "n\nready: serving 99 VM(s)".into(),
+            reason: "x".into(),
+        };
+        let line = escape_controls(&event.to_string());
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(line.starts_with("refused n\\nready"), "{line}");
     }
 
     #[test]

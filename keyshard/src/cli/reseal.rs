@@ -87,7 +87,7 @@ pub fn run(config: Config) -> Result<(), CliError> {
         report.selection
     );
     println!(
-        "  restart `keyshard coordinator` for {} so it loads the new sealed keys",
+        "  a `keyshard coordinator --state-root` serving {} loads the new sealed keys by itself; restart one started with --state-dir",
         config.state_dir.root().display()
     );
     Ok(())

@@ -37,6 +37,11 @@ pub enum ServeError {
     Daemon { path: PathBuf, message: String },
 }
 
+/// Connections in a row that may fail to be set up before the device gives up.
+const MAX_SETUP_FAILURES: u32 = 50;
+/// The pause after such a failure: a listener that stays readable does not spin.
+const SETUP_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Asks serving loops to stop, from any thread: wakes their poll and cuts live connections.
 pub struct Stopper {
     stopped: AtomicBool,
@@ -126,6 +131,11 @@ impl BoundSocket {
         &self.path
     }
 
+    /// The socket file's identity, for [`socket_file::is_ours`] once the socket is serving.
+    pub fn file_id(&self) -> socket_file::FileId {
+        self.file
+    }
+
     /// Serves frontends one after another until `stopper` says stop; the socket file is removed
     /// on return.
     pub fn serve(
@@ -138,6 +148,7 @@ impl BoundSocket {
             path: self.path.clone(),
             source,
         };
+        let mut failures = 0;
         while wait_for_frontend(&self.listener, stopper).map_err(io_error)? {
             let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
             let admission = Arc::new(Admission::default());
@@ -145,19 +156,44 @@ impl BoundSocket {
                 media: media.clone(),
                 admission: admission.clone(),
             });
-            let backend = Arc::new(BlockBackend::new(gated, memory.clone()).map_err(io_error)?);
             let daemon_error = |e: vhost_user_backend::Error| ServeError::Daemon {
                 path: self.path.clone(),
                 message: e.to_string(),
             };
-            let mut daemon = VhostUserDaemon::new(name.to_owned(), backend.clone(), memory)
-                .map_err(daemon_error)?;
-            backend.release_exit_fd();
-            if let Err(e) = daemon.start(&mut self.listener) {
-                backend.stop_worker();
-                admission.decide(false);
-                return Err(daemon_error(e));
-            }
+            // A connection that cannot be set up (out of file descriptors in a boot storm...)
+            // is dropped and the next one served; only failures without end stop the device.
+            let started = BlockBackend::new(gated, memory.clone())
+                .map(Arc::new)
+                .map_err(io_error)
+                .and_then(|backend| {
+                    let mut daemon = VhostUserDaemon::new(name.to_owned(), backend.clone(), memory)
+                        .map_err(daemon_error)?;
+                    backend.release_exit_fd();
+                    match daemon.start(&mut self.listener) {
+                        Ok(()) => Ok((backend, daemon)),
+                        Err(e) => {
+                            backend.stop_worker();
+                            Err(daemon_error(e))
+                        }
+                    }
+                });
+            let (backend, mut daemon) = match started {
+                Ok(started) => started,
+                Err(e) => {
+                    admission.decide(false);
+                    failures += 1;
+                    if failures >= MAX_SETUP_FAILURES {
+                        return Err(e);
+                    }
+                    warn!(
+                        "{}: a connection could not be served: {e}",
+                        self.path.display()
+                    );
+                    std::thread::sleep(SETUP_RETRY_PAUSE);
+                    continue;
+                }
+            };
+            failures = 0;
             let tracked = daemon.shutdown_handle().map(|h| stopper.track(h));
             let admitted = self.admit();
             admission.decide(admitted);

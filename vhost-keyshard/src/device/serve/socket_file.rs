@@ -149,6 +149,7 @@ pub fn bind(path: &Path, access: SocketAccess) -> Result<(UnixListener, FileId),
     let private = tempfile::Builder::new()
         .prefix(STAGING_PREFIX)
         .rand_bytes(6)
+        .permissions(fs::Permissions::from_mode(0o700))
         .tempdir_in(parent)
         .map_err(io_error(path, "make a private directory next to it"))?;
     let staged = private.path().join("s");
@@ -183,6 +184,11 @@ pub fn bind(path: &Path, access: SocketAccess) -> Result<(UnixListener, FileId),
         .map(|meta| FileId::of(&meta))
         .map_err(io_error(path, "inspect the bound socket"))?;
     Ok((listener, id))
+}
+
+/// Whether `path` is still the socket file `id` (not removed, not replaced).
+pub fn is_ours(path: &Path, id: FileId) -> bool {
+    socket_id(path) == Some(id)
 }
 
 /// Removes `path` if it is still the socket file `id`; anything else there is left alone.
