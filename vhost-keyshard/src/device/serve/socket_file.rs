@@ -144,6 +144,7 @@ pub fn bind(path: &Path, access: SocketAccess) -> Result<(UnixListener, FileId),
         });
     }
     let existing = inspect(path)?;
+    sweep_stale_staging(parent);
     // A directory only we can enter: the socket listens there, with its final mode and owner,
     // before any other user could reach it. Removed (with what is left in it) on return.
     let private = tempfile::Builder::new()
@@ -186,6 +187,58 @@ pub fn bind(path: &Path, access: SocketAccess) -> Result<(UnixListener, FileId),
     Ok((listener, id))
 }
 
+/// A staging directory this old is left from a bind that never finished (a crash, no file
+/// descriptors left to remove it); a bind in progress takes microseconds.
+const STALE_STAGING_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes staging directories (`.ksXXXXXX`) left in `parent` by binds that never finished:
+/// only directories owned by this user, older than [`STALE_STAGING_AGE`], holding nothing but
+/// the staged socket `s`. Anything else is left alone; failures are only logged.
+fn sweep_stale_staging(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    let ours = nix::unistd::geteuid().as_raw();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !name.starts_with(STAGING_PREFIX) || name.len() != STAGING_PREFIX.len() + 6 {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|at| at.elapsed().ok())
+            .is_some_and(|age| age >= STALE_STAGING_AGE);
+        if !meta.is_dir() || meta.uid() != ours || !old {
+            continue;
+        }
+        let staged = path.join("s");
+        let only_a_socket = fs::read_dir(&path).is_ok_and(|inside| {
+            inside
+                .flatten()
+                .all(|e| e.file_name() == "s" && e.file_type().is_ok_and(|t| t.is_socket()))
+        });
+        if !only_a_socket {
+            continue;
+        }
+        let removed = match fs::remove_file(&staged) {
+            Ok(()) => true,
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
+        };
+        if removed && fs::remove_dir(&path).is_ok() {
+            log::info!(
+                "{}: removed a staging directory left by an unfinished bind",
+                path.display()
+            );
+        }
+    }
+}
+
 /// Whether `path` is still the socket file `id` (not removed, not replaced).
 pub fn is_ours(path: &Path, id: FileId) -> bool {
     socket_id(path) == Some(id)
@@ -221,6 +274,29 @@ mod tests {
     }
 
     use super::*;
+
+    /// A staging directory left by a crash mid-bind (issue 7's known limit) is swept by the
+    /// next bind in that directory once it is old; a fresh one (a bind in progress) and one
+    /// holding anything else are left.
+    #[test]
+    fn a_staging_directory_left_by_a_crash_is_removed_once_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(".ksAbC123");
+        fs::create_dir(&stale).unwrap();
+        drop(UnixListener::bind(stale.join("s")).unwrap());
+        let fresh = dir.path().join(".ksXyZ789");
+        fs::create_dir(&fresh).unwrap();
+        let foreign = dir.path().join(".ksFoo000");
+        fs::create_dir(&foreign).unwrap();
+        fs::write(foreign.join("notes"), b"keep").unwrap();
+        let long_ago = std::time::SystemTime::now() - 2 * STALE_STAGING_AGE;
+        for old in [&stale, &foreign] {
+            fs::File::open(old).unwrap().set_modified(long_ago).unwrap();
+        }
+        bind(&dir.path().join("a.sock"), SocketAccess::default()).unwrap();
+        assert!(!stale.exists());
+        assert!(fresh.exists() && foreign.join("notes").exists());
+    }
 
     fn mode(path: &Path) -> u32 {
         fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
