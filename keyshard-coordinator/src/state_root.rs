@@ -44,6 +44,9 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// How long start-up waits for the VMs present at start to load before it says ready (their
 /// sockets listen from the first scan; requests wait for the load).
 pub const START_WAIT: Duration = Duration::from_secs(5);
+/// How long a VM directory may stay unreadable (an I/O error, not a verdict on its contents)
+/// before it is refused for that.
+pub const UNREADABLE_LIMIT: Duration = Duration::from_secs(5);
 /// How often a VM that could not be loaded or bound, unchanged, is tried again (a TPM that was
 /// not reachable may be now).
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
@@ -93,10 +96,26 @@ fn lock_root(root: &Path) -> Result<Flock<std::fs::File>, StateRootError> {
 /// What changed, for the operator (the CLI prints one line each).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Serving { vm: String, socket: PathBuf },
-    Reloaded { vm: String },
-    Refused { vm: String, reason: String },
-    Stopped { vm: String, why: String },
+    Serving {
+        vm: String,
+        socket: PathBuf,
+    },
+    Reloaded {
+        vm: String,
+    },
+    Refused {
+        vm: String,
+        reason: String,
+    },
+    Stopped {
+        vm: String,
+        why: String,
+    },
+    /// The root itself cannot be followed (replaced, made unsafe, unreadable): what is served
+    /// stays, nothing is added or removed until it is fixed.
+    Root {
+        problem: String,
+    },
 }
 
 impl fmt::Display for Event {
@@ -106,6 +125,7 @@ impl fmt::Display for Event {
             Self::Reloaded { vm } => write!(f, "reloaded {vm}: its state directory changed"),
             Self::Refused { vm, reason } => write!(f, "refused {vm}: {reason}"),
             Self::Stopped { vm, why } => write!(f, "stopped serving {vm}: {why}"),
+            Self::Root { problem } => write!(f, "not following the root: {problem}"),
         }
     }
 }
@@ -122,10 +142,26 @@ struct Served {
 }
 
 impl Served {
-    /// Asks the thread to stop; it is joined later, never waited for by the watch.
-    fn stop(self) -> ServingThread {
+    /// Asks the thread to stop, cutting a connected frontend; it is joined later, never waited
+    /// for by the watch.
+    fn stop(self, coordinator: Option<Arc<Coordinator>>) -> Retiring {
         self.stopper.stop();
-        self.thread
+        Retiring {
+            thread: self.thread,
+            stopper: self.stopper,
+            coordinator,
+        }
+    }
+
+    /// Stops accepting on a socket whose file was replaced, but lets a connected VM finish: its
+    /// QEMU stays connected for the VM's life, and cutting it would cut the VM's mailbox.
+    fn drain(self) -> Retiring {
+        self.stopper.stop_accepting();
+        Retiring {
+            thread: self.thread,
+            stopper: self.stopper,
+            coordinator: None,
+        }
     }
 
     /// Why this socket no longer serves, if it does not: its thread ended, or the file at its
@@ -141,8 +177,13 @@ impl Served {
     }
 }
 
-/// A serving thread asked to stop, with the coordinator whose audit log to flush once done.
-type Retiring = (ServingThread, Option<Arc<Coordinator>>);
+/// A serving thread asked to stop (or to drain), with the coordinator whose audit log to flush
+/// once it is done.
+struct Retiring {
+    thread: ServingThread,
+    stopper: Arc<Stopper>,
+    coordinator: Option<Arc<Coordinator>>,
+}
 
 /// What a VM is, as the operator is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,6 +217,8 @@ struct Vm {
     status: Status,
     /// Loaded again while served, not yet said.
     reloaded: bool,
+    /// Since when its directory could not be read, and why.
+    unreadable: Option<(Instant, String)>,
 }
 
 impl Vm {
@@ -192,6 +235,7 @@ impl Vm {
             refused_at: None,
             status: Status::Pending,
             reloaded: false,
+            unreadable: None,
         }
     }
 
@@ -221,6 +265,8 @@ pub struct StateRootServer {
     vms: BTreeMap<String, Vm>,
     /// Serving threads asked to stop, with the coordinators whose audit logs to flush.
     retiring: Vec<Retiring>,
+    /// What is wrong with the root itself, as last said.
+    root_problem: Option<String>,
     /// Held while serving: a second coordinator on the same root would fight over its sockets.
     _lock: Flock<std::fs::File>,
 }
@@ -258,6 +304,7 @@ impl StateRootServer {
             loader: Loader::new(root.to_owned(), tcti),
             vms: BTreeMap::new(),
             retiring: Vec::new(),
+            root_problem: None,
             _lock: lock,
         };
         for (name, seen) in scan::scan(root)? {
@@ -293,6 +340,11 @@ impl StateRootServer {
             .collect()
     }
 
+    /// VM directories known now (served, loading or refused).
+    pub fn vm_count(&self) -> usize {
+        self.vms.len()
+    }
+
     /// TPM operations so far (none if no TPM was opened).
     pub fn tpm_operations(&self) -> u64 {
         self.loader.tpm_operations()
@@ -306,11 +358,21 @@ impl StateRootServer {
         }
         let mut events = Vec::new();
         let seen = match self.scan() {
-            Ok(seen) => seen,
+            Ok(seen) => {
+                self.root_problem = None;
+                seen
+            }
             Err(e) => {
-                // Keep serving what is loaded: a root that cannot be listed for a moment is not
-                // a reason to cut every VM.
-                warn!("{e}");
+                // Keep serving what is loaded: a root that cannot be listed (or was replaced) is
+                // not a reason to cut every VM. Said once per problem.
+                let problem = e.to_string();
+                if self.root_problem.as_ref() != Some(&problem) {
+                    warn!("{problem}");
+                    events.push(Event::Root {
+                        problem: problem.clone(),
+                    });
+                    self.root_problem = Some(problem);
+                }
                 events.extend(self.report());
                 return events;
             }
@@ -323,9 +385,10 @@ impl StateRootServer {
             .collect();
         for name in gone {
             if let Some(vm) = self.vms.remove(&name) {
-                let served = vm.socket.is_some();
+                // Said only of a VM the operator was told about (served or refused).
+                let said = vm.status != Status::Pending;
                 self.retire(vm);
-                if served {
+                if said {
                     events.push(Event::Stopped {
                         vm: name,
                         why: "its state directory (or state.toml) is gone".into(),
@@ -335,12 +398,32 @@ impl StateRootServer {
         }
         for (name, now) in seen {
             let mut vm = self.vms.remove(&name).unwrap_or_else(|| Vm::new(None));
-            if let VmDir::Unreadable(reason) = &now {
-                // Not known this time (out of file descriptors...): nothing changes on that.
-                warn!("{name}: {reason}");
-                self.vms.insert(name, vm);
-                continue;
-            }
+            let now = match now {
+                VmDir::Unreadable(reason) => {
+                    // Not known this time (out of file descriptors...): nothing changes on that,
+                    // unless it lasts; then it is refused for it.
+                    let since = match &vm.unreadable {
+                        Some((since, said)) if *said == reason => *since,
+                        _ => {
+                            warn!("{name}: {reason}");
+                            vm.unreadable = Some((Instant::now(), reason.clone()));
+                            Instant::now()
+                        }
+                    };
+                    if since.elapsed() < UNREADABLE_LIMIT {
+                        self.vms.insert(name, vm);
+                        continue;
+                    }
+                    VmDir::Unusable(format!(
+                        "{reason} (unreadable for {} s)",
+                        UNREADABLE_LIMIT.as_secs()
+                    ))
+                }
+                readable => {
+                    vm.unreadable = None;
+                    readable
+                }
+            };
             let settled = vm.seen.as_ref() == Some(&now);
             vm.seen = Some(now);
             if settled {
@@ -357,8 +440,10 @@ impl StateRootServer {
         for (_, vm) in std::mem::take(&mut self.vms) {
             self.retire(vm);
         }
-        for (thread, coordinator) in self.retiring.drain(..) {
-            join_serving(thread, coordinator.as_ref());
+        for retiring in self.retiring.drain(..) {
+            // Draining sockets too: their connections are cut now.
+            retiring.stopper.stop();
+            join_serving(retiring);
         }
     }
 
@@ -387,14 +472,19 @@ impl StateRootServer {
             vm.state_refusal = Some(reason.clone());
             vm.loaded = vm.seen.clone();
             if let Some(served) = vm.socket.take() {
-                self.retiring.push((served.stop(), vm.coordinator.take()));
+                self.retiring.push(served.stop(None));
+            }
+            // Nothing answers from the old state while the directory is unusable.
+            vm.handler.set(Arc::new(BrokenState(reason.clone())));
+            if let Some(old) = vm.coordinator.take() {
+                old.flush_audit();
             }
             return;
         }
         if let Some(why) = vm.socket.as_ref().and_then(Served::broken) {
             warn!("{name}: {why}: binding it again");
             if let Some(served) = vm.socket.take() {
-                self.retiring.push((served.stop(), None));
+                self.retiring.push(served.drain());
             }
         }
         if vm.socket.is_none()
@@ -458,7 +548,7 @@ impl StateRootServer {
     /// Stops a VM's socket (joined later) and forgets it.
     fn retire(&mut self, mut vm: Vm) {
         match vm.socket.take() {
-            Some(served) => self.retiring.push((served.stop(), vm.coordinator.take())),
+            Some(served) => self.retiring.push(served.stop(vm.coordinator.take())),
             None => {
                 if let Some(coordinator) = vm.coordinator.take() {
                     coordinator.flush_audit();
@@ -471,10 +561,10 @@ impl StateRootServer {
     fn join_retired(&mut self) {
         let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retiring)
             .into_iter()
-            .partition(|(thread, _)| thread.is_finished());
+            .partition(|retiring| retiring.thread.is_finished());
         self.retiring = running;
-        for (thread, coordinator) in done {
-            join_serving(thread, coordinator.as_ref());
+        for retiring in done {
+            join_serving(retiring);
         }
     }
 
@@ -535,11 +625,11 @@ impl StateRootServer {
     }
 }
 
-fn join_serving(thread: ServingThread, coordinator: Option<&Arc<Coordinator>>) {
-    if let Some(coordinator) = coordinator {
+fn join_serving(retiring: Retiring) {
+    if let Some(coordinator) = &retiring.coordinator {
         coordinator.flush_audit();
     }
-    match thread.join() {
+    match retiring.thread.join() {
         Ok(Ok(())) => {}
         Ok(Err(e)) => warn!("{e}"),
         Err(_) => error!("a VM's serving thread panicked"),

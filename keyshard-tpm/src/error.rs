@@ -66,12 +66,40 @@ pub enum TpmError {
 
 pub type Result<T> = std::result::Result<T, TpmError>;
 
-/// A closure for `map_err` that turns a failed command into [`TpmError::Command`].
+/// A closure for `map_err` that turns a failed command into [`TpmError::Command`]. A failure of
+/// the software stack or the transport (not an answer of the TPM) is noted for
+/// [`take_stack_failure`]: the context that saw it may refuse every later command.
 pub(crate) fn command(command: &'static str) -> impl FnOnce(tss_esapi::Error) -> TpmError {
-    move |e| TpmError::Command {
-        command,
-        detail: describe(&e),
+    move |e| {
+        if is_stack_failure(&e) {
+            STACK_FAILED.with(|failed| failed.set(true));
+        }
+        TpmError::Command {
+            command,
+            detail: describe(&e),
+        }
     }
+}
+
+thread_local! {
+    /// Set on this thread when a command failed in the TSS stack or its TCTI.
+    static STACK_FAILED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a command on this thread failed in the software stack or the transport since the
+/// last call (and clears it). After such a failure an ESYS context answers every later command
+/// with BAD_SEQUENCE: the TPM service opens a new one.
+pub(crate) fn take_stack_failure() -> bool {
+    STACK_FAILED.with(|failed| failed.replace(false))
+}
+
+/// The response code's layer (bits 16..24) is ESYS (7), SYS (8) or TCTI (10): the stack or the
+/// connection failed, not the TPM.
+fn is_stack_failure(e: &tss_esapi::Error) -> bool {
+    let tss_esapi::Error::Tss2Error(rc) = e else {
+        return false;
+    };
+    raw_code(rc).is_some_and(|code| matches!((code >> 16) & 0xff, 7 | 8 | 10))
 }
 
 /// The response code's kind, if `e` is a TPM response code tss-esapi knows.

@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::blob::SealedBlob;
 use crate::device::{Startup, Tpm, TpmConfig, TpmInfo};
-use crate::error::{Result, TpmError};
+use crate::error::{self, Result, TpmError};
 use keyshard_attest::tpm::pcr::{PcrSelection, PcrValues};
 use keyshard_attest::tpm::quote::{AkPublic, NONCE_LEN, Quote};
 use keyshard_core::broker::merkle::{PathStep, Tree};
@@ -92,6 +92,34 @@ impl std::fmt::Debug for TpmService {
     }
 }
 
+/// Replaces `tpm` with a new context after the stack or the connection failed (a TPM or its
+/// simulator restarted, a TCTI that lost its connection): the old context would refuse every
+/// later command. The new one must have the same attestation key, or it is not the same TPM
+/// and is not used. Returns whether `tpm` works again; if not, the next job tries again.
+fn reopen(config: &TpmConfig, ak: &AkPublic, tpm: &mut Tpm) -> bool {
+    match Tpm::open_with(config) {
+        Ok(fresh) if fresh.ak_public() == ak => {
+            log::warn!("{}: the TPM connection failed; reopened it", config.tcti);
+            *tpm = fresh;
+            true
+        }
+        Ok(_) => {
+            log::error!(
+                "{}: the TPM answering now has another attestation key: not used",
+                config.tcti
+            );
+            false
+        }
+        Err(e) => {
+            log::error!(
+                "{}: the TPM connection failed and cannot be reopened: {e}",
+                config.tcti
+            );
+            false
+        }
+    }
+}
+
 impl TpmService {
     /// Starts the owner thread and opens the TPM on it; returns once the TPM is open.
     pub fn spawn(config: TpmConfig) -> Result<Self> {
@@ -108,12 +136,18 @@ impl TpmService {
                     }
                 };
                 let facts = (tpm.info().clone(), *tpm.startup(), tpm.ak_public().clone());
+                let ak = facts.2.clone();
                 if ready.send(Ok(facts)).is_err() {
                     return;
                 }
                 // Ends when every TpmService (every Sender) is gone.
+                let mut broken = false;
                 for job in queue {
+                    if broken {
+                        broken = !reopen(&config, &ak, &mut tpm);
+                    }
                     job(&mut tpm);
+                    broken |= error::take_stack_failure();
                 }
             })
             .map_err(|e| TpmError::Spawn(e.to_string()))?;

@@ -548,6 +548,24 @@ fn a_batch_soon_after_another_waits_the_busy_window() {
     );
 }
 
+/// Second review of issue 8 (H-A): a command that failed on the transport (swtpm stopped)
+/// left the service's ESYS context refusing every later command with BAD_SEQUENCE, so one blip
+/// locked every VM on the host out until a restart. The service now opens a new context.
+#[test]
+fn the_service_reopens_the_tpm_after_its_connection_failed() {
+    let mut swtpm = Swtpm::start();
+    let service = TpmService::spawn(TpmConfig::new(swtpm.tcti())).unwrap();
+    let quote =
+        |n: u8| service.quote_batched(&sha256_0_7(), &nonce(n), BatchWindow::fixed(Duration::ZERO));
+    quote(1).unwrap();
+    swtpm.stop();
+    let down = quote(2).unwrap_err();
+    assert!(down.to_string().contains("Quote"), "{down}");
+    swtpm.restart_in_place();
+    quote(3).unwrap();
+    quote(4).unwrap();
+}
+
 /// p50/p90 of the TPM operations on swtpm. Run in release:
 /// `cargo test --release -p keyshard-tpm --test tpm -- --ignored --nocapture timings`
 #[test]

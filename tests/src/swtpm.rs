@@ -38,22 +38,37 @@ impl Swtpm {
     /// Starts a fresh TPM (new seeds, PCRs reset) with its state in `state`, which is created.
     /// A port pair lost to another process is retried on another pair.
     pub fn start(state: &Path) -> Result<Self> {
-        Self::start_inner(state, None)
+        Self::start_inner(state, None, None)
+    }
+
+    /// Stops swtpm (SIGTERM, so it saves its state) and starts it again on the same state and
+    /// the same ports: to its clients, the TPM went away for a moment and came back (a restart
+    /// of the simulator, a TPM reset). PCRs are reset; seeds and persistent keys survive.
+    pub fn restart_in_place(&mut self, grace: Duration) -> Result<()> {
+        self.stop(grace)?;
+        let state = self.state.clone();
+        let log = self.command_log.clone();
+        *self = Self::start_inner(&state, log.as_deref(), Some(self.port))?;
+        Ok(())
     }
 
     /// Like [`Self::start`], with swtpm logging every TPM command it processes to `log`
     /// (`--log file=LOG,level=2`): read back with [`Self::commands_logged_since`]. The log grows
     /// by a few hundred bytes a command.
     pub fn start_with_command_log(state: &Path, log: &Path) -> Result<Self> {
-        Self::start_inner(state, Some(log))
+        Self::start_inner(state, Some(log), None)
     }
 
-    fn start_inner(state: &Path, command_log: Option<&Path>) -> Result<Self> {
+    /// `port`: that pair only (a restart in place), else free pairs tried in turn.
+    fn start_inner(state: &Path, command_log: Option<&Path>, fixed: Option<u16>) -> Result<Self> {
         fs::create_dir_all(state).map_err(io_context(format!("creating {}", state.display())))?;
         let stderr_log = state.join("swtpm.stderr.log");
         let mut lost = Vec::new();
         for attempt in 0..PORT_ATTEMPTS {
-            let port = free_port_pair(attempt)?;
+            let port = match fixed {
+                Some(port) => port,
+                None => free_port_pair(attempt)?,
+            };
             let stderr = fs::File::create(&stderr_log)
                 .map_err(io_context(format!("creating {}", stderr_log.display())))?;
             let mut command = Command::new("swtpm");
@@ -94,6 +109,10 @@ impl Swtpm {
                     let stderr = fs::read_to_string(&stderr_log).unwrap_or_default();
                     if stderr.contains("Address already in use") {
                         lost.push(port);
+                        if fixed.is_some() {
+                            // The same pair, again: the old process's sockets are going away.
+                            thread::sleep(Duration::from_millis(200));
+                        }
                         break;
                     }
                     return Err(HarnessError::ExitedBeforeReady {

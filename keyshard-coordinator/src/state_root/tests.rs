@@ -284,3 +284,30 @@ fn a_state_directory_given_as_the_root_is_refused_naming_the_other_option() {
     assert!(error.to_string().contains("--state-dir"), "{error}");
     assert!(!root.path().join("vm1").join(LOCK_FILE).exists());
 }
+
+/// Second review M-A: binding a replaced socket again cut the VM connected to the old one (its
+/// QEMU stays connected for the VM's life). The old connection is now left to finish.
+#[test]
+fn a_rebind_leaves_the_connected_frontend_alone() {
+    use guest_driver::vhost_user::VhostUserBlk;
+    let root = root();
+    deal(root.path(), "vm1", "vm1", Overwrite::Refuse);
+    let (mut server, _) = start(root.path());
+    let path = socket(root.path(), "vm1");
+    let deadline = || Instant::now() + Duration::from_secs(10);
+    let mut connected = VhostUserBlk::connect(&path, deadline()).unwrap();
+    assert_eq!(
+        connected.serial(deadline()).unwrap().as_deref(),
+        Some("ksb-vm1")
+    );
+    std::fs::remove_file(&path).unwrap();
+    watch_until(&mut server, || is_socket(&path));
+    // The new socket serves, and the old connection still answers.
+    nonce_over(&path).unwrap();
+    assert_eq!(
+        connected.serial(deadline()).unwrap().as_deref(),
+        Some("ksb-vm1")
+    );
+    drop(connected);
+    server.stop();
+}

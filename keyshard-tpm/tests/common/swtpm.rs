@@ -30,6 +30,21 @@ impl Swtpm {
         self.tpm.tcti()
     }
 
+    /// Stops swtpm and starts it again on the same state and port: its clients' TPM went away
+    /// and came back.
+    pub fn restart_in_place(&mut self) {
+        self.tpm
+            .restart_in_place(Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("restarting swtpm: {e}"));
+    }
+
+    /// Stops swtpm (SIGTERM): its clients' commands fail until it is started again.
+    pub fn stop(&mut self) {
+        self.tpm
+            .stop(Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("stopping swtpm: {e}"));
+    }
+
     pub fn pid(&self) -> u32 {
         self.tpm.pid()
     }

@@ -194,6 +194,7 @@ fn run_state_root(root: &Path, config: &Config, mut signals: Signals) -> Result<
     let (mut server, events) = StateRootServer::start(root, config.access, config.tcti.clone())
         .map_err(|e| CliError::InvalidArgument(format!("--state-root: {e}")))?;
     print_events(&events);
+    warn_if_few_open_files(server.vm_count());
     let at_ready = server.tpm_operations();
     daemon::announce(
         &format!(
@@ -220,6 +221,24 @@ fn run_state_root(root: &Path, config: &Config, mut signals: Signals) -> Result<
         "stopped: tpm operations: {total} ({at_ready} before ready)"
     ));
     Ok(())
+}
+
+/// Open files a VM costs: about 5 idle (socket, mailbox, eventfds), about 10 more while its
+/// QEMU is connected; and some for the process itself.
+const FILES_PER_VM: u64 = 15;
+const FILES_BASE: u64 = 64;
+
+/// Says when the open files limit (already raised to the hard one) is too low for the VMs
+/// served: a boot storm would then fail connections with `Too many open files`.
+fn warn_if_few_open_files(vms: usize) {
+    let needed = FILES_BASE + FILES_PER_VM * u64::try_from(vms).unwrap_or(u64::MAX / 16);
+    if let Some(limit) = daemon::open_files_limit()
+        && limit < needed
+    {
+        log::warn!(
+            "open files limit {limit} is below the ~{needed} that {vms} connected VMs need: raise the hard limit (LimitNOFILE= in the unit, ulimit -Hn)"
+        );
+    }
 }
 
 fn print_events(events: &[Event]) {

@@ -140,6 +140,13 @@ pub fn raise_open_files_limit() {
     }
 }
 
+/// The soft limit on open files now, if it can be read.
+pub fn open_files_limit() -> Option<u64> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+}
+
 /// Removes the pidfile only while it still names this process: another instance started since
 /// may have written its own.
 pub fn remove_pidfile_if_ours(path: &std::path::Path) {

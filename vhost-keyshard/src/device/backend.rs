@@ -60,8 +60,9 @@ impl BlockBackend {
     }
 
     /// Closes the exit-event duplicate once the daemon has registered it (call right after
-    /// `VhostUserDaemon::new`). The registration stays valid: `self.exit` still holds the same
-    /// eventfd open.
+    /// `VhostUserDaemon::new`, whether it succeeded or not: vhost-user-backend never closes the
+    /// duplicate, also when it fails after taking it). The registration stays valid: `self.exit`
+    /// still holds the same eventfd open.
     pub fn release_exit_fd(&self) {
         let handed_out = self
             .exit_fd_handed_out
@@ -166,11 +167,14 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Both duplicates first: a consumer dropped here closes its own fd, and only a handed-out
+        // one may be recorded for `release_exit_fd` (else it would close a reused number).
         let consumer = self.exit.0.try_clone().ok()?;
+        let notifier = self.exit.1.try_clone().ok()?;
         if let Ok(mut slot) = self.exit_fd_handed_out.lock() {
             *slot = Some(consumer.as_raw_fd());
         }
-        Some((consumer, self.exit.1.try_clone().ok()?))
+        Some((consumer, notifier))
     }
 
     fn handle_event(

@@ -71,6 +71,16 @@ impl Stopper {
         }
     }
 
+    /// Stops accepting new frontends but leaves the live connections alone: the loops end once
+    /// their frontends go away. For a socket replaced on disk while a VM is still connected to
+    /// it; [`Stopper::stop`] later cuts what is left.
+    pub fn stop_accepting(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        if let Err(e) = self.wake.1.notify() {
+            warn!("could not wake the listeners: {e}");
+        }
+    }
+
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::SeqCst)
     }
@@ -166,9 +176,9 @@ impl BoundSocket {
                 .map(Arc::new)
                 .map_err(io_error)
                 .and_then(|backend| {
-                    let mut daemon = VhostUserDaemon::new(name.to_owned(), backend.clone(), memory)
-                        .map_err(daemon_error)?;
+                    let daemon = VhostUserDaemon::new(name.to_owned(), backend.clone(), memory);
                     backend.release_exit_fd();
+                    let mut daemon = daemon.map_err(daemon_error)?;
                     match daemon.start(&mut self.listener) {
                         Ok(()) => Ok((backend, daemon)),
                         Err(e) => {
