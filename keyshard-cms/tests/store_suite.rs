@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use keyshard_cms::store::{
     CasOutcome, DeleteOutcome, Expected, Key, KeyPrefix, MAX_LIST_LIMIT, MAX_NONCE_TTL,
-    MAX_VALUE_LEN, Nonce, Repository, Revision, Store, StoreError,
+    MAX_VALUE_LEN, Nonce, REQUEST_TIMEOUT, Repository, Revision, Store, StoreError,
 };
 use tokio::sync::Barrier;
 
@@ -451,7 +451,11 @@ mod suite {
         let ttl = Duration::from_millis(300);
         let issued_at = Instant::now();
         let late = replicas[0].nonce_issue(ttl).await.unwrap();
-        let in_time = replicas[0].nonce_issue(ttl).await.unwrap();
+        // Taken in time on the other replica: accepted.
+        let in_time = replicas[0]
+            .nonce_issue(Duration::from_secs(30))
+            .await
+            .unwrap();
         replicas[1].nonce_take(&in_time).await.unwrap();
         tokio::time::sleep(ttl + Duration::from_millis(50)).await;
         assert!(issued_at.elapsed() > ttl);
@@ -604,4 +608,87 @@ fn item1_store_without_a_runtime_is_an_error() {
         std::task::Poll::Ready(Err(StoreError::NoRuntime)) => {}
         other => panic!("{:?}", other.map(|r| r.map(|_| ()))),
     }
+}
+
+/// Issue item 7 on etcd: a nonce is a key under `keyshard/v1/nonce/` with a lease a little
+/// longer than its lifetime, so etcd removes a nonce nobody takes; a taken nonce's lease is
+/// revoked at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item7_etcd_nonces_live_under_a_lease() {
+    let server = EtcdServer::start().await;
+    let store = Store::open(&server.store_url()).await.unwrap();
+    let endpoint = server.store_url().trim_start_matches("etcd:").to_owned();
+    let mut raw = etcd_client::Client::connect([endpoint], None)
+        .await
+        .unwrap();
+
+    let forgotten = store.nonce_issue(Duration::from_millis(1)).await.unwrap();
+    let taken = store.nonce_issue(Duration::from_secs(60)).await.unwrap();
+    let lease_of = |nonce: &Nonce| format!("keyshard/v1/nonce/{}", nonce.to_hex());
+    let found = raw.get(lease_of(&taken), None).await.unwrap();
+    let lease = found.kvs()[0].lease();
+    assert_ne!(lease, 0, "the nonce key has no lease");
+    let ttl = raw.lease_time_to_live(lease, None).await.unwrap().ttl();
+    assert!(
+        (55..=62).contains(&ttl),
+        "lease TTL {ttl} s for a 60 s nonce"
+    );
+
+    store.nonce_take(&taken).await.unwrap();
+    assert!(
+        raw.get(lease_of(&taken), None)
+            .await
+            .unwrap()
+            .kvs()
+            .is_empty()
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while raw.lease_time_to_live(lease, None).await.unwrap().ttl() != -1 {
+        assert!(
+            Instant::now() < deadline,
+            "the taken nonce's lease was not revoked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Nobody takes the 1 ms nonce: its lease (2 s, whole seconds) removes it.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while !raw
+        .get(lease_of(&forgotten), None)
+        .await
+        .unwrap()
+        .kvs()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the forgotten nonce is still in etcd"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An etcd endpoint that accepts connections and never answers: Store::open gives up within
+/// the request timeout instead of hanging.
+#[tokio::test]
+async fn item1_etcd_that_never_answers_times_out() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let started = Instant::now();
+    let err = Store::open(&format!("etcd:http://127.0.0.1:{port}"))
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            err,
+            StoreError::EtcdTimeout { .. } | StoreError::Etcd { .. }
+        ),
+        "{err}"
+    );
+    assert!(
+        took >= Duration::from_secs(1) && took < REQUEST_TIMEOUT + Duration::from_secs(2),
+        "{took:?}: {err}"
+    );
+    drop(silent);
 }
