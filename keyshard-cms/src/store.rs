@@ -259,9 +259,14 @@ impl Store {
     /// Parses `url` ([`StoreUrl`]) and opens the store: creates the redb file if missing, or
     /// connects to etcd and checks that it answers within [`REQUEST_TIMEOUT`].
     pub async fn open(url: &str) -> Result<Self> {
-        match url.parse::<StoreUrl>()? {
-            StoreUrl::Redb(path) => Ok(Self::Redb(RedbStore::open(&path).await?)),
-            StoreUrl::Etcd(endpoints) => Ok(Self::Etcd(EtcdStore::connect(&endpoints).await?)),
+        Self::open_url(&url.parse()?).await
+    }
+
+    /// Opens the store a parsed URL names (what a command line's value parser made).
+    pub async fn open_url(url: &StoreUrl) -> Result<Self> {
+        match url {
+            StoreUrl::Redb(path) => Ok(Self::Redb(RedbStore::open(path).await?)),
+            StoreUrl::Etcd(endpoints) => Ok(Self::Etcd(EtcdStore::connect(endpoints).await?)),
         }
     }
 }
