@@ -14,9 +14,12 @@ CARGO ?= cargo
 #                            (software) host TPM's PCR 7 to show the coordinator refusing
 #   libvirt-clients libxml2-utils   virt-xml-validate (which runs xmllint) and virsh's test
 #                            driver: `check-configs` validates and defines the libvirt domain
+#   etcd-server              etcd 3.4: the credential service's store tests run against a real
+#                            etcd on loopback (keyshard-cms/tests/store_suite.rs)
+#   protobuf-compiler        protoc, which the etcd-client crate's build script runs
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static \
 	cryptsetup-bin cpio e2fsprogs libtss2-dev pkg-config swtpm tpm2-tools \
-	libvirt-clients libxml2-utils
+	libvirt-clients libxml2-utils etcd-server protobuf-compiler
 
 FUZZ_SECONDS ?= 600
 

@@ -1,0 +1,2 @@
+//! keyshard's credential service. Today it holds the attestation repository's [`store`].
+pub mod store;

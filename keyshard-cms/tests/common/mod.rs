@@ -1,0 +1,2 @@
+//! Harness shared by the store tests: a real etcd.
+pub mod etcd;
