@@ -7,5 +7,6 @@
 
 pub mod ecies;
 pub mod names;
+pub mod placement;
 
 pub use names::{DomainName, FailureDomain, HostId};
