@@ -6,6 +6,7 @@
 //! TPM enters only through [`ecies::SharedPointSource`].
 
 pub mod ecies;
+pub mod map;
 pub mod names;
 pub mod placement;
 
