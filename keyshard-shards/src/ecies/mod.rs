@@ -30,7 +30,7 @@
 //! The sealed shard's byte layout is in [`wire`]. Known-answer vectors made independently (with
 //! Python's `cryptography`) are in `tests/kat/`.
 
-mod wire;
+pub mod wire;
 
 #[cfg(any(test, feature = "testing"))]
 mod software;
@@ -195,7 +195,7 @@ impl std::fmt::Debug for SharedPoint {
 }
 
 /// Whatever holds a shard host's P-256 decrypt key: the host's TPM (TPM2_ECDH_ZGen on the key's
-/// handle) or, in tests, [`SoftwareHostKey`].
+/// handle) or, in tests, `SoftwareHostKey`.
 pub trait SharedPointSource {
     /// What computing the point can fail with (a TPM error, for example); it must not carry
     /// secret bytes.

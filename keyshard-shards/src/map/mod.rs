@@ -26,7 +26,7 @@
 //! bound to a guest's one-request key and a release context, this one to a client's long-lived
 //! key and a credential name, under its own info label, so neither can stand in for the other.
 
-mod wire;
+pub mod wire;
 
 #[cfg(test)]
 mod tests;
@@ -220,6 +220,9 @@ impl ShardMap {
 
     /// Whether this map's hosts are the ones `placement` chose, index by index: a client that
     /// knows the candidate hosts recomputes the placement from [`ShardMap::seed`] and checks.
+    /// Recompute with `allow_correlated: true`: where a placement within the domain bound
+    /// exists the result is the same either way, and where none exists the CMS can only have
+    /// placed with the override.
     pub fn follows(&self, placement: &Placement) -> bool {
         self.shards
             .iter()
