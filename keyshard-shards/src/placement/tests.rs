@@ -282,6 +282,33 @@ fn item4_the_lab_layout_spreads_three_of_four_and_refuses_three_of_five() {
     }
 }
 
+/// Issue 9 item 4: the heaviest host by far is the best for index 1, but taking it would leave
+/// no host for index 2 (one shares its region, the other its operator, and k = 2 allows one
+/// share per domain). Placement looks ahead and takes the only valid pair instead; first-fit
+/// greedy would refuse.
+#[test]
+fn item4_a_top_host_that_would_strand_the_rest_is_passed_over() {
+    let candidates = vec![
+        candidate("heavy", u32::MAX, "eu", "acme"),
+        candidate("same-region", 1, "eu", "globex"),
+        candidate("same-operator", 1, "us", "acme"),
+    ];
+    let credential = KeyId::new("db-password").unwrap();
+    for i in 0..20 {
+        let seed = seed(i);
+        let plain = plain_reference(&seed, &credential, 2, &candidates);
+        assert_eq!(
+            plain[0].as_str(),
+            "heavy",
+            "seed {i}: the heavy host wins index 1"
+        );
+        let placement = place(&request(&seed, &credential, 2, 2, &candidates, false)).unwrap();
+        let mut hosts: Vec<&str> = placement.hosts().iter().map(HostId::as_str).collect();
+        hosts.sort();
+        assert_eq!(hosts, ["same-operator", "same-region"], "seed {i}");
+    }
+}
+
 #[test]
 fn too_few_or_duplicate_candidates_are_refused() {
     let credential = KeyId::new("db-password").unwrap();
