@@ -235,11 +235,11 @@ impl ShardBinding {
     }
 }
 
-/// A byte string of at most 255 bytes, after its one-byte length. The names bound here are
-/// at most 64 bytes by their types.
+/// A byte string after its one-byte length. Everything bound here is at most 64 bytes by its
+/// type (the label is 23), so the length always fits.
 fn push_short(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(u8::try_from(bytes.len()).unwrap_or(u8::MAX));
-    out.extend_from_slice(bytes.get(..255).unwrap_or(bytes));
+    out.extend_from_slice(bytes);
 }
 
 /// Seals `shard` to the host key `recipient` under `binding`, with a fresh ephemeral key.

@@ -197,7 +197,8 @@ pub fn place(request: &PlacementRequest<'_>) -> Result<Placement> {
     let domains = Domains::of(candidates);
     let scores = Scores::compute(request);
 
-    let bound = usize::from(k) - 1;
+    // Threshold guarantees k >= 2, so every domain may hold at least one share.
+    let bound = usize::from(k).saturating_sub(1);
     let empty = Loads::new(&domains);
     if domains.fits(
         &empty,
