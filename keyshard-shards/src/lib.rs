@@ -1,0 +1,13 @@
+//! keyshard-shards: shard encryption, placement and the shard map of the credential service.
+//!
+//! Pure software, used by the CMS, the shard hosts and the compute instances: [`ecies`] seals a
+//! shard to one host's TPM-held P-256 key, [`placement`] chooses which hosts hold the shards of a
+//! credential, and [`map`] is the signed, encrypted record of where they are. No I/O, no TPM: a
+//! TPM enters only through [`ecies::SharedPointSource`].
+
+pub mod ecies;
+pub mod map;
+pub mod names;
+pub mod placement;
+
+pub use names::{DomainName, FailureDomain, HostId};

@@ -1,0 +1,160 @@
+//! Names in the credential service: a shard host's id and the failure domains it sits in.
+//!
+//! A credential is named by a [`KeyId`](keyshard_core::KeyId), the same name its fragments and
+//! its key check value carry, so these are only the names that keyshard-core does not have.
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use keyshard_core::holder::NameError;
+
+/// Longest shard host id.
+pub const MAX_HOST_ID_LEN: usize = 64;
+/// Longest region or operator name.
+pub const MAX_DOMAIN_NAME_LEN: usize = 64;
+
+fn check(
+    what: &'static str,
+    value: &str,
+    max: usize,
+    allowed: &'static str,
+    is_allowed: fn(u8) -> bool,
+) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(NameError::Empty { what });
+    }
+    if value.len() > max {
+        return Err(NameError::TooLong {
+            what,
+            len: value.len(),
+            max,
+        });
+    }
+    if !value.bytes().all(is_allowed) {
+        return Err(NameError::BadCharacter { what, allowed });
+    }
+    Ok(())
+}
+
+/// Names one shard host, e.g. `host-eu-1`: lower-case ASCII, so it reads the same everywhere it
+/// is bound (shard ciphertexts, placement hashes, the shard map).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostId(String);
+
+impl HostId {
+    /// Checks 1..=64 bytes of `a-z 0-9 . _ -`.
+    pub fn new(value: impl Into<String>) -> Result<Self, NameError> {
+        let value = value.into();
+        check(
+            "host id",
+            &value,
+            MAX_HOST_ID_LEN,
+            "a-z, 0-9, '.', '_' and '-'",
+            |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b),
+        )?;
+        Ok(Self(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for HostId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for HostId {
+    type Err = NameError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+/// Names a region or an operator, e.g. `eu-west` or `acme`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DomainName(String);
+
+impl DomainName {
+    /// Checks 1..=64 bytes of `A-Z a-z 0-9 . _ -`.
+    pub fn new(value: impl Into<String>) -> Result<Self, NameError> {
+        let value = value.into();
+        check(
+            "domain name",
+            &value,
+            MAX_DOMAIN_NAME_LEN,
+            "A-Z, a-z, 0-9, '.', '_' and '-'",
+            |b| b.is_ascii_alphanumeric() || b"._-".contains(&b),
+        )?;
+        Ok(Self(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DomainName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for DomainName {
+    type Err = NameError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+/// Where a shard host sits: two hosts in one region, or run by one operator, fail together.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FailureDomain {
+    pub region: DomainName,
+    pub operator: DomainName,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ids_are_lower_case_and_bounded() {
+        assert!(HostId::new("host-eu-1.a_b").is_ok());
+        assert!(HostId::new("h".repeat(64)).is_ok());
+        assert!(matches!(
+            HostId::new("h".repeat(65)),
+            Err(NameError::TooLong { len: 65, .. })
+        ));
+        assert!(matches!(HostId::new(""), Err(NameError::Empty { .. })));
+        assert!(matches!(
+            HostId::new("Host-1"),
+            Err(NameError::BadCharacter { .. })
+        ));
+        assert!(matches!(
+            HostId::new("host 1"),
+            Err(NameError::BadCharacter { .. })
+        ));
+    }
+
+    #[test]
+    fn domain_names_allow_upper_case_but_no_separators() {
+        assert!(DomainName::new("EU-West.2").is_ok());
+        assert!(matches!(
+            DomainName::new("eu,west"),
+            Err(NameError::BadCharacter { .. })
+        ));
+        assert!(matches!(
+            DomainName::new("region=eu"),
+            Err(NameError::BadCharacter { .. })
+        ));
+        assert!(matches!(
+            DomainName::new("x".repeat(65)),
+            Err(NameError::TooLong { .. })
+        ));
+    }
+}
