@@ -144,12 +144,14 @@ bench-storm: deps guest-static
 
 # Fuzz a parser of untrusted bytes (nightly and cargo-fuzz; cargo-fuzz is installed when
 # missing): `make fuzz FUZZ_TARGET=descriptor_chain`. Targets: fragment_parse, descriptor_chain,
-# broker_message, attestation_evidence.
+# broker_message, attestation_evidence, shard_formats.
 FUZZ_TARGET ?= fragment_parse
 FUZZ_MAX_LEN_fragment_parse := 1400
 FUZZ_MAX_LEN_descriptor_chain := 16384
 FUZZ_MAX_LEN_broker_message := 16384
 FUZZ_MAX_LEN_attestation_evidence := 8192
+# the largest sealed map (255 shards) is well under 128 KiB; longer inputs are refused up front
+FUZZ_MAX_LEN_shard_formats := 131072
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	mkdir -p fuzz/corpus/$(FUZZ_TARGET)

@@ -1,0 +1,21 @@
+//! Fuzzes the credential service's shard formats, read from the network and the store: a sealed
+//! shard (`KSSE`), a shard map (`KSSM`) and a sealed map (`KSMS`). None may panic, and whatever
+//! parses must be its own canonical encoding (so two encodings never mean one value).
+
+#![no_main]
+
+use keyshard_shards::ecies::SealedShard;
+use keyshard_shards::map::{SealedShardMap, ShardMap};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(shard) = SealedShard::from_bytes(data) {
+        assert_eq!(shard.to_bytes(), data, "a sealed shard parses only from its own encoding");
+    }
+    if let Ok(map) = ShardMap::from_bytes(data) {
+        assert_eq!(map.to_bytes(), data, "a map parses only from its canonical encoding");
+    }
+    if let Ok(sealed) = SealedShardMap::from_bytes(data) {
+        assert_eq!(sealed.to_bytes(), data, "a sealed map parses only from its own encoding");
+    }
+});
