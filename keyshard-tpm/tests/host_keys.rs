@@ -1,0 +1,156 @@
+//! A shard host's TPM keys against a real TPM 2.0 simulator (swtpm, started per test): the
+//! ECC P-256 decrypt key (made under the SRK, reloaded from its stored blob, TPM2_ECDH_ZGen
+//! checked against software ECDH) and its certification by the attestation key (TPM2_Certify,
+//! checked by `keyshard_attest::tpm::verify_certification`).
+
+// Test code: a panic here is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+mod common;
+
+use common::swtpm::Swtpm;
+use keyshard_attest::tpm::{CertifyError, DECRYPT_KEY_ATTRIBUTES, EccPublic, verify_certification};
+use keyshard_tpm::{DecryptKey, Tpm, TpmError};
+use p256::elliptic_curve::sec1::ToEncodedPoint as _;
+use p256::{ProjectivePoint, PublicKey, SecretKey};
+
+/// An encrypter's ephemeral key: a P-256 scalar from `seed`.
+fn ephemeral(seed: u8) -> SecretKey {
+    SecretKey::from_slice(&[seed; 32]).unwrap()
+}
+
+fn sec1(point: &PublicKey) -> Vec<u8> {
+    point.to_encoded_point(false).as_bytes().to_vec()
+}
+
+/// What the encrypter computes in software: e * Q, uncompressed.
+fn software_shared_point(e: &SecretKey, key: &DecryptKey) -> Vec<u8> {
+    let q = PublicKey::from_sec1_bytes(key.point()).unwrap();
+    let shared = (q.to_projective() * *e.to_nonzero_scalar()).to_affine();
+    shared.to_encoded_point(false).as_bytes().to_vec()
+}
+
+#[test]
+fn decrypt_key_zgen_in_the_tpm_equals_software_ecdh() {
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let key = tpm.create_decrypt_key().unwrap();
+
+    // The public area has exactly the decrypt-key attributes: no sign, not restricted.
+    let public = EccPublic::parse(key.public_area()).unwrap();
+    assert_eq!(public.attributes, DECRYPT_KEY_ATTRIBUTES);
+    assert_eq!(public.curve, 0x0003);
+
+    for seed in [1u8, 2, 0x7f] {
+        let e = ephemeral(seed);
+        let shared = tpm.ecdh_z_gen(&key, &sec1(&e.public_key())).unwrap();
+        let expected = software_shared_point(&e, &key);
+        assert_eq!(&expected[1..33], shared.x(), "x differs for seed {seed}");
+        assert_eq!(&expected[33..], shared.y(), "y differs for seed {seed}");
+    }
+    // Two keys are two keys.
+    let other = tpm.create_decrypt_key().unwrap();
+    assert_ne!(other.point(), key.point());
+    assert_ne!(other.name(), key.name());
+    let e = ephemeral(1);
+    let a = tpm.ecdh_z_gen(&key, &sec1(&e.public_key())).unwrap();
+    let b = tpm.ecdh_z_gen(&other, &sec1(&e.public_key())).unwrap();
+    assert_ne!(a.x(), b.x());
+}
+
+#[test]
+fn decrypt_key_reloads_from_its_blob_after_a_restart_and_nowhere_else() {
+    let mut swtpm = Swtpm::start();
+    let e = ephemeral(9);
+    let (stored, before) = {
+        let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+        let key = tpm.create_decrypt_key().unwrap();
+        let before = *tpm.ecdh_z_gen(&key, &sec1(&e.public_key())).unwrap().x();
+        (key.to_bytes(), before)
+    };
+    swtpm.restart();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let key = DecryptKey::parse(&stored).unwrap();
+    let after = tpm.ecdh_z_gen(&key, &sec1(&e.public_key())).unwrap();
+    assert_eq!(after.x(), &before, "the reloaded key is another key");
+
+    // Another TPM cannot load it (fixedTPM; private area encrypted to the first TPM's SRK).
+    let elsewhere = Swtpm::start();
+    let mut other = Tpm::open(&elsewhere.tcti()).unwrap();
+    let err = other.ecdh_z_gen(&key, &sec1(&e.public_key())).unwrap_err();
+    assert!(matches!(err, TpmError::ForeignKey), "{err}");
+}
+
+#[test]
+fn decrypt_key_refuses_points_off_the_curve_and_other_encodings() {
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let key = tpm.create_decrypt_key().unwrap();
+    let mut off = sec1(&ephemeral(3).public_key());
+    off[64] ^= 1;
+    let err = tpm.ecdh_z_gen(&key, &off).unwrap_err();
+    assert!(matches!(err, TpmError::PointNotOnCurve), "{err}");
+    let compressed = ephemeral(3).public_key().to_encoded_point(true);
+    let err = tpm.ecdh_z_gen(&key, compressed.as_bytes()).unwrap_err();
+    assert!(matches!(err, TpmError::PointFormat { len: 33 }), "{err}");
+    // The identity is no point either.
+    let identity = ProjectivePoint::IDENTITY
+        .to_affine()
+        .to_encoded_point(false);
+    assert!(tpm.ecdh_z_gen(&key, identity.as_bytes()).is_err());
+    // The TPM still works after the refusals.
+    assert!(
+        tpm.ecdh_z_gen(&key, &sec1(&ephemeral(3).public_key()))
+            .is_ok()
+    );
+}
+
+#[test]
+fn certify_by_the_ak_verifies_in_software_and_binds_nonce_key_and_tpm() {
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let key = tpm.create_decrypt_key().unwrap();
+    let nonce = [0x42; 32];
+    let certification = tpm.certify_decrypt_key(&key, &nonce).unwrap();
+
+    let certified =
+        verify_certification(&certification, tpm.ak_public(), &nonce, key.public_area()).unwrap();
+    assert_eq!(&certified.point, key.point());
+    assert_eq!(&certified.name, key.name());
+
+    // Another nonce: a replayed certification.
+    assert_eq!(
+        verify_certification(&certification, tpm.ak_public(), &[0; 32], key.public_area()),
+        Err(CertifyError::Nonce)
+    );
+    // Another key's public area presented with this certification.
+    let other = tpm.create_decrypt_key().unwrap();
+    assert_eq!(
+        verify_certification(&certification, tpm.ak_public(), &nonce, other.public_area()),
+        Err(CertifyError::Name)
+    );
+    // The AK of another TPM.
+    let elsewhere = Swtpm::start();
+    let other_tpm = Tpm::open(&elsewhere.tcti()).unwrap();
+    assert_eq!(
+        verify_certification(
+            &certification,
+            other_tpm.ak_public(),
+            &nonce,
+            key.public_area()
+        ),
+        Err(CertifyError::Signature)
+    );
+    // A flipped sign bit in the presented public area: the name no longer matches.
+    let mut public = key.public_area().to_vec();
+    public[5] |= 0x04; // objectAttributes bit 18
+    assert_eq!(
+        verify_certification(&certification, tpm.ak_public(), &nonce, &public),
+        Err(CertifyError::Name)
+    );
+}
