@@ -68,6 +68,11 @@ pub enum TpmError {
     PointFormat { len: usize },
     #[error("the TPM refuses the point: it is not on P-256")]
     PointNotOnCurve,
+    #[error(
+        "the TPM refuses to activate the credential: it was made for another EK or another \
+         key name, or it was altered"
+    )]
+    CredentialRefused,
     #[error("the TPM owner thread has stopped")]
     ServiceStopped,
     #[error("cannot start the TPM owner thread: {0}")]

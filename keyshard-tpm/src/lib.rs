@@ -13,6 +13,10 @@
 //!   under the SRK, stored as a [`DecryptKey`]; [`Tpm::ecdh_z_gen`] gives the ECDH shared
 //!   point for an encrypter's ephemeral key; [`Tpm::certify_decrypt_key`] has the AK certify
 //!   it (`keyshard_attest::tpm::verify_certification` checks that).
+//! - Enrolment: [`Tpm::endorsement_key`] (RSA 2048 EK and its NV certificate),
+//!   [`Tpm::ak_public_area`] and [`Tpm::activate_credential`], which proves to a CMS that
+//!   made a credential in software (`keyshard_attest::tpm::credential`) that the AK and the
+//!   certified EK are in one TPM.
 //!
 //! A release: `quote(selection, fresh nonce)` -> `keyshard_attest::tpm::verify_quote(quote,
 //! pinned AK, nonce, golden)` -> `unseal(blob)`. A changed PCR fails the quote with
@@ -27,6 +31,7 @@ mod convert;
 mod decrypt_key;
 mod device;
 mod ecdh;
+mod ek;
 mod error;
 mod keys;
 mod measurement;
@@ -38,6 +43,7 @@ pub use blob::{BlobError, SealedBlob};
 pub use decrypt_key::{DecryptKey, DecryptKeyError};
 pub use device::{Startup, Tpm, TpmConfig, TpmInfo};
 pub use ecdh::SharedPoint;
+pub use ek::{EndorsementKey, RSA_EK_CERT_NV_INDEX};
 pub use error::TpmError;
 pub use measurement::MAX_EVENT_DATA;
 pub use service::{BatchWindow, TpmService};

@@ -3,13 +3,18 @@
 //! key's public part and the quote's signature ([`quote`]), and the TCG constants and wire
 //! reader they share ([`spec`], [`wire`]). `keyshard-tpm` produces what this module checks.
 //! A shard host's decrypt key: its public area and name ([`public`]) and its certification by
-//! the attestation key ([`certify`]).
+//! the attestation key ([`certify`]). Enrolment (feature `enrol`): MakeCredential in software
+//! ([`credential`]) to an EK whose certificate chains to a CA bundle ([`ek_cert`]).
 //!
 //! A release checks `verify_quote(quote, pinned AK, nonce, golden)`: a changed PCR fails it
 //! with [`QuoteError::PcrDigest`], and [`differing_pcrs`] names which PCR changed.
 
 pub mod attest;
 pub mod certify;
+#[cfg(feature = "enrol")]
+pub mod credential;
+#[cfg(feature = "enrol")]
+pub mod ek_cert;
 pub mod pcr;
 pub mod public;
 pub mod quote;
@@ -19,7 +24,9 @@ pub mod wire;
 pub use attest::{AttestError, CertifyAttest, ClockInfo, QuoteAttest, QuotedBank};
 pub use certify::{Certification, CertifiedKey, CertifyError, verify_certification};
 pub use pcr::{PcrError, PcrSelection, PcrValues, differing_pcrs};
-pub use public::{DECRYPT_KEY_ATTRIBUTES, EccPublic, PublicError, sha256_name};
+pub use public::{
+    ATTESTATION_KEY_ATTRIBUTES, DECRYPT_KEY_ATTRIBUTES, EccPublic, PublicError, sha256_name,
+};
 pub use quote::{
     AK_PUBLIC_LEN, AkPublic, NONCE_LEN, Quote, QuoteError, QuoteInfo, verify_quote,
     verify_quote_digest,

@@ -21,9 +21,10 @@
 
 use sha2::{Digest as _, Sha256};
 
+use super::quote::AkPublic;
 use super::spec::{
-    TPM_ALG_ECC, TPM_ALG_ECDAA, TPM_ALG_ECDH, TPM_ALG_NULL, TPM_ALG_SHA256, TPM_ECC_NIST_P256,
-    object_attr,
+    TPM_ALG_ECC, TPM_ALG_ECDAA, TPM_ALG_ECDH, TPM_ALG_ECDSA, TPM_ALG_NULL, TPM_ALG_SHA256,
+    TPM_ECC_NIST_P256, object_attr,
 };
 use super::wire::{Reader, WireError};
 
@@ -44,6 +45,16 @@ pub const DECRYPT_KEY_ATTRIBUTES: u32 = object_attr::FIXED_TPM
     | object_attr::NO_DA
     | object_attr::DECRYPT;
 
+/// The attributes of keyshard's attestation key, exactly: made in the TPM and bound to it,
+/// restricted signing (it signs only what the TPM itself generated: quotes, certifications).
+pub const ATTESTATION_KEY_ATTRIBUTES: u32 = object_attr::FIXED_TPM
+    | object_attr::FIXED_PARENT
+    | object_attr::SENSITIVE_DATA_ORIGIN
+    | object_attr::USER_WITH_AUTH
+    | object_attr::NO_DA
+    | object_attr::RESTRICTED
+    | object_attr::SIGN_ENCRYPT;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublicError {
     #[error("public area: {0}")]
@@ -63,13 +74,15 @@ pub enum PublicError {
     ReservedAttributes { bits: u32 },
     #[error("the key has an authorization policy; a decrypt key must have none")]
     AuthPolicy,
-    #[error("the key's scheme is {scheme:#06x}/{hash:#06x}, not ECDH with SHA-256")]
-    Scheme { scheme: u16, hash: u16 },
-    #[error(
-        "the key has a symmetric algorithm {found:#06x}; a decrypt key that is not a parent has none"
-    )]
+    #[error("the key's scheme is {scheme:#06x}/{hash:#06x}, not {expected} with SHA-256")]
+    Scheme {
+        expected: &'static str,
+        scheme: u16,
+        hash: u16,
+    },
+    #[error("the key has a symmetric algorithm {found:#06x}; a key that is not a parent has none")]
     Symmetric { found: u16 },
-    #[error("the key has a KDF scheme {found:#06x}; a decrypt key has none")]
+    #[error("the key has a KDF scheme {found:#06x}; keyshard's keys have none")]
     Kdf { found: u16 },
     #[error("the key's public point is not on P-256")]
     Point,
@@ -167,6 +180,23 @@ impl EccPublic {
     /// authorization policy, no symmetric algorithm, scheme ECDH with SHA-256, no KDF.
     /// Returns the public point (uncompressed SEC1).
     pub fn check_decrypt_key(&self) -> Result<[u8; P256_POINT_LEN]> {
+        self.check_kind()?;
+        check_attributes(self.attributes, DECRYPT_KEY_ATTRIBUTES)?;
+        self.check_parameters(TPM_ALG_ECDH, "ECDH")
+    }
+
+    /// Checks that this is keyshard's attestation key as `keyshard-tpm` makes it: SHA-256
+    /// name, P-256, exactly [`ATTESTATION_KEY_ATTRIBUTES`], no policy, no symmetric algorithm,
+    /// ECDSA with SHA-256, no KDF. Returns the key, to check its signatures with.
+    pub fn check_attestation_key(&self) -> Result<AkPublic> {
+        self.check_kind()?;
+        check_attributes(self.attributes, ATTESTATION_KEY_ATTRIBUTES)?;
+        let point = self.check_parameters(TPM_ALG_ECDSA, "ECDSA")?;
+        AkPublic::from_sec1(&point).map_err(|_| PublicError::Point)
+    }
+
+    /// Name algorithm and curve: a key of another kind says so before its attributes.
+    fn check_kind(&self) -> Result<()> {
         if self.name_alg != TPM_ALG_SHA256 {
             return Err(PublicError::NameAlg {
                 found: self.name_alg,
@@ -175,7 +205,16 @@ impl EccPublic {
         if self.curve != TPM_ECC_NIST_P256 {
             return Err(PublicError::Curve { found: self.curve });
         }
-        check_attributes(self.attributes, DECRYPT_KEY_ATTRIBUTES)?;
+        Ok(())
+    }
+
+    /// Policy, symmetric, scheme (`scheme` with SHA-256), KDF and point: what both key shapes
+    /// check after the attributes.
+    fn check_parameters(
+        &self,
+        scheme: u16,
+        scheme_name: &'static str,
+    ) -> Result<[u8; P256_POINT_LEN]> {
         if !self.auth_policy.is_empty() {
             return Err(PublicError::AuthPolicy);
         }
@@ -184,8 +223,9 @@ impl EccPublic {
                 found: self.symmetric.0,
             });
         }
-        if self.scheme.alg != TPM_ALG_ECDH || self.scheme.hash != TPM_ALG_SHA256 {
+        if self.scheme.alg != scheme || self.scheme.hash != TPM_ALG_SHA256 {
             return Err(PublicError::Scheme {
+                expected: scheme_name,
                 scheme: self.scheme.alg,
                 hash: self.scheme.hash,
             });
@@ -420,6 +460,40 @@ pub(crate) mod tests {
         let mut p = sample(1);
         p.y[31] ^= 1;
         assert_eq!(check(p), Err(PublicError::Point));
+    }
+
+    #[test]
+    fn an_attestation_key_passes_its_check_and_not_the_decrypt_key_check() {
+        let mut p = sample(5);
+        p.attributes = ATTESTATION_KEY_ATTRIBUTES;
+        p.scheme = AlgHash {
+            alg: TPM_ALG_ECDSA,
+            hash: TPM_ALG_SHA256,
+        };
+        let ak = p.check_attestation_key().unwrap();
+        assert_eq!(&ak.to_sec1()[1..33], &p.x[..]);
+        assert!(matches!(
+            p.check_decrypt_key(),
+            Err(PublicError::Attribute {
+                attribute: "restricted",
+                present: true
+            })
+        ));
+        assert!(matches!(
+            sample(5).check_attestation_key(),
+            Err(PublicError::Attribute {
+                attribute: "restricted",
+                present: false
+            })
+        ));
+        p.scheme.alg = TPM_ALG_ECDH;
+        assert!(matches!(
+            p.check_attestation_key(),
+            Err(PublicError::Scheme {
+                expected: "ECDSA",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub const TPM_ALG_SHA256: u16 = 0x000b;
 pub const TPM_ALG_SHA384: u16 = 0x000c;
 /// TPM_ALG_NULL: "none" in a scheme, symmetric or KDF field.
 pub const TPM_ALG_NULL: u16 = 0x0010;
+/// TPM_ALG_ECDSA: the signing scheme of the attestation key.
+pub const TPM_ALG_ECDSA: u16 = 0x0018;
 /// TPM_ALG_ECDH: the key-exchange scheme of an ECC decrypt key.
 pub const TPM_ALG_ECDH: u16 = 0x0019;
 /// TPM_ALG_ECDAA: the one ECC scheme whose details carry a count after the hash.
