@@ -50,7 +50,7 @@ fn challenge(
 }
 
 #[test]
-fn make_credential_in_software_is_activated_by_the_tpm_for_its_ak_only() {
+fn item2_enrolment_make_credential_in_software_is_activated_for_the_ak_only() {
     let ca = tempfile::tempdir().unwrap();
     let swtpm = Swtpm::start_with_ek_certificates(ca.path());
     let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
@@ -84,7 +84,7 @@ fn make_credential_in_software_is_activated_by_the_tpm_for_its_ak_only() {
 }
 
 #[test]
-fn make_credential_for_another_name_or_another_tpm_is_refused() {
+fn item2_enrolment_make_credential_for_another_name_or_another_tpm_is_refused() {
     let ca = tempfile::tempdir().unwrap();
     let swtpm = Swtpm::start_with_ek_certificates(ca.path());
     let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
@@ -125,7 +125,7 @@ fn make_credential_for_another_name_or_another_tpm_is_refused() {
 }
 
 #[test]
-fn an_ek_certificate_of_another_ca_does_not_verify() {
+fn item2_enrolment_an_ek_certificate_of_another_ca_does_not_verify() {
     let ca = tempfile::tempdir().unwrap();
     let other_ca = tempfile::tempdir().unwrap();
     let swtpm = Swtpm::start_with_ek_certificates(ca.path());

@@ -13,9 +13,15 @@
 
 mod common;
 
+use std::time::{Duration, Instant, SystemTime};
+
 use common::swtpm::Swtpm;
+use keyshard_attest::tpm::credential::make_credential;
+use keyshard_attest::tpm::ek_cert::{CaBundle, verify_ek_certificate};
+use keyshard_attest::tpm::sha256_name;
 use keyshard_attest::tpm::{CertifyError, DECRYPT_KEY_ATTRIBUTES, EccPublic, verify_certification};
-use keyshard_tpm::{DecryptKey, Tpm, TpmError};
+use keyshard_e2e::swtpm::ek_ca_certificates;
+use keyshard_tpm::{DecryptKey, Tpm, TpmConfig, TpmError, TpmService};
 use p256::elliptic_curve::sec1::ToEncodedPoint as _;
 use p256::{ProjectivePoint, PublicKey, SecretKey};
 
@@ -36,7 +42,7 @@ fn software_shared_point(e: &SecretKey, key: &DecryptKey) -> Vec<u8> {
 }
 
 #[test]
-fn decrypt_key_zgen_in_the_tpm_equals_software_ecdh() {
+fn item2_decrypt_key_zgen_in_the_tpm_equals_software_ecdh() {
     let swtpm = Swtpm::start();
     let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
     let key = tpm.create_decrypt_key().unwrap();
@@ -111,7 +117,7 @@ fn decrypt_key_refuses_points_off_the_curve_and_other_encodings() {
 }
 
 #[test]
-fn certify_by_the_ak_verifies_in_software_and_binds_nonce_key_and_tpm() {
+fn item2_certify_by_the_ak_verifies_in_software_and_binds_nonce_key_and_tpm() {
     let swtpm = Swtpm::start();
     let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
     let key = tpm.create_decrypt_key().unwrap();
@@ -152,5 +158,107 @@ fn certify_by_the_ak_verifies_in_software_and_binds_nonce_key_and_tpm() {
     assert_eq!(
         verify_certification(&certification, tpm.ak_public(), &nonce, &public),
         Err(CertifyError::Name)
+    );
+}
+
+#[test]
+fn decrypt_key_serves_threads_through_the_tpm_service() {
+    let swtpm = Swtpm::start();
+    let service = TpmService::spawn(TpmConfig::new(swtpm.tcti())).unwrap();
+    let key = service.create_decrypt_key().unwrap();
+    let certification = service.certify_decrypt_key(&key, &[3; 32]).unwrap();
+    verify_certification(
+        &certification,
+        service.ak_public(),
+        &[3; 32],
+        key.public_area(),
+    )
+    .unwrap();
+    let threads: Vec<_> = (1u8..=4)
+        .map(|seed| {
+            let (service, key) = (service.clone(), key.clone());
+            std::thread::spawn(move || {
+                let e = ephemeral(seed);
+                let shared = service.ecdh_z_gen(&key, &sec1(&e.public_key())).unwrap();
+                assert_eq!(&software_shared_point(&e, &key)[1..33], shared.x());
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+#[ignore = "a measurement, not a check"]
+fn timings() {
+    const RUNS: usize = 50;
+    fn report(name: &str, mut samples: Vec<Duration>) {
+        samples.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "| {name} | {} | {:.2} | {:.2} | {:.2} |",
+            samples.len(),
+            ms(samples[samples.len() / 2]),
+            ms(samples[samples.len() * 9 / 10]),
+            ms(samples[0]),
+        );
+    }
+    fn time<T>(f: impl FnOnce() -> T) -> (Duration, T) {
+        let start = Instant::now();
+        let out = f();
+        (start.elapsed(), out)
+    }
+
+    let ca = tempfile::tempdir().unwrap();
+    let swtpm = Swtpm::start_with_ek_certificates(ca.path());
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let key = tpm.create_decrypt_key().unwrap();
+    let point = sec1(&ephemeral(5).public_key());
+    let nonce = [7u8; 32];
+    let certification = tpm.certify_decrypt_key(&key, &nonce).unwrap();
+    let ak = tpm.ak_public().clone();
+    let pem: Vec<u8> = ek_ca_certificates(ca.path())
+        .iter()
+        .flat_map(|p| std::fs::read(p).unwrap())
+        .collect();
+    let bundle = CaBundle::from_pem(&pem).unwrap();
+    let cert = tpm.endorsement_key().unwrap().certificate.unwrap();
+    let name = sha256_name(&tpm.ak_public_area().unwrap());
+    let spki = verify_ek_certificate(&cert, &bundle, SystemTime::now())
+        .unwrap()
+        .spki;
+
+    let (mut create, mut zgen, mut certify, mut verify) = (vec![], vec![], vec![], vec![]);
+    let (mut ek, mut chain, mut make, mut activate) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..RUNS {
+        create.push(time(|| tpm.create_decrypt_key().unwrap()).0);
+        zgen.push(time(|| tpm.ecdh_z_gen(&key, &point).unwrap()).0);
+        certify.push(time(|| tpm.certify_decrypt_key(&key, &nonce).unwrap()).0);
+        verify.push(
+            time(|| verify_certification(&certification, &ak, &nonce, key.public_area()).unwrap())
+                .0,
+        );
+        ek.push(time(|| tpm.endorsement_key().unwrap()).0);
+        chain.push(time(|| verify_ek_certificate(&cert, &bundle, SystemTime::now()).unwrap()).0);
+        let (t, made) = time(|| make_credential(&spki, &name, b"0123456789abcdef").unwrap());
+        make.push(t);
+        activate.push(time(|| tpm.activate_credential(&made).unwrap()).0);
+    }
+    println!("| operation | n | p50 ms | p90 ms | min ms |");
+    println!("|---|---|---|---|---|");
+    report("create decrypt key (Create under the SRK)", create);
+    report("ECDH_ZGen (Load, salted session, ZGen, flush)", zgen);
+    report("certify (Load, ReadPublic, Certify, flush)", certify);
+    report("verify certification (software)", verify);
+    report(
+        "read EK (CreatePrimary RSA 2048, ReadPublic, NV_Read cert)",
+        ek,
+    );
+    report("verify EK certificate path (software)", chain);
+    report("MakeCredential (software)", make);
+    report(
+        "ActivateCredential (CreatePrimary EK, PolicySecret, Activate)",
+        activate,
     );
 }

@@ -241,6 +241,59 @@ mod tests {
     }
 
     #[test]
+    fn item2_every_bit_of_the_attest_and_the_public_area_counts() {
+        let public = decrypt_key_public(9);
+        let c = certification_of(&public);
+        let ak = ak(&key(1));
+        verify_certification(&c, &ak, &NONCE, &public).unwrap();
+        for i in 0..c.attest.len() * 8 {
+            let mut bad = c.clone();
+            bad.attest[i / 8] ^= 1 << (i % 8);
+            assert_eq!(
+                verify_certification(&bad, &ak, &NONCE, &public),
+                Err(CertifyError::Signature),
+                "attest bit {i}"
+            );
+        }
+        for i in 0..public.len() * 8 {
+            let mut bad = public.clone();
+            bad[i / 8] ^= 1 << (i % 8);
+            assert!(
+                verify_certification(&c, &ak, &NONCE, &bad).is_err(),
+                "public area bit {i}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_and_never_verify(
+            attest in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            public in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+        ) {
+            let _ = CertifyAttest::parse(&attest);
+            let _ = EccPublic::parse(&public);
+            let c = Certification { attest, signature: [1; 64] };
+            proptest::prop_assert!(
+                verify_certification(&c, &ak(&key(1)), &NONCE, &public).is_err()
+            );
+        }
+
+        #[test]
+        fn truncated_or_extended_public_areas_are_refused(cut in 0usize..200, extra in 1usize..4) {
+            let public = decrypt_key_public(9);
+            let c = certification_of(&public);
+            let cut = cut % public.len();
+            proptest::prop_assert!(
+                verify_certification(&c, &ak(&key(1)), &NONCE, &public[..cut]).is_err()
+            );
+            let mut long = public.clone();
+            long.extend(std::iter::repeat_n(0u8, extra));
+            proptest::prop_assert!(verify_certification(&c, &ak(&key(1)), &NONCE, &long).is_err());
+        }
+    }
+
+    #[test]
     fn a_signed_quote_is_not_a_certification() {
         let public = decrypt_key_public(9);
         let quote = signed(&key(1), quote_sample().to_bytes().unwrap());

@@ -370,6 +370,29 @@ mod tests {
         assert_eq!(CaBundle::from_pem(&commented).unwrap().len(), 2);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..1200)) {
+            proptest::prop_assert!(verify_ek_certificate(&bytes, &bundle(), now()).is_err());
+            let _ = CaBundle::from_pem(&bytes);
+            let mut pem = b"-----BEGIN CERTIFICATE-----\n".to_vec();
+            pem.extend_from_slice(&bytes);
+            let _ = CaBundle::from_pem(&pem);
+        }
+    }
+
+    #[test]
+    fn item2_no_flipped_bit_of_the_ek_certificate_verifies() {
+        for bit in 0..EK.len() * 8 {
+            let mut bad = EK.to_vec();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                verify_ek_certificate(&bad, &bundle(), now()).is_err(),
+                "bit {bit} flipped still verifies"
+            );
+        }
+    }
+
     #[test]
     fn a_ca_certificate_is_not_an_ek_certificate() {
         // The issuer certificate is signed by the root, but its key is RSA 3072.
