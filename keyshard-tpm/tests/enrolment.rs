@@ -19,6 +19,7 @@ use std::time::SystemTime;
 use common::swtpm::Swtpm;
 use keyshard_attest::tpm::credential::make_credential;
 use keyshard_attest::tpm::ek_cert::{CaBundle, EkCertError, verify_ek_certificate};
+use keyshard_attest::tpm::enrol;
 use keyshard_attest::tpm::{EccPublic, sha256_name};
 use keyshard_e2e::swtpm::ek_ca_certificates;
 use keyshard_tpm::{Tpm, TpmError};
@@ -81,6 +82,29 @@ fn item2_enrolment_make_credential_in_software_is_activated_for_the_ak_only() {
     assert_eq!(&credential[..], SECRET);
     // Activation can be repeated (nothing is used up), and the TPM keeps working.
     assert_eq!(&tpm.activate_credential(&made).unwrap()[..], SECRET);
+}
+
+#[test]
+fn item2_enrolment_the_verifiers_challenge_is_answered_by_the_host_tpm_only() {
+    let ca = tempfile::tempdir().unwrap();
+    let swtpm = Swtpm::start_with_ek_certificates(ca.path());
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let cert = tpm.endorsement_key().unwrap().certificate.unwrap();
+    let ak_area = tpm.ak_public_area().unwrap();
+    let c = enrol::challenge(&cert, &bundle(ca.path()), SystemTime::now(), &ak_area).unwrap();
+    assert_eq!(&c.ak, tpm.ak_public());
+    let answer = tpm.activate_credential(&c.made).unwrap();
+    assert!(c.answered_by(&answer));
+
+    // A host that presents another TPM's AK with its own EK certificate cannot answer: its
+    // TPM holds no object with that AK's name.
+    let other_swtpm = Swtpm::start();
+    let mut other = Tpm::open(&other_swtpm.tcti()).unwrap();
+    let foreign_ak = other.ak_public_area().unwrap();
+    assert_ne!(foreign_ak, ak_area, "two TPMs, two AKs");
+    let c = enrol::challenge(&cert, &bundle(ca.path()), SystemTime::now(), &foreign_ak).unwrap();
+    let err = tpm.activate_credential(&c.made).unwrap_err();
+    assert!(matches!(err, TpmError::CredentialRefused), "{err}");
 }
 
 #[test]

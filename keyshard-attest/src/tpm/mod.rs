@@ -4,7 +4,8 @@
 //! reader they share ([`spec`], [`wire`]). `keyshard-tpm` produces what this module checks.
 //! A shard host's decrypt key: its public area and name ([`public`]) and its certification by
 //! the attestation key ([`certify`]). Enrolment (feature `enrol`): MakeCredential in software
-//! ([`credential`]) to an EK whose certificate chains to a CA bundle ([`ek_cert`]).
+//! ([`credential`]) to an EK whose certificate chains to a CA bundle ([`ek_cert`]), in one
+//! call per step for the verifier ([`enrol`]).
 //!
 //! A release checks `verify_quote(quote, pinned AK, nonce, golden)`: a changed PCR fails it
 //! with [`QuoteError::PcrDigest`], and [`differing_pcrs`] names which PCR changed.
@@ -15,6 +16,8 @@ pub mod certify;
 pub mod credential;
 #[cfg(feature = "enrol")]
 pub mod ek_cert;
+#[cfg(feature = "enrol")]
+pub mod enrol;
 pub mod pcr;
 pub mod public;
 pub mod quote;
