@@ -60,7 +60,7 @@ impl Swtpm {
     /// a TPM yet.
     pub fn start_with_ek_certificates(state: &Path, ca: &Path) -> Result<Self> {
         manufacture(state, ca)?;
-        Self::start_inner(state, None)
+        Self::start(state)
     }
 
     fn start_inner(state: &Path, command_log: Option<&Path>) -> Result<Self> {
