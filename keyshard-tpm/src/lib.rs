@@ -13,7 +13,8 @@
 //!   under the SRK, stored as a [`DecryptKey`]; [`Tpm::ecdh_z_gen`] gives the ECDH shared
 //!   point for an encrypter's ephemeral key; [`Tpm::certify_decrypt_key`] has the AK certify
 //!   it (`keyshard_attest::tpm::verify_certification` checks that).
-//! - Enrolment: [`Tpm::endorsement_key`] (RSA 2048 EK and its NV certificate),
+//! - Enrolment: [`Tpm::endorsement_key`] (RSA 2048, ECC P-256 or P-384 EK and its NV
+//!   certificate),
 //!   [`Tpm::ak_public_area`] and [`Tpm::activate_credential`], which proves to a CMS that
 //!   made a credential in software (`keyshard_attest::tpm::credential`) that the AK and the
 //!   certified EK are in one TPM.
@@ -43,7 +44,7 @@ pub use blob::{BlobError, SealedBlob};
 pub use decrypt_key::{DecryptKey, DecryptKeyError};
 pub use device::{Startup, Tpm, TpmConfig, TpmInfo};
 pub use ecdh::SharedPoint;
-pub use ek::{EndorsementKey, RSA_EK_CERT_NV_INDEX};
+pub use ek::{EndorsementKey, ek_cert_nv_index};
 pub use error::TpmError;
 pub use measurement::MAX_EVENT_DATA;
 pub use service::{BatchWindow, TpmService};

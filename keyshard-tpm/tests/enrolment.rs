@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use common::swtpm::Swtpm;
-use keyshard_attest::tpm::credential::make_credential;
+use keyshard_attest::tpm::credential::{EkKind, make_credential};
 use keyshard_attest::tpm::ek_cert::{CaBundle, EkCertError, verify_ek_certificate};
 use keyshard_attest::tpm::enrol;
 use keyshard_attest::tpm::{EccPublic, sha256_name};
@@ -40,7 +40,17 @@ fn challenge(
     ca: &Path,
     name: Option<&[u8]>,
 ) -> keyshard_attest::tpm::credential::MadeCredential {
-    let ek = tpm.endorsement_key().unwrap();
+    challenge_to(tpm, EkKind::Rsa2048, ca, name)
+}
+
+/// The same, to the EK of `kind`.
+fn challenge_to(
+    tpm: &mut Tpm,
+    kind: EkKind,
+    ca: &Path,
+    name: Option<&[u8]>,
+) -> keyshard_attest::tpm::credential::MadeCredential {
+    let ek = tpm.endorsement_key(kind).unwrap();
     let cert = ek
         .certificate
         .expect("swtpm_setup put an EK certificate in NV");
@@ -57,15 +67,12 @@ fn item2_enrolment_make_credential_in_software_is_activated_for_the_ak_only() {
     let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
 
     // The EK the TPM re-creates is the key its certificate names.
-    let ek = tpm.endorsement_key().unwrap();
+    let ek = tpm.endorsement_key(EkKind::Rsa2048).unwrap();
     let cert = ek.certificate.clone().unwrap();
     let verified = verify_ek_certificate(&cert, &bundle(ca.path()), SystemTime::now()).unwrap();
     assert_eq!(verified.path_len, 3);
     assert!(
-        verified
-            .spki
-            .windows(ek.modulus.len())
-            .any(|w| w == ek.modulus),
+        verified.spki.windows(ek.key.len()).any(|w| w == ek.key),
         "the certificate's key is not the TPM's EK"
     );
 
@@ -89,7 +96,11 @@ fn item2_enrolment_the_verifiers_challenge_is_answered_by_the_host_tpm_only() {
     let ca = tempfile::tempdir().unwrap();
     let swtpm = Swtpm::start_with_ek_certificates(ca.path());
     let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
-    let cert = tpm.endorsement_key().unwrap().certificate.unwrap();
+    let cert = tpm
+        .endorsement_key(EkKind::Rsa2048)
+        .unwrap()
+        .certificate
+        .unwrap();
     let ak_area = tpm.ak_public_area().unwrap();
     let c = enrol::challenge(&cert, &bundle(ca.path()), SystemTime::now(), &ak_area).unwrap();
     assert_eq!(&c.ak, tpm.ak_public());
@@ -155,7 +166,11 @@ fn item2_enrolment_an_ek_certificate_of_another_ca_does_not_verify() {
     let swtpm = Swtpm::start_with_ek_certificates(ca.path());
     let _other = Swtpm::start_with_ek_certificates(other_ca.path());
     let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
-    let cert = tpm.endorsement_key().unwrap().certificate.unwrap();
+    let cert = tpm
+        .endorsement_key(EkKind::Rsa2048)
+        .unwrap()
+        .certificate
+        .unwrap();
     assert!(verify_ek_certificate(&cert, &bundle(ca.path()), SystemTime::now()).is_ok());
     let err =
         verify_ek_certificate(&cert, &bundle(other_ca.path()), SystemTime::now()).unwrap_err();
@@ -166,7 +181,49 @@ fn item2_enrolment_an_ek_certificate_of_another_ca_does_not_verify() {
 fn a_tpm_without_ek_certificates_says_so() {
     let swtpm = Swtpm::start();
     let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
-    let ek = tpm.endorsement_key().unwrap();
+    let ek = tpm.endorsement_key(EkKind::Rsa2048).unwrap();
     assert_eq!(ek.certificate, None);
-    assert_eq!(ek.modulus.len(), 256);
+    assert_eq!(ek.key.len(), 256);
+}
+
+#[test]
+fn item2_enrolment_to_the_ecc_p384_ek_works_like_the_rsa_one() {
+    let ca = tempfile::tempdir().unwrap();
+    let swtpm = Swtpm::start_with_ek_certificates(ca.path());
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let ek = tpm.endorsement_key(EkKind::EccP384).unwrap();
+    assert_eq!(ek.key.len(), 96);
+    let cert = ek.certificate.clone().unwrap();
+    let verified = verify_ek_certificate(&cert, &bundle(ca.path()), SystemTime::now()).unwrap();
+    assert!(
+        verified.spki.windows(ek.key.len()).any(|w| w == ek.key),
+        "the certificate's key is not the TPM's P-384 EK"
+    );
+    let made = challenge_to(&mut tpm, EkKind::EccP384, ca.path(), None);
+    assert_eq!(made.ek, EkKind::EccP384);
+    assert_eq!(made.encrypted_secret.len(), 2 + 48 + 2 + 48);
+    assert_eq!(&tpm.activate_credential(&made).unwrap()[..], SECRET);
+
+    // Another name, an altered ephemeral point, another TPM's P-384 EK: refused.
+    let key = tpm.create_decrypt_key().unwrap();
+    let made = challenge_to(&mut tpm, EkKind::EccP384, ca.path(), Some(key.name()));
+    let err = tpm.activate_credential(&made).unwrap_err();
+    assert!(matches!(err, TpmError::CredentialRefused), "{err}");
+    let mut altered = challenge_to(&mut tpm, EkKind::EccP384, ca.path(), None);
+    altered.encrypted_secret[10] ^= 1;
+    let err = tpm.activate_credential(&altered).unwrap_err();
+    assert!(matches!(err, TpmError::CredentialRefused), "{err}");
+    let other_swtpm = Swtpm::start_with_ek_certificates(ca.path());
+    let mut other = Tpm::open(&other_swtpm.tcti()).unwrap();
+    let name = sha256_name(&tpm.ak_public_area().unwrap());
+    let for_other = challenge_to(&mut other, EkKind::EccP384, ca.path(), Some(&name));
+    let err = tpm.activate_credential(&for_other).unwrap_err();
+    assert!(matches!(err, TpmError::CredentialRefused), "{err}");
+    // The TPM still answers a right one, and the verifier's one step takes the P-384 EK too.
+    let made = challenge_to(&mut tpm, EkKind::EccP384, ca.path(), None);
+    assert_eq!(&tpm.activate_credential(&made).unwrap()[..], SECRET);
+    let ak_area = tpm.ak_public_area().unwrap();
+    let c = enrol::challenge(&cert, &bundle(ca.path()), SystemTime::now(), &ak_area).unwrap();
+    assert_eq!(c.made.ek, EkKind::EccP384);
+    assert!(c.answered_by(&tpm.activate_credential(&c.made).unwrap()));
 }

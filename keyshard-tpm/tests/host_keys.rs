@@ -16,7 +16,7 @@ mod common;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::swtpm::Swtpm;
-use keyshard_attest::tpm::credential::make_credential;
+use keyshard_attest::tpm::credential::{EkKind, make_credential};
 use keyshard_attest::tpm::ek_cert::{CaBundle, verify_ek_certificate};
 use keyshard_attest::tpm::sha256_name;
 use keyshard_attest::tpm::{CertifyError, DECRYPT_KEY_ATTRIBUTES, EccPublic, verify_certification};
@@ -223,7 +223,11 @@ fn timings() {
         .flat_map(|p| std::fs::read(p).unwrap())
         .collect();
     let bundle = CaBundle::from_pem(&pem).unwrap();
-    let cert = tpm.endorsement_key().unwrap().certificate.unwrap();
+    let cert = tpm
+        .endorsement_key(EkKind::Rsa2048)
+        .unwrap()
+        .certificate
+        .unwrap();
     let name = sha256_name(&tpm.ak_public_area().unwrap());
     let spki = verify_ek_certificate(&cert, &bundle, SystemTime::now())
         .unwrap()
@@ -239,7 +243,7 @@ fn timings() {
             time(|| verify_certification(&certification, &ak, &nonce, key.public_area()).unwrap())
                 .0,
         );
-        ek.push(time(|| tpm.endorsement_key().unwrap()).0);
+        ek.push(time(|| tpm.endorsement_key(EkKind::Rsa2048).unwrap()).0);
         chain.push(time(|| verify_ek_certificate(&cert, &bundle, SystemTime::now()).unwrap()).0);
         let (t, made) = time(|| make_credential(&spki, &name, b"0123456789abcdef").unwrap());
         make.push(t);

@@ -3,46 +3,144 @@
 //! comes back only if the TPM that holds the EK also holds a key with the given name: the
 //! host's ActivateCredential proves that its attestation key and its EK live in one TPM.
 //!
-//! For an RSA EK with the TCG default template (nameAlg SHA-256, AES-128 CFB):
+//! The EK's template (TCG EK Credential Profile) fixes its name algorithm H and symmetric
+//! algorithm: RSA 2048 (template L-1) and ECC P-256 (L-2) use SHA-256 and AES-128 CFB, ECC
+//! P-384 (H-3, what swtpm_setup makes) SHA-384 and AES-256 CFB.
 //!
 //! ```text
-//! seed        32 random bytes (the size of a SHA-256 digest)
-//! secret      RSA-OAEP(EK, SHA-256, MGF1-SHA-256, label "IDENTITY\0", seed)
-//! symKey      KDFa(SHA-256, seed, "STORAGE", name, "", 128)
-//! encIdentity AES-128-CFB(symKey, IV = 0, u16 size || credential)   (a TPM2B_DIGEST)
-//! hmacKey     KDFa(SHA-256, seed, "INTEGRITY", "", "", 256)
-//! outerHMAC   HMAC-SHA-256(hmacKey, encIdentity || name)
-//! idObject    u16 32 || outerHMAC || encIdentity                    (TPM2B_ID_OBJECT's body)
+//! seed        RSA: |H| random bytes, secret = RSA-OAEP(EK, H, MGF1-H, label "IDENTITY\0")
+//!             ECC: an ephemeral key e on the EK's curve, Z = x(e * EK),
+//!                  seed = KDFe(H, Z, "IDENTITY", x(e*G), x(EK), |H| * 8),
+//!                  secret = TPMS_ECC_POINT of e*G (TPM2B x, TPM2B y)
+//! symKey      KDFa(H, seed, "STORAGE", name, "", AES key bits)
+//! encIdentity AES-CFB(symKey, IV = 0, u16 size || credential)   (a TPM2B_DIGEST)
+//! hmacKey     KDFa(H, seed, "INTEGRITY", "", "", |H| * 8)
+//! outerHMAC   HMAC-H(hmacKey, encIdentity || name)
+//! idObject    u16 |H| || outerHMAC || encIdentity              (TPM2B_ID_OBJECT's body)
 //! ```
 //!
 //! KDFa (Part 1, 11.4.10.2): for i = 1, 2, ...: HMAC(key, u32 i || label || 0x00 || contextU
-//! || contextV || u32 bits), concatenated and cut to `bits`. RSA and AES come from aws-lc-rs
-//! (the `rsa` crate of the workspace is on digest 0.10 and cannot take `sha2` 0.11), KDFa and
-//! the HMAC from the RustCrypto `hmac` and `sha2` crates.
+//! || contextV || u32 bits), concatenated and cut to `bits`. KDFe (11.4.10.3): for i = 1, 2,
+//! ...: H(u32 i || Z || label || 0x00 || partyU || partyV). RSA, ECDH and AES come from
+//! aws-lc-rs (the `rsa` crate of the workspace is on digest 0.10 and cannot take `sha2` 0.11),
+//! KDFa, KDFe and the HMAC from the RustCrypto `hmac` and `sha2` crates.
 
-use aws_lc_rs::cipher::{AES_128, EncryptingKey, EncryptionContext, UnboundCipherKey};
+use aws_lc_rs::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey};
+use aws_lc_rs::cipher::{AES_128, AES_256, EncryptingKey, EncryptionContext, UnboundCipherKey};
 use aws_lc_rs::iv::FixedLength;
-use aws_lc_rs::rsa::{OAEP_SHA256_MGF1SHA256, OaepPublicEncryptingKey, PublicEncryptingKey};
+use aws_lc_rs::rsa::{
+    OAEP_SHA256_MGF1SHA256, OAEP_SHA384_MGF1SHA384, OaepPublicEncryptingKey, PublicEncryptingKey,
+};
 use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
+use sha2::{Digest as _, Sha256, Sha384};
+use x509_cert::der::Decode as _;
+use x509_cert::der::asn1::ObjectIdentifier as Oid;
+use x509_cert::spki::SubjectPublicKeyInfoOwned;
 use zeroize::Zeroizing;
 
 use super::public::NAME_LEN;
 use super::spec::TPM_ALG_SHA256;
+
+const RSA_ENCRYPTION: Oid = Oid::new_unwrap("1.2.840.113549.1.1.1");
+const EC_PUBLIC_KEY: Oid = Oid::new_unwrap("1.2.840.10045.2.1");
+const P256: Oid = Oid::new_unwrap("1.2.840.10045.3.1.7");
+const P384: Oid = Oid::new_unwrap("1.3.132.0.34");
+
+/// Which endorsement key a credential is made to: the kinds of the TCG default EK templates
+/// keyshard supports. The host's TPM activates with the EK of the same kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EkKind {
+    /// RSA 2048, template L-1: SHA-256, AES-128 CFB; certificate at NV 0x01c00002.
+    Rsa2048,
+    /// ECC NIST P-256, template L-2: SHA-256, AES-128 CFB; certificate at NV 0x01c0000a.
+    EccP256,
+    /// ECC NIST P-384, template H-3: SHA-384, AES-256 CFB; certificate at NV 0x01c00016.
+    EccP384,
+}
+
+/// The hash of an EK's name algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hash {
+    Sha256,
+    Sha384,
+}
+
+impl Hash {
+    fn len(self) -> usize {
+        match self {
+            Self::Sha256 => 32,
+            Self::Sha384 => 48,
+        }
+    }
+
+    /// HMAC over the concatenation of `parts`.
+    fn hmac(self, key: &[u8], parts: &[&[u8]]) -> Result<Vec<u8>> {
+        fn run<M: Mac + KeyInit>(key: &[u8], parts: &[&[u8]]) -> Result<Vec<u8>> {
+            let mut mac =
+                <M as KeyInit>::new_from_slice(key).map_err(|_| CredentialError::Crypto("HMAC"))?;
+            for part in parts {
+                mac.update(part);
+            }
+            Ok(mac.finalize().into_bytes().to_vec())
+        }
+        match self {
+            Self::Sha256 => run::<Hmac<Sha256>>(key, parts),
+            Self::Sha384 => run::<Hmac<Sha384>>(key, parts),
+        }
+    }
+
+    /// The hash of the concatenation of `parts`.
+    fn digest(self, parts: &[&[u8]]) -> Vec<u8> {
+        match self {
+            Self::Sha256 => parts
+                .iter()
+                .fold(Sha256::new(), |h, p| h.chain_update(p))
+                .finalize()
+                .to_vec(),
+            Self::Sha384 => parts
+                .iter()
+                .fold(Sha384::new(), |h, p| h.chain_update(p))
+                .finalize()
+                .to_vec(),
+        }
+    }
+}
+
+impl EkKind {
+    fn hash(self) -> Hash {
+        match self {
+            Self::Rsa2048 | Self::EccP256 => Hash::Sha256,
+            Self::EccP384 => Hash::Sha384,
+        }
+    }
+
+    fn aes(self) -> &'static aws_lc_rs::cipher::Algorithm {
+        match self {
+            Self::Rsa2048 | Self::EccP256 => &AES_128,
+            Self::EccP384 => &AES_256,
+        }
+    }
+
+    fn aes_key_len(self) -> usize {
+        match self {
+            Self::Rsa2048 | Self::EccP256 => 16,
+            Self::EccP384 => 32,
+        }
+    }
+}
 
 /// The OAEP label of a credential's seed: "IDENTITY" with its terminating NUL.
 pub const IDENTITY_LABEL: &[u8] = b"IDENTITY\0";
 /// Largest credential a TPM2B_DIGEST holds with a SHA-256 name algorithm... and the most
 /// ActivateCredential returns: the size of the largest digest the TPM supports (64).
 pub const MAX_CREDENTIAL_LEN: usize = 64;
-/// Bytes of the seed: the size of a SHA-256 digest, the EK's name algorithm.
-const SEED_LEN: usize = 32;
-/// AES-128: the default EK template's symmetric algorithm.
-const SYM_KEY_LEN: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CredentialError {
-    #[error("the endorsement key is not an RSA public key (SubjectPublicKeyInfo) aws-lc-rs takes")]
+    #[error(
+        "the endorsement key is not an RSA 2048, ECC P-256 or ECC P-384 public key \
+         (SubjectPublicKeyInfo)"
+    )]
     EkKey,
     #[error("the endorsement key is {bits} bits: only RSA 2048 EKs are supported")]
     EkSize { bits: usize },
@@ -61,36 +159,121 @@ pub type Result<T> = std::result::Result<T, CredentialError>;
 /// What TPM2_MakeCredential returns, ready for the host's TPM2_ActivateCredential.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MadeCredential {
-    /// The body of the TPM2B_ID_OBJECT: u16 32 || outerHMAC || encIdentity.
+    /// The EK it was made to: the host activates with its EK of this kind.
+    pub ek: EkKind,
+    /// The body of the TPM2B_ID_OBJECT: u16 |H| || outerHMAC || encIdentity.
     pub id_object: Vec<u8>,
-    /// The body of the TPM2B_ENCRYPTED_SECRET: the RSA-OAEP ciphertext of the seed.
+    /// The body of the TPM2B_ENCRYPTED_SECRET: the RSA-OAEP ciphertext of the seed, or the
+    /// ephemeral ECC point (TPMS_ECC_POINT).
     pub encrypted_secret: Vec<u8>,
 }
 
-/// MakeCredential to the RSA 2048 EK `ek_spki` (X.509 SubjectPublicKeyInfo DER, as in the EK
-/// certificate) for the object named `name` (SHA-256 TPM name of the attestation key):
-/// `credential` comes back from ActivateCredential only in the TPM that holds that EK and a
-/// loaded object of that name.
+/// MakeCredential to the EK `ek_spki` (X.509 SubjectPublicKeyInfo DER, as in the EK
+/// certificate: RSA 2048, ECC P-256 or ECC P-384) for the object named `name` (SHA-256 TPM name
+/// of the attestation key): `credential` comes back from ActivateCredential only in the TPM
+/// that holds that EK and a loaded object of that name.
 pub fn make_credential(ek_spki: &[u8], name: &[u8], credential: &[u8]) -> Result<MadeCredential> {
-    let mut seed = Zeroizing::new([0u8; SEED_LEN]);
-    aws_lc_rs::rand::fill(&mut seed[..]).map_err(|_| CredentialError::Random)?;
-    let ek = rsa_ek(ek_spki)?;
     check_inputs(name, credential)?;
-    let mut ciphertext = vec![0u8; ek.ciphertext_size()];
-    let encrypted_secret = ek
-        .encrypt(
-            &OAEP_SHA256_MGF1SHA256,
-            &seed[..],
-            &mut ciphertext,
-            Some(IDENTITY_LABEL),
-        )
-        .map_err(|_| CredentialError::Crypto("RSA-OAEP"))?
-        .to_vec();
-    let id_object = protect(&seed, name, credential)?;
+    let spki = SubjectPublicKeyInfoOwned::from_der(ek_spki).map_err(|_| CredentialError::EkKey)?;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.decode_as::<Oid>().ok());
+    let (ek, (seed, encrypted_secret)) = match (spki.algorithm.oid, curve) {
+        (RSA_ENCRYPTION, _) => (EkKind::Rsa2048, rsa_seed(ek_spki)?),
+        (EC_PUBLIC_KEY, Some(P256)) => {
+            let point = spki.subject_public_key.raw_bytes();
+            (EkKind::EccP256, ecc_seed(EkKind::EccP256, point)?)
+        }
+        (EC_PUBLIC_KEY, Some(P384)) => {
+            let point = spki.subject_public_key.raw_bytes();
+            (EkKind::EccP384, ecc_seed(EkKind::EccP384, point)?)
+        }
+        _ => return Err(CredentialError::EkKey),
+    };
+    let id_object = protect(ek, &seed, name, credential)?;
     Ok(MadeCredential {
+        ek,
         id_object,
         encrypted_secret,
     })
+}
+
+/// A random seed of |SHA-256| bytes and its RSA-OAEP ciphertext (label "IDENTITY\0").
+fn rsa_seed(ek_spki: &[u8]) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>)> {
+    let hash = EkKind::Rsa2048.hash();
+    let mut seed = Zeroizing::new(vec![0u8; hash.len()]);
+    aws_lc_rs::rand::fill(&mut seed[..]).map_err(|_| CredentialError::Random)?;
+    let ek = rsa_ek(ek_spki)?;
+    let oaep = match hash {
+        Hash::Sha256 => &OAEP_SHA256_MGF1SHA256,
+        Hash::Sha384 => &OAEP_SHA384_MGF1SHA384,
+    };
+    let mut ciphertext = vec![0u8; ek.ciphertext_size()];
+    let encrypted = ek
+        .encrypt(oaep, &seed[..], &mut ciphertext, Some(IDENTITY_LABEL))
+        .map_err(|_| CredentialError::Crypto("RSA-OAEP"))?
+        .to_vec();
+    Ok((seed, encrypted))
+}
+
+/// The seed from an ephemeral ECDH with the EK's point (uncompressed SEC1), and the
+/// ephemeral public point as a TPMS_ECC_POINT.
+fn ecc_seed(kind: EkKind, ek_point: &[u8]) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>)> {
+    let (alg, coord) = match kind {
+        EkKind::EccP256 => (&agreement::ECDH_P256, 32),
+        EkKind::EccP384 => (&agreement::ECDH_P384, 48),
+        EkKind::Rsa2048 => return Err(CredentialError::EkKey),
+    };
+    let ek_x = ek_point
+        .get(1..1 + coord)
+        .filter(|_| ek_point.len() == 1 + 2 * coord && ek_point.first() == Some(&0x04))
+        .ok_or(CredentialError::EkKey)?;
+    let ephemeral = EphemeralPrivateKey::generate(alg, &aws_lc_rs::rand::SystemRandom::new())
+        .map_err(|_| CredentialError::Random)?;
+    let public = ephemeral
+        .compute_public_key()
+        .map_err(|_| CredentialError::Crypto("ECDH"))?;
+    let public = public.as_ref();
+    let (eph_x, eph_y) = public
+        .get(1..)
+        .and_then(|xy| xy.split_at_checked(coord))
+        .ok_or(CredentialError::Crypto("ECDH"))?;
+    let hash = kind.hash();
+    let seed = agreement::agree_ephemeral(
+        ephemeral,
+        UnparsedPublicKey::new(alg, ek_point),
+        CredentialError::EkKey,
+        |z| Ok(kdfe(hash, z, b"IDENTITY", eph_x, ek_x, hash.len())),
+    )?;
+    let mut point = Vec::with_capacity(4 + 2 * coord);
+    for c in [eph_x, eph_y] {
+        let len = u16::try_from(c.len()).map_err(|_| CredentialError::Crypto("ECDH"))?;
+        point.extend_from_slice(&len.to_be_bytes());
+        point.extend_from_slice(c);
+    }
+    Ok((seed, point))
+}
+
+/// KDFe (TPM 2.0 Part 1, 11.4.10.3): `len` bytes from the shared x-coordinate `z`.
+fn kdfe(
+    hash: Hash,
+    z: &[u8],
+    label: &[u8],
+    party_u: &[u8],
+    party_v: &[u8],
+    len: usize,
+) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(len.saturating_add(hash.len())));
+    let mut counter: u32 = 1;
+    while out.len() < len {
+        let block = hash.digest(&[&counter.to_be_bytes(), z, label, &[0], party_u, party_v]);
+        out.extend_from_slice(&block);
+        counter = counter.saturating_add(1);
+    }
+    out.truncate(len);
+    out
 }
 
 fn rsa_ek(ek_spki: &[u8]) -> Result<OaepPublicEncryptingKey> {
@@ -115,38 +298,33 @@ fn check_inputs(name: &[u8], credential: &[u8]) -> Result<()> {
 }
 
 /// The TPM2B_ID_OBJECT body for `seed`: the credential encrypted and integrity-protected
-/// with keys derived from the seed and bound to `name`.
-fn protect(seed: &[u8; SEED_LEN], name: &[u8], credential: &[u8]) -> Result<Vec<u8>> {
+/// with keys derived from the seed (with the EK's hash and AES) and bound to `name`.
+fn protect(ek: EkKind, seed: &[u8], name: &[u8], credential: &[u8]) -> Result<Vec<u8>> {
     check_inputs(name, credential)?;
-    let sym_key = kdfa(seed, b"STORAGE", name, &[], SYM_KEY_LEN)?;
+    let hash = ek.hash();
+    let sym_key = kdfa_with(hash, seed, b"STORAGE", name, &[], ek.aes_key_len())?;
     let len = u16::try_from(credential.len()).map_err(|_| CredentialError::CredentialLength {
         len: credential.len(),
     })?;
     let mut enc_identity = Vec::with_capacity(2 + credential.len());
     enc_identity.extend_from_slice(&len.to_be_bytes());
     enc_identity.extend_from_slice(credential);
-    let key = UnboundCipherKey::new(&AES_128, &sym_key[..])
+    let key = UnboundCipherKey::new(ek.aes(), &sym_key[..])
         .and_then(EncryptingKey::cfb128)
-        .map_err(|_| CredentialError::Crypto("AES-128-CFB"))?;
+        .map_err(|_| CredentialError::Crypto("AES-CFB"))?;
     key.less_safe_encrypt(
         &mut enc_identity,
         EncryptionContext::Iv128(FixedLength::from([0u8; 16])),
     )
-    .map_err(|_| CredentialError::Crypto("AES-128-CFB"))?;
-    let hmac_key = kdfa(seed, b"INTEGRITY", &[], &[], 32)?;
-    let mut mac = hmac_sha256(&hmac_key)?;
-    mac.update(&enc_identity);
-    mac.update(name);
-    let outer = mac.finalize().into_bytes();
+    .map_err(|_| CredentialError::Crypto("AES-CFB"))?;
+    let hmac_key = kdfa_with(hash, seed, b"INTEGRITY", &[], &[], hash.len())?;
+    let outer = hash.hmac(&hmac_key, &[&enc_identity, name])?;
+    let outer_len = u16::try_from(outer.len()).map_err(|_| CredentialError::Crypto("HMAC"))?;
     let mut id_object = Vec::with_capacity(2 + outer.len() + enc_identity.len());
-    id_object.extend_from_slice(&32u16.to_be_bytes());
+    id_object.extend_from_slice(&outer_len.to_be_bytes());
     id_object.extend_from_slice(&outer);
     id_object.extend_from_slice(&enc_identity);
     Ok(id_object)
-}
-
-fn hmac_sha256(key: &[u8]) -> Result<Hmac<Sha256>> {
-    <Hmac<Sha256> as KeyInit>::new_from_slice(key).map_err(|_| CredentialError::Crypto("HMAC"))
 }
 
 /// KDFa with SHA-256 (TPM 2.0 Part 1, 11.4.10.2): `len` bytes from `key`, `label` (without its
@@ -158,21 +336,36 @@ pub fn kdfa(
     context_v: &[u8],
     len: usize,
 ) -> Result<Zeroizing<Vec<u8>>> {
+    kdfa_with(Hash::Sha256, key, label, context_u, context_v, len)
+}
+
+fn kdfa_with(
+    hash: Hash,
+    key: &[u8],
+    label: &[u8],
+    context_u: &[u8],
+    context_v: &[u8],
+    len: usize,
+) -> Result<Zeroizing<Vec<u8>>> {
     let bits = len
         .checked_mul(8)
         .and_then(|b| u32::try_from(b).ok())
         .ok_or(CredentialError::Crypto("KDFa"))?;
-    let mut out = Zeroizing::new(Vec::with_capacity(len.saturating_add(32)));
+    let mut out = Zeroizing::new(Vec::with_capacity(len.saturating_add(hash.len())));
     let mut counter: u32 = 1;
     while out.len() < len {
-        let mut mac = hmac_sha256(key)?;
-        mac.update(&counter.to_be_bytes());
-        mac.update(label);
-        mac.update(&[0]);
-        mac.update(context_u);
-        mac.update(context_v);
-        mac.update(&bits.to_be_bytes());
-        out.extend_from_slice(&mac.finalize().into_bytes());
+        let block = hash.hmac(
+            key,
+            &[
+                &counter.to_be_bytes(),
+                label,
+                &[0],
+                context_u,
+                context_v,
+                &bits.to_be_bytes(),
+            ],
+        )?;
+        out.extend_from_slice(&block);
         counter = counter
             .checked_add(1)
             .ok_or(CredentialError::Crypto("KDFa"))?;
@@ -188,6 +381,10 @@ mod tests {
     use aws_lc_rs::rsa::{KeySize, OaepPrivateDecryptingKey, PrivateDecryptingKey};
 
     use super::*;
+
+    fn hmac_sha256(key: &[u8]) -> Hmac<Sha256> {
+        <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap()
+    }
 
     fn name(byte: u8) -> Vec<u8> {
         let mut n = vec![0x00, 0x0b];
@@ -212,7 +409,7 @@ mod tests {
         assert_eq!(size, [0, 32]);
         let (outer, enc) = rest.split_at(32);
         let hmac_key = kdfa(&seed, b"INTEGRITY", &[], &[], 32).unwrap();
-        let mut mac = hmac_sha256(&hmac_key).unwrap();
+        let mut mac = hmac_sha256(&hmac_key);
         mac.update(enc);
         mac.update(name);
         mac.verify_slice(outer).ok()?;
@@ -250,12 +447,87 @@ mod tests {
         assert_ne!(again.id_object, made.id_object);
     }
 
+    /// ActivateCredential for a P-384 EK (H-3: SHA-384, AES-256), in software.
+    fn activate_p384(
+        ek: &agreement::PrivateKey,
+        made: &MadeCredential,
+        name: &[u8],
+    ) -> Option<Vec<u8>> {
+        let (xl, rest) = made.encrypted_secret.split_at(2);
+        assert_eq!(xl, [0, 48]);
+        let (x, rest) = rest.split_at(48);
+        let (yl, y) = rest.split_at(2);
+        assert_eq!((yl, y.len()), (&[0u8, 48][..], 48));
+        let point = [&[0x04][..], x, y].concat();
+        let ek_public = ek.compute_public_key().unwrap();
+        let ek_x = &ek_public.as_ref()[1..49];
+        let seed = agreement::agree(
+            ek,
+            UnparsedPublicKey::new(&agreement::ECDH_P384, &point),
+            (),
+            |z| Ok(kdfe(Hash::Sha384, z, b"IDENTITY", x, ek_x, 48)),
+        )
+        .unwrap();
+        let (size, rest) = made.id_object.split_at(2);
+        assert_eq!(size, [0, 48]);
+        let (outer, enc) = rest.split_at(48);
+        let hmac_key = kdfa_with(Hash::Sha384, &seed, b"INTEGRITY", &[], &[], 48).unwrap();
+        if Hash::Sha384.hmac(&hmac_key, &[enc, name]).unwrap() != outer {
+            return None;
+        }
+        let sym = kdfa_with(Hash::Sha384, &seed, b"STORAGE", name, &[], 32).unwrap();
+        let key = DecryptingKey::cfb128(UnboundCipherKey::new(&AES_256, &sym).unwrap()).unwrap();
+        let mut plain = enc.to_vec();
+        key.decrypt(
+            &mut plain,
+            DecryptionContext::Iv128(FixedLength::from([0u8; 16])),
+        )
+        .unwrap();
+        let len = usize::from(u16::from_be_bytes([plain[0], plain[1]]));
+        Some(plain[2..2 + len].to_vec())
+    }
+
+    fn p384_spki(point: &[u8]) -> Vec<u8> {
+        use x509_cert::der::Encode as _;
+        use x509_cert::der::asn1::{Any, BitString};
+        use x509_cert::spki::AlgorithmIdentifierOwned;
+        SubjectPublicKeyInfoOwned {
+            algorithm: AlgorithmIdentifierOwned {
+                oid: EC_PUBLIC_KEY,
+                parameters: Some(Any::from(&P384)),
+            },
+            subject_public_key: BitString::from_bytes(point).unwrap(),
+        }
+        .to_der()
+        .unwrap()
+    }
+
+    #[test]
+    fn a_p384_credential_comes_back_for_the_right_name_only() {
+        let ek = agreement::PrivateKey::generate(&agreement::ECDH_P384).unwrap();
+        let point = ek.compute_public_key().unwrap().as_ref().to_vec();
+        let made = make_credential(&p384_spki(&point), &name(1), b"enrolment secret").unwrap();
+        assert_eq!(made.ek, EkKind::EccP384);
+        assert_eq!(
+            activate_p384(&ek, &made, &name(1)).as_deref(),
+            Some(&b"enrolment secret"[..])
+        );
+        assert_eq!(activate_p384(&ek, &made, &name(2)), None);
+        // A point off the curve is no EK.
+        let mut off = point.clone();
+        off[96] ^= 1;
+        assert_eq!(
+            make_credential(&p384_spki(&off), &name(1), b"x"),
+            Err(CredentialError::EkKey)
+        );
+    }
+
     #[test]
     fn kdfa_counts_blocks_and_binds_every_input() {
         let a = kdfa(b"key", b"STORAGE", b"u", b"v", 16).unwrap();
         assert_eq!(a.len(), 16);
         // One HMAC block computed by hand: counter 1, label, NUL, contexts, 128 bits.
-        let mut mac = hmac_sha256(b"key").unwrap();
+        let mut mac = hmac_sha256(b"key");
         mac.update(&[0, 0, 0, 1]);
         mac.update(b"STORAGE\0uv");
         mac.update(&128u32.to_be_bytes());

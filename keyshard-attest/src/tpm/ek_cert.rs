@@ -5,8 +5,8 @@
 //! Checked, for every certificate on the path: the signature (RSA PKCS#1 v1.5 with SHA-256,
 //! -384 or -512, what swtpm_localca and most TPM vendors use, or ECDSA P-256/P-384 with SHA-256
 //! or -384), signatureAlgorithm equal to the signed one, validity at the given time, and that
-//! every issuer is a CA (basicConstraints cA = TRUE). The EK certificate's key must be RSA 2048
-//! (what [`super::credential::make_credential`] takes).
+//! every issuer is a CA (basicConstraints cA = TRUE). The EK certificate's key must be RSA
+//! 2048, ECC P-256 or ECC P-384 (what [`super::credential::make_credential`] takes).
 //!
 //! Not checked: revocation (no CRL or OCSP: no network), name constraints, certificate
 //! policies, path length constraints, key usage and extended key usage (tcg-kp-EKCertificate),
@@ -65,7 +65,7 @@ pub enum EkCertError {
     NotACa { subject: String },
     #[error("the path from the EK certificate is longer than {MAX_PATH} certificates")]
     PathTooLong,
-    #[error("the EK certificate's key is not an RSA 2048 key")]
+    #[error("the EK certificate's key is not an RSA 2048, ECC P-256 or ECC P-384 key")]
     EkKey,
 }
 
@@ -259,16 +259,34 @@ fn is_ca(cert: &Certificate) -> bool {
         .any(|ext| BasicConstraints::from_der(ext.extn_value.as_bytes()).is_ok_and(|bc| bc.ca))
 }
 
-/// The EK certificate's key as SubjectPublicKeyInfo DER, if it is RSA 2048.
+/// The EK certificate's key as SubjectPublicKeyInfo DER, if it is RSA 2048, ECC P-256 or
+/// ECC P-384 (a point on the curve): the EK kinds MakeCredential supports.
 fn ek_key(cert: &Certificate) -> Result<Vec<u8>> {
     let spki = &cert.tbs_certificate.subject_public_key_info;
-    if spki.algorithm.oid != RSA_ENCRYPTION {
-        return Err(EkCertError::EkKey);
-    }
     let der = spki.to_der().map_err(|_| EkCertError::EkKey)?;
-    let key =
-        aws_lc_rs::rsa::PublicEncryptingKey::from_der(&der).map_err(|_| EkCertError::EkKey)?;
-    if key.key_size_bits() != 2048 {
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.decode_as::<Oid>().ok());
+    let point = spki.subject_public_key.raw_bytes();
+    let usable = match (spki.algorithm.oid, curve) {
+        (RSA_ENCRYPTION, _) => aws_lc_rs::rsa::PublicEncryptingKey::from_der(&der)
+            .is_ok_and(|key| key.key_size_bits() == 2048),
+        (EC_PUBLIC_KEY, Some(P256)) => {
+            point.len() == 65 && p256::PublicKey::from_sec1_bytes(point).is_ok()
+        }
+        (EC_PUBLIC_KEY, Some(P384)) => {
+            point.len() == 97
+                && aws_lc_rs::signature::ParsedPublicKey::new(
+                    &signature::ECDSA_P384_SHA384_ASN1,
+                    point,
+                )
+                .is_ok()
+        }
+        _ => false,
+    };
+    if !usable {
         return Err(EkCertError::EkKey);
     }
     Ok(der)
@@ -279,6 +297,7 @@ mod tests {
     use super::*;
 
     const EK: &[u8] = include_bytes!("../../tests/data/ek/ek-rsa2048.der");
+    const EK_P384: &[u8] = include_bytes!("../../tests/data/ek/ek-eccp384.der");
     const ROOT: &[u8] = include_bytes!("../../tests/data/ek/rootca.pem");
     const ISSUER: &[u8] = include_bytes!("../../tests/data/ek/issuer.pem");
 
@@ -298,6 +317,15 @@ mod tests {
         assert_eq!(verified.root, "CN=swtpm-localca-rootca");
         let key = aws_lc_rs::rsa::PublicEncryptingKey::from_der(&verified.spki).unwrap();
         assert_eq!(key.key_size_bits(), 2048);
+    }
+
+    #[test]
+    fn swtpms_p384_ek_certificate_chains_too() {
+        let verified = verify_ek_certificate(EK_P384, &bundle(), now()).unwrap();
+        assert_eq!(verified.path_len, 3);
+        let spki = x509_cert::spki::SubjectPublicKeyInfoOwned::from_der(&verified.spki).unwrap();
+        assert_eq!(spki.algorithm.oid, EC_PUBLIC_KEY);
+        assert_eq!(spki.subject_public_key.raw_bytes().len(), 97);
     }
 
     #[test]
