@@ -131,9 +131,6 @@ impl EkKind {
 
 /// The OAEP label of a credential's seed: "IDENTITY" with its terminating NUL.
 pub const IDENTITY_LABEL: &[u8] = b"IDENTITY\0";
-/// Largest credential a TPM2B_DIGEST holds with a SHA-256 name algorithm... and the most
-/// ActivateCredential returns: the size of the largest digest the TPM supports (64).
-pub const MAX_CREDENTIAL_LEN: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CredentialError {
@@ -144,8 +141,8 @@ pub enum CredentialError {
     EkKey,
     #[error("the endorsement key is {bits} bits: only RSA 2048 EKs are supported")]
     EkSize { bits: usize },
-    #[error("a credential of {len} bytes: 1 to 64 bytes")]
-    CredentialLength { len: usize },
+    #[error("a credential of {len} bytes: 1 to {max} bytes (the size of the EK's name hash)")]
+    CredentialLength { len: usize, max: usize },
     #[error("the key name is not a SHA-256 TPM name (34 bytes, 0x000b first)")]
     Name,
     #[error("no randomness for the seed")]
@@ -173,7 +170,7 @@ pub struct MadeCredential {
 /// of the attestation key): `credential` comes back from ActivateCredential only in the TPM
 /// that holds that EK and a loaded object of that name.
 pub fn make_credential(ek_spki: &[u8], name: &[u8], credential: &[u8]) -> Result<MadeCredential> {
-    check_inputs(name, credential)?;
+    check_name(name)?;
     let spki = SubjectPublicKeyInfoOwned::from_der(ek_spki).map_err(|_| CredentialError::EkKey)?;
     let curve = spki
         .algorithm
@@ -285,14 +282,9 @@ fn rsa_ek(ek_spki: &[u8]) -> Result<OaepPublicEncryptingKey> {
     OaepPublicEncryptingKey::new(key).map_err(|_| CredentialError::EkKey)
 }
 
-fn check_inputs(name: &[u8], credential: &[u8]) -> Result<()> {
+fn check_name(name: &[u8]) -> Result<()> {
     if name.len() != NAME_LEN || name.get(..2) != Some(&TPM_ALG_SHA256.to_be_bytes()[..]) {
         return Err(CredentialError::Name);
-    }
-    if credential.is_empty() || credential.len() > MAX_CREDENTIAL_LEN {
-        return Err(CredentialError::CredentialLength {
-            len: credential.len(),
-        });
     }
     Ok(())
 }
@@ -300,12 +292,17 @@ fn check_inputs(name: &[u8], credential: &[u8]) -> Result<()> {
 /// The TPM2B_ID_OBJECT body for `seed`: the credential encrypted and integrity-protected
 /// with keys derived from the seed (with the EK's hash and AES) and bound to `name`.
 fn protect(ek: EkKind, seed: &[u8], name: &[u8], credential: &[u8]) -> Result<Vec<u8>> {
-    check_inputs(name, credential)?;
+    check_name(name)?;
     let hash = ek.hash();
+    // MakeCredential refuses a credential longer than the EK's name hash (TPM_RC_SIZE).
+    if credential.is_empty() || credential.len() > hash.len() {
+        return Err(CredentialError::CredentialLength {
+            len: credential.len(),
+            max: hash.len(),
+        });
+    }
     let sym_key = kdfa_with(hash, seed, b"STORAGE", name, &[], ek.aes_key_len())?;
-    let len = u16::try_from(credential.len()).map_err(|_| CredentialError::CredentialLength {
-        len: credential.len(),
-    })?;
+    let len = u16::try_from(credential.len()).map_err(|_| CredentialError::Crypto("length"))?;
     let mut enc_identity = Vec::with_capacity(2 + credential.len());
     enc_identity.extend_from_slice(&len.to_be_bytes());
     enc_identity.extend_from_slice(credential);
@@ -555,11 +552,11 @@ mod tests {
         );
         assert_eq!(
             make_credential(&spki, &name(1), &[]),
-            Err(CredentialError::CredentialLength { len: 0 })
+            Err(CredentialError::CredentialLength { len: 0, max: 32 })
         );
         assert_eq!(
-            make_credential(&spki, &name(1), &[0; 65]),
-            Err(CredentialError::CredentialLength { len: 65 })
+            make_credential(&spki, &name(1), &[0; 33]),
+            Err(CredentialError::CredentialLength { len: 33, max: 32 })
         );
         assert_eq!(
             make_credential(b"not a key", &name(1), b"x"),
