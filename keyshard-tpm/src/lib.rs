@@ -13,11 +13,10 @@
 //!   under the SRK, stored as a [`DecryptKey`]; [`Tpm::ecdh_z_gen`] gives the ECDH shared
 //!   point for an encrypter's ephemeral key; [`Tpm::certify_decrypt_key`] has the AK certify
 //!   it (`keyshard_attest::tpm::verify_certification` checks that).
-//! - Enrolment: [`Tpm::endorsement_key`] (RSA 2048, ECC P-256 or P-384 EK and its NV
-//!   certificate),
-//!   [`Tpm::ak_public_area`] and [`Tpm::activate_credential`], which proves to a CMS that
-//!   made a credential in software (`keyshard_attest::tpm::credential`) that the AK and the
-//!   certified EK are in one TPM.
+//! - Enrolment: [`Tpm::endorsement_key`] (an RSA 2048, ECC P-256 or P-384 EK and its NV
+//!   certificate), [`Tpm::ak_public_area`] and [`Tpm::activate_credential`], which proves to
+//!   a CMS that made a credential in software (`keyshard_attest::tpm::credential`) that the AK
+//!   and the certified EK are in one TPM.
 //!
 //! A release: `quote(selection, fresh nonce)` -> `keyshard_attest::tpm::verify_quote(quote,
 //! pinned AK, nonce, golden)` -> `unseal(blob)`. A changed PCR fails the quote with

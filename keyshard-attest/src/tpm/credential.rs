@@ -444,36 +444,43 @@ mod tests {
         assert_ne!(again.id_object, made.id_object);
     }
 
-    /// ActivateCredential for a P-384 EK (H-3: SHA-384, AES-256), in software.
-    fn activate_p384(
+    /// ActivateCredential for an ECC EK, in software.
+    fn activate_ecc(
+        kind: EkKind,
         ek: &agreement::PrivateKey,
         made: &MadeCredential,
         name: &[u8],
     ) -> Option<Vec<u8>> {
+        let (alg, coord) = match kind {
+            EkKind::EccP256 => (&agreement::ECDH_P256, 32),
+            _ => (&agreement::ECDH_P384, 48),
+        };
+        let (hash, aes) = (kind.hash(), kind.aes());
+        let size = u16::try_from(coord).unwrap().to_be_bytes();
         let (xl, rest) = made.encrypted_secret.split_at(2);
-        assert_eq!(xl, [0, 48]);
-        let (x, rest) = rest.split_at(48);
+        assert_eq!(xl, size);
+        let (x, rest) = rest.split_at(coord);
         let (yl, y) = rest.split_at(2);
-        assert_eq!((yl, y.len()), (&[0u8, 48][..], 48));
+        assert_eq!((yl, y.len()), (&size[..], coord));
         let point = [&[0x04][..], x, y].concat();
         let ek_public = ek.compute_public_key().unwrap();
-        let ek_x = &ek_public.as_ref()[1..49];
-        let seed = agreement::agree(
-            ek,
-            UnparsedPublicKey::new(&agreement::ECDH_P384, &point),
-            (),
-            |z| Ok(kdfe(Hash::Sha384, z, b"IDENTITY", x, ek_x, 48)),
-        )
+        let ek_x = &ek_public.as_ref()[1..1 + coord];
+        let seed = agreement::agree(ek, UnparsedPublicKey::new(alg, &point), (), |z| {
+            Ok(kdfe(hash, z, b"IDENTITY", x, ek_x, hash.len()))
+        })
         .unwrap();
         let (size, rest) = made.id_object.split_at(2);
-        assert_eq!(size, [0, 48]);
-        let (outer, enc) = rest.split_at(48);
-        let hmac_key = kdfa_with(Hash::Sha384, &seed, b"INTEGRITY", &[], &[], 48).unwrap();
-        if Hash::Sha384.hmac(&hmac_key, &[enc, name]).unwrap() != outer {
+        assert_eq!(
+            usize::from(u16::from_be_bytes([size[0], size[1]])),
+            hash.len()
+        );
+        let (outer, enc) = rest.split_at(hash.len());
+        let hmac_key = kdfa_with(hash, &seed, b"INTEGRITY", &[], &[], hash.len()).unwrap();
+        if hash.hmac(&hmac_key, &[enc, name]).unwrap() != outer {
             return None;
         }
-        let sym = kdfa_with(Hash::Sha384, &seed, b"STORAGE", name, &[], 32).unwrap();
-        let key = DecryptingKey::cfb128(UnboundCipherKey::new(&AES_256, &sym).unwrap()).unwrap();
+        let sym = kdfa_with(hash, &seed, b"STORAGE", name, &[], kind.aes_key_len()).unwrap();
+        let key = DecryptingKey::cfb128(UnboundCipherKey::new(aes, &sym).unwrap()).unwrap();
         let mut plain = enc.to_vec();
         key.decrypt(
             &mut plain,
@@ -484,14 +491,14 @@ mod tests {
         Some(plain[2..2 + len].to_vec())
     }
 
-    fn p384_spki(point: &[u8]) -> Vec<u8> {
+    fn ec_spki(curve: Oid, point: &[u8]) -> Vec<u8> {
         use x509_cert::der::Encode as _;
         use x509_cert::der::asn1::{Any, BitString};
         use x509_cert::spki::AlgorithmIdentifierOwned;
         SubjectPublicKeyInfoOwned {
             algorithm: AlgorithmIdentifierOwned {
                 oid: EC_PUBLIC_KEY,
-                parameters: Some(Any::from(&P384)),
+                parameters: Some(Any::from(&curve)),
             },
             subject_public_key: BitString::from_bytes(point).unwrap(),
         }
@@ -500,23 +507,31 @@ mod tests {
     }
 
     #[test]
-    fn a_p384_credential_comes_back_for_the_right_name_only() {
-        let ek = agreement::PrivateKey::generate(&agreement::ECDH_P384).unwrap();
-        let point = ek.compute_public_key().unwrap().as_ref().to_vec();
-        let made = make_credential(&p384_spki(&point), &name(1), b"enrolment secret").unwrap();
-        assert_eq!(made.ek, EkKind::EccP384);
-        assert_eq!(
-            activate_p384(&ek, &made, &name(1)).as_deref(),
-            Some(&b"enrolment secret"[..])
-        );
-        assert_eq!(activate_p384(&ek, &made, &name(2)), None);
-        // A point off the curve is no EK.
-        let mut off = point.clone();
-        off[96] ^= 1;
-        assert_eq!(
-            make_credential(&p384_spki(&off), &name(1), b"x"),
-            Err(CredentialError::EkKey)
-        );
+    fn ecc_credentials_come_back_for_the_right_name_only() {
+        for (kind, alg, curve) in [
+            (EkKind::EccP256, &agreement::ECDH_P256, P256),
+            (EkKind::EccP384, &agreement::ECDH_P384, P384),
+        ] {
+            let ek = agreement::PrivateKey::generate(alg).unwrap();
+            let point = ek.compute_public_key().unwrap().as_ref().to_vec();
+            let spki = ec_spki(curve, &point);
+            let made = make_credential(&spki, &name(1), b"enrolment secret").unwrap();
+            assert_eq!(made.ek, kind);
+            assert_eq!(
+                activate_ecc(kind, &ek, &made, &name(1)).as_deref(),
+                Some(&b"enrolment secret"[..]),
+                "{kind:?}"
+            );
+            assert_eq!(activate_ecc(kind, &ek, &made, &name(2)), None, "{kind:?}");
+            // A point off the curve is no EK.
+            let mut off = point.clone();
+            *off.last_mut().unwrap() ^= 1;
+            assert_eq!(
+                make_credential(&ec_spki(curve, &off), &name(1), b"x"),
+                Err(CredentialError::EkKey),
+                "{kind:?}"
+            );
+        }
     }
 
     #[test]
