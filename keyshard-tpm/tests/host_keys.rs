@@ -161,6 +161,72 @@ fn item2_certify_by_the_ak_verifies_in_software_and_binds_nonce_key_and_tpm() {
     );
 }
 
+/// What the decrypt key does not protect against, shown: anyone who can send commands to the
+/// host's TPM (root) loads the stored blob under the SRK and asks for ECDH_ZGen with
+/// tpm2-tools, without keyshard, and gets the shared secret.
+#[test]
+fn item2_decrypt_key_root_on_the_host_can_zgen_with_tpm2_tools() {
+    let swtpm = Swtpm::start();
+    let stored = {
+        let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+        tpm.create_decrypt_key().unwrap().to_bytes()
+    };
+    let key = DecryptKey::parse(&stored).unwrap();
+    // "KSDK", version, then TPM2B_PUBLIC and TPM2B_PRIVATE: tpm2-tools' .pub and .priv.
+    let body = &stored[5..];
+    let public_len = 2 + usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let (public, private) = body.split_at(public_len);
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(path("key.pub"), public).unwrap();
+    std::fs::write(path("key.priv"), private).unwrap();
+    let e = ephemeral(11);
+    let q = sec1(&e.public_key());
+    // TPM2B_ECC_POINT: size, then TPMS_ECC_POINT (TPM2B x, TPM2B y).
+    let mut point = vec![0, 68, 0, 32];
+    point.extend_from_slice(&q[1..33]);
+    point.extend_from_slice(&[0, 32]);
+    point.extend_from_slice(&q[33..]);
+    std::fs::write(path("q.bin"), &point).unwrap();
+    let tool = |args: &[&str]| {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .env("TPM2TOOLS_TCTI", swtpm.tcti())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = |name: &str| path(name).display().to_string();
+    tool(&[
+        "tpm2_load",
+        "-C",
+        "0x81000001",
+        "-u",
+        &p("key.pub"),
+        "-r",
+        &p("key.priv"),
+        "-c",
+        &p("key.ctx"),
+    ]);
+    tool(&[
+        "tpm2_ecdhzgen",
+        "-c",
+        &p("key.ctx"),
+        "-u",
+        &p("q.bin"),
+        "-o",
+        &p("z.bin"),
+    ]);
+    let z = std::fs::read(path("z.bin")).unwrap();
+    let expected = software_shared_point(&e, &key);
+    // TPM2B_ECC_POINT: u16 size, u16 32, x...
+    assert_eq!(&z[4..36], &expected[1..33], "tpm2-tools got another Z");
+}
+
 #[test]
 fn decrypt_key_serves_threads_through_the_tpm_service() {
     let swtpm = Swtpm::start();
