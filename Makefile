@@ -10,6 +10,8 @@ CARGO ?= cargo
 #   qemu-utils               qemu-img; see `deps` for why it is listed
 #   libtss2-dev pkg-config   tpm2-tss for tss-esapi (with its swtpm TCTI)
 #   swtpm                    the software TPM the TPM tests and the demo run against
+#   swtpm-tools              swtpm_setup and swtpm_localca: TPMs with EK certificates from a
+#                            local CA, for the enrolment tests (MakeCredential/ActivateCredential)
 #   tpm2-tools               tpm2_pcrextend/tpm2_pcrread: the e2e test and the demo change the
 #                            (software) host TPM's PCR 7 to show the coordinator refusing
 #   libvirt-clients libxml2-utils   virt-xml-validate (which runs xmllint) and virsh's test
@@ -18,7 +20,7 @@ CARGO ?= cargo
 #                            etcd on loopback (keyshard-cms/tests/store_suite.rs)
 #   protobuf-compiler        protoc, which the etcd-client crate's build script runs
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static \
-	cryptsetup-bin cpio e2fsprogs libtss2-dev pkg-config swtpm tpm2-tools \
+	cryptsetup-bin cpio e2fsprogs libtss2-dev pkg-config swtpm swtpm-tools tpm2-tools \
 	libvirt-clients libxml2-utils etcd-server protobuf-compiler
 
 FUZZ_SECONDS ?= 600

@@ -5,6 +5,7 @@
 use tss_esapi::constants::response_code::Tss2ResponseCodeKind;
 
 use crate::blob::BlobError;
+use crate::decrypt_key::DecryptKeyError;
 use keyshard_attest::tpm::pcr::PcrError;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,22 @@ pub enum TpmError {
     Pcr(#[from] PcrError),
     #[error(transparent)]
     Blob(#[from] BlobError),
+    #[error(transparent)]
+    DecryptKey(#[from] DecryptKeyError),
+    #[error(
+        "the TPM cannot load the decrypt key: it was made by another TPM or storage root key, \
+         or it was altered"
+    )]
+    ForeignKey,
+    #[error("a {len}-byte point: ECDH takes an uncompressed P-256 point (65 bytes, 0x04 first)")]
+    PointFormat { len: usize },
+    #[error("the TPM refuses the point: it is not on P-256")]
+    PointNotOnCurve,
+    #[error(
+        "the TPM refuses to activate the credential: it was made for another EK or another \
+         key name, or it was altered"
+    )]
+    CredentialRefused,
     #[error("the TPM owner thread has stopped")]
     ServiceStopped,
     #[error("cannot start the TPM owner thread: {0}")]

@@ -9,6 +9,14 @@
 //!   works too; the service keeps every ESAPI call on one thread and never holds a lock
 //!   across TPM commands.)
 //! - [`SealedBlob`] is the stored form of a sealed object: plain code, tested without a TPM.
+//! - A shard host's decrypt key: [`Tpm::create_decrypt_key`] makes an ECC P-256 decrypt key
+//!   under the SRK, stored as a [`DecryptKey`]; [`Tpm::ecdh_z_gen`] gives the ECDH shared
+//!   point for an encrypter's ephemeral key; [`Tpm::certify_decrypt_key`] has the AK certify
+//!   it (`keyshard_attest::tpm::verify_certification` checks that).
+//! - Enrolment: [`Tpm::endorsement_key`] (an RSA 2048, ECC P-256 or P-384 EK and its NV
+//!   certificate), [`Tpm::ak_public_area`] and [`Tpm::activate_credential`], which proves to
+//!   a CMS that made a credential in software (`keyshard_attest::tpm::credential`) that the AK
+//!   and the certified EK are in one TPM.
 //!
 //! A release: `quote(selection, fresh nonce)` -> `keyshard_attest::tpm::verify_quote(quote,
 //! pinned AK, nonce, golden)` -> `unseal(blob)`. A changed PCR fails the quote with
@@ -20,7 +28,10 @@
 
 mod blob;
 mod convert;
+mod decrypt_key;
 mod device;
+mod ecdh;
+mod ek;
 mod error;
 mod keys;
 mod measurement;
@@ -29,7 +40,10 @@ mod service;
 mod tcti;
 
 pub use blob::{BlobError, SealedBlob};
+pub use decrypt_key::{DecryptKey, DecryptKeyError};
 pub use device::{Startup, Tpm, TpmConfig, TpmInfo};
+pub use ecdh::SharedPoint;
+pub use ek::{EndorsementKey, ek_cert_nv_index};
 pub use error::TpmError;
 pub use measurement::MAX_EVENT_DATA;
 pub use service::{BatchWindow, TpmService};

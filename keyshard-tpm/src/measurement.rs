@@ -129,23 +129,26 @@ impl Tpm {
             .map_err(command("Quote"))?;
         // The canonical re-encoding is exactly the signed bytes.
         let attest = attest.marshall().map_err(command("Quote"))?;
-        let Signature::EcDsa(ecdsa) = signature else {
-            return Err(TpmError::UnexpectedResponse {
-                command: "Quote",
-                what: "not an ECDSA signature",
-            });
-        };
-        let mut rs = [0u8; 64];
-        let (r, s) = rs.split_at_mut(32);
-        left_pad(r, ecdsa.signature_r().value())
-            .zip(left_pad(s, ecdsa.signature_s().value()))
-            .ok_or(TpmError::UnexpectedResponse {
-                command: "Quote",
-                what: "a signature longer than P-256's",
-            })?;
-        Ok(Quote {
-            attest,
-            signature: rs,
-        })
+        let signature = ecdsa_rs(signature, "Quote")?;
+        Ok(Quote { attest, signature })
     }
+}
+
+/// An ECDSA P-256 signature from the TPM as r || s, 32 bytes each, big-endian.
+pub(crate) fn ecdsa_rs(signature: Signature, command: &'static str) -> Result<[u8; 64]> {
+    let Signature::EcDsa(ecdsa) = signature else {
+        return Err(TpmError::UnexpectedResponse {
+            command,
+            what: "not an ECDSA signature",
+        });
+    };
+    let mut rs = [0u8; 64];
+    let (r, s) = rs.split_at_mut(32);
+    left_pad(r, ecdsa.signature_r().value())
+        .zip(left_pad(s, ecdsa.signature_s().value()))
+        .ok_or(TpmError::UnexpectedResponse {
+            command,
+            what: "a signature longer than P-256's",
+        })?;
+    Ok(rs)
 }

@@ -156,7 +156,7 @@ impl Tpm {
     }
 
     /// A session salted with the storage root key (ECDH), AES-128-CFB parameter encryption.
-    fn salted_session(&mut self, kind: SessionType) -> Result<AuthSession> {
+    pub(crate) fn salted_session(&mut self, kind: SessionType) -> Result<AuthSession> {
         self.ctx
             .start_auth_session(
                 Some(self.srk),
@@ -173,7 +173,7 @@ impl Tpm {
             })
     }
 
-    fn flush_session(&mut self, session: AuthSession) -> Result<()> {
+    pub(crate) fn flush_session(&mut self, session: AuthSession) -> Result<()> {
         self.ctx
             .flush_context(SessionHandle::from(session).into())
             .map_err(command("FlushContext"))

@@ -14,8 +14,11 @@ use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 use crate::blob::SealedBlob;
+use crate::decrypt_key::DecryptKey;
 use crate::device::{Startup, Tpm, TpmConfig, TpmInfo};
+use crate::ecdh::SharedPoint;
 use crate::error::{self, Result, TpmError};
+use keyshard_attest::tpm::certify::Certification;
 use keyshard_attest::tpm::pcr::{PcrSelection, PcrValues};
 use keyshard_attest::tpm::quote::{AkPublic, NONCE_LEN, Quote};
 use keyshard_core::broker::merkle::{PathStep, Tree};
@@ -317,6 +320,27 @@ impl TpmService {
     pub fn read_pcrs(&self, selection: &PcrSelection) -> Result<PcrValues> {
         let selection = selection.clone();
         self.call(move |tpm| tpm.read_pcrs(&selection))?
+    }
+
+    /// [`Tpm::create_decrypt_key`] on the TPM thread.
+    pub fn create_decrypt_key(&self) -> Result<DecryptKey> {
+        self.call(Tpm::create_decrypt_key)?
+    }
+
+    /// [`Tpm::ecdh_z_gen`] on the TPM thread.
+    pub fn ecdh_z_gen(&self, key: &DecryptKey, point: &[u8]) -> Result<SharedPoint> {
+        let (key, point) = (key.clone(), point.to_vec());
+        self.call(move |tpm| tpm.ecdh_z_gen(&key, &point))?
+    }
+
+    /// [`Tpm::certify_decrypt_key`] on the TPM thread.
+    pub fn certify_decrypt_key(
+        &self,
+        key: &DecryptKey,
+        nonce: &[u8; NONCE_LEN],
+    ) -> Result<Certification> {
+        let (key, nonce) = (key.clone(), *nonce);
+        self.call(move |tpm| tpm.certify_decrypt_key(&key, &nonce))?
     }
 }
 

@@ -6,6 +6,12 @@
 //! [`Swtpm::start_with_command_log`] also has swtpm log every command it is sent
 //! (`--log file=..,level=2`), so a test or a benchmark can count what really reached the TPM,
 //! independently of what the coordinator says it asked for ([`Swtpm::commands_logged_since`]).
+//!
+//! [`Swtpm::start_with_ek_certificates`] first manufactures the TPM with `swtpm_setup` (Debian
+//! package swtpm-tools): an RSA 2048 and an ECC P-384 endorsement key, each with an EK
+//! certificate in the TPM's NV (indices 0x01c00002 and 0x01c00016), issued by a local CA
+//! (`swtpm_localca`) whose root and issuing certificates live in a directory the test gives;
+//! TPMs made with the same directory share that CA, as the TPMs of one vendor do.
 
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -57,6 +63,15 @@ impl Swtpm {
     /// by a few hundred bytes a command.
     pub fn start_with_command_log(state: &Path, log: &Path) -> Result<Self> {
         Self::start_inner(state, Some(log), None)
+    }
+
+    /// Like [`Self::start`], on a TPM first manufactured by `swtpm_setup --create-ek-cert`:
+    /// endorsement keys and their certificates from the local CA in `ca` (created on first use,
+    /// then reused). [`ek_ca_certificates`] lists the CA's certificates. `state` must not hold
+    /// a TPM yet.
+    pub fn start_with_ek_certificates(state: &Path, ca: &Path) -> Result<Self> {
+        manufacture(state, ca)?;
+        Self::start(state)
     }
 
     /// `port`: that pair only (a restart in place), else free pairs tried in turn.
@@ -250,6 +265,71 @@ impl Swtpm {
     }
 }
 
+/// The local CA's certificates in `ca` (PEM), root first: the CA bundle that EK certificates
+/// of TPMs made by [`Swtpm::start_with_ek_certificates`] chain to.
+pub fn ek_ca_certificates(ca: &Path) -> [PathBuf; 2] {
+    [
+        ca.join("swtpm-localca-rootca-cert.pem"),
+        ca.join("issuercert.pem"),
+    ]
+}
+
+/// `swtpm_setup --tpm2 --create-ek-cert` on `state`, with the local CA's configuration written
+/// into `ca` (nothing of /etc or /var/lib/swtpm-localca is used). The PCR banks of a TPM
+/// started without `swtpm_setup` stay active (sha1, sha256, sha384).
+fn manufacture(state: &Path, ca: &Path) -> Result<()> {
+    for dir in [state, ca] {
+        fs::create_dir_all(dir).map_err(io_context(format!("creating {}", dir.display())))?;
+    }
+    let write = |name: &str, text: String| {
+        let path = ca.join(name);
+        fs::write(&path, text)
+            .map_err(io_context(format!("writing {}", path.display())))
+            .map(|()| path)
+    };
+    let ca_text = ca.display();
+    let localca = write(
+        "swtpm-localca.conf",
+        format!(
+            "statedir = {ca_text}\nsigningkey = {ca_text}/signkey.pem\n\
+             issuercert = {ca_text}/issuercert.pem\ncertserial = {ca_text}/certserial\n"
+        ),
+    )?;
+    let options = write(
+        "swtpm-localca.options",
+        "--platform-manufacturer keyshard\n--platform-version 2.1\n--platform-model swtpm\n"
+            .to_owned(),
+    )?;
+    let setup = write(
+        "swtpm_setup.conf",
+        format!(
+            "create_certs_tool = swtpm_localca\ncreate_certs_tool_config = {}\n\
+             create_certs_tool_options = {}\nactive_pcr_banks = sha1,sha256,sha384\n",
+            localca.display(),
+            options.display()
+        ),
+    )?;
+    let result = run_tool(
+        "swtpm_setup",
+        Command::new("swtpm_setup")
+            .arg("--tpm2")
+            .arg("--tpm-state")
+            .arg(state)
+            .arg("--create-ek-cert")
+            .arg("--config")
+            .arg(&setup),
+    );
+    match result {
+        Err(HarnessError::Spawn { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            Err(HarnessError::MissingTool {
+                tool: "swtpm_setup",
+                package: "swtpm-tools",
+            })
+        }
+        other => other.map(drop),
+    }
+}
+
 /// One TPM command swtpm logged: its command code (TPM2_CC), when the log showed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TpmCommand(pub Option<u32>);
@@ -434,5 +514,29 @@ mod tests {
             assert!((20_000..32_000).contains(&port), "{port}");
             assert_eq!(port % 2, 0);
         }
+    }
+
+    #[test]
+    fn a_manufactured_tpm_has_ek_certificates_from_the_local_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        let swtpm = Swtpm::start_with_ek_certificates(&dir.path().join("tpm"), &ca).unwrap();
+        for cert in ek_ca_certificates(&ca) {
+            let pem = fs::read_to_string(&cert).unwrap();
+            assert!(
+                pem.starts_with("-----BEGIN CERTIFICATE-----"),
+                "{}",
+                cert.display()
+            );
+        }
+        // The RSA EK certificate's NV index is defined, and the TPM still has every bank.
+        let output = swtpm.tpm2_tool("tpm2_getcap", "handles-nv-index").unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(text.contains("0x1C00002"), "{text}");
+        assert_eq!(swtpm.read_pcr(7).unwrap(), "0".repeat(64));
+        // A second TPM of the same CA: the CA is reused, not re-created.
+        let root = fs::read(&ek_ca_certificates(&ca)[0]).unwrap();
+        let _second = Swtpm::start_with_ek_certificates(&dir.path().join("tpm2"), &ca).unwrap();
+        assert_eq!(fs::read(&ek_ca_certificates(&ca)[0]).unwrap(), root);
     }
 }

@@ -1,19 +1,24 @@
-//! A strict parser for the TPMS_ATTEST of a TPM2_Quote (TPM 2.0 Part 2, 10.12.12), the bytes
-//! the attestation key signs. No TPM and no tss-esapi: this runs on the verifier's side.
+//! A strict parser for the TPMS_ATTEST of a TPM2_Quote and of a TPM2_Certify (TPM 2.0 Part 2,
+//! 10.12.12), the bytes the attestation key signs. No TPM and no tss-esapi: this runs on the
+//! verifier's side. Both share the header; the body follows the type.
 //!
 //! ```text
 //! magic            u32   TPM_GENERATED_VALUE 0xff544347
-//! type             u16   TPM_ST_ATTEST_QUOTE 0x8018
+//! type             u16   TPM_ST_ATTEST_QUOTE 0x8018 or TPM_ST_ATTEST_CERTIFY 0x8017
 //! qualifiedSigner  TPM2B_NAME   (u16 size + bytes)
 //! extraData        TPM2B_DATA   (u16 size + bytes): the verifier's nonce
 //! clockInfo        clock u64, resetCount u32, restartCount u32, safe u8
 //! firmwareVersion  u64
+//! -- a quote (TPMS_QUOTE_INFO):
 //! pcrSelect        TPML_PCR_SELECTION: count u32, then count x (hash u16, sizeofSelect u8,
 //!                  pcrSelect[sizeofSelect])
 //! pcrDigest        TPM2B_DIGEST (u16 size + bytes)
+//! -- a certification (TPMS_CERTIFY_INFO):
+//! name             TPM2B_NAME: the certified object's name
+//! qualifiedName    TPM2B_NAME: its qualified name (the names of its parents folded in)
 //! ```
 
-use super::spec::{self, TPM_GENERATED_VALUE, TPM_ST_ATTEST_QUOTE};
+use super::spec::{self, TPM_GENERATED_VALUE, TPM_ST_ATTEST_CERTIFY, TPM_ST_ATTEST_QUOTE};
 use super::wire::{Reader, WireError};
 
 /// More banks than any TPM has (TPM2_NUM_PCR_BANKS is 16): refused.
@@ -29,6 +34,8 @@ pub enum AttestError {
     Magic { found: u32 },
     #[error("attestation type is {found:#06x}, not a quote (0x8018)")]
     NotAQuote { found: u16 },
+    #[error("attestation type is {found:#06x}, not a certification (0x8017)")]
+    NotACertification { found: u16 },
     #[error("PCR selection lists {count} banks")]
     TooManyBanks { count: u32 },
     #[error("PCR selection bitmap of {size} bytes")]
@@ -83,23 +90,14 @@ impl QuoteAttest {
     /// Parses the whole structure; trailing bytes are refused.
     pub fn parse(bytes: &[u8]) -> Result<Self> {
         let mut r = Reader::new(bytes);
-        let magic = r.u32("magic")?;
-        if magic != TPM_GENERATED_VALUE {
-            return Err(AttestError::Magic { found: magic });
-        }
-        let kind = r.u16("type")?;
-        if kind != TPM_ST_ATTEST_QUOTE {
-            return Err(AttestError::NotAQuote { found: kind });
-        }
-        let signer_name = r.sized("qualifiedSigner")?.to_vec();
-        let extra_data = r.sized("extraData")?.to_vec();
-        let clock = ClockInfo {
-            clock: r.u64("clock")?,
-            reset_count: r.u32("resetCount")?,
-            restart_count: r.u32("restartCount")?,
-            safe: r.u8("safe")? != 0,
-        };
-        let firmware_version = r.u64("firmwareVersion")?;
+        let header = Header::read(&mut r, TPM_ST_ATTEST_QUOTE)
+            .map_err(|e| e.or_wrong_type(|found| AttestError::NotAQuote { found }))?;
+        let Header {
+            signer_name,
+            extra_data,
+            clock,
+            firmware_version,
+        } = header;
         let count = r.u32("pcrSelect.count")?;
         if count > MAX_BANKS {
             return Err(AttestError::TooManyBanks { count });
@@ -151,15 +149,14 @@ impl QuoteAttest {
     /// that build evidence (a TPM makes these bytes itself). None if a field is too long.
     pub fn to_bytes(&self) -> Option<Vec<u8>> {
         let mut out = Vec::new();
-        out.extend_from_slice(&TPM_GENERATED_VALUE.to_be_bytes());
-        out.extend_from_slice(&TPM_ST_ATTEST_QUOTE.to_be_bytes());
-        super::wire::put_sized(&mut out, &self.signer_name)?;
-        super::wire::put_sized(&mut out, &self.extra_data)?;
-        out.extend_from_slice(&self.clock.clock.to_be_bytes());
-        out.extend_from_slice(&self.clock.reset_count.to_be_bytes());
-        out.extend_from_slice(&self.clock.restart_count.to_be_bytes());
-        out.push(u8::from(self.clock.safe));
-        out.extend_from_slice(&self.firmware_version.to_be_bytes());
+        write_header(
+            &mut out,
+            TPM_ST_ATTEST_QUOTE,
+            &self.signer_name,
+            &self.extra_data,
+            &self.clock,
+            self.firmware_version,
+        )?;
         out.extend_from_slice(&u32::try_from(self.banks.len()).ok()?.to_be_bytes());
         for bank in &self.banks {
             out.extend_from_slice(&bank.alg.to_be_bytes());
@@ -167,6 +164,131 @@ impl QuoteAttest {
             out.extend_from_slice(&bank.bitmap);
         }
         super::wire::put_sized(&mut out, &self.pcr_digest)?;
+        Some(out)
+    }
+}
+
+/// The fields every TPMS_ATTEST starts with, after magic and type.
+struct Header {
+    signer_name: Vec<u8>,
+    extra_data: Vec<u8>,
+    clock: ClockInfo,
+    firmware_version: u64,
+}
+
+/// Why a header did not read: a parse error, or another type than expected (which each
+/// structure names with its own variant).
+enum HeaderError {
+    Attest(AttestError),
+    WrongType(u16),
+}
+
+impl HeaderError {
+    fn or_wrong_type(self, wrong: impl FnOnce(u16) -> AttestError) -> AttestError {
+        match self {
+            Self::Attest(e) => e,
+            Self::WrongType(found) => wrong(found),
+        }
+    }
+}
+
+impl From<WireError> for HeaderError {
+    fn from(e: WireError) -> Self {
+        Self::Attest(AttestError::Wire(e))
+    }
+}
+
+impl Header {
+    /// Magic, type (must be `kind`), and the common fields.
+    fn read(r: &mut Reader<'_>, kind: u16) -> std::result::Result<Self, HeaderError> {
+        let magic = r.u32("magic")?;
+        if magic != TPM_GENERATED_VALUE {
+            return Err(HeaderError::Attest(AttestError::Magic { found: magic }));
+        }
+        let found = r.u16("type")?;
+        if found != kind {
+            return Err(HeaderError::WrongType(found));
+        }
+        Ok(Self {
+            signer_name: r.sized("qualifiedSigner")?.to_vec(),
+            extra_data: r.sized("extraData")?.to_vec(),
+            clock: ClockInfo {
+                clock: r.u64("clock")?,
+                reset_count: r.u32("resetCount")?,
+                restart_count: r.u32("restartCount")?,
+                safe: r.u8("safe")? != 0,
+            },
+            firmware_version: r.u64("firmwareVersion")?,
+        })
+    }
+}
+
+/// Appends magic, `kind` and the common fields. None if a field is too long.
+fn write_header(
+    out: &mut Vec<u8>,
+    kind: u16,
+    signer_name: &[u8],
+    extra_data: &[u8],
+    clock: &ClockInfo,
+    firmware_version: u64,
+) -> Option<()> {
+    out.extend_from_slice(&TPM_GENERATED_VALUE.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    super::wire::put_sized(out, signer_name)?;
+    super::wire::put_sized(out, extra_data)?;
+    out.extend_from_slice(&clock.clock.to_be_bytes());
+    out.extend_from_slice(&clock.reset_count.to_be_bytes());
+    out.extend_from_slice(&clock.restart_count.to_be_bytes());
+    out.push(u8::from(clock.safe));
+    out.extend_from_slice(&firmware_version.to_be_bytes());
+    Some(())
+}
+
+/// A parsed TPM2_Certify attestation, fields in wire order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertifyAttest {
+    pub signer_name: Vec<u8>,
+    pub extra_data: Vec<u8>,
+    pub clock: ClockInfo,
+    pub firmware_version: u64,
+    /// The certified object's name: nameAlg || H(TPMT_PUBLIC).
+    pub name: Vec<u8>,
+    pub qualified_name: Vec<u8>,
+}
+
+impl CertifyAttest {
+    /// Parses the whole structure; trailing bytes are refused.
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(bytes);
+        let header = Header::read(&mut r, TPM_ST_ATTEST_CERTIFY)
+            .map_err(|e| e.or_wrong_type(|found| AttestError::NotACertification { found }))?;
+        let name = r.sized("certifyInfo.name")?.to_vec();
+        let qualified_name = r.sized("certifyInfo.qualifiedName")?.to_vec();
+        r.finish()?;
+        Ok(Self {
+            signer_name: header.signer_name,
+            extra_data: header.extra_data,
+            clock: header.clock,
+            firmware_version: header.firmware_version,
+            name,
+            qualified_name,
+        })
+    }
+
+    /// Encodes the TPMS_ATTEST; the inverse of [`CertifyAttest::parse`]. For tests and tools
+    /// that build evidence. None if a field is too long.
+    pub fn to_bytes(&self) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        write_header(
+            &mut out,
+            TPM_ST_ATTEST_CERTIFY,
+            &self.signer_name,
+            &self.extra_data,
+            &self.clock,
+            self.firmware_version,
+        )?;
+        super::wire::put_sized(&mut out, &self.name)?;
+        super::wire::put_sized(&mut out, &self.qualified_name)?;
         Some(out)
     }
 }
@@ -261,5 +383,48 @@ pub(crate) mod tests {
         assert_eq!(a.selection_text(), "sha256:0,7+alg 0x000d:1");
         a.banks.clear();
         assert_eq!(a.selection_text(), "nothing");
+    }
+
+    pub(crate) fn certify_sample() -> CertifyAttest {
+        CertifyAttest {
+            signer_name: vec![0, 0x0b, 9, 9],
+            extra_data: vec![0x5a; 32],
+            clock: sample().clock,
+            firmware_version: 7,
+            name: vec![0, 0x0b, 1, 2, 3],
+            qualified_name: vec![0, 0x0b, 4, 5, 6],
+        }
+    }
+
+    #[test]
+    fn a_certification_round_trips_and_refuses_truncation_and_other_types() {
+        let c = certify_sample();
+        let bytes = c.to_bytes().unwrap();
+        assert_eq!(&bytes[..6], &[0xff, 0x54, 0x43, 0x47, 0x80, 0x17]);
+        assert_eq!(CertifyAttest::parse(&bytes).unwrap(), c);
+        for cut in 0..bytes.len() {
+            assert!(CertifyAttest::parse(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(matches!(
+            CertifyAttest::parse(&long),
+            Err(AttestError::Wire(WireError::Trailing { .. }))
+        ));
+        let quote = sample().to_bytes().unwrap();
+        assert_eq!(
+            CertifyAttest::parse(&quote),
+            Err(AttestError::NotACertification { found: 0x8018 })
+        );
+        assert_eq!(
+            QuoteAttest::parse(&bytes),
+            Err(AttestError::NotAQuote { found: 0x8017 })
+        );
+        let mut bad = bytes;
+        bad[3] = 0;
+        assert_eq!(
+            CertifyAttest::parse(&bad),
+            Err(AttestError::Magic { found: 0xff54_4300 })
+        );
     }
 }

@@ -84,6 +84,12 @@ impl AkPublic {
     pub fn to_sec1(&self) -> Vec<u8> {
         self.0.to_encoded_point(false).as_bytes().to_vec()
     }
+
+    /// Whether `signature` (r || s) is this key's ECDSA-SHA256 signature over `message`.
+    pub(crate) fn verifies(&self, message: &[u8], signature: &[u8; 64]) -> bool {
+        // p256's Verifier hashes the message with SHA-256: the AK's ECDSA-SHA256 scheme.
+        Signature::from_slice(signature).is_ok_and(|sig| self.0.verify(message, &sig).is_ok())
+    }
 }
 
 /// Copies a big-endian integer into `out`, right-aligned. None if it does not fit.
@@ -130,10 +136,9 @@ pub fn verify_quote_digest(
     expected: &PcrSelection,
     golden_digest: &[u8; 32],
 ) -> Result<QuoteInfo> {
-    let signature = Signature::from_slice(&quote.signature).map_err(|_| QuoteError::Signature)?;
-    // p256's Verifier hashes the message with SHA-256: the AK's ECDSA-SHA256 scheme.
-    ak.0.verify(&quote.attest, &signature)
-        .map_err(|_| QuoteError::Signature)?;
+    if !ak.verifies(&quote.attest, &quote.signature) {
+        return Err(QuoteError::Signature);
+    }
     check_header(&quote.attest)?;
     let attest = QuoteAttest::parse(&quote.attest).map_err(QuoteError::Malformed)?;
     if attest.extra_data != nonce {

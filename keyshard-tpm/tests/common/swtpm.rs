@@ -25,6 +25,15 @@ impl Swtpm {
         Self { tpm, dir }
     }
 
+    /// A TPM manufactured by `swtpm_setup` with EK certificates from the local CA in `ca`
+    /// (created by the first TPM of that directory, shared by the next).
+    pub fn start_with_ek_certificates(ca: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let tpm = Harness::start_with_ek_certificates(dir.path(), ca)
+            .unwrap_or_else(|e| panic!("swtpm with EK certificates: {e}"));
+        Self { tpm, dir }
+    }
+
     /// "swtpm:host=127.0.0.1,port=P", for `Tpm::open` and `TPM2TOOLS_TCTI`.
     pub fn tcti(&self) -> String {
         self.tpm.tcti()
