@@ -91,6 +91,8 @@ pub enum CredentialError {
     Deal { name: KeyId, source: DealError },
     #[error("credential {name}: placed host {host} is not among the fresh hosts (a defect)")]
     PlacedUnknownHost { name: KeyId, host: HostId },
+    #[error("credential {name}: the dealer made no fragment for share {index} (a defect)")]
+    MissingFragment { name: KeyId, index: u8 },
     #[error("credential {name}: sealing share {index} to host {host}: {source}")]
     Seal {
         name: KeyId,
@@ -145,6 +147,9 @@ pub struct StoredCredential {
     pub threshold: Threshold,
     pub client: ClientPublicKey,
     pub created_at_ms: u64,
+    /// The domains holding k or more shares, as text (`operator acme would hold 3`); empty
+    /// unless the put allowed correlated placement and needed it.
+    pub correlated: String,
     /// (share index, host, sealed shard), index 1 first.
     pub shards: Vec<(u8, HostId, SealedShard)>,
     pub signed_map: SignedShardMap,
@@ -337,8 +342,10 @@ fn seal_shards(
             let fragment = fragments
                 .iter()
                 .find(|f| f.header().index == *index)
-                .ok_or(EciesError::ShardLength { len: 0, max: 0 })
-                .map_err(seal_error)?;
+                .ok_or_else(|| CredentialError::MissingFragment {
+                    name: name.clone(),
+                    index: *index,
+                })?;
             let recipient =
                 P256Point::from_uncompressed(&host.certified_key().point).map_err(seal_error)?;
             let binding = ShardBinding {
@@ -460,9 +467,50 @@ fn decode(name: &KeyId, bytes: &[u8], revision: Revision) -> Result<StoredCreden
         threshold,
         client: ClientPublicKey::from_bytes(client),
         created_at_ms: record.created_at_ms,
+        correlated: record.correlated,
         shards,
         signed_map: SignedShardMap::from_bytes(unhex("signed_map", &record.signed_map)?),
         sealed_map,
         revision,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_parsed_strictly() {
+        let name = KeyId::new("db").unwrap();
+        let revision = Revision::new(1).unwrap();
+        let record = |version: u32, record_name: &str, n: u8, extra: &str| {
+            format!(
+                r#"{{"version":{version},"name":"{record_name}","epoch":1,"k":2,"n":{n},"seed":"00","correlated":"","client":"{}","created_at_ms":1,"shards":[]{extra},"signed_map":"00","sealed_map":"00"}}"#,
+                "11".repeat(32)
+            )
+        };
+        for (bytes, expected) in [
+            (b"[]".to_vec(), "not a credential record"),
+            (
+                record(2, "db", 2, "").into_bytes(),
+                "version 2 is not supported",
+            ),
+            (
+                record(1, "other", 2, "").into_bytes(),
+                "holds the record of \"other\"",
+            ),
+            (record(1, "db", 1, "").into_bytes(), "threshold"),
+            (record(1, "db", 2, "").into_bytes(), "0 shards for n = 2"),
+            (
+                record(1, "db", 2, r#","more":1"#).into_bytes(),
+                "unknown field",
+            ),
+        ] {
+            let err = decode(&name, &bytes, revision).err().map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains(expected)),
+                "{err:?} should say {expected}"
+            );
+        }
+    }
 }

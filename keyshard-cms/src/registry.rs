@@ -219,7 +219,8 @@ impl HostRegistry {
         Ok(store.nonce_issue(CHALLENGE_TTL).await?)
     }
 
-    /// Verifies and stores a registration (module documentation), accepted at `now`.
+    /// Verifies and stores a registration (module documentation), accepted at `now` (the
+    /// server passes `SystemTime::now()`; freshness counts from it).
     pub async fn register<R: Repository>(
         &self,
         store: &R,

@@ -488,6 +488,17 @@ async fn item2_a_forged_or_foreign_certification_is_refused_at_registration() {
         refused(registry.register(&store, stale, now()).await),
         CertifyError::Nonce
     );
+    // A certification over a nonce the CMS never issued.
+    let invented = keyshard_cms::store::Nonce::from_bytes([7; 32]);
+    assert!(matches!(
+        registry
+            .register(&store, host.registration(invented, "eu", "acme"), now())
+            .await,
+        Err(RegistryError::Nonce {
+            source: StoreError::NonceUnknown,
+            ..
+        })
+    ));
     // Nothing was stored by the refusals.
     assert!(registry.host(&store, &host.id).await.unwrap().is_none());
 
