@@ -10,12 +10,19 @@
 //!    signature, a certification of exactly the presented public area, over the nonce, of a
 //!    key with the decrypt-key shape: fixedTPM, sensitiveDataOrigin, decrypt, no sign);
 //! 2. uses up the nonce (once, on any replica sharing the store, before it expires);
-//! 3. writes the record by compare-and-swap: absent for a new id, the revision it read for a
+//! 3. refuses an AK or a decrypt key that another host id has registered: one TPM is one host,
+//!    so one machine cannot stand in several failure domains and collect their shares;
+//! 4. writes the record by compare-and-swap: absent for a new id, the revision it read for a
 //!    re-registration. A re-registration must present the same AK: a host id is pinned to its
 //!    attestation key, so another TPM cannot take over a registered id.
 //!
 //! Nothing is stored before step 1 passes: the CMS never holds a key it has not checked, so it
 //! never encrypts to one (issue 9, item 2).
+//!
+//! Step 3 reads every record and is not part of the compare-and-swap: two registrations of
+//! one TPM under two new ids at the same moment can both be stored (an index keyed by AK,
+//! written in the same transaction, would close that; the store has no multi-key
+//! transactions yet).
 //!
 //! Not checked here: that the AK is bound to an endorsement key of a genuine TPM (TPM2_MakeCredential /
 //! ActivateCredential, `keyshard_attest::tpm::enrol`). The caller, the CMS's enrolment endpoint,
@@ -90,6 +97,11 @@ pub enum RegistryError {
          takes its id"
     )]
     AkChanged { host: HostId },
+    #[error(
+        "host {host}: its attestation key or decrypt key is registered as host {other}; one TPM \
+         is one host, in one failure domain"
+    )]
+    TpmTaken { host: HostId, other: HostId },
     #[error("host {host} was registered again concurrently; retry with a new challenge")]
     Conflict { host: HostId },
     #[error("host record {key}: {reason}")]
@@ -237,6 +249,7 @@ impl HostRegistry {
                 source,
             })?;
         let key = host_key(&host)?;
+        check_one_tpm_one_host(store, &key, &registration, &certified).await?;
         let expected = match store.get(&key).await? {
             None => Expected::Absent,
             Some(entry) => {
@@ -288,30 +301,19 @@ impl HostRegistry {
         now: SystemTime,
     ) -> Result<HostListing> {
         let now_ms = unix_ms(now)?;
-        let prefix = KeyPrefix::new(HOSTS_PREFIX)?;
         let mut listing = HostListing::default();
-        let mut after: Option<Key> = None;
-        loop {
-            let page = store.list(&prefix, after.as_ref(), MAX_LIST_LIMIT).await?;
-            for (key, entry) in &page.entries {
-                match decode(key, &entry.value, entry.revision) {
-                    Err(e) => {
-                        log::warn!("shard host record {} left out: {e}", key.as_str());
-                        listing
-                            .excluded
-                            .push((key.as_str().to_owned(), Exclusion::Invalid(e)));
-                    }
-                    Ok(host) => match self.freshness(now_ms, host.registered_at_ms) {
-                        Some(exclusion) => {
-                            listing.excluded.push((key.as_str().to_owned(), exclusion));
-                        }
-                        None => listing.fresh.push(host),
-                    },
+        for (key, record) in scan(store).await? {
+            match record {
+                Err(e) => {
+                    log::warn!("shard host record {} left out: {e}", key.as_str());
+                    listing
+                        .excluded
+                        .push((key.as_str().to_owned(), Exclusion::Invalid(e)));
                 }
-            }
-            match (page.more, page.entries.last()) {
-                (true, Some((last, _))) => after = Some(last.clone()),
-                _ => break,
+                Ok(host) => match self.freshness(now_ms, host.registered_at_ms) {
+                    Some(exclusion) => listing.excluded.push((key.as_str().to_owned(), exclusion)),
+                    None => listing.fresh.push(host),
+                },
             }
         }
         Ok(listing)
@@ -327,6 +329,49 @@ impl HostRegistry {
         let age = Duration::from_millis(now_ms - registered_ms);
         (age > self.max_age).then_some(Exclusion::Stale { age })
     }
+}
+
+/// Every host record in key order, each parsed and verified, or why it is not.
+async fn scan<R: Repository>(store: &R) -> Result<Vec<(Key, Result<RegisteredHost>)>> {
+    let prefix = KeyPrefix::new(HOSTS_PREFIX)?;
+    let mut records = Vec::new();
+    let mut after: Option<Key> = None;
+    loop {
+        let page = store.list(&prefix, after.as_ref(), MAX_LIST_LIMIT).await?;
+        let next = match (page.more, page.entries.last()) {
+            (true, Some((last, _))) => Some(last.clone()),
+            _ => None,
+        };
+        for (key, entry) in page.entries {
+            let record = decode(&key, &entry.value, entry.revision);
+            records.push((key, record));
+        }
+        match next {
+            Some(last) => after = Some(last),
+            None => return Ok(records),
+        }
+    }
+}
+
+/// Refuses a registration whose AK or decrypt key another host id already has.
+async fn check_one_tpm_one_host<R: Repository>(
+    store: &R,
+    key: &Key,
+    registration: &HostRegistration,
+    certified: &CertifiedKey,
+) -> Result<()> {
+    for (other_key, record) in scan(store).await? {
+        let Ok(other) = record else { continue };
+        if &other_key != key
+            && (other.registration.ak == registration.ak || other.certified.name == certified.name)
+        {
+            return Err(RegistryError::TpmTaken {
+                host: registration.id.clone(),
+                other: other.registration.id,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The store key of host `id`.

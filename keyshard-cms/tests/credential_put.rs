@@ -526,6 +526,36 @@ async fn item2_a_forged_or_foreign_certification_is_refused_at_registration() {
         registry.register(&store, takeover, now()).await,
         Err(RegistryError::AkChanged { .. })
     ));
+    // One TPM is one host: the other TPM, registered as host-2, cannot also be host-3, not
+    // even with a decrypt key of its own.
+    let as_two = elsewhere.registration(registry.challenge(&store).await.unwrap(), "us", "x");
+    registry.register(&store, as_two, now()).await.unwrap();
+    let second_key = elsewhere.tpm.lock().unwrap().create_decrypt_key().unwrap();
+    let nonce = registry.challenge(&store).await.unwrap();
+    let mut as_three = elsewhere.registration(nonce, "ap", "y");
+    as_three.id = HostId::new("host-3").unwrap();
+    as_three.certification = elsewhere
+        .tpm
+        .lock()
+        .unwrap()
+        .certify_decrypt_key(&second_key, nonce.as_bytes())
+        .unwrap();
+    as_three.decrypt_key_public = second_key.public_area().to_vec();
+    let err = registry
+        .register(&store, as_three, now())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::TpmTaken { other, .. } if other.as_str() == "host-2"),
+        "{err}"
+    );
+    assert!(
+        registry
+            .host(&store, &HostId::new("host-3").unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
     let kept = registry.host(&store, &host.id).await.unwrap().unwrap();
     assert_eq!(kept.revision(), second.revision());
     assert_eq!(&kept.certified_key().point, host.key.point());
