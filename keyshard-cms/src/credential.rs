@@ -209,31 +209,14 @@ pub async fn put_credential<R: Repository>(
             name: name.clone(),
             source,
         })?;
-    let record = Record {
-        version: RECORD_VERSION,
-        name: name.to_string(),
-        epoch: FIRST_EPOCH,
-        k: request.threshold.k(),
-        n: request.threshold.n(),
-        seed: hex::encode(request.seed.as_bytes()),
-        correlated: placement.correlated().to_string(),
-        client: hex::encode(request.client.as_bytes()),
+    let value = encode(
+        request,
+        &placement,
         created_at_ms,
-        shards: shards
-            .iter()
-            .map(|(index, host, sealed)| ShardRecord {
-                index: *index,
-                host: host.to_string(),
-                sealed: hex::encode(sealed.to_bytes()),
-            })
-            .collect(),
-        signed_map: hex::encode(map.sign(cms).as_bytes()),
-        sealed_map: hex::encode(sealed_map.to_bytes()),
-    };
-    let value = serde_json::to_vec(&record).map_err(|e| CredentialError::Record {
-        name: name.clone(),
-        reason: format!("cannot encode: {e}"),
-    })?;
+        &shards,
+        &map.sign(cms),
+        &sealed_map,
+    )?;
     match store
         .compare_and_swap(&key, Expected::Absent, &value)
         .await?
@@ -417,6 +400,42 @@ struct ShardRecord {
     index: u8,
     host: String,
     sealed: String,
+}
+
+/// The record of a put (module documentation), as JSON.
+fn encode(
+    request: &PutRequest<'_>,
+    placement: &Placement,
+    created_at_ms: u64,
+    shards: &[(u8, HostId, SealedShard)],
+    signed_map: &SignedShardMap,
+    sealed_map: &SealedShardMap,
+) -> Result<Vec<u8>> {
+    let record = Record {
+        version: RECORD_VERSION,
+        name: request.name.to_string(),
+        epoch: FIRST_EPOCH,
+        k: request.threshold.k(),
+        n: request.threshold.n(),
+        seed: hex::encode(request.seed.as_bytes()),
+        correlated: placement.correlated().to_string(),
+        client: hex::encode(request.client.as_bytes()),
+        created_at_ms,
+        shards: shards
+            .iter()
+            .map(|(index, host, sealed)| ShardRecord {
+                index: *index,
+                host: host.to_string(),
+                sealed: hex::encode(sealed.to_bytes()),
+            })
+            .collect(),
+        signed_map: hex::encode(signed_map.as_bytes()),
+        sealed_map: hex::encode(sealed_map.to_bytes()),
+    };
+    serde_json::to_vec(&record).map_err(|e| CredentialError::Record {
+        name: request.name.clone(),
+        reason: format!("cannot encode: {e}"),
+    })
 }
 
 /// Parses a stored record strictly.

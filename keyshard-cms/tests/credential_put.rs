@@ -439,6 +439,18 @@ async fn item5_the_map_opens_with_the_client_key_and_not_another() {
         sealed.open(&client, &other_cms, &db),
         Err(MapError::Signature)
     );
+    // A secret the dealer refuses (empty) stores nothing.
+    let empty = name("empty");
+    assert!(matches!(
+        lab.put(&empty, b"", 3, 4, &client, false).await,
+        Err(CredentialError::Deal { .. })
+    ));
+    assert!(
+        credential::load(&lab.store, &empty)
+            .await
+            .unwrap()
+            .is_none()
+    );
     // And the CMS hands the map only to the client it was put for.
     assert!(matches!(
         map_for(&lab.store, &db, &stranger.public_key()).await,
