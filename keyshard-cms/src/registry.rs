@@ -71,7 +71,8 @@ use keyshard_shards::{DomainName, FailureDomain, HostId};
 use serde::{Deserialize, Serialize};
 
 use crate::store::{
-    CasOutcome, Expected, Key, KeyPrefix, MAX_LIST_LIMIT, Nonce, Repository, Revision, StoreError,
+    CasOutcome, DeleteOutcome, Expected, Key, KeyPrefix, MAX_LIST_LIMIT, Nonce, Repository,
+    Revision, StoreError,
 };
 
 /// Where host records live: `hosts/<host id>`.
@@ -80,6 +81,8 @@ pub const HOSTS_PREFIX: &str = "hosts/";
 pub const RECORD_VERSION: u32 = 1;
 /// How long a registration stays fresh unless the registry is told otherwise.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60 * 60);
+/// How often [`HostRegistry::remove`] retries when the host registers again meanwhile.
+const REMOVE_ATTEMPTS: usize = 8;
 /// How long a registration challenge may be answered.
 pub const CHALLENGE_TTL: Duration = Duration::from_secs(120);
 
@@ -291,6 +294,27 @@ impl HostRegistry {
             None => Ok(None),
             Some(entry) => decode(&key, &entry.value, entry.revision).map(Some),
         }
+    }
+
+    /// Removes host `id`'s record, whatever it holds (also a record that no longer parses);
+    /// false when there is none. Shards already sealed to the host stay where they are: its
+    /// TPM can still open them, and its index counts as lost for those credentials.
+    pub async fn remove<R: Repository>(&self, store: &R, id: &HostId) -> Result<bool> {
+        let key = host_key(id)?;
+        for _ in 0..REMOVE_ATTEMPTS {
+            let Some(entry) = store.get(&key).await? else {
+                return Ok(false);
+            };
+            match store.delete(&key, entry.revision).await? {
+                DeleteOutcome::Deleted => {
+                    log::info!("removed shard host {id}");
+                    return Ok(true);
+                }
+                // Re-registered in between: remove what is there now.
+                DeleteOutcome::Conflict { .. } => continue,
+            }
+        }
+        Err(RegistryError::Conflict { host: id.clone() })
     }
 
     /// Every registered host that is fresh and affirming at `now` (module documentation), in

@@ -571,6 +571,10 @@ async fn item2_a_forged_or_foreign_certification_is_refused_at_registration() {
     let kept = registry.host(&store, &host.id).await.unwrap().unwrap();
     assert_eq!(kept.revision(), second.revision());
     assert_eq!(&kept.certified_key().point, host.key.point());
+    // Once the operator removes host-1, the id is free again.
+    assert!(registry.remove(&store, &host.id).await.unwrap());
+    assert!(!registry.remove(&store, &host.id).await.unwrap());
+    assert!(registry.host(&store, &host.id).await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
