@@ -24,11 +24,11 @@
 //! written in the same transaction, would close that; the store has no multi-key
 //! transactions yet).
 //!
-//! Not checked here: that the AK is bound to an endorsement key of a genuine TPM (TPM2_MakeCredential /
-//! ActivateCredential, `keyshard_attest::tpm::enrol`). The caller, the CMS's enrolment endpoint,
-//! must have done that before it calls [`HostRegistry::register`]; the registry takes the AK it
-//! is handed. Neither are the golden PCR values checked against a quote yet: they are recorded
-//! for the validator and the instance-facing checks of later pieces.
+//! Not checked here: that the AK is bound to an endorsement key of a genuine TPM
+//! (TPM2_MakeCredential / ActivateCredential, `keyshard_attest::tpm::enrol`). The caller, the
+//! CMS's enrolment endpoint, must have done that before it calls [`HostRegistry::register`];
+//! the registry takes the AK it is handed. Nor are the golden PCR values checked against a
+//! quote yet: they are recorded for the validator and the checks of later pieces.
 //!
 //! # Fresh, affirming
 //!
