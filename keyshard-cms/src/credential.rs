@@ -115,8 +115,8 @@ pub enum CredentialError {
 /// Result of credential operations.
 pub type Result<T> = std::result::Result<T, CredentialError>;
 
-/// What to put.
-#[derive(Debug, Clone, Copy)]
+/// What to put. Its `Debug` leaves the secret out.
+#[derive(Clone, Copy)]
 pub struct PutRequest<'a> {
     pub name: &'a KeyId,
     /// The credential's bytes (1..=1024); read by the dealer only.
@@ -129,6 +129,19 @@ pub struct PutRequest<'a> {
     pub seed: PlacementSeed,
     /// Place even when no placement keeps every region and operator below k.
     pub allow_correlated: bool,
+}
+
+impl std::fmt::Debug for PutRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PutRequest")
+            .field("name", self.name)
+            .field("secret", &format_args!("({} bytes)", self.secret.len()))
+            .field("threshold", &self.threshold)
+            .field("client", self.client)
+            .field("seed", &self.seed)
+            .field("allow_correlated", &self.allow_correlated)
+            .finish()
+    }
 }
 
 /// What a put stored.
@@ -497,6 +510,24 @@ fn decode(name: &KeyId, bytes: &[u8], revision: Revision) -> Result<StoredCreden
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_put_request_never_prints_its_secret() {
+        let name = KeyId::new("db").unwrap();
+        let client = ClientPublicKey::from_bytes([7; 32]);
+        let request = PutRequest {
+            name: &name,
+            secret: b"hunter2-secret",
+            threshold: Threshold::new(2, 3).unwrap(),
+            client: &client,
+            seed: PlacementSeed::from_bytes([1; 32]),
+            allow_correlated: false,
+        };
+        let text = format!("{request:?}");
+        assert!(text.contains("(14 bytes)"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("104, 117"), "{text}");
+    }
 
     #[test]
     fn records_are_parsed_strictly() {
