@@ -771,3 +771,46 @@ async fn item3_etcd_put_map_no_plaintext_and_one_winner() {
     let replica = Store::open(&etcd.store_url()).await.unwrap();
     concurrent_puts_do_not_both_win(&lab, replica).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item4_a_host_record_damaged_in_the_store_is_not_placed() {
+    let lab = Lab::redb().await;
+    // host-2's record now names host-3's decrypt key: its certification no longer matches.
+    let key = Key::new("hosts/host-2").unwrap();
+    let record = String::from_utf8(lab.store.get(&key).await.unwrap().unwrap().value).unwrap();
+    let theirs = hex::encode(lab.hosts[1].key.public_area());
+    let other = hex::encode(lab.hosts[2].key.public_area());
+    assert!(record.contains(&theirs));
+    lab.store
+        .put(&key, record.replace(&theirs, &other).as_bytes())
+        .await
+        .unwrap();
+
+    let listing = lab.registry.fresh_hosts(&lab.store, now()).await.unwrap();
+    assert_eq!(listing.fresh.len(), 5);
+    assert!(
+        matches!(
+            listing.excluded.as_slice(),
+            [(key, Exclusion::Invalid(RegistryError::Certification {
+                source: CertifyError::Name,
+                ..
+            }))] if key == "hosts/host-2"
+        ),
+        "{:?}",
+        listing.excluded
+    );
+    let client = ClientKey::generate().unwrap();
+    for i in 0..8 {
+        let n = name(&format!("cred-{i}"));
+        let receipt = lab.put(&n, SECRET, 3, 4, &client, false).await.unwrap();
+        assert!(
+            receipt
+                .placement
+                .hosts()
+                .iter()
+                .all(|h| h.as_str() != "host-2"),
+            "{:?}",
+            receipt.placement.hosts()
+        );
+    }
+}
