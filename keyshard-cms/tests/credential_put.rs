@@ -62,10 +62,19 @@ struct ShardHost {
     _swtpm: Swtpm,
 }
 
+/// Held while one swtpm starts and is opened. The harness checks that a port pair is free,
+/// then starts swtpm on it and waits for its control port to answer; two launches racing for
+/// one pair can both see "ready" (the winner's port answers) while the loser exits, and then
+/// two hosts share one TPM, which serves one connection at a time. The tests of this file
+/// start up to 50 swtpms at once, so they take turns.
+static SWTPM_START: Mutex<()> = Mutex::new(());
+
 impl ShardHost {
     fn start(id: &str) -> Self {
+        let turn = SWTPM_START.lock().unwrap_or_else(|e| e.into_inner());
         let swtpm = Swtpm::start();
         let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+        drop(turn);
         let key = tpm.create_decrypt_key().unwrap();
         Self {
             id: HostId::new(id).unwrap(),
