@@ -49,9 +49,11 @@
 //! | `signed_map` | the shard map and the CMS signature (hex) |
 //! | `sealed_map` | the signed map sealed to `client` (hex) |
 //!
-//! A value holds at most 64 KiB, so n times the sealed shard (a fragment and 86 bytes, twice in
-//! hex) bounds a credential: a 32-byte credential fits n = 255, a 1 KiB one about n = 20; a
-//! larger put is refused by the store (`StoreError::ValueTooLarge`) and stores nothing.
+//! A value holds at most 64 KiB, and each shard costs its sealed fragment (the fragment and 86
+//! bytes) and its map entry twice over (signed and sealed map), all in hex. With short names
+//! (an 11-byte credential name, `host-N` ids, 30-byte endpoints) that is n <= 72 for a 32-byte
+//! credential and n <= 22 for 1 KiB, computed from the formats; a larger put is refused by the
+//! store (`StoreError::ValueTooLarge`) and stores nothing.
 
 use std::time::SystemTime;
 
