@@ -173,6 +173,17 @@ pub struct StoredCredential {
     pub revision: Revision,
 }
 
+impl StoredCredential {
+    /// The share index and sealed shard stored for `host`: what the host asks for when it
+    /// releases its shard. None when the host holds no shard of this credential.
+    pub fn shard_for(&self, host: &HostId) -> Option<(u8, &SealedShard)> {
+        self.shards
+            .iter()
+            .find(|(_, h, _)| h == host)
+            .map(|(index, _, sealed)| (*index, sealed))
+    }
+}
+
 /// The store key of credential `name`.
 pub fn credential_key(name: &KeyId) -> Result<Key> {
     Ok(Key::new(format!("{CREDENTIALS_PREFIX}{name}"))?)

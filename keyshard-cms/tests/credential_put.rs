@@ -340,6 +340,9 @@ async fn item3_put_3_of_4_spreads_and_seals_each_shard_to_its_hosts_tpm_only() {
     // Nowhere else: not in another host's TPM, not under another index, epoch or credential.
     let stored = credential::load(&lab.store, &db).await.unwrap().unwrap();
     let (index, host, sealed) = &stored.shards[0];
+    assert_eq!(stored.shard_for(host), Some((*index, sealed)));
+    let unplaced = lab.hosts.iter().find(|h| !hosts.contains(&h.id)).unwrap();
+    assert_eq!(stored.shard_for(&unplaced.id), None);
     let other = lab.hosts.iter().find(|h| &h.id != host).unwrap();
     assert!(matches!(
         other.open(&binding(&db, *index, &other.id), sealed),
