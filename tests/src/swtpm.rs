@@ -138,7 +138,11 @@ impl Swtpm {
                     });
                 }
                 // The control port is bound after the server port: when it answers, both do.
-                if TcpStream::connect(("127.0.0.1", port + 1)).is_ok() {
+                // It must be *this* swtpm that listens: another test's swtpm may hold the pair
+                // (ours then exits with "Address already in use", seen above on the next turn).
+                if TcpStream::connect(("127.0.0.1", port + 1)).is_ok()
+                    && listens_on(guard.pid(), port + 1)
+                {
                     return Ok(Self {
                         guard,
                         port,
@@ -412,6 +416,36 @@ pub fn parse_command_log(text: &str) -> Vec<TpmCommand> {
 /// (32768..60999), where the TIME_WAIT sockets the swtpm TCTI leaves behind (one TCP connection
 /// per TPM command) would make collisions likely. Another process can still take them before
 /// swtpm binds: [`Swtpm::start`] retries then.
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port`: the listener's inode in
+/// /proc/net/tcp is among the process's open sockets.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let local = format!("0100007F:{port:04X}");
+    let listeners: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+            match (fields.get(1), fields.get(3), fields.get(9)) {
+                (Some(addr), Some(&"0A"), Some(inode)) if *addr == local => {
+                    Some(format!("socket:[{inode}]"))
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        fs::read_link(fd.path())
+            .is_ok_and(|target| listeners.iter().any(|l| target.as_os_str() == l.as_str()))
+    })
+}
+
 fn free_port_pair(attempt: u32) -> Result<u16> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
