@@ -260,6 +260,26 @@ mod tests {
         assert_eq!(redact_strings(r#"string "unterminated"#), "a string");
     }
 
+    proptest::proptest! {
+        /// What the fuzz target checks, on every `cargo test`: any bytes under any of the
+        /// Content-Types give a value or a bounded one-line refusal, never a panic.
+        #[test]
+        fn any_body_gets_a_value_or_a_bounded_refusal(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+            json_like in r#"[{}\[\]":, 0-9a-z_-]{0,64}"#,
+            typed in proptest::bool::ANY,
+        ) {
+            let content_type = typed.then_some(&b"application/json"[..]);
+            for bytes in [&body[..], json_like.as_bytes()] {
+                if let Err(err) = parse_body::<Probe>(content_type, bytes, 128) {
+                    let text = err.to_string();
+                    proptest::prop_assert!(!text.contains('\n'), "{}", text);
+                    proptest::prop_assert!(text.len() <= MAX_REASON_LEN + 64, "{}", text);
+                }
+            }
+        }
+    }
+
     #[test]
     fn reasons_are_bounded() {
         let long_field = format!(r#"{{"{}": 1}}"#, "f".repeat(500));
