@@ -504,6 +504,49 @@ fn client_hello() -> Vec<u8> {
     hello
 }
 
+/// A TLS connection to `addr` that trusts `pki`'s CA, with the handshake done.
+fn tls_stream(
+    pki: &Pki,
+    addr: SocketAddr,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(&pki.ca).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connection =
+        rustls::ClientConnection::new(Arc::new(config), "127.0.0.1".try_into().unwrap()).unwrap();
+    let mut stream = rustls::StreamOwned::new(connection, TcpStream::connect(addr).unwrap());
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).unwrap();
+    }
+    stream
+}
+
+/// Whether the server closes `stream` (any read that is not a timeout) within `limit`.
+fn closed_within(
+    stream: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    limit: Duration,
+) -> bool {
+    stream.sock.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 1024];
+    match stream.read(&mut buf) {
+        Ok(0) => true,
+        Ok(n) => panic!("an answer to half a request: {:?}", &buf[..n]),
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
 /// Reads until the peer closes (Ok: what it sent) or `limit` passes (Err).
 fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Result<Vec<u8>, Duration> {
     let started = Instant::now();
@@ -524,7 +567,7 @@ fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Result<Vec<u8>,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item1_truncated_handshakes_and_plain_http_leave_the_server_serving() {
+async fn item1_truncated_handshakes_heads_and_plain_http_leave_the_server_serving() {
     let pki = Pki::new();
     let (_, url) = redb_url(&pki);
     let cms = Cms::start(&pki, &url);
@@ -540,6 +583,12 @@ async fn item1_truncated_handshakes_and_plain_http_leave_the_server_serving() {
         cut.write_all(bytes).unwrap();
         drop(cut);
     }
+    // A finished handshake and half a request head, then silence.
+    let mut half_head = tls_stream(&pki, cms.addr);
+    half_head
+        .write_all(b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .unwrap();
+    half_head.flush().unwrap();
     // None of them keeps others from being served.
     let started = Instant::now();
     assert_eq!(status(&pki, &cms).await.store, "redb");
@@ -565,6 +614,12 @@ async fn item1_truncated_handshakes_and_plain_http_leave_the_server_serving() {
         "half a ClientHello held its connection for 14 s"
     );
     assert!(started.elapsed() >= Duration::from_secs(9), "cut too early");
+    // The half head is cut at the server's 10 s head deadline.
+    let left = Duration::from_secs(14).saturating_sub(started.elapsed());
+    assert!(
+        closed_within(&mut half_head, left),
+        "half a request head held its connection for 14 s"
+    );
 
     assert_eq!(status(&pki, &cms).await.version, env!("CARGO_PKG_VERSION"));
     cms.stop();
