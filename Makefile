@@ -19,9 +19,11 @@ CARGO ?= cargo
 #   etcd-server              etcd 3.4: the credential service's store tests run against a real
 #                            etcd on loopback (keyshard-cms/tests/store_suite.rs)
 #   protobuf-compiler        protoc, which the etcd-client crate's build script runs
+#   curl                     the credential service's tests call it over TLS as a user would
+#                            (keyshard/tests/cms.rs)
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static \
 	cryptsetup-bin cpio e2fsprogs libtss2-dev pkg-config swtpm swtpm-tools tpm2-tools \
-	libvirt-clients libxml2-utils etcd-server protobuf-compiler
+	libvirt-clients libxml2-utils etcd-server protobuf-compiler curl
 
 FUZZ_SECONDS ?= 600
 
@@ -146,7 +148,7 @@ bench-storm: deps guest-static
 
 # Fuzz a parser of untrusted bytes (nightly and cargo-fuzz; cargo-fuzz is installed when
 # missing): `make fuzz FUZZ_TARGET=descriptor_chain`. Targets: fragment_parse, descriptor_chain,
-# broker_message, attestation_evidence, shard_formats.
+# broker_message, attestation_evidence, shard_formats, cms_request.
 FUZZ_TARGET ?= fragment_parse
 FUZZ_MAX_LEN_fragment_parse := 1400
 FUZZ_MAX_LEN_descriptor_chain := 16384
@@ -154,6 +156,7 @@ FUZZ_MAX_LEN_broker_message := 16384
 FUZZ_MAX_LEN_attestation_evidence := 8192
 # the largest sealed map (255 shards) is well under 128 KiB; longer inputs are refused up front
 FUZZ_MAX_LEN_shard_formats := 131072
+FUZZ_MAX_LEN_cms_request := 70000
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	mkdir -p fuzz/corpus/$(FUZZ_TARGET)

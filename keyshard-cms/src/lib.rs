@@ -1,4 +1,7 @@
-//! keyshard's credential service. Today it holds the attestation repository's [`store`].
+//! keyshard's credential service: the HTTPS [`server`] (the CMS's `/v1/` JSON API over TLS), the
+//! shard host [`registry`], [`credential`] put and maps, and the attestation repository's
+//! [`store`].
 pub mod credential;
 pub mod registry;
+pub mod server;
 pub mod store;

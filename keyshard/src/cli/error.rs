@@ -44,6 +44,14 @@ pub enum CliError {
     Daemon(#[from] vhost_keyshard::daemon::DaemonError),
     #[error("TPM: {0}")]
     Tpm(#[from] keyshard_tpm::TpmError),
+    #[error("cms: {0}")]
+    Cms(#[from] keyshard_cms::server::ServerError),
+    #[error("store: {0}")]
+    Store(#[from] keyshard_cms::store::StoreError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot handle SIGTERM/SIGINT: {0}")]
+    Signals(std::io::Error),
 }
 
 impl CliError {

@@ -2,6 +2,7 @@
 //! Each subcommand lives in its own module with `Args` (what clap parses), `Config` (what was
 //! validated, via `TryFrom<Args>`) and `run`.
 
+pub mod cms;
 pub mod combine;
 pub mod coordinator;
 pub mod error;
@@ -47,6 +48,8 @@ pub enum Command {
     Coordinator(coordinator::Args),
     /// Re-seal tpm/sev shares to the current PCRs with the recovery share (after a firmware update).
     Reseal(reseal::Args),
+    /// Serve the credential management service (HTTPS JSON API) until SIGTERM.
+    Cms(cms::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,5 +75,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Init(args) => init::run(args.try_into()?),
         Command::Coordinator(args) => coordinator::run(args.try_into()?),
         Command::Reseal(args) => reseal::run(args.try_into()?),
+        Command::Cms(args) => cms::run(args.try_into()?),
     }
 }

@@ -1,0 +1,173 @@
+//! `keyshard cms`: the credential management service, the `/v1/` JSON API over HTTPS
+//! (`keyshard_cms::server`) on a redb or etcd store, until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use keyshard_cms::server::{self, CmsServer, Limits};
+use keyshard_cms::store::{Store, StoreUrl};
+use vhost_keyshard::daemon;
+
+use super::CliError;
+
+/// The store when `--store` is not given: one node, embedded.
+pub const DEFAULT_STORE: &str = "redb:/var/lib/keyshard/cms.redb";
+
+/// The address when `--listen` is not given: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address and port to serve HTTPS on (port 0: any free port, printed on the ready line).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN)]
+    pub listen: String,
+    /// The store: redb:PATH (one node, created when missing) or etcd:http://HOST:PORT[,...].
+    #[arg(long, value_name = "URL", default_value = DEFAULT_STORE)]
+    pub store: String,
+    /// The server's certificate chain, PEM, leaf first.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: PathBuf,
+    /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: PathBuf,
+    /// Write the process id here once the server listens.
+    #[arg(long, value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub store: StoreUrl,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub pidfile: Option<PathBuf>,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = CliError;
+
+    fn try_from(args: Args) -> Result<Self, CliError> {
+        let listen = args.listen.parse::<SocketAddr>().map_err(|_| {
+            CliError::InvalidArgument(format!(
+                "--listen {:?}: want IP:PORT, e.g. 127.0.0.1:8443 or [::1]:8443",
+                args.listen
+            ))
+        })?;
+        let store = args
+            .store
+            .parse::<StoreUrl>()
+            .map_err(|e| CliError::InvalidArgument(format!("--store: {e}")))?;
+        Ok(Self {
+            listen,
+            store,
+            tls_cert: args.tls_cert,
+            tls_key: args.tls_key,
+            pidfile: args.pidfile,
+        })
+    }
+}
+
+/// The store as the ready line names it.
+fn describe(store: &StoreUrl) -> String {
+    match store {
+        StoreUrl::Redb(path) => format!("redb:{}", path.display()),
+        StoreUrl::Etcd(endpoints) => format!(
+            "etcd:{}",
+            endpoints
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    }
+}
+
+pub fn run(config: Config) -> Result<(), CliError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<(), CliError> {
+    // Signals first: a SIGTERM that comes while the store opens still stops the server.
+    let stop = stop_signal()?;
+    let tls = server::tls::server_config(&config.tls_cert, &config.tls_key)?;
+    let store = Store::open_url(&config.store).await?;
+    let server = CmsServer::bind(config.listen, store, tls, Limits::default()).await?;
+    daemon::announce(
+        &format!(
+            "ready: cms listening on https://{} (store {})",
+            server.local_addr(),
+            describe(&config.store)
+        ),
+        config.pidfile.as_deref(),
+    )?;
+    server.serve(stop).await;
+    if let Some(pidfile) = &config.pidfile {
+        daemon::remove_pidfile_if_ours(pidfile);
+    }
+    log::info!("stopped");
+    Ok(())
+}
+
+/// A future that completes at the first SIGTERM or SIGINT.
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>, CliError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(CliError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(CliError::Signals)?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM: stopping"),
+            _ = int.recv() => log::info!("SIGINT: stopping"),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(extra: &[&str]) -> Result<Config, CliError> {
+        let mut argv = vec!["cms", "--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        argv.extend_from_slice(extra);
+        Config::try_from(Command::try_parse_from(argv).unwrap().args)
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_an_embedded_store() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse::<SocketAddr>().unwrap());
+        assert!(config.listen.ip().is_loopback());
+        assert_eq!(describe(&config.store), DEFAULT_STORE);
+        let etcd = parse(&["--store", "etcd:http://127.0.0.1:2379,http://h:1"]).unwrap();
+        assert_eq!(
+            describe(&etcd.store),
+            "etcd:http://127.0.0.1:2379,http://h:1"
+        );
+    }
+
+    #[test]
+    fn bad_addresses_and_stores_are_one_line_errors() {
+        for (extra, says) in [
+            (&["--listen", "localhost:8443"][..], "--listen"),
+            (&["--listen", "127.0.0.1"][..], "--listen"),
+            (&["--store", "sqlite:/x"][..], "--store: store URL"),
+            (&["--store", "etcd:https://h:1"][..], "TLS to etcd"),
+        ] {
+            let err = parse(extra).unwrap_err().to_string();
+            assert!(err.contains(says), "{extra:?}: {err}");
+            assert!(!err.contains('\n'), "{extra:?}: {err}");
+        }
+    }
+}
