@@ -1,11 +1,13 @@
 //! A shard host's release: the step between a compute instance's request and the shard it gets.
 //!
-//! Given the sealed shard (`KSSE`, from the store) for (credential, epoch, index, this host),
-//! the instance's evidence, the instance policy the CMS registered, and this host's nonce book,
-//! [`ShardHost::release`]:
+//! The caller first spends the nonce the evidence answers, in this host's nonce book
+//! ([`nonces::MemoryNonceBook::consume`] or [`nonces::take_from_store`]: issued here, not used,
+//! not expired), before anything else, so a refused request cannot be retried with it; that
+//! gives the [`nonces::SpentNonce`] a release requires. Then, given the sealed shard (`KSSE`,
+//! from the store) for (credential, epoch, index, this host), the instance's evidence and the
+//! instance policy the CMS registered, [`ShardHost::release`]:
 //!
-//! 1. spends the nonce the evidence answers ([`nonces::NonceBook::consume`]: issued here, not
-//!    used, not expired), before anything else, so a refused request cannot be retried with it;
+//! 1. checks that the evidence answers the spent nonce;
 //! 2. verifies the evidence ([`keyshard_shards::instance::verify`]: the registered AK signed a
 //!    quote over the golden PCRs whose qualifying data binds that nonce and the instance's
 //!    ephemeral key);
@@ -33,15 +35,13 @@ use keyshard_shards::HostId;
 use keyshard_shards::ecies::{self, EciesError, SealedShard, ShardBinding, SharedPointSource};
 use keyshard_shards::instance::answer::AnswerError;
 use keyshard_shards::instance::{
-    InstanceEvidence, InstancePolicy, Nonce, ReleasedShard, VerifyError, verify,
+    InstanceEvidence, InstancePolicy, ReleasedShard, VerifyError, verify,
 };
 
-use nonces::{NonceBook, NonceError};
+use nonces::SpentNonce;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
-    #[error("refused: {0}")]
-    Nonce(#[from] NonceError),
     #[error("refused: the instance's evidence does not verify: {0}")]
     Evidence(#[from] VerifyError),
     #[error("this host cannot open the shard: {0}")]
@@ -70,16 +70,15 @@ pub struct Released {
     pub plaintext_held: Duration,
 }
 
-/// A shard host: its id, its decrypt key (the TPM in production) and its nonce book.
-pub struct ShardHost<K, B> {
+/// A shard host: its id and its decrypt key (the TPM in production).
+pub struct ShardHost<K> {
     id: HostId,
     key: K,
-    nonces: B,
 }
 
-impl<K: SharedPointSource, B: NonceBook> ShardHost<K, B> {
-    pub fn new(id: HostId, key: K, nonces: B) -> Self {
-        Self { id, key, nonces }
+impl<K: SharedPointSource> ShardHost<K> {
+    pub fn new(id: HostId, key: K) -> Self {
+        Self { id, key }
     }
 
     pub fn id(&self) -> &HostId {
@@ -91,21 +90,18 @@ impl<K: SharedPointSource, B: NonceBook> ShardHost<K, B> {
         &self.key
     }
 
-    /// A fresh nonce for an instance to bind into its quote.
-    pub fn challenge(&self) -> Result<Nonce> {
-        Ok(self.nonces.issue()?)
-    }
-
     /// Releases the shard `sealed` (this host's shard for the request's credential, epoch and
-    /// index, as stored) to the instance that made `request.evidence`, if it verifies against
-    /// `policy`. The steps and what each refuses are in the module documentation.
+    /// index, as stored) to the instance that made `request.evidence`, if it answers `spent`
+    /// and verifies against `policy`. The steps and what each refuses are in the module
+    /// documentation.
     pub fn release(
         &self,
         request: &ShardRequest,
         sealed: &SealedShard,
         policy: &InstancePolicy,
+        spent: SpentNonce,
     ) -> Result<Released> {
-        let result = self.release_inner(request, sealed, policy);
+        let result = self.release_inner(request, sealed, policy, &spent);
         match &result {
             Ok(released) => log::info!(
                 "released shard {} of {} epoch {} (plaintext held {:?})",
@@ -129,10 +125,9 @@ impl<K: SharedPointSource, B: NonceBook> ShardHost<K, B> {
         request: &ShardRequest,
         sealed: &SealedShard,
         policy: &InstancePolicy,
+        spent: &SpentNonce,
     ) -> Result<Released> {
-        let nonce = *request.evidence.nonce();
-        self.nonces.consume(&nonce)?;
-        let instance = verify(&request.evidence, policy, &nonce)?;
+        let instance = verify(&request.evidence, policy, spent.nonce())?;
         let binding = ShardBinding {
             credential: request.credential.clone(),
             epoch: request.epoch,
@@ -151,7 +146,7 @@ impl<K: SharedPointSource, B: NonceBook> ShardHost<K, B> {
     }
 }
 
-impl<K, B> std::fmt::Debug for ShardHost<K, B> {
+impl<K> std::fmt::Debug for ShardHost<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShardHost")
             .field("id", &self.id)

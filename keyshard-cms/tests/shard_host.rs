@@ -21,7 +21,7 @@ use std::time::Instant;
 use keyshard_attest::tpm::PcrSelection;
 use keyshard_cms::shard_host::nonces::{MemoryNonceBook, NonceError};
 use keyshard_cms::shard_host::tpm_key::TpmDecryptKey;
-use keyshard_cms::shard_host::{ReleaseError, ShardHost, ShardRequest};
+use keyshard_cms::shard_host::{ReleaseError, Released, ShardHost, ShardRequest};
 use keyshard_core::KeyId;
 use keyshard_core::policy::PcrBank;
 use keyshard_shards::HostId;
@@ -39,7 +39,8 @@ const EPOCH: u64 = 3;
 /// The shard host (its swtpm and its release), the instance (its swtpm, opened as a `Tpm`),
 /// the policy the CMS registered for the instance, and one shard sealed to the host.
 struct World {
-    host: ShardHost<TpmDecryptKey, MemoryNonceBook>,
+    host: ShardHost<TpmDecryptKey>,
+    nonces: MemoryNonceBook,
     host_tpm: TpmService,
     instance: Tpm,
     selection: PcrSelection,
@@ -71,7 +72,6 @@ impl World {
         let host = ShardHost::new(
             HostId::new(HOST).unwrap(),
             TpmDecryptKey::new(host_tpm.clone(), decrypt_key).unwrap(),
-            MemoryNonceBook::new(),
         );
         // Enrolment, as `keyshard instance enroll` will register it: the instance's AK and
         // its golden PCR values, read from its TPM in its known-good state.
@@ -85,6 +85,7 @@ impl World {
         getrandom::fill(&mut shard).unwrap();
         Self {
             host,
+            nonces: MemoryNonceBook::new(),
             host_tpm,
             instance,
             selection,
@@ -110,6 +111,23 @@ impl World {
         )
     }
 
+    /// A challenge from the host: a fresh nonce.
+    fn challenge(&self) -> Nonce {
+        self.nonces.issue().unwrap()
+    }
+
+    /// What the host process does with a request: spend the nonce its evidence answers, then
+    /// release.
+    fn ask(&self, request: &ShardRequest, sealed: &SealedShard) -> Result<Released, Refusal> {
+        let spent = self
+            .nonces
+            .consume(request.evidence.nonce())
+            .map_err(Refusal::Nonce)?;
+        self.host
+            .release(request, sealed, &self.policy, spent)
+            .map_err(Refusal::Release)
+    }
+
     /// The instance's evidence for `nonce` and `key`, quoted by its own TPM, as it goes over
     /// the wire.
     fn evidence(&mut self, nonce: &Nonce, key: &FetchPublicKey) -> InstanceEvidence {
@@ -121,6 +139,13 @@ impl World {
         let evidence = InstanceEvidence::new(*nonce, *key, quote, pcrs);
         InstanceEvidence::from_bytes(&evidence.to_bytes()).unwrap()
     }
+}
+
+/// Why the host said no: its nonce book, or the release.
+#[derive(Debug)]
+enum Refusal {
+    Nonce(NonceError),
+    Release(ReleaseError),
 }
 
 /// The instance's request to this host for share `index`.
@@ -139,13 +164,10 @@ fn item6_a_shard_released_by_the_host_tpm_opens_on_the_instance_byte_for_byte() 
     let sealed = world.sealed();
     for _ in 0..3 {
         let fetch = FetchKey::generate().unwrap();
-        let nonce = world.host.challenge().unwrap();
+        let nonce = world.challenge();
         let evidence = world.evidence(&nonce, &fetch.public_key());
         let started = Instant::now();
-        let released = world
-            .host
-            .release(&shard_request(2, evidence), &sealed, &world.policy)
-            .unwrap();
+        let released = world.ask(&shard_request(2, evidence), &sealed).unwrap();
         let took = started.elapsed();
         eprintln!(
             "release on swtpm: {took:?} (plaintext held {:?})",
@@ -171,23 +193,28 @@ fn item6_a_replayed_nonce_is_refused() {
     let mut world = World::new();
     let sealed = world.sealed();
     let fetch = FetchKey::generate().unwrap();
-    let nonce = world.host.challenge().unwrap();
-    let request = shard_request(2, world.evidence(&nonce, &fetch.public_key()));
-    world
-        .host
-        .release(&request, &sealed, &world.policy)
-        .unwrap();
+    let nonce = world.challenge();
+    let first = shard_request(2, world.evidence(&nonce, &fetch.public_key()));
+    world.ask(&first, &sealed).unwrap();
     // The same request again: the evidence is still good, the nonce is spent.
     assert!(matches!(
-        world.host.release(&request, &sealed, &world.policy),
-        Err(ReleaseError::Nonce(NonceError::Replayed))
+        world.ask(&first, &sealed),
+        Err(Refusal::Nonce(NonceError::Replayed))
     ));
     // Evidence for a nonce this host never issued (another host's, or made up).
     let request = shard_request(2, world.evidence(&[0x42; 32], &fetch.public_key()));
     assert!(matches!(
-        world.host.release(&request, &sealed, &world.policy),
-        Err(ReleaseError::Nonce(NonceError::Unknown))
+        world.ask(&request, &sealed),
+        Err(Refusal::Nonce(NonceError::Unknown))
     ));
+    // A nonce spent for one exchange does not carry evidence made for another, even one this
+    // host issued: the old, already spent request's evidence with a fresh nonce spent for it.
+    let fresh = world.nonces.consume(&world.challenge()).unwrap();
+    let refused = world.host.release(&first, &sealed, &world.policy, fresh);
+    assert!(
+        matches!(refused, Err(ReleaseError::Evidence(VerifyError::Nonce))),
+        "{refused:?}"
+    );
 }
 
 #[test]
@@ -199,13 +226,13 @@ fn item6_an_instance_whose_pcr_changed_is_refused_naming_the_pcr() {
         .extend_pcr(PcrBank::Sha256, 7, b"another bootloader")
         .unwrap();
     let fetch = FetchKey::generate().unwrap();
-    let nonce = world.host.challenge().unwrap();
+    let nonce = world.challenge();
     let request = shard_request(2, world.evidence(&nonce, &fetch.public_key()));
-    let refused = world.host.release(&request, &sealed, &world.policy);
+    let refused = world.ask(&request, &sealed);
     assert!(
         matches!(
             &refused,
-            Err(ReleaseError::Evidence(VerifyError::PcrsChanged { changed })) if changed == "sha256:7"
+            Err(Refusal::Release(ReleaseError::Evidence(VerifyError::PcrsChanged { changed }))) if changed == "sha256:7"
         ),
         "{refused:?}"
     );
@@ -216,7 +243,7 @@ fn item6_a_quote_by_another_tpms_ak_is_refused() {
     let mut world = World::new();
     let sealed = world.sealed();
     let fetch = FetchKey::generate().unwrap();
-    let nonce = world.host.challenge().unwrap();
+    let nonce = world.challenge();
     // A quote made exactly as the instance makes it, bound to the right nonce and key, over the
     // same (all-zero) PCR values, but by another TPM: the shard host's own.
     let honest = world.evidence(&nonce, &fetch.public_key());
@@ -228,13 +255,13 @@ fn item6_a_quote_by_another_tpms_ak_is_refused() {
         )
         .unwrap();
     let foreign = InstanceEvidence::new(nonce, fetch.public_key(), quote, honest.pcrs().clone());
-    let refused = world
-        .host
-        .release(&shard_request(2, foreign), &sealed, &world.policy);
+    let refused = world.ask(&shard_request(2, foreign), &sealed);
     assert!(
         matches!(
             refused,
-            Err(ReleaseError::Evidence(VerifyError::AttestationKey))
+            Err(Refusal::Release(ReleaseError::Evidence(
+                VerifyError::AttestationKey
+            )))
         ),
         "{refused:?}"
     );
@@ -245,7 +272,7 @@ fn item6_evidence_bound_to_another_ephemeral_key_is_refused() {
     let mut world = World::new();
     let sealed = world.sealed();
     let fetch = FetchKey::generate().unwrap();
-    let nonce = world.host.challenge().unwrap();
+    let nonce = world.challenge();
     let honest = world.evidence(&nonce, &fetch.public_key());
     // An attacker who sees the honest evidence (a relay, a log) swaps in its own key to have
     // the shard sealed to itself.
@@ -256,11 +283,14 @@ fn item6_evidence_bound_to_another_ephemeral_key_is_refused() {
         honest.quote().clone(),
         honest.pcrs().clone(),
     );
-    let refused = world
-        .host
-        .release(&shard_request(2, stolen), &sealed, &world.policy);
+    let refused = world.ask(&shard_request(2, stolen), &sealed);
     assert!(
-        matches!(refused, Err(ReleaseError::Evidence(VerifyError::NotBound))),
+        matches!(
+            refused,
+            Err(Refusal::Release(ReleaseError::Evidence(
+                VerifyError::NotBound
+            )))
+        ),
         "{refused:?}"
     );
 }
@@ -278,11 +308,14 @@ fn item6_a_shard_sealed_to_another_host_does_not_decrypt_here() {
         world.sealed_to(&other, 2, "host-us-1"),
     ] {
         let fetch = FetchKey::generate().unwrap();
-        let nonce = world.host.challenge().unwrap();
+        let nonce = world.challenge();
         let request = shard_request(2, world.evidence(&nonce, &fetch.public_key()));
-        let refused = world.host.release(&request, &sealed, &world.policy);
+        let refused = world.ask(&request, &sealed);
         assert!(
-            matches!(refused, Err(ReleaseError::Shard(EciesError::Open))),
+            matches!(
+                refused,
+                Err(Refusal::Release(ReleaseError::Shard(EciesError::Open)))
+            ),
             "{refused:?}"
         );
     }
@@ -294,20 +327,20 @@ fn item6_a_shard_for_another_index_presented_as_this_one_is_refused() {
     let host_key = keyshard_shards::ecies::SharedPointSource::public_key(world.host.key());
     let index_3 = world.sealed_to(&host_key, 3, HOST);
     let fetch = FetchKey::generate().unwrap();
-    let nonce = world.host.challenge().unwrap();
+    let nonce = world.challenge();
     let request = shard_request(2, world.evidence(&nonce, &fetch.public_key()));
-    let refused = world.host.release(&request, &index_3, &world.policy);
+    let refused = world.ask(&request, &index_3);
     assert!(
-        matches!(refused, Err(ReleaseError::Shard(EciesError::Open))),
+        matches!(
+            refused,
+            Err(Refusal::Release(ReleaseError::Shard(EciesError::Open)))
+        ),
         "{refused:?}"
     );
     // The same ciphertext asked for as what it is, index 3, is released.
-    let nonce = world.host.challenge().unwrap();
+    let nonce = world.challenge();
     let request = shard_request(3, world.evidence(&nonce, &fetch.public_key()));
-    let released = world
-        .host
-        .release(&request, &index_3, &world.policy)
-        .unwrap();
+    let released = world.ask(&request, &index_3).unwrap();
     let opened = fetch.open(&released.shard, &binding(3, HOST)).unwrap();
     assert_eq!(opened.as_slice(), world.shard.as_slice());
 }

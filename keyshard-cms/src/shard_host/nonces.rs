@@ -1,16 +1,20 @@
 //! A shard host's nonces: issued for one release, good once, and only for a short time. A
 //! replayed or late request names a nonce that fails one of these checks.
 //!
-//! [`NonceBook`] is the trait a release asks; [`MemoryNonceBook`] keeps the nonces of one
-//! host process in memory. Two processes (or replicas) need a shared book: the store can
-//! implement the trait later (an etcd lease, a redb table with expiry), as issue 9 item 7 asks
-//! of the CMS.
+//! A release needs a [`SpentNonce`]: proof that the nonce its evidence answers was issued by
+//! this host and has just been used up. Only this module makes one, from one of two books:
+//! - [`MemoryNonceBook`]: the nonces of one host process, in memory;
+//! - the attestation repository ([`take_from_store`] over [`Repository::nonce_take`]): shared
+//!   by every process on one store (an etcd lease or a redb table with expiry), so two replicas
+//!   never accept the same nonce. Issue those with [`Repository::nonce_issue`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use keyshard_shards::instance::Nonce;
+
+use crate::store::{self, Repository, StoreError};
 
 /// How long an issued nonce stays good: a fetch quotes and asks within a second or two.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(30);
@@ -33,14 +37,25 @@ pub enum NonceError {
 
 pub type Result<T> = std::result::Result<T, NonceError>;
 
-/// Single-use nonces with expiry, as a shard host issues and spends them.
-pub trait NonceBook: Send + Sync {
-    /// A fresh random nonce, recorded as issued now.
-    fn issue(&self) -> Result<Nonce>;
+/// A nonce this host issued, used up just now: what [`super::ShardHost::release`] requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpentNonce(Nonce);
 
-    /// Spends `nonce`: it must have been issued here, not used yet, and not be expired. It is
-    /// spent whatever the caller does next, so a failed release cannot be retried with it.
-    fn consume(&self, nonce: &Nonce) -> Result<()>;
+impl SpentNonce {
+    /// The nonce that was spent: the one the released-to evidence must answer.
+    pub fn nonce(&self) -> &Nonce {
+        &self.0
+    }
+}
+
+/// Spends `nonce` in the shared store: Ok once, for the first caller on any handle sharing it,
+/// before its expiry; [`StoreError::NonceUnknown`] or [`StoreError::NonceExpired`] otherwise.
+pub async fn take_from_store<R: Repository>(
+    store: &R,
+    nonce: &Nonce,
+) -> std::result::Result<SpentNonce, StoreError> {
+    store.nonce_take(&store::Nonce::from_bytes(*nonce)).await?;
+    Ok(SpentNonce(*nonce))
 }
 
 /// The time source, so tests can move it.
@@ -129,8 +144,9 @@ impl std::fmt::Debug for MemoryNonceBook {
     }
 }
 
-impl NonceBook for MemoryNonceBook {
-    fn issue(&self) -> Result<Nonce> {
+impl MemoryNonceBook {
+    /// A fresh random nonce, recorded as issued now.
+    pub fn issue(&self) -> Result<Nonce> {
         let mut nonce = [0u8; keyshard_shards::instance::NONCE_LEN];
         getrandom::fill(&mut nonce).map_err(|_| NonceError::Random)?;
         let now = self.clock.now();
@@ -144,7 +160,9 @@ impl NonceBook for MemoryNonceBook {
         Ok(nonce)
     }
 
-    fn consume(&self, nonce: &Nonce) -> Result<()> {
+    /// Spends `nonce`: it must have been issued here, not used yet, and not be expired. It is
+    /// used up whatever happens next, so a refused release cannot be retried with it.
+    pub fn consume(&self, nonce: &Nonce) -> Result<SpentNonce> {
         let now = self.clock.now();
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         match entries.get(nonce).copied() {
@@ -155,7 +173,7 @@ impl NonceBook for MemoryNonceBook {
                 let age = now.saturating_duration_since(at);
                 match age.checked_sub(self.lifetime) {
                     Some(late) if !late.is_zero() => Err(NonceError::Expired(late)),
-                    _ => Ok(()),
+                    _ => Ok(SpentNonce(*nonce)),
                 }
             }
         }
@@ -192,7 +210,7 @@ mod tests {
         let (_, book) = book(8);
         let nonce = book.issue().unwrap();
         assert_ne!(book.issue().unwrap(), nonce);
-        assert_eq!(book.consume(&nonce), Ok(()));
+        assert_eq!(book.consume(&nonce), Ok(SpentNonce(nonce)));
         assert_eq!(book.consume(&nonce), Err(NonceError::Replayed));
         assert_eq!(book.consume(&[7; 32]), Err(NonceError::Unknown));
     }
@@ -210,7 +228,7 @@ mod tests {
         // Just inside the lifetime is still good.
         let nonce = book.issue().unwrap();
         clock.advance(Duration::from_secs(30));
-        assert_eq!(book.consume(&nonce), Ok(()));
+        assert!(book.consume(&nonce).is_ok());
     }
 
     #[test]
@@ -220,9 +238,32 @@ mod tests {
         let _second = book.issue().unwrap();
         assert_eq!(book.issue(), Err(NonceError::Full(2)));
         // The outstanding nonces stay good: the flood did not push them out.
-        assert_eq!(book.consume(&first), Ok(()));
+        assert!(book.consume(&first).is_ok());
         clock.advance(Duration::from_secs(31));
         assert!(book.issue().is_ok());
         assert_eq!(book.len(), 1, "expired entries are dropped");
+    }
+
+    #[tokio::test]
+    async fn item6_a_store_nonce_is_spent_once_across_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("redb:{}", dir.path().join("store.redb").display());
+        let store = store::Store::open(&url).await.unwrap();
+        let replica = store.clone();
+        let nonce = *store
+            .nonce_issue(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .as_bytes();
+        let spent = take_from_store(&store, &nonce).await.unwrap();
+        assert_eq!(spent.nonce(), &nonce);
+        assert!(matches!(
+            take_from_store(&replica, &nonce).await,
+            Err(StoreError::NonceUnknown)
+        ));
+        assert!(matches!(
+            take_from_store(&store, &[9; 32]).await,
+            Err(StoreError::NonceUnknown)
+        ));
     }
 }
