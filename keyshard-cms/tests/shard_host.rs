@@ -344,3 +344,49 @@ fn item6_a_shard_for_another_index_presented_as_this_one_is_refused() {
     let opened = fetch.open(&released.shard, &binding(3, HOST)).unwrap();
     assert_eq!(opened.as_slice(), world.shard.as_slice());
 }
+
+/// p50, p90 and min over 50 exchanges on swtpm, in milliseconds: the instance's evidence
+/// (PCR read and quote), the host's release (verification, ZGen, HPKE), the plaintext window,
+/// and the instance opening the answer. Not a regression test: run it with
+/// `cargo test -p keyshard-cms --test shard_host timings -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn timings() {
+    const RUNS: usize = 50;
+    fn report(name: &str, mut samples: Vec<std::time::Duration>) {
+        samples.sort();
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "| {name} | {} | {:.3} | {:.3} | {:.3} |",
+            samples.len(),
+            ms(samples[samples.len() / 2]),
+            ms(samples[samples.len() * 9 / 10]),
+            ms(samples[0]),
+        );
+    }
+    let mut world = World::new();
+    let sealed = world.sealed();
+    let (mut evidence_t, mut release_t, mut held_t, mut open_t) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let fetch = FetchKey::generate().unwrap();
+        let nonce = world.challenge();
+        let start = Instant::now();
+        let evidence = world.evidence(&nonce, &fetch.public_key());
+        evidence_t.push(start.elapsed());
+        let request = shard_request(2, evidence);
+        let start = Instant::now();
+        let released = world.ask(&request, &sealed).unwrap();
+        release_t.push(start.elapsed());
+        held_t.push(released.plaintext_held);
+        let start = Instant::now();
+        let opened = fetch.open(&released.shard, &binding(2, HOST)).unwrap();
+        open_t.push(start.elapsed());
+        assert_eq!(opened.as_slice(), world.shard.as_slice());
+    }
+    println!("| step | runs | p50 ms | p90 ms | min ms |");
+    report("instance evidence (PCR read + quote)", evidence_t);
+    report("host release (verify, ZGen, HPKE)", release_t);
+    report("plaintext held on the host", held_t);
+    report("instance opens the answer", open_t);
+}
