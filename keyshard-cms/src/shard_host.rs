@@ -93,7 +93,9 @@ impl<K: SharedPointSource> ShardHost<K> {
     /// Releases the shard `sealed` (this host's shard for the request's credential, epoch and
     /// index, as stored) to the instance that made `request.evidence`, if it answers `spent`
     /// and verifies against `policy`. The steps and what each refuses are in the module
-    /// documentation.
+    /// documentation. `policy` must be the one the CMS registered for an instance that the
+    /// credential's instance policy admits: which instances may fetch what is the CMS's
+    /// decision, not checked here.
     pub fn release(
         &self,
         request: &ShardRequest,
