@@ -5,7 +5,7 @@
 //! | body | answer |
 //! |---|---|
 //! | empty | read as `{}` (so `curl -X POST` works for requests whose fields are all optional) |
-//! | more than the limit | 413 `body_too_large`: refused on its Content-Length before any byte is read, or while reading when it has none; nothing is parsed |
+//! | more than the limit | 413 `body_too_large`: refused on its Content-Length (up to 1 MiB of it read and dropped first when the client is already sending), or while reading when it has none; nothing is parsed |
 //! | a Content-Type other than `application/json` (parameters allowed) | 415 `unsupported_media_type` |
 //! | not JSON, or JSON followed by more bytes | 400 `malformed_json` |
 //! | JSON of the wrong shape: not an object, wrong type, unknown or missing field, value out of range | 422 `invalid_request` |
@@ -15,7 +15,7 @@
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -143,6 +143,8 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        /// The largest refused body still read (and dropped) so its client gets the answer.
+        const MAX_DRAINED_BODY: usize = 1024 * 1024;
         let max = request
             .extensions()
             .get::<BodyLimit>()
@@ -155,7 +157,19 @@ where
             .get(CONTENT_LENGTH)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > u64::try_from(max).unwrap_or(u64::MAX)) {
+        if let Some(len) = declared
+            && len > u64::try_from(max).unwrap_or(u64::MAX)
+        {
+            // A client that did not ask for `100 Continue` is already sending: a body of modest
+            // size is read and dropped (bounded by the request timeout), so it reads the 413
+            // instead of a broken pipe. A larger one is cut, as one that waits is never read.
+            let expects_continue = request
+                .headers()
+                .get(EXPECT)
+                .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            if !expects_continue && len <= MAX_DRAINED_BODY as u64 {
+                let _ = axum::body::to_bytes(request.into_body(), MAX_DRAINED_BODY).await;
+            }
             return Err(ApiError::BodyTooLarge { max });
         }
         let content_type = request
