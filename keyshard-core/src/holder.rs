@@ -98,7 +98,10 @@ impl FromStr for HolderClass {
     }
 }
 
-fn check_name(
+/// Checks a name: not empty, at most `max` bytes, every byte `is_allowed` (`allowed` says which,
+/// for the error). Holder and key ids here; shard host ids and failure domains in
+/// keyshard-shards.
+pub fn check_name(
     what: &'static str,
     value: &str,
     max: usize,

@@ -7,34 +7,12 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use keyshard_core::holder::NameError;
+use keyshard_core::holder::check_name;
 
 /// Longest shard host id.
 pub const MAX_HOST_ID_LEN: usize = 64;
 /// Longest region or operator name.
 pub const MAX_DOMAIN_NAME_LEN: usize = 64;
-
-fn check(
-    what: &'static str,
-    value: &str,
-    max: usize,
-    allowed: &'static str,
-    is_allowed: fn(u8) -> bool,
-) -> Result<(), NameError> {
-    if value.is_empty() {
-        return Err(NameError::Empty { what });
-    }
-    if value.len() > max {
-        return Err(NameError::TooLong {
-            what,
-            len: value.len(),
-            max,
-        });
-    }
-    if !value.bytes().all(is_allowed) {
-        return Err(NameError::BadCharacter { what, allowed });
-    }
-    Ok(())
-}
 
 /// Names one shard host, e.g. `host-eu-1`: lower-case ASCII, so it reads the same everywhere it
 /// is bound (shard ciphertexts, placement hashes, the shard map).
@@ -45,7 +23,7 @@ impl HostId {
     /// Checks 1..=64 bytes of `a-z 0-9 . _ -`.
     pub fn new(value: impl Into<String>) -> Result<Self, NameError> {
         let value = value.into();
-        check(
+        check_name(
             "host id",
             &value,
             MAX_HOST_ID_LEN,
@@ -82,7 +60,7 @@ impl DomainName {
     /// Checks 1..=64 bytes of `A-Z a-z 0-9 . _ -`.
     pub fn new(value: impl Into<String>) -> Result<Self, NameError> {
         let value = value.into();
-        check(
+        check_name(
             "domain name",
             &value,
             MAX_DOMAIN_NAME_LEN,
