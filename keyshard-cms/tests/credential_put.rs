@@ -14,139 +14,32 @@
 )]
 
 mod common;
+// The test shard hosts, shared with keyshard's `cms_credentials` test.
+#[path = "common/hosts.rs"]
+mod hosts;
 // The one swtpm launcher of the workspace, as keyshard-tpm's tests use it.
 #[allow(dead_code)]
 #[path = "../../keyshard-tpm/tests/common/swtpm.rs"]
 mod swtpm;
 
-use std::num::NonZeroU32;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use ed25519_dalek::SigningKey;
-use keyshard_attest::tpm::{CertifyError, PcrSelection};
+use keyshard_attest::tpm::CertifyError;
 use keyshard_cms::credential::{
     self, CredentialError, FIRST_EPOCH, PutRequest, map_for, put_credential,
 };
-use keyshard_cms::registry::{Exclusion, HostRegistration, HostRegistry, RegistryError};
+use keyshard_cms::registry::{Exclusion, HostRegistry, RegistryError};
 use keyshard_cms::store::{Key, KeyPrefix, MAX_LIST_LIMIT, Repository, Store, StoreError};
-use keyshard_core::policy::PcrBank;
 use keyshard_core::sharing::{self, Share};
 use keyshard_core::{Fragment, HolderClass, KeyId, Threshold, VerifiedFragment};
-use keyshard_shards::ecies::{self, EciesError, P256Point, SharedPoint, SharedPointSource};
-use keyshard_shards::map::{ClientKey, Endpoint, MapError};
+use keyshard_shards::HostId;
+use keyshard_shards::ecies::{self, EciesError};
+use keyshard_shards::map::{ClientKey, MapError};
 use keyshard_shards::placement::{self, Candidate, PlacementError, PlacementSeed};
-use keyshard_shards::{DomainName, FailureDomain, HostId};
-use keyshard_tpm::{DecryptKey, Tpm};
-use swtpm::Swtpm;
-use zeroize::Zeroizing;
 
 use common::etcd::EtcdServer;
-
-/// The lab's six hosts: (id, region, operator).
-const HOSTS: [(&str, &str, &str); 6] = [
-    ("host-1", "eu", "acme"),
-    ("host-2", "eu", "globex"),
-    ("host-3", "us", "acme"),
-    ("host-4", "us", "globex"),
-    ("host-5", "ap", "acme"),
-    ("host-6", "ap", "globex"),
-];
-
-/// One shard host: its own TPM with its decrypt key.
-struct ShardHost {
-    id: HostId,
-    tpm: Mutex<Tpm>,
-    key: DecryptKey,
-    // Dropped last: swtpm outlives the TPM context.
-    _swtpm: Swtpm,
-}
-
-/// Held while one swtpm starts and is opened. The harness checks that a port pair is free,
-/// then starts swtpm on it and waits for its control port to answer; two launches racing for
-/// one pair can both see "ready" (the winner's port answers) while the loser exits, and then
-/// two hosts share one TPM, which serves one connection at a time. The tests of this file
-/// start up to 50 swtpms at once, so they take turns.
-static SWTPM_START: Mutex<()> = Mutex::new(());
-
-impl ShardHost {
-    fn start(id: &str) -> Self {
-        let turn = SWTPM_START.lock().unwrap_or_else(|e| e.into_inner());
-        let swtpm = Swtpm::start();
-        let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
-        drop(turn);
-        let key = tpm.create_decrypt_key().unwrap();
-        Self {
-            id: HostId::new(id).unwrap(),
-            tpm: Mutex::new(tpm),
-            key,
-            _swtpm: swtpm,
-        }
-    }
-
-    /// A registration answering `nonce`, as a shard host makes it: TPM2_Certify of its decrypt
-    /// key by its AK, and its current PCRs 0 and 7 as golden values.
-    fn registration(
-        &self,
-        nonce: keyshard_cms::store::Nonce,
-        region: &str,
-        operator: &str,
-    ) -> HostRegistration {
-        let mut tpm = self.tpm.lock().unwrap();
-        let certification = tpm
-            .certify_decrypt_key(&self.key, nonce.as_bytes())
-            .unwrap();
-        let golden = tpm
-            .read_pcrs(&PcrSelection::new(PcrBank::Sha256, &[0, 7]).unwrap())
-            .unwrap();
-        HostRegistration {
-            id: self.id.clone(),
-            domain: FailureDomain {
-                region: DomainName::new(region).unwrap(),
-                operator: DomainName::new(operator).unwrap(),
-            },
-            endpoint: Endpoint::new(format!("https://{}.invalid:8443", self.id)).unwrap(),
-            weight: NonZeroU32::new(1).unwrap(),
-            ak: tpm.ak_public().clone(),
-            golden_pcrs: golden,
-            decrypt_key_public: self.key.public_area().to_vec(),
-            certification,
-            nonce,
-        }
-    }
-
-    /// Opens a sealed shard in this host's TPM under `binding`.
-    fn open(
-        &self,
-        binding: &ecies::ShardBinding,
-        sealed: &ecies::SealedShard,
-    ) -> Result<Zeroizing<Vec<u8>>, EciesError> {
-        ecies::open(self, binding, sealed)
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("TPM2_ECDH_ZGen: {0}")]
-struct ZGenFailed(String);
-
-/// The host's TPM as the shard-opening side of the ECIES: TPM2_ECDH_ZGen.
-impl SharedPointSource for ShardHost {
-    type Error = ZGenFailed;
-
-    fn public_key(&self) -> P256Point {
-        P256Point::from_uncompressed(self.key.point()).unwrap()
-    }
-
-    fn z_gen(&self, ephemeral: &P256Point) -> Result<SharedPoint, ZGenFailed> {
-        let point = self
-            .tpm
-            .lock()
-            .unwrap()
-            .ecdh_z_gen(&self.key, &ephemeral.to_uncompressed())
-            .map_err(|e| ZGenFailed(e.to_string()))?;
-        SharedPoint::from_coordinates(point.x(), point.y()).map_err(|e| ZGenFailed(e.to_string()))
-    }
-}
+use hosts::{HOSTS, ShardHost};
 
 /// A store, the CMS key, the registry and six registered hosts.
 struct Lab {
