@@ -30,7 +30,9 @@
 //! requests in flight finish (at most [`SHUTDOWN_GRACE`]), and returns.
 
 pub mod api;
+pub mod credentials;
 pub mod error;
+pub mod hosts;
 pub mod request;
 pub mod tls;
 
@@ -181,12 +183,14 @@ impl std::fmt::Debug for CmsServer {
 
 impl CmsServer {
     /// Binds `addr` (port 0: any free port, see [`CmsServer::local_addr`]) for a server on
-    /// `store` with the TLS configuration `tls` ([`tls::server_config`]).
+    /// `store` with the TLS configuration `tls` ([`tls::server_config`]), signing fragments and
+    /// shard maps with `signing_key`.
     pub async fn bind(
         addr: SocketAddr,
         store: Store,
         tls: Arc<rustls::ServerConfig>,
         limits: Limits,
+        signing_key: ed25519_dalek::SigningKey,
     ) -> Result<Self> {
         limits.check()?;
         let listener = TcpListener::bind(addr)
@@ -195,7 +199,7 @@ impl CmsServer {
         let local_addr = listener
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
-        let state = api::AppState::new(store, limits.nonce_ttl, limits.nonce_rate);
+        let state = api::AppState::new(store, limits.nonce_ttl, limits.nonce_rate, signing_key);
         Ok(Self {
             listener,
             local_addr,

@@ -83,6 +83,7 @@ async fn item1_connections_over_the_cap_wait_for_a_slot_and_stop_is_graceful() {
         store,
         tls::server_config(&cert, &key).unwrap(),
         limits,
+        ed25519_dalek::SigningKey::from_bytes(&[0x11; 32]),
     )
     .await
     .unwrap();

@@ -34,6 +34,8 @@ struct Pki {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    /// The CMS's Ed25519 signing key, PEM, as `keyshard keygen` writes it.
+    signing: PathBuf,
 }
 
 impl Pki {
@@ -66,7 +68,22 @@ impl Pki {
         std::fs::write(&ca, ca_cert.pem()).unwrap();
         std::fs::write(&cert, leaf.pem()).unwrap();
         std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
-        Self { dir, ca, cert, key }
+        let signing = dir.path().join("cms-signing.pem");
+        let signing_key = keyshard_core::keys::generate().unwrap();
+        std::fs::write(
+            &signing,
+            keyshard_core::keys::signing_key_to_pem(&signing_key)
+                .unwrap()
+                .as_bytes(),
+        )
+        .unwrap();
+        Self {
+            dir,
+            ca,
+            cert,
+            key,
+            signing,
+        }
     }
 
     /// A reqwest client that trusts this CA only.
@@ -104,7 +121,9 @@ impl Cms {
             .arg("--tls-cert")
             .arg(&pki.cert)
             .arg("--tls-key")
-            .arg(&pki.key);
+            .arg(&pki.key)
+            .arg("--signing-key")
+            .arg(&pki.signing);
         let daemon = Daemon::start("cms", &mut command, READY, Duration::from_secs(30), &log)
             .unwrap_or_else(|e| panic!("{e}"));
         let line = daemon.ready_line();
@@ -658,10 +677,12 @@ fn item1_unreadable_tls_files_stop_the_start_with_one_line() {
     let pki = Pki::new();
     let (_, url) = redb_url(&pki);
     let missing = pki.dir.path().join("missing.pem");
-    for (cert, key, says) in [
-        (&missing, &pki.key, "missing.pem"),
-        (&pki.cert, &pki.cert, "no usable private key"),
-        (&pki.key, &pki.key, "no CERTIFICATE block"),
+    for (cert, key, signing, says) in [
+        (&missing, &pki.key, &pki.signing, "missing.pem"),
+        (&pki.cert, &pki.cert, &pki.signing, "no usable private key"),
+        (&pki.key, &pki.key, &pki.signing, "no CERTIFICATE block"),
+        (&pki.cert, &pki.key, &missing, "missing.pem"),
+        (&pki.cert, &pki.key, &pki.cert, "cms.pem"),
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_keyshard"))
             .args(["cms", "--listen=127.0.0.1:0", &format!("--store={url}")])
@@ -669,6 +690,8 @@ fn item1_unreadable_tls_files_stop_the_start_with_one_line() {
             .arg(cert)
             .arg("--tls-key")
             .arg(key)
+            .arg("--signing-key")
+            .arg(signing)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -6,6 +6,9 @@
 //! | `GET /v1/status` | none | 200 `{"version": "0.1.0", "store": "redb"}` (`store`: `redb` or `etcd`) |
 //! | `POST /v1/nonces` | `{}` or empty; optional `"ttl_ms": N` (1..= the server's nonce lifetime) | 200 `{"nonce": "<64 hex digits>", "expires_in_ms": N}` |
 //!
+//! | `POST /v1/hosts/challenge`, `PUT /v1/hosts/{id}`, `GET /v1/hosts` | see [`super::hosts`] | |
+//! | `POST /v1/credentials/{name}`, `GET /v1/credentials/{name}/map` | see [`super::credentials`] | |
+//!
 //! Anything else is an [`ApiError`] (see [`super::error`]).
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,12 +19,16 @@ use axum::extract::{Request, State};
 use axum::http::{Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use serde::{Deserialize, Serialize};
+
+use ed25519_dalek::SigningKey;
 
 use super::error::ApiError;
 use super::request::{ApiJson, BodyLimit};
 use super::{Limits, NonceRate};
+use super::{credentials, hosts};
+use crate::registry::HostRegistry;
 use crate::store::{Repository, Store};
 
 /// The API version this server serves, as the first path segment.
@@ -30,18 +37,29 @@ pub const API_VERSION: &str = "v1";
 /// What the handlers share.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    store: Arc<Store>,
+    pub(super) store: Arc<Store>,
     nonce_ttl: Duration,
-    nonce_rate: Arc<TokenBucket>,
+    pub(super) nonce_rate: Arc<TokenBucket>,
+    /// The CMS's Ed25519 key: signs fragments and shard maps.
+    pub(super) signing_key: Arc<SigningKey>,
+    pub(super) registry: HostRegistry,
 }
 
 impl AppState {
-    /// The state of a server on `store`, handing out nonces that live `nonce_ttl`.
-    pub fn new(store: Store, nonce_ttl: Duration, nonce_rate: NonceRate) -> Self {
+    /// The state of a server on `store`, handing out nonces that live `nonce_ttl` and signing
+    /// fragments and maps with `signing_key`.
+    pub fn new(
+        store: Store,
+        nonce_ttl: Duration,
+        nonce_rate: NonceRate,
+        signing_key: SigningKey,
+    ) -> Self {
         Self {
             store: Arc::new(store),
             nonce_ttl,
             nonce_rate: Arc::new(TokenBucket::new(nonce_rate)),
+            signing_key: Arc::new(signing_key),
+            registry: HostRegistry::default(),
         }
     }
 }
@@ -52,6 +70,11 @@ pub fn router(state: AppState, limits: &Limits) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/nonces", post(issue_nonce))
+        .route("/v1/hosts", get(hosts::list))
+        .route("/v1/hosts/challenge", post(hosts::challenge))
+        .route("/v1/hosts/{id}", put(hosts::register))
+        .route("/v1/credentials/{name}", post(credentials::put))
+        .route("/v1/credentials/{name}/map", get(credentials::map))
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state)
@@ -180,7 +203,7 @@ async fn within(deadline: Duration, request: Request, next: Next) -> Response {
 
 /// A token bucket: `per_second` tokens a second, at most `burst` saved up.
 #[derive(Debug)]
-struct TokenBucket {
+pub(super) struct TokenBucket {
     rate: NonceRate,
     state: Mutex<(f64, Instant)>,
 }
@@ -194,7 +217,7 @@ impl TokenBucket {
     }
 
     /// Takes a token if one is there.
-    fn take(&self) -> bool {
+    pub(super) fn take(&self) -> bool {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let (tokens, last) = &mut *state;
         let now = Instant::now();
@@ -224,7 +247,12 @@ mod tests {
         let store = Store::open(&format!("redb:{}", dir.path().join("s.redb").display()))
             .await
             .unwrap();
-        let state = AppState::new(store, limits.nonce_ttl, limits.nonce_rate);
+        let state = AppState::new(
+            store,
+            limits.nonce_ttl,
+            limits.nonce_rate,
+            SigningKey::from_bytes(&[0x11; 32]),
+        );
         (dir, router(state, &limits))
     }
 

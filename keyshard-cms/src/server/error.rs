@@ -29,6 +29,20 @@ pub enum ApiError {
     MalformedJson { reason: String },
     #[error("invalid request: {reason}")]
     InvalidRequest { reason: String },
+    #[error("the certification is refused: {reason}")]
+    CertificationRefused { reason: String },
+    #[error("the nonce is refused: {reason}")]
+    NonceRefused { reason: String },
+    #[error("{reason}")]
+    HostConflict { reason: String },
+    #[error("{reason}")]
+    Conflict { reason: String },
+    #[error("{reason}")]
+    Exists { reason: String },
+    #[error("placement refused: {reason}")]
+    PlacementRefused { reason: String },
+    #[error("{reason}")]
+    Forbidden { reason: String },
     #[error("too many requests for {what}; retry in a second")]
     RateLimited { what: &'static str },
     #[error("the request took longer than {ms} ms")]
@@ -51,6 +65,13 @@ impl ApiError {
             Self::BodyUnreadable { .. } => "body_unreadable",
             Self::MalformedJson { .. } => "malformed_json",
             Self::InvalidRequest { .. } => "invalid_request",
+            Self::CertificationRefused { .. } => "certification_refused",
+            Self::NonceRefused { .. } => "nonce_refused",
+            Self::HostConflict { .. } => "host_conflict",
+            Self::Conflict { .. } => "conflict",
+            Self::Exists { .. } => "exists",
+            Self::PlacementRefused { .. } => "placement_refused",
+            Self::Forbidden { .. } => "forbidden",
             Self::RateLimited { .. } => "rate_limited",
             Self::Timeout { .. } => "timeout",
             Self::StoreUnavailable => "store_unavailable",
@@ -67,6 +88,13 @@ impl ApiError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyUnreadable { .. } | Self::MalformedJson { .. } => StatusCode::BAD_REQUEST,
             Self::InvalidRequest { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::CertificationRefused { .. }
+            | Self::NonceRefused { .. }
+            | Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Self::HostConflict { .. }
+            | Self::Conflict { .. }
+            | Self::Exists { .. }
+            | Self::PlacementRefused { .. } => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout { .. } | Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -168,6 +196,13 @@ mod tests {
             ApiError::BodyUnreadable { reason: "x".into() },
             ApiError::MalformedJson { reason: "x".into() },
             ApiError::InvalidRequest { reason: "x".into() },
+            ApiError::CertificationRefused { reason: "x".into() },
+            ApiError::NonceRefused { reason: "x".into() },
+            ApiError::HostConflict { reason: "x".into() },
+            ApiError::Conflict { reason: "x".into() },
+            ApiError::Exists { reason: "x".into() },
+            ApiError::PlacementRefused { reason: "x".into() },
+            ApiError::Forbidden { reason: "x".into() },
             ApiError::RateLimited { what: "nonces" },
             ApiError::Timeout { ms: 5 },
             ApiError::StoreUnavailable,

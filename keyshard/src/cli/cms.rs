@@ -30,6 +30,11 @@ pub struct Args {
     /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
     #[arg(long, value_name = "FILE")]
     pub tls_key: PathBuf,
+    /// The CMS's Ed25519 key (PEM, from `keyshard keygen --out FILE`): signs every fragment and
+    /// shard map; clients and instances check them against FILE.pub. Required: the server
+    /// refuses to start without it rather than make a key nobody trusts yet.
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: PathBuf,
     /// Write the process id here once the server listens.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
@@ -41,6 +46,7 @@ pub struct Config {
     pub store: StoreUrl,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
+    pub signing_key: PathBuf,
     pub pidfile: Option<PathBuf>,
 }
 
@@ -63,6 +69,7 @@ impl TryFrom<Args> for Config {
             store,
             tls_cert: args.tls_cert,
             tls_key: args.tls_key,
+            signing_key: args.signing_key,
             pidfile: args.pidfile,
         })
     }
@@ -95,8 +102,13 @@ async fn serve(config: Config) -> Result<(), CliError> {
     // Signals first: a SIGTERM that comes while the store opens still stops the server.
     let stop = stop_signal()?;
     let tls = server::tls::server_config(&config.tls_cert, &config.tls_key)?;
+    let signing_key = super::load::signing_key(&config.signing_key)?;
+    log::info!(
+        "signing with key {}",
+        keyshard_core::keys::fingerprint(&signing_key.verifying_key())
+    );
     let store = Store::open_url(&config.store).await?;
-    let server = CmsServer::bind(config.listen, store, tls, Limits::default()).await?;
+    let server = CmsServer::bind(config.listen, store, tls, Limits::default(), signing_key).await?;
     daemon::announce(
         &format!(
             "ready: cms listening on https://{} (store {})",
@@ -139,7 +151,15 @@ mod tests {
     }
 
     fn parse(extra: &[&str]) -> Result<Config, CliError> {
-        let mut argv = vec!["cms", "--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        let mut argv = vec![
+            "cms",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--signing-key",
+            "s.pem",
+        ];
         argv.extend_from_slice(extra);
         Config::try_from(Command::try_parse_from(argv).unwrap().args)
     }
@@ -155,6 +175,13 @@ mod tests {
             describe(&etcd.store),
             "etcd:http://127.0.0.1:2379,http://h:1"
         );
+    }
+
+    #[test]
+    fn the_signing_key_is_required() {
+        let argv = ["cms", "--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        let err = Command::try_parse_from(argv).unwrap_err().to_string();
+        assert!(err.contains("--signing-key"), "{err}");
     }
 
     #[test]

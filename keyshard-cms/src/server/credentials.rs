@@ -1,0 +1,457 @@
+//! The credential endpoints: put (wiring [`put_credential`]) and a client's sealed shard map
+//! (wiring [`map_for`]).
+//!
+//! | method and path | request | answer |
+//! |---|---|---|
+//! | `POST /v1/credentials/{name}` | [`PutCredentialRequest`] | 201 [`PutCredentialResponse`]; 409 `exists` when the name is stored; 409 `placement_refused` naming the domains when no spread placement exists (or too few fresh hosts); 422 `invalid_request` for a bad threshold, key, seed or secret |
+//! | `GET /v1/credentials/{name}/map?client=KEY` | none | 200 [`SealedMapResponse`]; 404 `not_found`; 403 `forbidden` when the map is sealed to another client key |
+//!
+//! A client key (`client` in the body or the query) is the X25519 public key: 64 hex digits,
+//! or base64 (standard or URL-safe, padding optional; in a query use the URL-safe alphabet).
+//!
+//! # The secret in the request
+//!
+//! The credential travels in the put's body, base64, protected in transit by TLS only. The CMS
+//! decodes it straight into a `Zeroizing` buffer (no intermediate `String`), the dealer reads
+//! it, and the buffer is wiped when the handler returns; the request body's own buffer is wiped
+//! too when the server holds its only reference. What that does not cover: copies in
+//! hyper's and rustls' read buffers, and anyone who can read the CMS process's memory while a
+//! put runs (root on the CMS host): the CMS sees every credential in the clear, once.
+
+use std::time::SystemTime;
+
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{StatusCode, Uri};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+use keyshard_core::{KeyId, Threshold};
+use keyshard_shards::HostId;
+use keyshard_shards::map::ClientPublicKey;
+use keyshard_shards::placement::{PlacementError, PlacementSeed};
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
+
+use super::api::AppState;
+use super::error::ApiError;
+use super::hosts::{invalid, path_segment, registry_error, store_error};
+use super::request::{ApiJson, parse_body};
+use crate::credential::{CredentialError, PutRequest, map_for, put_credential};
+
+/// The longest query string read, in bytes.
+const MAX_QUERY_LEN: usize = 512;
+
+/// A secret sent as base64, decoded into a `Zeroizing` buffer. Its `Debug` shows the length only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBase64(pub Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for SecretBase64 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretBase64({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for SecretBase64 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let encoded = Zeroizing::new(STANDARD.encode(self.0.as_slice()));
+        serializer.serialize_str(&encoded)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretBase64 {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SecretBase64;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("the secret as standard base64")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<SecretBase64, E> {
+                let mut out = Zeroizing::new(Vec::with_capacity(text.len() / 4 * 3 + 3));
+                // The decoder's own error names an offending byte: a byte of the secret.
+                STANDARD
+                    .decode_vec(text, &mut out)
+                    .map_err(|_| E::custom("secret: not standard base64"))?;
+                Ok(SecretBase64(out))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+/// `POST /v1/credentials/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutCredentialRequest {
+    /// The credential, standard base64 (1..=1024 bytes decoded).
+    pub secret: SecretBase64,
+    /// Shares needed, 2..=n.
+    pub k: u8,
+    /// Shares made, one per host.
+    pub n: u8,
+    /// Whom the shard map is sealed to: the client's X25519 public key (hex or base64).
+    pub client: String,
+    /// The placement seed, 64 hex digits; a random one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<String>,
+    /// Place even when no placement keeps every region and operator below k.
+    #[serde(default)]
+    pub allow_correlated: bool,
+}
+
+/// A put request's fields parsed into their types.
+#[derive(Debug)]
+pub struct ParsedPut {
+    pub threshold: Threshold,
+    pub client: ClientPublicKey,
+    pub seed: PlacementSeed,
+}
+
+impl PutCredentialRequest {
+    /// Parses the threshold, client key and seed (drawing a random seed when none is given).
+    pub fn parse(&self) -> Result<ParsedPut, ApiError> {
+        let threshold = Threshold::new(self.k, self.n).map_err(|e| invalid(e.to_string()))?;
+        let client = parse_client_key(&self.client)?;
+        let seed = match &self.seed {
+            None => PlacementSeed::random().map_err(|e| {
+                log::error!("placement seed: {e}");
+                ApiError::Internal
+            })?,
+            Some(text) => {
+                let bytes: [u8; 32] = hex::decode(text)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| invalid("seed: must be 64 hex digits"))?;
+                PlacementSeed::from_bytes(bytes)
+            }
+        };
+        Ok(ParsedPut {
+            threshold,
+            client,
+            seed,
+        })
+    }
+}
+
+/// The answer to a put: the map's summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutCredentialResponse {
+    pub name: String,
+    pub epoch: u64,
+    pub k: u8,
+    pub n: u8,
+    /// The host of each share index, index 1 first.
+    pub hosts: Vec<String>,
+    /// The placement seed, hex: anyone can recompute the placement from it.
+    pub seed: String,
+    /// The domains holding k or more shares; empty unless allowed and needed.
+    pub correlated: String,
+    /// The record's store revision.
+    pub revision: u64,
+}
+
+/// The answer to a map request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealedMapResponse {
+    pub name: String,
+    /// The signed shard map sealed to the client's key (`SealedShardMap` bytes), standard base64.
+    pub sealed_map: String,
+}
+
+/// A put request read like [`ApiJson`] reads any body, after which the body's buffer is wiped
+/// when this handler holds its only reference (it holds the secret's base64).
+pub(super) struct PutBody(PutCredentialRequest);
+
+impl<S: Send + Sync> FromRequest<S> for PutBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let max = request
+            .extensions()
+            .get::<super::request::BodyLimit>()
+            .map_or(super::DEFAULT_MAX_BODY, |limit| limit.0);
+        let content_type = request
+            .headers()
+            .get(CONTENT_TYPE)
+            .map(|value| value.as_bytes().to_vec());
+        // Oversized and unreadable bodies are refused exactly as every other endpoint does.
+        if request
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|len| len > u64::try_from(max).unwrap_or(u64::MAX))
+        {
+            return ApiJson::<PutCredentialRequest>::from_request(request, state)
+                .await
+                .map(|ApiJson(r)| Self(r));
+        }
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::BodyTooLarge { max }
+                } else {
+                    ApiError::BodyUnreadable {
+                        reason: rejection.body_text().chars().take(200).collect(),
+                    }
+                }
+            })?;
+        let parsed = parse_body(content_type.as_deref(), &body, max);
+        if let Ok(mut owned) = body.try_into_mut() {
+            owned.as_mut().zeroize();
+        }
+        parsed.map(Self)
+    }
+}
+
+/// `POST /v1/credentials/{name}`.
+pub(super) async fn put(
+    State(state): State<AppState>,
+    name: Result<Path<String>, PathRejection>,
+    PutBody(request): PutBody,
+) -> Result<(StatusCode, axum::Json<PutCredentialResponse>), ApiError> {
+    let name = credential_name(name)?;
+    let parsed = request.parse()?;
+    let receipt = put_credential(
+        &*state.store,
+        &state.registry,
+        &state.signing_key,
+        &PutRequest {
+            name: &name,
+            secret: request.secret.0.as_slice(),
+            threshold: parsed.threshold,
+            client: &parsed.client,
+            seed: parsed.seed,
+            allow_correlated: request.allow_correlated,
+        },
+        SystemTime::now(),
+    )
+    .await
+    .map_err(credential_error)?;
+    drop(request);
+    let answer = PutCredentialResponse {
+        name: name.to_string(),
+        epoch: receipt.epoch,
+        k: parsed.threshold.k(),
+        n: parsed.threshold.n(),
+        hosts: receipt
+            .placement
+            .hosts()
+            .iter()
+            .map(HostId::to_string)
+            .collect(),
+        seed: hex::encode(parsed.seed.as_bytes()),
+        correlated: receipt.placement.correlated().to_string(),
+        revision: receipt.revision.get(),
+    };
+    Ok((StatusCode::CREATED, axum::Json(answer)))
+}
+
+/// `GET /v1/credentials/{name}/map?client=KEY`.
+pub(super) async fn map(
+    State(state): State<AppState>,
+    name: Result<Path<String>, PathRejection>,
+    uri: Uri,
+) -> Result<axum::Json<SealedMapResponse>, ApiError> {
+    let name = credential_name(name)?;
+    let client = parse_client_key(&client_query(uri.query())?)?;
+    let sealed = map_for(&*state.store, &name, &client)
+        .await
+        .map_err(credential_error)?;
+    Ok(axum::Json(SealedMapResponse {
+        name: name.to_string(),
+        sealed_map: STANDARD.encode(sealed.to_bytes()),
+    }))
+}
+
+/// The `client` parameter of a query: exactly one, nothing else.
+pub fn client_query(query: Option<&str>) -> Result<String, ApiError> {
+    let query = query.unwrap_or_default();
+    if query.len() > MAX_QUERY_LEN {
+        return Err(invalid(format!(
+            "the query is longer than {MAX_QUERY_LEN} bytes"
+        )));
+    }
+    let mut client = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("client", value)) if client.is_none() => client = Some(value.to_owned()),
+            Some(("client", _)) => return Err(invalid("client: given twice")),
+            _ => return Err(invalid("the query may hold only client=KEY")),
+        }
+    }
+    client.ok_or_else(|| invalid("the query needs client=KEY (the X25519 public key)"))
+}
+
+/// An X25519 public key: 64 hex digits, or base64 of 32 bytes (any of the four alphabets).
+pub fn parse_client_key(text: &str) -> Result<ClientPublicKey, ApiError> {
+    let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        hex::decode(text).ok()
+    } else {
+        [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+            .iter()
+            .find_map(|engine| engine.decode(text).ok())
+    };
+    let bytes: [u8; 32] = bytes
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| invalid("client: must be a 32-byte X25519 public key, hex or base64"))?;
+    Ok(ClientPublicKey::from_bytes(bytes))
+}
+
+fn credential_name(name: Result<Path<String>, PathRejection>) -> Result<KeyId, ApiError> {
+    KeyId::new(path_segment(name)?).map_err(|e| invalid(format!("credential name: {e}")))
+}
+
+/// Credential errors as API errors (module documentation).
+fn credential_error(error: CredentialError) -> ApiError {
+    match error {
+        CredentialError::Store(e) => store_error(e),
+        CredentialError::Registry(e) => registry_error(e),
+        CredentialError::Placement { name, source } => match source {
+            PlacementError::NotEnoughHosts { .. } | PlacementError::Correlated { .. } => {
+                ApiError::PlacementRefused {
+                    reason: format!("credential {name}: {source}"),
+                }
+            }
+            other => {
+                log::error!("credential {name}: placement: {other}");
+                ApiError::Internal
+            }
+        },
+        // The dealer's refusals are about the request (the secret's length); never its bytes.
+        CredentialError::Deal { name, source } => invalid(format!("credential {name}: {source}")),
+        e @ CredentialError::Exists { .. } => ApiError::Exists {
+            reason: e.to_string(),
+        },
+        e @ CredentialError::NotFound { .. } => ApiError::NotFound {
+            path: e.to_string(),
+        },
+        e @ CredentialError::OtherClient { .. } => ApiError::Forbidden {
+            reason: e.to_string(),
+        },
+        e @ (CredentialError::PlacedUnknownHost { .. }
+        | CredentialError::MissingFragment { .. }
+        | CredentialError::Seal { .. }
+        | CredentialError::Map { .. }
+        | CredentialError::Record { .. }) => {
+            log::error!("{e}");
+            ApiError::Internal
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JSON: Option<&[u8]> = Some(b"application/json");
+
+    fn put(body: &str) -> Result<PutCredentialRequest, ApiError> {
+        parse_body(JSON, body.as_bytes(), 4096)
+    }
+
+    #[test]
+    fn a_put_body_parses_and_its_secret_is_never_printed() {
+        let request = put(&format!(
+            r#"{{"secret":"aHVudGVyMg==","k":2,"n":3,"client":"{}"}}"#,
+            "ab".repeat(32)
+        ))
+        .unwrap();
+        assert_eq!(request.secret.0.as_slice(), b"hunter2");
+        assert!(!request.allow_correlated);
+        assert!(!format!("{request:?}").contains("hunter2"));
+        let parsed = request.parse().unwrap();
+        assert_eq!(parsed.client.as_bytes(), &[0xab; 32]);
+        let encoded = serde_json::to_vec(&request).unwrap();
+        assert_eq!(
+            put(std::str::from_utf8(&encoded).unwrap()).unwrap(),
+            request
+        );
+    }
+
+    #[test]
+    fn bad_put_fields_are_refused_without_echoing_the_secret() {
+        let client = "ab".repeat(32);
+        for (body, says) in [
+            (
+                format!(r#"{{"secret":"aHVudGVy!!","k":2,"n":3,"client":"{client}"}}"#),
+                "not standard base64",
+            ),
+            (
+                format!(r#"{{"secret":7,"k":2,"n":3,"client":"{client}"}}"#),
+                "invalid type",
+            ),
+            (
+                format!(r#"{{"secret":"aGk=","k":2,"n":3,"client":"{client}","x":1}}"#),
+                "unknown field",
+            ),
+            (
+                format!(r#"{{"secret":"aGk=","k":2,"n":300,"client":"{client}"}}"#),
+                "invalid value",
+            ),
+        ] {
+            let err = put(&body).unwrap_err();
+            assert_eq!(err.code(), "invalid_request", "{body}");
+            assert!(err.to_string().contains(says), "{body}: {err}");
+            assert!(!err.to_string().contains("aHVudGVy"), "{err}");
+        }
+        for (k, n, client, seed, says) in [
+            (1, 3, client.as_str(), None, "threshold"),
+            (4, 3, client.as_str(), None, "4"),
+            (2, 3, "abcd", None, "client"),
+            (2, 3, client.as_str(), Some("zz"), "seed"),
+        ] {
+            let request = PutCredentialRequest {
+                secret: SecretBase64(Zeroizing::new(b"x".to_vec())),
+                k,
+                n,
+                client: client.to_owned(),
+                seed: seed.map(str::to_owned),
+                allow_correlated: false,
+            };
+            let err = request.parse().unwrap_err();
+            assert_eq!(err.code(), "invalid_request");
+            assert!(err.to_string().contains(says), "{err}");
+        }
+    }
+
+    #[test]
+    fn client_keys_read_as_hex_or_any_base64() {
+        let key = [0xfb_u8; 32];
+        for text in [
+            hex::encode(key),
+            STANDARD.encode(key),
+            STANDARD_NO_PAD.encode(key),
+            URL_SAFE.encode(key),
+            URL_SAFE_NO_PAD.encode(key),
+        ] {
+            assert_eq!(parse_client_key(&text).unwrap().as_bytes(), &key, "{text}");
+        }
+        for bad in ["", "00", &"0".repeat(63), &STANDARD.encode([1u8; 31])] {
+            assert!(parse_client_key(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_map_query_holds_one_client_and_nothing_else() {
+        assert_eq!(client_query(Some("client=abc")).unwrap(), "abc");
+        for bad in [
+            None,
+            Some(""),
+            Some("client=a&client=b"),
+            Some("client=a&x=1"),
+            Some("other=1"),
+        ] {
+            assert_eq!(client_query(bad).unwrap_err().code(), "invalid_request");
+        }
+        let long = format!("client={}", "a".repeat(MAX_QUERY_LEN));
+        assert!(client_query(Some(&long)).is_err());
+    }
+}
