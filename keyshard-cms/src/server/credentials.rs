@@ -454,4 +454,47 @@ mod tests {
         let long = format!("client={}", "a".repeat(MAX_QUERY_LEN));
         assert!(client_query(Some(&long)).is_err());
     }
+
+    proptest::proptest! {
+        /// What the fuzz target checks for these types, on every `cargo test`: any field values
+        /// give a typed request or one bounded `invalid_request` line, never a panic.
+        #[test]
+        fn any_put_or_registration_fields_give_a_value_or_a_bounded_refusal(
+            k in proptest::num::u8::ANY,
+            n in proptest::num::u8::ANY,
+            weight in proptest::num::u32::ANY,
+            text in proptest::collection::vec("[0-9a-fA-F]{0,140}|[ -~]{0,70}", 10),
+            id in "[ -~]{0,70}",
+        ) {
+            let put = PutCredentialRequest {
+                secret: SecretBase64(Zeroizing::new(Vec::new())),
+                k,
+                n,
+                client: text[0].clone(),
+                seed: Some(text[1].clone()),
+                allow_correlated: false,
+            };
+            let host = super::super::hosts::HostRegistrationRequest {
+                region: text[2].clone(),
+                operator: text[3].clone(),
+                endpoint: text[4].clone(),
+                weight,
+                ak: text[5].clone(),
+                golden_pcrs: text[6].clone(),
+                decrypt_key_public: text[7].clone(),
+                certify_attest: text[8].clone(),
+                certify_signature: text[9].clone(),
+                nonce: text[0].clone(),
+            };
+            for error in [put.parse().err(), host.into_registration(&id).err()]
+                .into_iter()
+                .flatten()
+            {
+                let message = error.to_string();
+                proptest::prop_assert_eq!(error.code(), "invalid_request");
+                proptest::prop_assert!(!message.contains('\n'), "{}", message);
+                proptest::prop_assert!(message.len() <= 400, "{}", message);
+            }
+        }
+    }
 }
