@@ -14,7 +14,6 @@
 
 #[path = "common/cms.rs"]
 mod harness;
-#[allow(dead_code)]
 #[path = "../../keyshard-cms/tests/common/hosts.rs"]
 mod hosts;
 #[allow(dead_code)]
@@ -26,12 +25,14 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use ed25519_dalek::VerifyingKey;
 use harness::{Cms, Pki, curl};
 use hosts::{HOSTS, ShardHost};
+use keyshard_cms::credential;
 use keyshard_cms::server::ErrorBody;
 use keyshard_cms::server::NonceResponse;
 use keyshard_cms::server::credentials::{PutCredentialResponse, SealedMapResponse};
 use keyshard_cms::server::hosts::{HostList, HostRegistered, HostRegistrationRequest};
-use keyshard_cms::store::Nonce;
-use keyshard_core::KeyId;
+use keyshard_cms::store::{Nonce, Store};
+use keyshard_core::{Fragment, KeyId};
+use keyshard_shards::ecies::ShardBinding;
 use keyshard_shards::map::{ClientKey, MapError, SealedShardMap};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -227,6 +228,7 @@ async fn item3_put_3_of_4_over_https_and_the_map_opens_with_the_client_key_only(
     assert_eq!((map.threshold().k(), map.threshold().n()), (3, 4));
     let mapped: Vec<_> = map.shards().map(|(_, s)| s.host.to_string()).collect();
     assert_eq!(mapped, summary.hosts);
+    let map_hosts = mapped;
     // ...and not with another client's key,
     let other = ClientKey::generate().unwrap();
     assert!(matches!(
@@ -293,7 +295,38 @@ async fn item3_put_3_of_4_over_https_and_the_map_opens_with_the_client_key_only(
     assert_eq!(code, 0, "{stderr}");
     let listed: HostList = serde_json::from_str(&stdout).unwrap();
     assert_eq!(listed.hosts.len(), 6);
-    lab.cms.stop();
+    let Lab { pki, cms, .. } = lab;
+    cms.stop();
+
+    // What the put stored: each shard opens in the TPM of the host the summary names, as a
+    // CMS-signed fragment of index i; and the redb file does not hold the secret.
+    let path = pki.dir.path().join("cms.redb");
+    assert!(!contains(&std::fs::read(&path).unwrap(), SECRET));
+    let store = Store::open(&format!("redb:{}", path.display()))
+        .await
+        .unwrap();
+    let stored = credential::load(&store, &name).await.unwrap().unwrap();
+    let cms_key = {
+        let pem = std::fs::read_to_string(&pki.signing).unwrap();
+        keyshard_core::keys::signing_key_from_pem(&pem)
+            .unwrap()
+            .verifying_key()
+    };
+    for (index, host, sealed) in &stored.shards {
+        assert_eq!(host.as_str(), map_hosts[usize::from(*index) - 1]);
+        let binding = ShardBinding {
+            credential: name.clone(),
+            epoch: 1,
+            index: *index,
+            host: host.clone(),
+        };
+        let owner = hosts.iter().find(|h| &h.id == host).unwrap();
+        let opened = owner.open(&binding, sealed).unwrap();
+        let fragment = Fragment::parse(&opened).unwrap().verify(&cms_key).unwrap();
+        assert_eq!(fragment.header().index, *index);
+        let other = hosts.iter().find(|h| &h.id != host).unwrap();
+        assert!(other.open(&binding, sealed).is_err());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
