@@ -296,6 +296,14 @@ async fn item3_put_3_of_4_over_https_and_the_map_opens_with_the_client_key_only(
     let listed: HostList = serde_json::from_str(&stdout).unwrap();
     assert_eq!(listed.hosts.len(), 6);
     let Lab { pki, cms, .. } = lab;
+    let log = cms.daemon.stderr();
+    assert!(log.contains("credential db: stored epoch 1"), "{log}");
+    for secret in [
+        std::str::from_utf8(SECRET).unwrap().to_owned(),
+        STANDARD.encode(SECRET),
+    ] {
+        assert!(!log.contains(&secret), "{log}");
+    }
     cms.stop();
 
     // What the put stored: each shard opens in the TPM of the host the summary names, as a
