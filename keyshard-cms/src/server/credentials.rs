@@ -20,10 +20,8 @@
 
 use std::time::SystemTime;
 
-use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequest, Path, Request, State};
-use axum::http::header::CONTENT_TYPE;
 use axum::http::{StatusCode, Uri};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
@@ -37,7 +35,7 @@ use zeroize::{Zeroize, Zeroizing};
 use super::api::AppState;
 use super::error::ApiError;
 use super::hosts::{invalid, path_segment, registry_error, store_error};
-use super::request::{ApiJson, parse_body};
+use super::request::{RawBody, parse_body};
 use crate::credential::{CredentialError, PutRequest, map_for, put_credential};
 
 /// The longest query string read, in bytes.
@@ -164,7 +162,7 @@ pub struct SealedMapResponse {
     pub sealed_map: String,
 }
 
-/// A put request read like [`ApiJson`] reads any body, after which the body's buffer is wiped
+/// A put request read like [`super::request::ApiJson`] reads any body, after which the body's buffer is wiped
 /// when this handler holds its only reference (it holds the secret's base64).
 pub(super) struct PutBody(PutCredentialRequest);
 
@@ -172,39 +170,9 @@ impl<S: Send + Sync> FromRequest<S> for PutBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let max = request
-            .extensions()
-            .get::<super::request::BodyLimit>()
-            .map_or(super::DEFAULT_MAX_BODY, |limit| limit.0);
-        let content_type = request
-            .headers()
-            .get(CONTENT_TYPE)
-            .map(|value| value.as_bytes().to_vec());
-        // Oversized and unreadable bodies are refused exactly as every other endpoint does.
-        if request
-            .headers()
-            .get(axum::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|len| len > u64::try_from(max).unwrap_or(u64::MAX))
-        {
-            return ApiJson::<PutCredentialRequest>::from_request(request, state)
-                .await
-                .map(|ApiJson(r)| Self(r));
-        }
-        let body = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::BodyTooLarge { max }
-                } else {
-                    ApiError::BodyUnreadable {
-                        reason: rejection.body_text().chars().take(200).collect(),
-                    }
-                }
-            })?;
-        let parsed = parse_body(content_type.as_deref(), &body, max);
-        if let Ok(mut owned) = body.try_into_mut() {
+        let body = RawBody::read(request, state).await?;
+        let parsed = parse_body(body.content_type.as_deref(), &body.bytes, body.max);
+        if let Ok(mut owned) = body.bytes.try_into_mut() {
             owned.as_mut().zeroize();
         }
         parsed.map(Self)

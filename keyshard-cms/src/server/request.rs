@@ -143,6 +143,24 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let body = RawBody::read(request, state).await?;
+        parse_body(body.content_type.as_deref(), &body.bytes, body.max).map(Self)
+    }
+}
+
+/// A request body read under the router's body limit, not parsed yet: what [`ApiJson`] parses,
+/// for an extractor that must do something with the bytes after parsing (wipe them).
+#[derive(Debug)]
+pub struct RawBody {
+    pub content_type: Option<Vec<u8>>,
+    pub bytes: Bytes,
+    /// The body limit it was read under.
+    pub max: usize,
+}
+
+impl RawBody {
+    /// Reads the body; refuses an oversized or unreadable one as every endpoint does.
+    pub async fn read<S: Send + Sync>(request: Request, state: &S) -> Result<Self, ApiError> {
         /// The largest refused body still read (and dropped) so its client gets the answer.
         const MAX_DRAINED_BODY: usize = 1024 * 1024;
         let max = request
@@ -187,7 +205,11 @@ where
                     }
                 }
             })?;
-        parse_body(content_type.as_deref(), &body, max).map(Self)
+        Ok(Self {
+            content_type,
+            bytes: body,
+            max,
+        })
     }
 }
 
