@@ -48,6 +48,8 @@ pub enum CliError {
     Cms(#[from] keyshard_cms::server::ServerError),
     #[error("store: {0}")]
     Store(#[from] keyshard_cms::store::StoreError),
+    #[error(transparent)]
+    Credential(#[from] super::credential::CredentialCliError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot handle SIGTERM/SIGINT: {0}")]

@@ -5,6 +5,7 @@
 pub mod cms;
 pub mod combine;
 pub mod coordinator;
+pub mod credential;
 pub mod error;
 pub mod init;
 pub mod inspect;
@@ -50,6 +51,9 @@ pub enum Command {
     Reseal(reseal::Args),
     /// Serve the credential management service (HTTPS JSON API) until SIGTERM.
     Cms(cms::Args),
+    /// Client side of the credential service: client keys, put, shard map.
+    #[command(subcommand)]
+    Credential(credential::Command),
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,5 +80,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Coordinator(args) => coordinator::run(args.try_into()?),
         Command::Reseal(args) => reseal::run(args.try_into()?),
         Command::Cms(args) => cms::run(args.try_into()?),
+        Command::Credential(command) => credential::run(command),
     }
 }
