@@ -348,3 +348,110 @@ fn item3_a_cms_that_is_down_or_silent_fails_within_the_timeout() {
     )));
     assert!(line.contains("https://"), "{line}");
 }
+
+/// A TLS server on loopback with the CMS's certificate that answers each connection, in turn,
+/// with the next canned HTTP response (head, then body bytes), whatever was asked.
+fn canned_server(
+    pki: &Pki,
+    answers: Vec<(String, Vec<u8>)>,
+) -> (String, std::thread::JoinHandle<()>) {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::io::Read as _;
+    let certs = CertificateDer::pem_slice_iter(&std::fs::read(&pki.cert).unwrap())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(&std::fs::read(&pki.key).unwrap()).unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let thread = std::thread::spawn(move || {
+        for (head, body) in answers {
+            let (tcp, _) = listener.accept().unwrap();
+            let connection = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(connection, tcp);
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") && request.len() < 64 * 1024 {
+                if tls.read(&mut byte).unwrap_or(0) == 0 {
+                    break;
+                }
+                request.push(byte[0]);
+            }
+            // The client may hang up once it has read enough: write errors end this answer.
+            let _ = tls.write_all(head.as_bytes());
+            for chunk in body.chunks(64 * 1024) {
+                if tls.write_all(chunk).is_err() {
+                    break;
+                }
+            }
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        }
+    });
+    (url, thread)
+}
+
+fn answer(status: &str, body: &[u8], length: bool) -> (String, Vec<u8>) {
+    let length = if length {
+        format!("content-length: {}\r\n", body.len())
+    } else {
+        String::new()
+    };
+    (
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{length}connection: close\r\n\r\n"
+        ),
+        body.to_vec(),
+    )
+}
+
+#[test]
+fn item5_malformed_huge_or_hostile_answers_are_one_line_errors_not_panics() {
+    let pki = Pki::new();
+    let files = ClientFiles::new(&pki);
+    let huge = vec![b' '; 8 * 1024 * 1024];
+    let cases: Vec<((String, Vec<u8>), &str)> = vec![
+        (
+            answer("200 OK", b"not json", true),
+            "not a valid map answer",
+        ),
+        (answer("200 OK", &huge, true), "larger than"),
+        (answer("200 OK", &huge, false), "larger than"),
+        (
+            answer("409 Conflict", b"<html>busy</html>", true),
+            "HTTP 409 without a readable error",
+        ),
+        (
+            answer(
+                "403 Forbidden",
+                br#"{"error":{"code":"forbidden","message":"line one\nkeyshard: forged line"}}"#,
+                true,
+            ),
+            "refused (403, forbidden): line one keyshard: forged line",
+        ),
+        (
+            answer("200 OK", br#"{"name":"db","sealed_map":"S1NNUwE="}"#, true),
+            "shard map",
+        ),
+        (
+            answer("200 OK", br#"{"name":"db","sealed_map":"***"}"#, true),
+            "sealed_map is not base64",
+        ),
+    ];
+    let (url, server) = canned_server(&pki, cases.iter().map(|(a, _)| a.clone()).collect());
+    for (_, expected) in &cases {
+        let line = failed_line(&run(&map(&url, &pki.ca, &files.key, &files.cms_key, "db")));
+        assert!(line.contains(expected), "{expected:?} not in {line}");
+    }
+    server.join().unwrap();
+}

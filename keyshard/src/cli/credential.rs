@@ -570,7 +570,8 @@ fn transport_error(error: &reqwest::Error, url: &str, timeout: Duration) -> CliE
     if let Some(tls) = rustls_error(error) {
         return CredentialCliError::Tls { url, reason: tls }.into();
     }
-    let reason = chain(error);
+    // reqwest's own line repeats the URL; its sources say what failed.
+    let reason = std::error::Error::source(error).map_or_else(|| chain(error), chain);
     if error.is_connect() {
         CredentialCliError::Connect { url, reason }.into()
     } else {
