@@ -257,6 +257,26 @@ async fn item3_item5_put_and_map_through_the_cli() {
         "db",
     )));
     assert!(line.contains("forbidden"), "{line}");
+    // A CMS that hands the client's sealed map to another key anyway: it does not open there.
+    let public = std::fs::read_to_string(&files.public).unwrap();
+    let sealed = client
+        .get(cms.url(&format!("/v1/credentials/db/map?client={}", public.trim())))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let (rogue, server) = canned_server(&pki, vec![answer("200 OK", &sealed, true)]);
+    let line = failed_line(&run(&map(
+        &rogue,
+        &pki.ca,
+        &files.other_key,
+        &files.cms_key,
+        "db",
+    )));
+    assert!(line.contains("does not open"), "{line}");
+    server.join().unwrap();
     // A CMS key that is not the one that signed: the map is refused by the client.
     let wrong_cms = pki.dir.path().join("wrong-cms.pub");
     let wrong = keyshard_core::keys::generate().unwrap();
