@@ -321,11 +321,14 @@ fn put(config: PutConfig) -> Result<(), CliError> {
         seed: config.seed.clone(),
         allow_correlated: config.allow_correlated,
     };
-    // The body holds the secret's base64: a Zeroizing buffer, wiped once sent.
-    let body = Zeroizing::new(
-        serde_json::to_vec(&request).map_err(|e| CredentialCliError::Client(e.to_string()))?,
-    );
+    // The body holds the secret's base64: written into one Zeroizing buffer sized up front (no
+    // growing copies), handed to the HTTP client as its owner, and wiped when the client drops it.
+    let capacity = secret_len_base64(request.secret.0.len()).saturating_add(1024);
+    let mut body = Zeroizing::new(Vec::with_capacity(capacity));
+    serde_json::to_writer(&mut *body, &request)
+        .map_err(|e| CredentialCliError::Client(e.to_string()))?;
     drop(request);
+    let body = bytes::Bytes::from_owner(body);
     let path = format!("/v1/credentials/{}", config.name);
     let answer = runtime()?.block_on(async {
         let client = https_client(&config.cms)?;
@@ -333,13 +336,18 @@ fn put(config: PutConfig) -> Result<(), CliError> {
         let sent = client
             .post(&url)
             .header("content-type", "application/json")
-            .body(body.to_vec())
+            .body(body)
             .send()
             .await;
         read_answer(sent, &url, config.cms.timeout).await
     })?;
     let summary: PutCredentialResponse = parse(&answer, "put answer")?;
     print_lines(&put_summary(&summary))
+}
+
+/// The length of `len` bytes in padded base64.
+fn secret_len_base64(len: usize) -> usize {
+    len.div_ceil(3).saturating_mul(4)
 }
 
 /// The lines `put` prints: name, epoch, k of n, each index's host, the seed, correlated domains.
