@@ -654,6 +654,35 @@ mod tests {
     }
 
     #[test]
+    fn keygen_files_read_back_as_the_same_key_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("client.key");
+        keygen(&out, false).unwrap();
+        let key = client_key(&out).unwrap();
+        let public = read_hex_key(&dir.path().join("client.key.pub")).unwrap();
+        assert_eq!(public.as_slice(), key.public_key().as_bytes());
+        // An existing key is not replaced without --force.
+        assert!(keygen(&out, false).is_err());
+        assert_eq!(client_key(&out).unwrap().public_key(), key.public_key());
+    }
+
+    #[test]
+    fn a_client_key_file_that_is_not_64_hex_digits_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, content) in [
+            ("short", "00ff\n"),
+            ("nothex", &"zz".repeat(32)),
+            ("long", &"00".repeat(40)),
+            ("empty", ""),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            let error = client_key(&path).unwrap_err().to_string();
+            assert!(error.contains(name), "{error}");
+        }
+    }
+
+    #[test]
     fn a_bad_seed_is_refused_before_any_request() {
         let args = PutArgs {
             cms: cms_args("https://127.0.0.1:1"),
