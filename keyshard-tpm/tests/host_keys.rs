@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use common::swtpm::Swtpm;
 use keyshard_attest::tpm::credential::{EkKind, make_credential};
@@ -259,22 +259,7 @@ fn decrypt_key_serves_threads_through_the_tpm_service() {
 #[ignore = "a measurement, not a check"]
 fn timings() {
     const RUNS: usize = 50;
-    fn report(name: &str, mut samples: Vec<Duration>) {
-        samples.sort();
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        println!(
-            "| {name} | {} | {:.2} | {:.2} | {:.2} |",
-            samples.len(),
-            ms(samples[samples.len() / 2]),
-            ms(samples[samples.len() * 9 / 10]),
-            ms(samples[0]),
-        );
-    }
-    fn time<T>(f: impl FnOnce() -> T) -> (Duration, T) {
-        let start = Instant::now();
-        let out = f();
-        (start.elapsed(), out)
-    }
+    use common::timing::{report, time};
 
     let ca = tempfile::tempdir().unwrap();
     let swtpm = Swtpm::start_with_ek_certificates(ca.path());

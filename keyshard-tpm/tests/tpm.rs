@@ -572,22 +572,7 @@ fn the_service_reopens_the_tpm_after_its_connection_failed() {
 #[ignore = "a measurement, not a check"]
 fn timings() {
     const RUNS: usize = 50;
-    fn report(name: &str, mut samples: Vec<Duration>) {
-        samples.sort();
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        println!(
-            "| {name} | {} | {:.2} | {:.2} | {:.2} |",
-            samples.len(),
-            ms(samples[samples.len() / 2]),
-            ms(samples[samples.len() * 9 / 10]),
-            ms(samples[0]),
-        );
-    }
-    fn time<T>(f: impl FnOnce() -> T) -> (Duration, T) {
-        let start = Instant::now();
-        let out = f();
-        (start.elapsed(), out)
-    }
+    use common::timing::{report, time};
 
     let swtpm = Swtpm::start();
     let (open_first, _) = time(|| Tpm::open(&swtpm.tcti()).unwrap());
