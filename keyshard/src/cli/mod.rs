@@ -3,12 +3,15 @@
 //! validated, via `TryFrom<Args>`) and `run`.
 
 pub mod cms;
+pub mod cms_client;
 pub mod combine;
 pub mod coordinator;
 pub mod credential;
+pub mod enrol;
 pub mod error;
 pub mod init;
 pub mod inspect;
+pub mod instance;
 pub mod keygen;
 mod load;
 pub mod policy;
@@ -54,6 +57,9 @@ pub enum Command {
     /// Client side of the credential service: client keys, put, shard map.
     #[command(subcommand)]
     Credential(credential::Command),
+    /// Compute instances: enrol an instance's TPM and register its golden PCRs with the CMS.
+    #[command(subcommand)]
+    Instance(instance::Command),
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,5 +87,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Reseal(args) => reseal::run(args.try_into()?),
         Command::Cms(args) => cms::run(args.try_into()?),
         Command::Credential(command) => credential::run(command),
+        Command::Instance(command) => instance::run(command),
     }
 }
