@@ -310,6 +310,23 @@ async fn item2_enrolment_and_item6_instance_enroll_through_the_real_binaries() {
     assert_eq!(code, 1);
     assert!(stderr.contains("ak_conflict"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    // A TPM without EK certificates cannot prove it is genuine: one line, before any request.
+    let bare = Swtpm::start();
+    let (code, _, stderr) = keyshard(&[
+        "instance",
+        "enroll",
+        "--cms",
+        &base,
+        "--ca",
+        &ca,
+        "--instance-id",
+        "vm-3",
+        "--tcti",
+        &bare.tcti(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no EK certificate"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
 
     let Lab { pki, cms, .. } = lab;
     cms.stop();
