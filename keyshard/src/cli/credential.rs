@@ -541,7 +541,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 }
 
 /// A client trusting only the certificates in the CA file, with the timeouts.
-fn https_client(cms: &CmsConfig) -> Result<reqwest::Client, CredentialCliError> {
+pub(crate) fn https_client(cms: &CmsConfig) -> Result<reqwest::Client, CredentialCliError> {
     let pem = files::read_limited(&cms.ca, 1024 * 1024).map_err(|e| CredentialCliError::Ca {
         path: cms.ca.clone(),
         reason: e.to_string(),
@@ -568,7 +568,7 @@ fn https_client(cms: &CmsConfig) -> Result<reqwest::Client, CredentialCliError> 
 }
 
 /// The answer's body when the status is a success; the CMS's error otherwise.
-async fn read_answer(
+pub(crate) async fn read_answer(
     sent: Result<reqwest::Response, reqwest::Error>,
     url: &str,
     timeout: Duration,
@@ -613,7 +613,10 @@ async fn read_answer(
     .into())
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8], what: &'static str) -> Result<T, CliError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &'static str,
+) -> Result<T, CliError> {
     serde_json::from_slice(body).map_err(|e| {
         CredentialCliError::Malformed {
             what,
