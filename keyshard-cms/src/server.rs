@@ -32,6 +32,7 @@
 pub mod api;
 pub mod credentials;
 pub mod error;
+pub mod fetch;
 pub mod hosts;
 pub mod request;
 pub mod tls;

@@ -8,6 +8,7 @@
 //!
 //! | `POST /v1/hosts/challenge`, `PUT /v1/hosts/{id}`, `GET /v1/hosts` | see [`super::hosts`] | |
 //! | `POST /v1/credentials/{name}`, `GET /v1/credentials/{name}/map` | see [`super::credentials`] | |
+//! | `POST /v1/credentials/{name}/fetch` | see [`super::fetch`] | |
 //!
 //! Anything else is an [`ApiError`] (see [`super::error`]).
 
@@ -27,7 +28,7 @@ use ed25519_dalek::SigningKey;
 use super::error::ApiError;
 use super::request::{ApiJson, BodyLimit};
 use super::{Limits, NonceRate};
-use super::{credentials, hosts};
+use super::{credentials, fetch, hosts};
 use crate::registry::HostRegistry;
 use crate::store::{Repository, Store};
 
@@ -73,7 +74,8 @@ pub fn router(state: AppState, limits: &Limits) -> Router {
         .route("/v1/hosts/challenge", post(hosts::challenge))
         .route("/v1/hosts/{id}", put(hosts::register))
         .route("/v1/credentials/{name}", post(credentials::put))
-        .route("/v1/credentials/{name}/map", get(credentials::map));
+        .route("/v1/credentials/{name}/map", get(credentials::map))
+        .route("/v1/credentials/{name}/fetch", post(fetch::fetch));
     with_layers(with_fallbacks(routes).with_state(state), limits)
 }
 
