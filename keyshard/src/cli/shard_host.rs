@@ -35,7 +35,6 @@ use keyshard_cms::shard_host::server::{HostState, ReleaseEvent, ShardHostServer}
 use keyshard_cms::shard_host::tpm_key::TpmDecryptKey;
 use keyshard_cms::store::Nonce;
 use keyshard_core::files::{self, Overwrite};
-use keyshard_core::policy::PcrBank;
 use keyshard_shards::map::Endpoint;
 use keyshard_shards::{DomainName, FailureDomain, HostId};
 use keyshard_tpm::{DecryptKey, TpmConfig, TpmService};
@@ -180,25 +179,8 @@ pub fn parse_domain(text: &str) -> Result<FailureDomain, CliError> {
 
 /// `sha256:0,7`: a bank and PCR indices.
 pub fn parse_pcrs(text: &str) -> Result<PcrSelection, CliError> {
-    let bad = |reason: String| CliError::InvalidArgument(format!("--pcrs {text:?}: {reason}"));
-    let (bank, list) = text
-        .split_once(':')
-        .ok_or_else(|| bad("want BANK:I,J,..., e.g. sha256:0,7".to_owned()))?;
-    let bank = match bank {
-        "sha1" => PcrBank::Sha1,
-        "sha256" => PcrBank::Sha256,
-        "sha384" => PcrBank::Sha384,
-        other => return Err(bad(format!("unknown bank {other:?}"))),
-    };
-    let indices = list
-        .split(',')
-        .map(|index| {
-            index
-                .parse::<u8>()
-                .map_err(|_| bad(format!("{index:?} is not a PCR index")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    PcrSelection::new(bank, &indices).map_err(|e| bad(e.to_string()))
+    text.parse::<PcrSelection>()
+        .map_err(|e| CliError::InvalidArgument(format!("--pcrs {text:?}: {e}")))
 }
 
 /// Creates the state directory (0700) when absent; refuses one another user may write.
