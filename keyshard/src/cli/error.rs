@@ -50,6 +50,8 @@ pub enum CliError {
     Store(#[from] keyshard_cms::store::StoreError),
     #[error(transparent)]
     Credential(#[from] super::credential::CredentialCliError),
+    #[error("enrolment: {0}")]
+    Enrol(#[from] super::enrol::EnrolError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot handle SIGTERM/SIGINT: {0}")]
