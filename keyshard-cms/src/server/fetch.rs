@@ -82,6 +82,26 @@ pub struct GrantEntry {
     pub grant: String,
 }
 
+impl FetchRequest {
+    /// The instance id and the evidence parsed (bounded hex, then the strict `KSIE` format);
+    /// a 422 `invalid_request` naming the field otherwise.
+    pub fn parse(&self) -> Result<(InstanceId, InstanceEvidence), ApiError> {
+        let instance = InstanceId::new(self.instance.clone())
+            .map_err(|e| invalid(format!("instance: {e}")))?;
+        if self.evidence.len() > MAX_EVIDENCE_LEN.saturating_mul(2) {
+            return Err(invalid(format!(
+                "evidence: longer than {MAX_EVIDENCE_LEN} bytes"
+            )));
+        }
+        let evidence = hex::decode(&self.evidence)
+            .map_err(|_| invalid("evidence: not hex"))
+            .and_then(|bytes| {
+                InstanceEvidence::from_bytes(&bytes).map_err(|e| invalid(format!("evidence: {e}")))
+            })?;
+        Ok((instance, evidence))
+    }
+}
+
 /// `POST /v1/credentials/{name}/fetch` (module documentation).
 pub(super) async fn fetch(
     State(state): State<AppState>,
@@ -89,18 +109,7 @@ pub(super) async fn fetch(
     ApiJson(request): ApiJson<FetchRequest>,
 ) -> Result<axum::Json<FetchResponse>, ApiError> {
     let name = credential_name(name)?;
-    let instance =
-        InstanceId::new(request.instance.clone()).map_err(|e| invalid(format!("instance: {e}")))?;
-    if request.evidence.len() > MAX_EVIDENCE_LEN.saturating_mul(2) {
-        return Err(invalid(format!(
-            "evidence: longer than {MAX_EVIDENCE_LEN} bytes"
-        )));
-    }
-    let evidence = hex::decode(&request.evidence)
-        .map_err(|_| invalid("evidence: not hex"))
-        .and_then(|bytes| {
-            InstanceEvidence::from_bytes(&bytes).map_err(|e| invalid(format!("evidence: {e}")))
-        })?;
+    let (instance, evidence) = request.parse()?;
     let store = &*state.store;
     let stored = credential::load(store, &name)
         .await
