@@ -43,6 +43,8 @@ pub enum ApiError {
     PlacementRefused { reason: String },
     #[error("{reason}")]
     Forbidden { reason: String },
+    #[error("the grant is refused: {reason}")]
+    GrantRefused { reason: String },
     #[error("enrolment is disabled: the CMS was started without --ek-ca")]
     EnrolmentDisabled,
     #[error("the enrolment is refused: {reason}")]
@@ -61,6 +63,8 @@ pub enum ApiError {
     Timeout { ms: u128 },
     #[error("the store is unavailable; retry later")]
     StoreUnavailable,
+    #[error("the TPM did not answer; retry later")]
+    TpmUnavailable,
     #[error("internal error")]
     Internal,
 }
@@ -84,6 +88,7 @@ impl ApiError {
             Self::Exists { .. } => "exists",
             Self::PlacementRefused { .. } => "placement_refused",
             Self::Forbidden { .. } => "forbidden",
+            Self::GrantRefused { .. } => "grant_refused",
             Self::EnrolmentDisabled => "enrolment_disabled",
             Self::EnrolmentRefused { .. } => "enrolment_refused",
             Self::ActivationRefused { .. } => "activation_refused",
@@ -93,6 +98,7 @@ impl ApiError {
             Self::RateLimited { .. } => "rate_limited",
             Self::Timeout { .. } => "timeout",
             Self::StoreUnavailable => "store_unavailable",
+            Self::TpmUnavailable => "tpm_unavailable",
             Self::Internal => "internal",
         }
     }
@@ -109,6 +115,7 @@ impl ApiError {
             Self::CertificationRefused { .. }
             | Self::NonceRefused { .. }
             | Self::Forbidden { .. }
+            | Self::GrantRefused { .. }
             | Self::EnrolmentRefused { .. }
             | Self::ActivationRefused { .. }
             | Self::NotEnrolled { .. }
@@ -119,9 +126,10 @@ impl ApiError {
             | Self::Exists { .. }
             | Self::PlacementRefused { .. } => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Timeout { .. } | Self::StoreUnavailable | Self::EnrolmentDisabled => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Timeout { .. }
+            | Self::StoreUnavailable
+            | Self::TpmUnavailable
+            | Self::EnrolmentDisabled => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -228,6 +236,7 @@ mod tests {
             ApiError::Exists { reason: "x".into() },
             ApiError::PlacementRefused { reason: "x".into() },
             ApiError::Forbidden { reason: "x".into() },
+            ApiError::GrantRefused { reason: "x".into() },
             ApiError::EnrolmentDisabled,
             ApiError::EnrolmentRefused { reason: "x".into() },
             ApiError::ActivationRefused { reason: "x".into() },
@@ -237,6 +246,7 @@ mod tests {
             ApiError::RateLimited { what: "nonces" },
             ApiError::Timeout { ms: 5 },
             ApiError::StoreUnavailable,
+            ApiError::TpmUnavailable,
             ApiError::Internal,
         ];
         let mut codes = std::collections::HashSet::new();

@@ -163,7 +163,7 @@ fn ek_ca_bundle(path: &Path) -> Result<CaBundle, CliError> {
 }
 
 /// A future that completes at the first SIGTERM or SIGINT.
-fn stop_signal() -> Result<impl std::future::Future<Output = ()>, CliError> {
+pub(crate) fn stop_signal() -> Result<impl std::future::Future<Output = ()>, CliError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(CliError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(CliError::Signals)?;

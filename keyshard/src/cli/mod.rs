@@ -16,6 +16,7 @@ pub mod keygen;
 mod load;
 pub mod policy;
 pub mod reseal;
+pub mod shard_host;
 pub mod snp;
 pub mod split;
 
@@ -57,6 +58,8 @@ pub enum Command {
     /// Client side of the credential service: client keys, put, shard map.
     #[command(subcommand)]
     Credential(credential::Command),
+    /// Serve a shard host: register its TPM-held decrypt key with the CMS, release shards to attested instances over HTTPS, until SIGTERM.
+    ShardHost(shard_host::Args),
     /// Compute instances: enrol an instance's TPM and register its golden PCRs with the CMS.
     #[command(subcommand)]
     Instance(instance::Command),
@@ -87,6 +90,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Reseal(args) => reseal::run(args.try_into()?),
         Command::Cms(args) => cms::run(args.try_into()?),
         Command::Credential(command) => credential::run(command),
+        Command::ShardHost(args) => shard_host::run(args.try_into()?),
         Command::Instance(command) => instance::run(command),
     }
 }
