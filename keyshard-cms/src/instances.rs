@@ -39,8 +39,6 @@
 //! (1..=[`MAX_ATTEST_LEN`] bytes), followed by the AK's ECDSA P-256 signature r || s (64 bytes,
 //! big-endian). The TPMS_ATTEST must parse as a quote ([`quote_from_wire`]).
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keyshard_attest::tpm::attest::QuoteAttest;
@@ -48,7 +46,6 @@ use keyshard_attest::tpm::public::NAME_LEN;
 use keyshard_attest::tpm::{
     AkPublic, PcrError, PcrSelection, PcrValues, Quote, QuoteError, verify_quote,
 };
-use keyshard_core::holder::NameError;
 use keyshard_core::policy::PcrBank;
 use keyshard_shards::instance::InstancePolicy;
 use serde::{Deserialize, Serialize};
@@ -98,36 +95,8 @@ pub enum InstanceError {
 /// Result of instance operations.
 pub type Result<T> = std::result::Result<T, InstanceError>;
 
-/// Names one compute instance, e.g. `vm-7`: 1..=64 bytes of `a-z 0-9 . _ -`, like a host id.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct InstanceId(String);
-
-impl InstanceId {
-    /// Checks the id's length and characters.
-    pub fn new(value: impl Into<String>) -> std::result::Result<Self, NameError> {
-        let value = value.into();
-        enrolment::check_id(EnrolmentKind::Instance, &value)?;
-        Ok(Self(value))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for InstanceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl FromStr for InstanceId {
-    type Err = NameError;
-
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        Self::new(s)
-    }
-}
+/// Names one compute instance: the same type the grants bind (one definition for both crates).
+pub use keyshard_shards::InstanceId;
 
 /// A registered instance (module documentation).
 #[derive(Debug, Clone, PartialEq, Eq)]

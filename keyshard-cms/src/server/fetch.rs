@@ -43,7 +43,7 @@ use super::error::ApiError;
 use super::hosts::{invalid, store_error};
 use super::request::ApiJson;
 use crate::credential::{self, CredentialError};
-use crate::instances::{self, get_instance};
+use crate::instances::get_instance;
 use crate::shard_host::nonces::take_from_store;
 use crate::store::StoreError;
 
@@ -123,9 +123,7 @@ pub(super) async fn fetch(
             },
             other => store_error(other),
         })?;
-    let registered_id = instances::InstanceId::new(instance.as_str())
-        .map_err(|e| invalid(format!("instance: {e}")))?;
-    let record = get_instance(store, &registered_id)
+    let record = get_instance(store, &instance)
         .await
         .map_err(|e| {
             log::error!("instance {instance}: {e}");
