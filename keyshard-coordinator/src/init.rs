@@ -47,6 +47,21 @@ pub enum InitError {
     VmId(#[from] StateError),
     #[error("the TPM's attestation key is not a 65-byte uncompressed P-256 point")]
     AkForm,
+    #[error(
+        "the policy gives {count} host share(s), but keyshard init does not place shares on shard \
+         hosts yet: remove them (policy check judges such a policy; init would have nowhere to \
+         put them)"
+    )]
+    HostSharesNotPlaced { count: u8 },
+}
+
+/// Refuses a policy whose shares `init` has nowhere to put: `host` shares, until placement on
+/// shard hosts exists. Call it before anything is written.
+pub fn check_placeable(policy: &Policy) -> Result<(), InitError> {
+    match policy.holders.get(HolderClass::Host) {
+        0 => Ok(()),
+        count => Err(InitError::HostSharesNotPlaced { count }),
+    }
 }
 
 /// What `init` made, for its report.
@@ -75,6 +90,7 @@ pub fn init(
     overwrite: Overwrite,
     vm_ids: &[String],
 ) -> Result<InitReport, InitError> {
+    check_placeable(policy)?;
     if vm_ids.is_empty() {
         return Err(InitError::NoVmId);
     }

@@ -8,6 +8,7 @@
 use std::fmt;
 
 use crate::holder::HolderClass;
+use crate::host_class::HostEvidence;
 use crate::policy::HolderCounts;
 
 /// An attacker (or an unlucky event) the policy is judged against.
@@ -42,11 +43,18 @@ impl Adversary {
         }
     }
 
-    /// Whether this adversary obtains the shares of `class`. For [`Self::ChangedBootChain`] this
-    /// assumes the change is measured in the PCRs the `tpm` and `sev` data keys are sealed to;
-    /// a change those PCRs do not measure is not detected, and is then [`Self::HostRoot`].
-    pub fn obtains(self, class: HolderClass) -> bool {
+    /// Whether this adversary obtains the shares of `class`; `host` shares by what the guest
+    /// presents for them (`host`: the policy's `[host] evidence`; without it, none are
+    /// obtained, as a policy with `host` shares must name it). For [`Self::ChangedBootChain`]
+    /// this assumes the change is measured in the PCRs the `tpm` and `sev` data keys are sealed
+    /// to; a change those PCRs do not measure is not detected, and is then [`Self::HostRoot`].
+    pub fn obtains(self, class: HolderClass, host: Option<HostEvidence>) -> bool {
         match (self, class) {
+            // Remote shard hosts release them to the guest's evidence: whoever forges it obtains
+            // them.
+            (_, HolderClass::Host) => host.is_some_and(|evidence| evidence.forged_by(self)),
+            // The recovery share is kept offline.
+            (_, HolderClass::Recovery) => false,
             // The image holds only the encrypted volume; no share is stored in it.
             (Self::StolenDiskImage, _) => false,
             // `DIR/fragments/*.ksf` are plain files; the tpm and sev fragments are encrypted
@@ -62,8 +70,6 @@ impl Adversary {
             // sev data keys, as the on-host coordinator does; sev shares also sit in the
             // coordinator's memory.
             (Self::HostRoot, HolderClass::Vhd | HolderClass::Tpm | HolderClass::Sev) => true,
-            // Remote shard hosts: held off this host; the recovery share: kept offline.
-            (Self::HostRoot, HolderClass::Host | HolderClass::Recovery) => false,
         }
     }
 
@@ -103,11 +109,17 @@ pub struct Exposure {
 }
 
 impl Exposure {
-    /// Judges `holders` with threshold `k` against `adversary`.
-    pub fn of(adversary: Adversary, holders: &HolderCounts, k: u8) -> Self {
+    /// Judges `holders` with threshold `k` against `adversary`; `host` is what the guest
+    /// presents for its `host` shares.
+    pub fn of(
+        adversary: Adversary,
+        holders: &HolderCounts,
+        k: u8,
+        host: Option<HostEvidence>,
+    ) -> Self {
         let obtained = HolderClass::ALL
             .into_iter()
-            .filter(|class| adversary.obtains(*class))
+            .filter(|class| adversary.obtains(*class, host))
             .map(|class| (class, holders.get(class)))
             .filter(|(_, count)| *count > 0)
             .collect();
@@ -160,10 +172,10 @@ impl fmt::Display for Exposure {
 }
 
 /// Every adversary's exposure, in [`Adversary::ALL`] order.
-pub fn assess(holders: &HolderCounts, k: u8) -> Vec<Exposure> {
+pub fn assess(holders: &HolderCounts, k: u8, host: Option<HostEvidence>) -> Vec<Exposure> {
     Adversary::ALL
         .into_iter()
-        .map(|adversary| Exposure::of(adversary, holders, k))
+        .map(|adversary| Exposure::of(adversary, holders, k, host))
         .collect()
 }
 
@@ -181,7 +193,7 @@ mod tests {
     }
 
     fn verdict(adversary: Adversary, holders: HolderCounts, k: u8) -> (bool, u32) {
-        let exposure = Exposure::of(adversary, &holders, k);
+        let exposure = Exposure::of(adversary, &holders, k, Some(HostEvidence::SevSnp));
         (exposure.resists(), exposure.shares())
     }
 
@@ -193,7 +205,7 @@ mod tests {
         };
         assert_eq!(verdict(Adversary::StolenDiskImage, all_vhd, 3), (true, 0));
         assert_eq!(
-            Exposure::of(Adversary::StolenDiskImage, &all_vhd, 3).to_string(),
+            Exposure::of(Adversary::StolenDiskImage, &all_vhd, 3, None).to_string(),
             "resists: obtains no share (0 of the 3 shares needed)"
         );
     }
@@ -230,7 +242,7 @@ mod tests {
             verdict(Adversary::ChangedBootChain, vhd_tpm(), 3),
             (true, 2)
         );
-        let exposure = Exposure::of(Adversary::ChangedBootChain, &vhd_tpm(), 3);
+        let exposure = Exposure::of(Adversary::ChangedBootChain, &vhd_tpm(), 3, None);
         assert_eq!(exposure.obtained, vec![(HolderClass::Vhd, 2)]);
         let with_sev = HolderCounts {
             vhd: 1,
@@ -245,7 +257,7 @@ mod tests {
     fn host_root_obtains_vhd_tpm_and_sev_but_not_host() {
         assert_eq!(verdict(Adversary::HostRoot, vhd_tpm(), 3), (false, 3));
         assert_eq!(
-            Exposure::of(Adversary::HostRoot, &vhd_tpm(), 3).to_string(),
+            Exposure::of(Adversary::HostRoot, &vhd_tpm(), 3, None).to_string(),
             "does not resist: obtains vhd 2, tpm 1 (3 of the 3 shares needed)"
         );
         let mixed = HolderCounts {
@@ -258,22 +270,46 @@ mod tests {
         assert_eq!(verdict(Adversary::HostRoot, mixed, 4), (true, 3));
         assert_eq!(verdict(Adversary::HostRoot, mixed, 3), (false, 3));
         assert_eq!(
-            Exposure::of(Adversary::HostRoot, &mixed, 4).obtained_summary(),
+            Exposure::of(Adversary::HostRoot, &mixed, 4, None).obtained_summary(),
             "vhd 1, tpm 1, sev 1"
         );
     }
 
     #[test]
-    fn host_and_recovery_shares_are_obtained_by_no_adversary_here() {
+    fn recovery_and_snp_released_host_shares_are_obtained_by_no_adversary_here() {
         for adversary in Adversary::ALL {
-            assert!(!adversary.obtains(HolderClass::Host), "{adversary}");
-            assert!(!adversary.obtains(HolderClass::Recovery), "{adversary}");
+            let snp = Some(HostEvidence::SevSnp);
+            assert!(!adversary.obtains(HolderClass::Host, snp), "{adversary}");
+            assert!(
+                !adversary.obtains(HolderClass::Recovery, snp),
+                "{adversary}"
+            );
         }
+    }
+
+    /// Issue 9 item 8: a quote from the VM's TPM is one root on the host makes itself.
+    #[test]
+    fn item8_host_shares_released_to_a_vm_tpm_are_host_reachable() {
+        let holders = HolderCounts {
+            vhd: 1,
+            tpm: 1,
+            host: 2,
+            ..HolderCounts::default()
+        };
+        let vm_tpm = Some(HostEvidence::VmTpm);
+        let root = Exposure::of(Adversary::HostRoot, &holders, 3, vm_tpm);
+        assert!(!root.resists());
+        assert_eq!(root.obtained_summary(), "vhd 1, tpm 1, host 2");
+        let stolen = Exposure::of(Adversary::StolenStateDirectory, &holders, 3, vm_tpm);
+        assert_eq!(stolen.obtained_summary(), "vhd 1");
+        let snp = Exposure::of(Adversary::HostRoot, &holders, 3, Some(HostEvidence::SevSnp));
+        assert!(snp.resists());
+        assert_eq!(snp.obtained_summary(), "vhd 1, tpm 1");
     }
 
     #[test]
     fn assess_covers_every_adversary_in_order() {
-        let all = assess(&vhd_tpm(), 3);
+        let all = assess(&vhd_tpm(), 3, None);
         let names: Vec<_> = all.iter().map(|e| e.adversary).collect();
         assert_eq!(names, Adversary::ALL);
         let resisted: Vec<_> = all.iter().map(Exposure::resists).collect();

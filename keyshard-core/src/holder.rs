@@ -73,12 +73,6 @@ impl HolderClass {
             Self::Recovery => "recovery",
         }
     }
-
-    /// Whether root on this host can obtain this share: `vhd`, `tpm` and on-host `sev`
-    /// (see [`crate::adversary`]).
-    pub fn is_host_reachable(self) -> bool {
-        crate::adversary::Adversary::HostRoot.obtains(self)
-    }
 }
 
 impl fmt::Display for HolderClass {
@@ -235,18 +229,6 @@ mod tests {
         assert_eq!(HolderClass::from_code(0), None);
         assert_eq!(HolderClass::from_code(6), None);
         assert!("disk".parse::<HolderClass>().is_err());
-    }
-
-    #[test]
-    fn vhd_tpm_and_sev_are_host_reachable_host_is_not() {
-        let reachable: Vec<_> = HolderClass::ALL
-            .into_iter()
-            .filter(|c| c.is_host_reachable())
-            .collect();
-        assert_eq!(
-            reachable,
-            vec![HolderClass::Vhd, HolderClass::Tpm, HolderClass::Sev]
-        );
     }
 
     #[test]

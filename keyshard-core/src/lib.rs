@@ -13,6 +13,7 @@ pub mod envelope;
 pub mod files;
 pub mod fragment;
 pub mod holder;
+pub mod host_class;
 pub mod kcv;
 pub mod keys;
 pub mod manifest;

@@ -12,6 +12,14 @@
 //! pcr_bank = "sha256"
 //! pcrs = [0, 7]
 //! ```
+//!
+//! A policy with `host` shares (held by remote shard hosts) names what the guest presents for
+//! them, which decides whether they count as off-host (see [`crate::host_class`]):
+//!
+//! ```toml
+//! [host]
+//! evidence = "sev-snp"   # or "vm-tpm"
+//! ```
 
 use std::collections::BTreeSet;
 
@@ -20,6 +28,7 @@ use serde::Deserialize;
 use crate::adversary::{self, Adversary, Exposure};
 use crate::dealer::HolderSlot;
 use crate::holder::HolderClass;
+use crate::host_class::HostEvidence;
 
 /// PCR indices a PC client TPM has.
 pub const MAX_PCR_INDEX: u8 = 23;
@@ -49,10 +58,11 @@ pub enum PolicyError {
     )]
     RenamedOverride,
     #[error(
-        "the policy gives {count} {class} share(s), but {class} shares have no holder yet \
-         (shard hosts come with the credential service): remove them"
+        "the policy gives {count} host share(s) but no [host] section saying what the guest \
+         presents for them: add [host] evidence = \"sev-snp\" (off this host) or \"vm-tpm\" \
+         (a TPM this host runs: host-reachable)"
     )]
-    NoHolderYet { class: HolderClass, count: u8 },
+    MissingHostSection { count: u8 },
     #[error("the policy gives {count} recovery shares, at most 1 is possible")]
     TooManyRecoveryShares { count: u8 },
     #[error(
@@ -143,6 +153,13 @@ pub struct TpmPolicy {
     pub pcrs: Vec<u8>,
 }
 
+/// The `[host]` section: what the guest presents to the shard hosts holding its `host` shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostPolicy {
+    pub evidence: HostEvidence,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
@@ -153,6 +170,9 @@ pub struct Policy {
     pub allow_host_reachable_quorum: bool,
     #[serde(default)]
     pub tpm: Option<TpmPolicy>,
+    /// Required when the policy gives `host` shares.
+    #[serde(default)]
+    pub host: Option<HostPolicy>,
 }
 
 impl Policy {
@@ -184,9 +204,8 @@ impl Policy {
         if u32::from(k) > n {
             return Err(PolicyError::ThresholdAboveShares { k, n });
         }
-        if self.holders.host > 0 {
-            return Err(PolicyError::NoHolderYet {
-                class: HolderClass::Host,
+        if self.holders.host > 0 && self.host.is_none() {
+            return Err(PolicyError::MissingHostSection {
                 count: self.holders.host,
             });
         }
@@ -245,15 +264,26 @@ impl Policy {
 
     /// What `adversary` obtains of this policy's shares, against k.
     pub fn exposure(&self, adversary: Adversary) -> Exposure {
-        Exposure::of(adversary, &self.holders, self.threshold)
+        Exposure::of(
+            adversary,
+            &self.holders,
+            self.threshold,
+            self.host_evidence(),
+        )
+    }
+
+    /// What the guest presents for its `host` shares, when the policy gives any.
+    pub fn host_evidence(&self) -> Option<HostEvidence> {
+        self.host.map(|host| host.evidence)
     }
 
     /// Every adversary's exposure, in [`Adversary::ALL`] order.
     pub fn exposures(&self) -> Vec<Exposure> {
-        adversary::assess(&self.holders, self.threshold)
+        adversary::assess(&self.holders, self.threshold, self.host_evidence())
     }
 
-    /// Shares that root on this host can obtain: `vhd`, `tpm` and on-host `sev`.
+    /// Shares that root on this host can obtain: `vhd`, `tpm`, on-host `sev`, and `host` shares
+    /// released to a TPM this host runs (`evidence = "vm-tpm"`).
     pub fn host_reachable_shares(&self) -> u32 {
         self.exposure(Adversary::HostRoot).shares()
     }
@@ -374,18 +404,67 @@ mod tests {
         assert!(!line.contains('\n'));
     }
 
-    /// Issue 7 item 6: `host` shares have no holder, and `init` used to drop them silently.
+    /// Issue 9 item 8: `host` shares were refused as having no holder (`NoHolderYet`); a policy
+    /// that puts shares off the host had to be turned down or overridden.
     #[test]
-    fn item6_host_shares_are_refused_until_shard_hosts_exist() {
-        let err = parse_err("threshold = 2\n[holders]\nvhd = 1\nhost = 1\n");
+    fn item8_vhd_tpm_host_below_k_on_the_host_passes_without_the_override() {
+        let text = "threshold = 3\n[holders]\nvhd = 1\ntpm = 1\nhost = 2\n\
+                    [tpm]\npcr_bank = \"sha256\"\npcrs = [0, 7]\n\
+                    [host]\nevidence = \"sev-snp\"\n";
+        let policy = Policy::parse(text).unwrap();
+        assert!(!policy.allow_host_reachable_quorum);
+        assert_eq!((policy.threshold, policy.shares()), (3, 4));
+        assert_eq!(policy.host_reachable_shares(), 2);
+        assert!(!policy.host_reachable_quorum());
+        assert_eq!(policy.host_evidence(), Some(HostEvidence::SevSnp));
+        let ids: Vec<String> = policy
+            .holder_slots()
+            .iter()
+            .map(|h| h.id.to_string())
+            .collect();
+        assert_eq!(ids, ["vhd-1", "tpm-1", "host-1", "host-2"]);
+        // Off the host, every adversary here is held below k.
+        assert!(policy.exposures().iter().all(Exposure::resists));
+    }
+
+    #[test]
+    fn item8_host_shares_released_to_a_vm_tpm_count_as_host_reachable() {
+        let text = "threshold = 3\n[holders]\nvhd = 1\ntpm = 1\nhost = 2\n\
+                    [tpm]\npcr_bank = \"sha256\"\npcrs = [0, 7]\n\
+                    [host]\nevidence = \"vm-tpm\"\n";
         assert_eq!(
-            err,
-            PolicyError::NoHolderYet {
-                class: HolderClass::Host,
-                count: 1
+            parse_err(text),
+            PolicyError::HostReachableQuorum {
+                reachable: "vhd 1, tpm 1, host 2".into(),
+                k: 3
             }
         );
-        assert!(err.to_string().contains("credential service"), "{err}");
+        let allowed = format!("allow_host_reachable_quorum = true\n{text}");
+        let policy = Policy::parse(&allowed).unwrap();
+        assert_eq!(policy.host_reachable_shares(), 4);
+        // host = 3 with k = 3 and no other share: still all reachable through the VM's TPM.
+        let only_host = "threshold = 2\n[holders]\nhost = 3\n[host]\nevidence = \"vm-tpm\"\n";
+        assert!(matches!(
+            parse_err(only_host),
+            PolicyError::HostReachableQuorum { k: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn item8_host_shares_need_a_host_section_naming_the_evidence() {
+        let text = "threshold = 2\n[holders]\nvhd = 1\nhost = 1\n";
+        let err = parse_err(text);
+        assert_eq!(err, PolicyError::MissingHostSection { count: 1 });
+        assert!(!err.to_string().contains('\n'), "{err}");
+        for bad in [
+            "evidence = \"snp\"\n",
+            "",
+            "evidence = \"sev-snp\"\nextra = 1\n",
+        ] {
+            let err = parse_err(&format!("{text}[host]\n{bad}"));
+            assert!(matches!(err, PolicyError::Syntax(_)), "{bad:?}: {err:?}");
+        }
+        assert!(Policy::parse(&format!("{text}[host]\nevidence = \"sev-snp\"\n")).is_ok());
     }
 
     #[test]

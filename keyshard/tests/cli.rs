@@ -592,30 +592,64 @@ fn item11_usage_errors_are_one_line() {
     assert!(stdout(&help).lines().count() > 5);
 }
 
-/// Issue 7 item 6: `init` said "2 of 2 shares rebuild it" and wrote one fragment.
+/// Issue 7 item 6: `init` said "2 of 2 shares rebuild it" and wrote one fragment. Issue 9 item 8:
+/// `policy check` accepts `host` shares and counts them off the host when the guest presents
+/// SEV-SNP evidence (it refused them as having no holder); `init`, which cannot place them yet,
+/// still refuses them before writing anything.
 #[test]
-fn item6_policy_check_and_init_refuse_host_shares() {
+fn item8_policy_check_counts_host_shares_off_host_and_init_refuses_to_drop_them() {
     let ws = Workspace {
         dir: tempfile::tempdir().unwrap(),
     };
+    let policy = "threshold = 3\n[holders]\nvhd = 1\ntpm = 1\nhost = 2\n\
+                  [tpm]\npcr_bank = \"sha256\"\npcrs = [0, 7]\n";
     fs::write(
-        ws.path("p.toml"),
-        "threshold = 2\n[holders]\nvhd = 1\nhost = 1\n",
+        ws.path("snp.toml"),
+        format!("{policy}[host]\nevidence = \"sev-snp\"\n"),
     )
     .unwrap();
-    for args in [
-        &["policy", "check", "p.toml"][..],
-        &["init", "--policy", "p.toml", "--state-dir", "state"],
-    ] {
-        let out = ws.run(args);
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        assert!(
-            stderr(&out).contains("host shares have no holder yet"),
-            "{args:?}: {}",
-            stderr(&out)
-        );
-        assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
-    }
+    let out = ws.run(&["policy", "check", "snp.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("ok: 4 shares (vhd 1, tpm 1, host 2), threshold 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "root on this host: resists: obtains vhd 1, tpm 1 (2 of the 3 shares needed)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "host shares released to sev-snp evidence: host shares are held off this host"
+        ),
+        "{text}"
+    );
+
+    // The same shares released to the VM's own (host-run) TPM reach k with root on the host.
+    fs::write(
+        ws.path("vtpm.toml"),
+        format!("{policy}[host]\nevidence = \"vm-tpm\"\n"),
+    )
+    .unwrap();
+    let out = ws.run(&["policy", "check", "vtpm.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("host-reachable shares (vhd 1, tpm 1, host 2) reach threshold 3"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = ws.run(&["init", "--policy", "snp.toml", "--state-dir", "state"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("does not place shares on shard hosts yet"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
     assert!(!ws.path("state").exists(), "init wrote a state directory");
 }
 

@@ -10,7 +10,7 @@ use keyshard_core::sharing::MAX_SECRET_LEN;
 use zeroize::Zeroizing;
 
 use super::{CliError, load, policy};
-use keyshard_coordinator::init::init;
+use keyshard_coordinator::init::{check_placeable, init};
 use keyshard_coordinator::state::{StateDir, StateError, check_vm_id};
 use keyshard_tpm::{Tpm, resolve_tcti};
 
@@ -116,6 +116,7 @@ fn vm_ids(args: &Args) -> Result<Vec<String>, CliError> {
 
 pub fn run(config: Config) -> Result<(), CliError> {
     let policy = policy::load(&config.policy)?;
+    check_placeable(&policy)?;
     if config.overwrite == Overwrite::Refuse && config.state_dir.state_file().exists() {
         return Err(keyshard_coordinator::init::InitError::Exists(
             config.state_dir.root().to_owned(),

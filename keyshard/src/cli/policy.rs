@@ -84,6 +84,12 @@ pub fn describe(policy: &Policy) -> Vec<String> {
             sealed_classes.join(" and ")
         ));
     }
+    if let Some(evidence) = policy.host_evidence().filter(|_| policy.holders.host > 0) {
+        lines.push(format!(
+            "host shares released to {evidence} evidence: {}",
+            evidence.explanation()
+        ));
+    }
     for exposure in policy.exposures() {
         let adversary = exposure.adversary;
         lines.push(format!("{adversary}: {exposure}"));

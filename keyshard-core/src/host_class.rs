@@ -1,0 +1,134 @@
+//! The `host` holder class for a VM's volume key: shares held by remote shard hosts, released
+//! to the guest's own evidence, and which adversaries that evidence lets obtain them.
+//!
+//! # Design (issue 9 item 8)
+//!
+//! **What counts as off-host.** A `host` share resists root on the VM's host only if root there
+//! cannot produce the evidence the shard hosts release to. So the policy says which evidence
+//! that is (`[host] evidence = ...`, [`HostEvidence`]), and [`crate::adversary`] counts by it:
+//! - `sev-snp`: an AMD SEV-SNP attestation report signed by the CPU's VCEK, whose REPORT_DATA
+//!   binds the shard host's nonce and the guest's ephemeral key. Root on the host cannot sign
+//!   one for a measurement it did not launch, nor read the guest's memory; `host` shares count
+//!   as off-host for every adversary here. What is then trusted: AMD's chain and firmware, the
+//!   shard hosts (fewer than k of them colluding with root on this host), and the CMS that
+//!   places them.
+//! - `vm-tpm`: a quote from a TPM attached to the VM. On these machines that TPM is an swtpm run
+//!   by the VM's host, so root there drives it, quotes any PCR values with its AK and reads the
+//!   key it would bind: `host` shares count as *host-reachable* (and a changed boot chain obtains
+//!   them too, as the swtpm state is not sealed to the host's PCRs). It exists because it runs
+//!   everywhere (tests, the lab); it protects against a guest whose measured boot changed and
+//!   against theft of the state directory, not against the host.
+//!
+//! **Placement** (`keyshard init` with `host` shares; not built yet). `init` deals every
+//! fragment itself, as today (the dealer signs each). Each `host` fragment is sealed, by `init`
+//! and not by the CMS, to one placed shard host's certified TPM decrypt key with the existing
+//! ECIES of keyshard-shards (binding `vm:<key id>`, epoch, index and host id), so the CMS never
+//! holds a plaintext share; placement is keyshard-shards' weighted rendezvous hashing on a
+//! recorded seed, spread over regions and operators, over the hosts the CMS lists with a fresh
+//! affirming attestation. The CMS stores the sealed shares as a credential named `vm:<key id>`
+//! whose instance policy names the VM (registered as an instance: its AK name for `vm-tpm`, its
+//! launch measurement for `sev-snp`), so the existing fetch endpoint and grants serve it
+//! unchanged; the manifest lists the `host` holders like the others, so the guest knows k.
+//!
+//! **Relay** (not built yet). The guest has no network path to the CMS: new broker request
+//! kinds carry opaque CMS and shard-host exchanges (challenge, fetch, nonce, release), each with
+//! the guest's evidence; the coordinator forwards them over HTTPS with a deadline per shard host
+//! (a dead or hung host is that holder's named failure, never a hung boot) and relays the answers
+//! back. Every answer that carries a share is sealed to the ephemeral key bound in the evidence,
+//! so the coordinator, and root on the host, relays ciphertext only.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::adversary::Adversary;
+
+/// What a guest presents to the shard hosts holding its `host` shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostEvidence {
+    /// An SEV-SNP attestation report: signed by the CPU, out of reach of the VM's host.
+    SevSnp,
+    /// A quote from the VM's TPM, which its host runs (an swtpm): the host can forge it.
+    VmTpm,
+}
+
+impl HostEvidence {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SevSnp => "sev-snp",
+            Self::VmTpm => "vm-tpm",
+        }
+    }
+
+    /// Whether `adversary` can produce this evidence, and so obtain the `host` shares released
+    /// to it.
+    pub fn forged_by(self, adversary: Adversary) -> bool {
+        match (self, adversary) {
+            // The CPU signs the report over the launch measurement; the host cannot.
+            (Self::SevSnp, _) => false,
+            // A disk image or a copied state directory holds no TPM and no running guest.
+            (Self::VmTpm, Adversary::StolenDiskImage | Adversary::StolenStateDirectory) => false,
+            // Root runs the VM's swtpm (its state is not sealed to the host's PCRs), so it
+            // quotes any value with the VM's AK and binds a key of its own.
+            (Self::VmTpm, Adversary::ChangedBootChain | Adversary::HostRoot) => true,
+        }
+    }
+
+    /// One line on what `host` shares under this evidence resist, for `policy check`.
+    pub fn explanation(self) -> &'static str {
+        match self {
+            Self::SevSnp => {
+                "host shares are held off this host by shard hosts that release them only to the \
+                 guest's SEV-SNP report: root on this host cannot sign one, so it obtains none of \
+                 them unless shard hosts collude with it"
+            }
+            Self::VmTpm => {
+                "host shares are released to quotes from the VM's TPM, which this host runs: root \
+                 on this host drives it and obtains them, so they count as host-reachable; use \
+                 evidence = \"sev-snp\" to hold them off this host"
+            }
+        }
+    }
+}
+
+impl fmt::Display for HostEvidence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snp_evidence_is_forged_by_no_adversary_here() {
+        for adversary in Adversary::ALL {
+            assert!(!HostEvidence::SevSnp.forged_by(adversary), "{adversary}");
+        }
+    }
+
+    #[test]
+    fn a_vm_tpm_is_forged_by_root_on_the_host_changed_boot_chain_or_not() {
+        let forging: Vec<_> = Adversary::ALL
+            .into_iter()
+            .filter(|a| HostEvidence::VmTpm.forged_by(*a))
+            .collect();
+        assert_eq!(forging, [Adversary::ChangedBootChain, Adversary::HostRoot]);
+    }
+
+    #[test]
+    fn evidence_names_parse_from_the_policy_spelling() {
+        #[derive(Deserialize)]
+        struct Section {
+            evidence: HostEvidence,
+        }
+        for evidence in [HostEvidence::SevSnp, HostEvidence::VmTpm] {
+            let text = format!("evidence = \"{evidence}\"");
+            let parsed: Section = toml::from_str(&text).unwrap();
+            assert_eq!(parsed.evidence, evidence);
+        }
+        assert!(toml::from_str::<Section>("evidence = \"snp\"").is_err());
+    }
+}
