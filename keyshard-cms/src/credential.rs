@@ -20,6 +20,9 @@
 //!    write is atomic on both backends (one redb transaction, one etcd transaction), so no
 //!    reader ever sees ciphertexts without their map or a half-written epoch.
 //!
+//! A VM volume key's `host` shares, dealt and signed by `keyshard init`, go through steps 1-3 and
+//! 5-7 too, with the fragments it sends in place of step 4 ([`crate::volume`]).
+//!
 //! The secret is only read, by the dealer; the fragments (shares and their encodings) live in
 //! `Zeroizing` buffers and are wiped when put returns, whatever it returns. The store receives
 //! ciphertexts, the signed map (public: hosts, endpoints, key names, seed, key check value)
@@ -218,15 +221,62 @@ pub async fn put_credential<R: Repository>(
     request: &PutRequest<'_>,
     now: SystemTime,
 ) -> Result<PutReceipt> {
-    let name = request.name;
-    let key = credential_key(name)?;
-    check_instances(name, request.instances)?;
-    if let Some(existing) = load(store, name).await? {
-        return Err(CredentialError::Exists {
-            name: name.clone(),
-            epoch: existing.epoch,
-        });
+    let sharing = Sharing {
+        name: request.name,
+        threshold: request.threshold,
+        client: request.client,
+        seed: request.seed,
+        allow_correlated: request.allow_correlated,
+        instances: request.instances,
+    };
+    sharing.check(store).await?;
+    let fragments = deal(request.name, request, cms)?;
+    let payloads: Vec<(u8, &[u8])> = fragments
+        .iter()
+        .map(|f| (f.header().index, f.encoded()))
+        .collect();
+    let kcv = KeyCheckValue::compute(request.secret, request.name);
+    // The fragments (shares and encodings, Zeroizing) are wiped when put returns.
+    place_seal_store(store, registry, cms, &sharing, &payloads, kcv, now).await
+}
+
+/// What a put and a put of shares dealt elsewhere ([`crate::volume`]) have in common.
+pub(crate) struct Sharing<'a> {
+    pub name: &'a KeyId,
+    pub threshold: Threshold,
+    pub client: &'a ClientPublicKey,
+    pub seed: PlacementSeed,
+    pub allow_correlated: bool,
+    pub instances: &'a [AdmittedInstance],
+}
+
+impl Sharing<'_> {
+    /// Step 1 and the instance policy: refused before anything is dealt or placed.
+    pub(crate) async fn check<R: Repository>(&self, store: &R) -> Result<()> {
+        check_instances(self.name, self.instances)?;
+        if let Some(existing) = load(store, self.name).await? {
+            return Err(CredentialError::Exists {
+                name: self.name.clone(),
+                epoch: existing.epoch,
+            });
+        }
+        Ok(())
     }
+}
+
+/// Steps 2, 3 and 5 to 7: places shares 1..=n on fresh hosts, seals `payloads` (share index,
+/// bytes) each to its host, and stores them with the map, whose key check value is `kcv`.
+pub(crate) async fn place_seal_store<R: Repository>(
+    store: &R,
+    registry: &HostRegistry,
+    cms: &SigningKey,
+    sharing: &Sharing<'_>,
+    payloads: &[(u8, &[u8])],
+    kcv: KeyCheckValue,
+    now: SystemTime,
+) -> Result<PutReceipt> {
+    let name = sharing.name;
+    let key = credential_key(name)?;
     let created_at_ms = registry::unix_ms(now)?;
     let hosts = registry.fresh_hosts(store, now).await?;
     for (key, reason) in &hosts.excluded {
@@ -234,31 +284,27 @@ pub async fn put_credential<R: Repository>(
     }
     let candidates: Vec<_> = hosts.fresh.iter().map(RegisteredHost::candidate).collect();
     let placement = placement::place(&PlacementRequest {
-        seed: &request.seed,
+        seed: &sharing.seed,
         credential: name,
-        threshold: request.threshold,
+        threshold: sharing.threshold,
         candidates: &candidates,
-        allow_correlated: request.allow_correlated,
+        allow_correlated: sharing.allow_correlated,
     })
     .map_err(|source| CredentialError::Placement {
         name: name.clone(),
         source,
     })?;
     let placed = placed_hosts(name, &placement, &hosts.fresh)?;
-    let fragments = deal(name, request, cms)?;
-    let shards = seal_shards(name, &placed, &fragments)?;
-    // The fragments (shares and encodings, Zeroizing) are wiped here.
-    drop(fragments);
-    let kcv = KeyCheckValue::compute(request.secret, name);
-    let map = shard_map(name, request, kcv, &placed)?;
+    let shards = seal_shards(name, &placed, payloads)?;
+    let map = shard_map(name, sharing, kcv, &placed)?;
     let sealed_map = map
-        .seal(cms, request.client)
+        .seal(cms, sharing.client)
         .map_err(|source| CredentialError::Map {
             name: name.clone(),
             source,
         })?;
     let value = encode(
-        request,
+        sharing,
         &placement,
         created_at_ms,
         &shards,
@@ -272,8 +318,8 @@ pub async fn put_credential<R: Repository>(
         CasOutcome::Written(revision) => {
             log::info!(
                 "credential {name}: stored epoch {FIRST_EPOCH}, {} of {} on {}",
-                request.threshold.k(),
-                request.threshold.n(),
+                sharing.threshold.k(),
+                sharing.threshold.n(),
                 placement
                     .hosts()
                     .iter()
@@ -376,11 +422,11 @@ fn deal(name: &KeyId, request: &PutRequest<'_>, cms: &SigningKey) -> Result<Vec<
     })
 }
 
-/// Step 5: fragment i sealed to the host placed at index i.
+/// Step 5: the payload of share index i (a fragment) sealed to the host placed at index i.
 fn seal_shards(
     name: &KeyId,
     placed: &[(u8, &RegisteredHost)],
-    fragments: &[VerifiedFragment],
+    payloads: &[(u8, &[u8])],
 ) -> Result<Vec<(u8, HostId, SealedShard)>> {
     placed
         .iter()
@@ -391,9 +437,10 @@ fn seal_shards(
                 host: host.id().clone(),
                 source,
             };
-            let fragment = fragments
+            let payload = payloads
                 .iter()
-                .find(|f| f.header().index == *index)
+                .find(|(at, _)| at == index)
+                .map(|(_, bytes)| *bytes)
                 .ok_or_else(|| CredentialError::MissingFragment {
                     name: name.clone(),
                     index: *index,
@@ -406,8 +453,7 @@ fn seal_shards(
                 index: *index,
                 host: host.id().clone(),
             };
-            let sealed =
-                ecies::seal(&recipient, &binding, fragment.encoded()).map_err(seal_error)?;
+            let sealed = ecies::seal(&recipient, &binding, payload).map_err(seal_error)?;
             Ok((*index, host.id().clone(), sealed))
         })
         .collect()
@@ -416,7 +462,7 @@ fn seal_shards(
 /// Step 6: the shard map.
 fn shard_map(
     name: &KeyId,
-    request: &PutRequest<'_>,
+    request: &Sharing<'_>,
     kcv: KeyCheckValue,
     placed: &[(u8, &RegisteredHost)],
 ) -> Result<ShardMap> {
@@ -482,7 +528,7 @@ struct ShardRecord {
 
 /// The record of a put (module documentation), as JSON.
 fn encode(
-    request: &PutRequest<'_>,
+    request: &Sharing<'_>,
     placement: &Placement,
     created_at_ms: u64,
     shards: &[(u8, HostId, SealedShard)],

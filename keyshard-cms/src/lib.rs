@@ -9,3 +9,4 @@ pub mod registry;
 pub mod server;
 pub mod shard_host;
 pub mod store;
+pub mod volume;
