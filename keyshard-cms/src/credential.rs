@@ -172,6 +172,8 @@ impl std::fmt::Debug for PutRequest<'_> {
 #[derive(Debug, Clone)]
 pub struct PutReceipt {
     pub epoch: u64,
+    /// The map's threshold: k and n of the put, or of the shares dealt elsewhere.
+    pub threshold: Threshold,
     pub placement: Placement,
     pub revision: Revision,
 }
@@ -329,6 +331,7 @@ pub(crate) async fn place_seal_store<R: Repository>(
             );
             Ok(PutReceipt {
                 epoch: FIRST_EPOCH,
+                threshold: sharing.threshold,
                 placement,
                 revision,
             })

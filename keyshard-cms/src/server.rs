@@ -38,6 +38,7 @@ pub mod hosts;
 pub mod instances;
 pub mod request;
 pub mod tls;
+pub mod volumes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

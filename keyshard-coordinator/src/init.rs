@@ -48,21 +48,26 @@ pub enum InitError {
     #[error("the TPM's attestation key is not a 65-byte uncompressed P-256 point")]
     AkForm,
     #[error(
-        "the policy gives {count} host share(s), but keyshard init does not place shares on shard \
-         hosts yet: remove them (policy check judges such a policy; init would have nowhere to \
-         put them)"
+        "the policy gives {count} host share(s), and no CMS to place them on shard hosts was \
+         given (--cms, --ca, --client-pub, --instance-policy)"
     )]
     HostSharesNotPlaced { count: u8 },
+    #[error("placing the host shares on shard hosts: {0}")]
+    HostPlacement(String),
 }
 
-/// Refuses a policy whose shares `init` has nowhere to put: `host` shares, until placement on
-/// shard hosts exists. Call it before anything is written.
+/// Refuses a policy whose shares [`init`] has nowhere to put: `host` shares, which only
+/// [`init_placing`] places. Call it before anything is written.
 pub fn check_placeable(policy: &Policy) -> Result<(), InitError> {
     match policy.holders.get(HolderClass::Host) {
         0 => Ok(()),
         count => Err(InitError::HostSharesNotPlaced { count }),
     }
 }
+
+/// Places a key's `host` fragments on shard hosts (through the CMS) and names the hosts, or
+/// says in one line why it could not.
+pub type HostPlacer<'a> = dyn FnMut(&[&VerifiedFragment]) -> Result<Vec<String>, String> + 'a;
 
 /// What `init` made, for its report.
 #[derive(Debug)]
@@ -76,11 +81,14 @@ pub struct InitReport {
     pub recovery: Option<VerifiedFragment>,
     /// Share files of an earlier init's holders that this state does not list, removed.
     pub removed: usize,
+    /// The shard hosts the `host` shares were placed on (none without `host` shares).
+    pub host_placed: Vec<String>,
 }
 
 /// Deals `secret` by `policy` into `dir`. `tpm` is needed when the policy has `tpm` or `sev`
 /// holders. The attested shares are bound to `vm_ids`: the coordinator releases them to those
-/// VMs' brokers only.
+/// VMs' brokers only. A policy with `host` shares is refused ([`check_placeable`]); see
+/// [`init_placing`].
 pub fn init(
     dir: &StateDir,
     policy: &Policy,
@@ -91,6 +99,34 @@ pub fn init(
     vm_ids: &[String],
 ) -> Result<InitReport, InitError> {
     check_placeable(policy)?;
+    let mut nowhere = |_: &[&VerifiedFragment]| -> Result<Vec<String>, String> {
+        Err("no CMS to place them".to_owned())
+    };
+    init_placing(
+        dir,
+        policy,
+        secret,
+        dealer_key,
+        tpm,
+        overwrite,
+        vm_ids,
+        &mut nowhere,
+    )
+}
+
+/// [`init`], with the `host` fragments handed to `place` once dealt and before anything is
+/// written: when placing fails, nothing is written. They are never written to `dir`.
+#[allow(clippy::too_many_arguments)]
+pub fn init_placing(
+    dir: &StateDir,
+    policy: &Policy,
+    secret: &[u8],
+    dealer_key: &DealerSigningKey,
+    tpm: Option<&mut Tpm>,
+    overwrite: Overwrite,
+    vm_ids: &[String],
+    place: &mut HostPlacer<'_>,
+) -> Result<InitReport, InitError> {
     if vm_ids.is_empty() {
         return Err(InitError::NoVmId);
     }
@@ -113,6 +149,15 @@ pub fn init(
         .iter()
         .position(|f| f.header().class == HolderClass::Recovery)
         .map(|at| fragments.remove(at));
+    let host_fragments: Vec<_> = fragments
+        .iter()
+        .filter(|f| f.header().class == HolderClass::Host)
+        .collect();
+    let host_placed = if host_fragments.is_empty() {
+        Vec::new()
+    } else {
+        place(&host_fragments).map_err(InitError::HostPlacement)?
+    };
 
     let attested: Vec<_> = fragments
         .iter()
@@ -236,6 +281,7 @@ pub fn init(
         selection: selection_text,
         recovery,
         removed,
+        host_placed,
     })
 }
 

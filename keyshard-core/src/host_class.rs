@@ -19,18 +19,22 @@
 //!   everywhere (tests, the lab); it protects against a guest whose measured boot changed and
 //!   against theft of the state directory, not against the host.
 //!
-//! **Placement** (`keyshard init` with `host` shares; not built yet). `init` deals every
-//! fragment itself, as today (the dealer signs each). Each `host` fragment is sealed, by `init`
-//! and not by the CMS, to one placed shard host's certified TPM decrypt key with the existing
-//! ECIES of keyshard-shards (binding `vm:<key id>`, epoch, index and host id), so the CMS never
-//! holds a plaintext share; placement is keyshard-shards' weighted rendezvous hashing on a
-//! recorded seed, spread over regions and operators, over the hosts the CMS lists with a fresh
-//! affirming attestation. The CMS stores the sealed shares as a credential named `vm:<key id>`
-//! whose instance policy names the VM (registered as an instance: its AK name for `vm-tpm`, its
-//! launch measurement for `sev-snp`), so the existing fetch endpoint and grants serve it
-//! unchanged; the manifest lists the `host` holders like the others, so the guest knows k.
+//! **Placement** (`keyshard init --cms ...`, built for `vm-tpm`). `init` deals every fragment
+//! itself, as before: the VM's dealer key signs each, and the `host` shares are points of the
+//! same polynomial as the others, so the CMS cannot deal them. It sends the `host` fragments to
+//! the CMS (`keyshard-cms/src/volume.rs`), which verifies them under the dealer key, places
+//! them with keyshard-shards' weighted rendezvous hashing over the fresh hosts, spread over
+//! regions and operators, seals each to its host's certified TPM key and stores them as the
+//! credential named by the key id, whose instance policy names the VM (enrolled as an instance
+//! with its TPM's AK). So the existing fetch endpoint, grants and shard host release serve
+//! them unchanged, and the released bytes are the dealer-signed fragment the guest checks. The
+//! CMS sees the `host` fragments once in the clear, as it sees a credential at put; sealing
+//! them in `init` instead would keep them from the CMS but needs the hosts' certified keys
+//! checked by `init` (a later step). `sev-snp` evidence is refused by `init` until instance
+//! records hold an SNP measurement policy and shard hosts verify SNP reports. The manifest lists
+//! the `host` holders like the others, so the guest knows k.
 //!
-//! **Relay** (not built yet). The guest has no network path to the CMS: new broker request
+//! **Relay** (not built yet; until it is, a guest does not ask for its `host` shares at boot). The guest has no network path to the CMS: new broker request
 //! kinds carry opaque CMS and shard-host exchanges (challenge, fetch, nonce, release), each with
 //! the guest's evidence; the coordinator forwards them over HTTPS with a deadline per shard host
 //! (a dead or hung host is that holder's named failure, never a hung boot) and relays the answers

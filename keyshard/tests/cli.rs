@@ -594,8 +594,8 @@ fn item11_usage_errors_are_one_line() {
 
 /// Issue 7 item 6: `init` said "2 of 2 shares rebuild it" and wrote one fragment. Issue 9 item 8:
 /// `policy check` accepts `host` shares and counts them off the host when the guest presents
-/// SEV-SNP evidence (it refused them as having no holder); `init`, which cannot place them yet,
-/// still refuses them before writing anything.
+/// SEV-SNP evidence (it refused them as having no holder); `init` without a CMS to place them
+/// refuses them before writing anything (`keyshard/tests/host_class.rs` places them).
 #[test]
 fn item8_policy_check_counts_host_shares_off_host_and_init_refuses_to_drop_them() {
     let ws = Workspace {
@@ -645,11 +645,46 @@ fn item8_policy_check_counts_host_shares_off_host_and_init_refuses_to_drop_them(
     let out = ws.run(&["init", "--policy", "snp.toml", "--state-dir", "state"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("does not place shares on shard hosts yet"),
+        stderr(&out).contains("no CMS to place them on shard hosts was given"),
         "{}",
         stderr(&out)
     );
     assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    assert!(!ws.path("state").exists(), "init wrote a state directory");
+
+    // The CMS options come together, and only for a policy with host shares.
+    let out = ws.run(&[
+        "init",
+        "--policy",
+        "snp.toml",
+        "--state-dir",
+        "state",
+        "--cms",
+        "https://127.0.0.1:9",
+        "--ca",
+        "ca.pem",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("--cms: needs --client-pub too"),
+        "{}",
+        stderr(&out)
+    );
+    let out = ws.run(&[
+        "init",
+        "--policy",
+        "snp.toml",
+        "--state-dir",
+        "state",
+        "--ca",
+        "ca.pem",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("--ca: only with --cms"),
+        "{}",
+        stderr(&out)
+    );
     assert!(!ws.path("state").exists(), "init wrote a state directory");
 }
 

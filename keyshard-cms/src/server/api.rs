@@ -9,6 +9,7 @@
 //! | `POST /v1/hosts/challenge`, `PUT /v1/hosts/{id}`, `GET /v1/hosts` | see [`super::hosts`] | |
 //! | `POST /v1/credentials/{name}`, `GET /v1/credentials/{name}/map` | see [`super::credentials`] | |
 //! | `POST /v1/credentials/{name}/fetch` | see [`super::fetch`] | |
+//! | `POST /v1/volumes/{key id}/host-shares` | see [`super::volumes`] | |
 //! | `POST /v1/enrolments`, `POST /v1/enrolments/{enrolment}/activate` | see [`super::enrolment`] | |
 //! | `POST /v1/instances/{id}/challenge`, `PUT /v1/instances/{id}`, `GET /v1/instances/{id}` | see [`super::instances`] | |
 //!
@@ -31,7 +32,7 @@ use keyshard_attest::tpm::ek_cert::CaBundle;
 use super::error::ApiError;
 use super::request::{ApiJson, BodyLimit};
 use super::{Limits, NonceRate};
-use super::{credentials, enrolment, fetch, hosts, instances};
+use super::{credentials, enrolment, fetch, hosts, instances, volumes};
 use crate::registry::HostRegistry;
 use crate::store::{Repository, Store};
 
@@ -88,6 +89,10 @@ pub fn router(state: AppState, limits: &Limits) -> Router {
         .route("/v1/credentials/{name}", post(credentials::put))
         .route("/v1/credentials/{name}/map", get(credentials::map))
         .route("/v1/credentials/{name}/fetch", post(fetch::fetch))
+        .route(
+            "/v1/volumes/{key_id}/host-shares",
+            post(volumes::put_host_shares),
+        )
         .route("/v1/enrolments", post(enrolment::begin))
         .route(
             "/v1/enrolments/{enrolment}/activate",

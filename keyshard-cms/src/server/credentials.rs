@@ -150,38 +150,41 @@ impl PutCredentialRequest {
     /// Parses the threshold, client key and seed (drawing a random seed when none is given).
     pub fn parse(&self) -> Result<ParsedPut, ApiError> {
         let threshold = Threshold::new(self.k, self.n).map_err(|e| invalid(e.to_string()))?;
-        let client = parse_client_key(&self.client)?;
-        let seed = match &self.seed {
-            None => PlacementSeed::random().map_err(|e| {
-                log::error!("placement seed: {e}");
-                ApiError::Internal
-            })?,
-            Some(text) => {
-                let bytes: [u8; 32] = hex::decode(text)
-                    .ok()
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| invalid("seed: must be 64 hex digits"))?;
-                PlacementSeed::from_bytes(bytes)
-            }
-        };
-        if self.instances.len() > MAX_INSTANCES {
-            return Err(invalid(format!(
-                "instances: {} entries, at most {MAX_INSTANCES} are allowed",
-                self.instances.len()
-            )));
-        }
-        let instances = self
-            .instances
-            .iter()
-            .map(InstanceEntry::parse)
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(ParsedPut {
             threshold,
-            client,
-            seed,
-            instances,
+            client: parse_client_key(&self.client)?,
+            seed: parse_seed(self.seed.as_deref())?,
+            instances: parse_instances(&self.instances)?,
         })
     }
+}
+
+/// A placement seed of 64 hex digits, or a random one when none is given.
+pub fn parse_seed(seed: Option<&str>) -> Result<PlacementSeed, ApiError> {
+    match seed {
+        None => PlacementSeed::random().map_err(|e| {
+            log::error!("placement seed: {e}");
+            ApiError::Internal
+        }),
+        Some(text) => {
+            let bytes: [u8; 32] = hex::decode(text)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| invalid("seed: must be 64 hex digits"))?;
+            Ok(PlacementSeed::from_bytes(bytes))
+        }
+    }
+}
+
+/// An instance policy: at most [`MAX_INSTANCES`] entries, each parsed.
+pub fn parse_instances(entries: &[InstanceEntry]) -> Result<Vec<AdmittedInstance>, ApiError> {
+    if entries.len() > MAX_INSTANCES {
+        return Err(invalid(format!(
+            "instances: {} entries, at most {MAX_INSTANCES} are allowed",
+            entries.len()
+        )));
+    }
+    entries.iter().map(InstanceEntry::parse).collect()
 }
 
 /// The answer to a put: the map's summary.

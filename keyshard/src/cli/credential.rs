@@ -335,7 +335,7 @@ fn keygen(out: &Path, force: bool) -> Result<(), CliError> {
 }
 
 /// Reads 32 bytes written as 64 hex digits (surrounding whitespace allowed).
-fn read_hex_key(path: &Path) -> Result<Zeroizing<[u8; X25519_LEN]>, CliError> {
+pub(super) fn read_hex_key(path: &Path) -> Result<Zeroizing<[u8; X25519_LEN]>, CliError> {
     let text = files::read_text(path, MAX_CLIENT_KEY_FILE_LEN)?;
     let mut out = Zeroizing::new([0u8; X25519_LEN]);
     hex::decode_to_slice(text.trim(), out.as_mut_slice())

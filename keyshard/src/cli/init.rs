@@ -9,9 +9,17 @@ use keyshard_core::recovery;
 use keyshard_core::sharing::MAX_SECRET_LEN;
 use zeroize::Zeroizing;
 
+use super::credential::{
+    CmsArgs, CmsConfig, CredentialCliError, https_client, parse, read_answer, read_hex_key,
+    read_instance_policy, runtime,
+};
 use super::{CliError, load, policy};
-use keyshard_coordinator::init::{check_placeable, init};
+use keyshard_cms::server::credentials::{InstanceEntry, PutCredentialResponse};
+use keyshard_cms::server::volumes::{FragmentHex, PutVolumeSharesRequest};
+use keyshard_coordinator::init::{check_placeable, init_placing};
 use keyshard_coordinator::state::{StateDir, StateError, check_vm_id};
+use keyshard_core::host_class::HostEvidence;
+use keyshard_core::policy::Policy;
 use keyshard_tpm::{Tpm, resolve_tcti};
 
 /// A new random key has this many bytes.
@@ -47,6 +55,36 @@ pub struct Args {
     /// directory's name, which must then be a valid VM id.
     #[arg(long = "vm-id", value_name = "ID")]
     pub vm_ids: Vec<String>,
+    /// The CMS that places the policy's `host` shares on shard hosts (https://HOST:PORT);
+    /// needs --ca, --client-pub and --instance-policy.
+    #[arg(long, value_name = "URL")]
+    pub cms: Option<String>,
+    /// The CA certificate(s) (PEM) that signed the CMS's TLS certificate.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Seconds the CMS request may take, connecting included.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub cms_timeout: u64,
+    /// The client public key (of `keyshard credential keygen`) the host shares' map is sealed
+    /// to: `keyshard credential map --name KEY-ID` opens it with the private key.
+    #[arg(long, value_name = "FILE")]
+    pub client_pub: Option<PathBuf>,
+    /// The VM as an instance that may fetch its host shares (`{"instances": [{"id", "ak_name"}]}`,
+    /// the AK name `keyshard instance enroll` printed for the VM's TPM).
+    #[arg(long, value_name = "FILE")]
+    pub instance_policy: Option<PathBuf>,
+    /// Place the host shares even when one region or operator would hold them all.
+    #[arg(long)]
+    pub allow_correlated: bool,
+}
+
+/// Where `host` shares go: the CMS, whom their map is sealed to, which instances may fetch them.
+#[derive(Debug)]
+pub struct HostShareConfig {
+    pub cms: CmsConfig,
+    pub client_pub: PathBuf,
+    pub instance_policy: PathBuf,
+    pub allow_correlated: bool,
 }
 
 #[derive(Debug)]
@@ -59,6 +97,7 @@ pub struct Config {
     pub overwrite: Overwrite,
     pub recovery_file: Option<PathBuf>,
     pub vm_ids: Vec<String>,
+    pub host_shares: Option<HostShareConfig>,
 }
 
 impl TryFrom<Args> for Config {
@@ -66,8 +105,10 @@ impl TryFrom<Args> for Config {
 
     fn try_from(args: Args) -> Result<Self, CliError> {
         let vm_ids = vm_ids(&args)?;
+        let host_shares = host_share_config(&args)?;
         Ok(Self {
             vm_ids,
+            host_shares,
             policy: args.policy,
             state_dir: StateDir::new(args.state_dir),
             secret_file: args.secret_file,
@@ -81,6 +122,40 @@ impl TryFrom<Args> for Config {
             recovery_file: args.recovery_file,
         })
     }
+}
+
+/// `--cms` with the options it needs, or none of them.
+fn host_share_config(args: &Args) -> Result<Option<HostShareConfig>, CliError> {
+    let Some(cms) = &args.cms else {
+        let stray = [
+            ("--ca", args.ca.is_some()),
+            ("--client-pub", args.client_pub.is_some()),
+            ("--instance-policy", args.instance_policy.is_some()),
+            ("--allow-correlated", args.allow_correlated),
+        ];
+        return match stray.iter().find(|(_, given)| *given) {
+            Some((flag, _)) => Err(CliError::InvalidArgument(format!(
+                "{flag}: only with --cms (placing host shares)"
+            ))),
+            None => Ok(None),
+        };
+    };
+    let needed = |flag: &str, value: &Option<PathBuf>| {
+        value
+            .clone()
+            .ok_or_else(|| CliError::InvalidArgument(format!("--cms: needs {flag} too")))
+    };
+    Ok(Some(HostShareConfig {
+        cms: CmsArgs {
+            cms: cms.clone(),
+            ca: needed("--ca", &args.ca)?,
+            timeout: args.cms_timeout,
+        }
+        .try_into()?,
+        client_pub: needed("--client-pub", &args.client_pub)?,
+        instance_policy: needed("--instance-policy", &args.instance_policy)?,
+        allow_correlated: args.allow_correlated,
+    }))
 }
 
 /// The `--vm-id`s, each valid and given once, or the state directory's name.
@@ -116,7 +191,7 @@ fn vm_ids(args: &Args) -> Result<Vec<String>, CliError> {
 
 pub fn run(config: Config) -> Result<(), CliError> {
     let policy = policy::load(&config.policy)?;
-    check_placeable(&policy)?;
+    let host_shares = host_share_request(&policy, config.host_shares.as_ref())?;
     if config.overwrite == Overwrite::Refuse && config.state_dir.state_file().exists() {
         return Err(keyshard_coordinator::init::InitError::Exists(
             config.state_dir.root().to_owned(),
@@ -155,7 +230,17 @@ pub fn run(config: Config) -> Result<(), CliError> {
     } else {
         None
     };
-    let report = init(
+    let dealer_public = hex::encode(dealer.verifying_key().as_bytes());
+    let mut place = |fragments: &[&VerifiedFragment]| -> Result<Vec<String>, String> {
+        match (&host_shares, &config.host_shares) {
+            (Some(request), Some(host_config)) => {
+                place_host_shares(host_config, request, &dealer_public, fragments)
+                    .map_err(|e| e.to_string())
+            }
+            _ => Err("no CMS to place them".to_owned()),
+        }
+    };
+    let report = init_placing(
         &config.state_dir,
         &policy,
         &secret,
@@ -163,6 +248,7 @@ pub fn run(config: Config) -> Result<(), CliError> {
         tpm.as_mut(),
         config.overwrite,
         &config.vm_ids,
+        &mut place,
     )?;
     let dir = config.state_dir.root().display();
     println!(
@@ -187,6 +273,14 @@ pub fn run(config: Config) -> Result<(), CliError> {
             report.removed
         );
     }
+    if !report.host_placed.is_empty() {
+        println!(
+            "  {} host share(s) placed on shard hosts {} (fetched as credential {})",
+            report.host_placed.len(),
+            report.host_placed.join(", "),
+            report.key_id
+        );
+    }
     println!("  guest manifest: {dir}/manifest.toml");
     println!(
         "  attested shares bound to VM id(s): {}",
@@ -201,6 +295,93 @@ pub fn run(config: Config) -> Result<(), CliError> {
         );
     }
     Ok(())
+}
+
+/// What the CMS is sent besides the fragments, read and checked before anything is written:
+/// the map's client key and the instances that may fetch the host shares. None when the policy
+/// gives no `host` shares. Refused: `host` shares without `--cms`, `--cms` without `host`
+/// shares, and `host` shares released to SEV-SNP evidence, which shard hosts do not verify yet.
+fn host_share_request(
+    policy: &Policy,
+    config: Option<&HostShareConfig>,
+) -> Result<Option<VolumeTemplate>, CliError> {
+    let count = policy.holders.get(HolderClass::Host);
+    let config = match (count, config) {
+        (0, None) => return Ok(None),
+        (0, Some(_)) => {
+            return Err(CliError::InvalidArgument(
+                "--cms: the policy gives no host shares to place".into(),
+            ));
+        }
+        (_, None) => check_placeable(policy).map(|()| None)?,
+        (_, Some(config)) => Some(config),
+    };
+    let Some(config) = config else {
+        return Ok(None);
+    };
+    if policy.host_evidence() != Some(HostEvidence::VmTpm) {
+        return Err(CliError::InvalidArgument(format!(
+            "the policy's host shares are released to {} evidence, which shard hosts do not \
+             verify yet: only evidence = \"vm-tpm\" (a quote from the VM's TPM) can be placed",
+            policy.host_evidence().map_or("no", HostEvidence::as_str)
+        )));
+    }
+    let instances = read_instance_policy(&config.instance_policy)?;
+    let client = hex::encode(read_hex_key(&config.client_pub)?.as_slice());
+    Ok(Some(VolumeTemplate { client, instances }))
+}
+
+/// The parts of a [`PutVolumeSharesRequest`] known before the deal.
+#[derive(Debug)]
+struct VolumeTemplate {
+    client: String,
+    instances: Vec<InstanceEntry>,
+}
+
+/// `POST /v1/volumes/{key id}/host-shares`: the CMS checks, places and seals the fragments;
+/// the hosts they went to, in share order.
+fn place_host_shares(
+    config: &HostShareConfig,
+    template: &VolumeTemplate,
+    dealer: &str,
+    fragments: &[&VerifiedFragment],
+) -> Result<Vec<String>, CliError> {
+    let key_id = fragments
+        .first()
+        .map(|f| f.header().key_id.clone())
+        .ok_or_else(|| CliError::InvalidArgument("no host fragment to place".into()))?;
+    let request = PutVolumeSharesRequest {
+        fragments: fragments
+            .iter()
+            .map(|f| FragmentHex(Zeroizing::new(f.encoded().to_vec())))
+            .collect(),
+        dealer: dealer.to_owned(),
+        client: template.client.clone(),
+        seed: None,
+        allow_correlated: config.allow_correlated,
+        instances: template.instances.clone(),
+    };
+    // The body holds the fragments' hex: one Zeroizing buffer, owned by the HTTP client and
+    // wiped when it drops it.
+    let mut body = Zeroizing::new(Vec::with_capacity(4096));
+    serde_json::to_writer(&mut *body, &request)
+        .map_err(|e| CredentialCliError::Client(e.to_string()))?;
+    drop(request);
+    let body = bytes::Bytes::from_owner(body);
+    let path = format!("/v1/volumes/{key_id}/host-shares");
+    let answer = runtime()?.block_on(async {
+        let client = https_client(&config.cms)?;
+        let url = format!("{}{path}", config.cms.base);
+        let sent = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        read_answer(sent, &url, config.cms.timeout).await
+    })?;
+    let summary: PutCredentialResponse = parse(&answer, "host shares answer")?;
+    Ok(summary.hosts)
 }
 
 fn new_dealer_key(config: &Config) -> Result<keyshard_core::keys::DealerSigningKey, CliError> {

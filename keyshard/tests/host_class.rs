@@ -1,0 +1,430 @@
+//! `keyshard init` placing a VM volume key's `host` shares (issue 9 item 8) on real shard hosts:
+//! a `keyshard cms` with `--ek-ca`, three `keyshard shard-host` processes and the VM's TPM, each
+//! its own swtpm with EK certificates, and the host's own TPM for the `tpm` share. The VM is
+//! enrolled with `keyshard instance enroll`; `init` deals vhd = 1, tpm = 1, host = 2, k = 3 and
+//! places the two host shares through the CMS. The test then acts as the VM: it fetches grants
+//! from the CMS, asks each placed host over HTTPS, and rebuilds the volume key from the two
+//! released host fragments and the vhd fragment.
+
+// Test code: a panic here is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+#[path = "common/cms.rs"]
+#[allow(dead_code)]
+mod harness;
+#[allow(dead_code)]
+#[path = "../../keyshard-tpm/tests/common/swtpm.rs"]
+mod swtpm;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use harness::{Cms, Pki};
+use keyshard_attest::tpm::PcrSelection;
+use keyshard_cms::server::fetch::{FetchRequest, FetchResponse, GrantEntry};
+use keyshard_cms::shard_host::server::{HostNonceResponse, ReleaseRequest, ReleaseResponse};
+use keyshard_core::manifest::Manifest;
+use keyshard_core::policy::PcrBank;
+use keyshard_core::quorum::{self, Candidate, QuorumRequest};
+use keyshard_core::{Fragment, HolderClass};
+use keyshard_e2e::process::Daemon;
+use keyshard_shards::HostId;
+use keyshard_shards::ecies::ShardBinding;
+use keyshard_shards::instance::{
+    FetchKey, InstanceEvidence, Nonce, ReleasedShard, qualifying_data,
+};
+use keyshard_tpm::Tpm;
+use swtpm::Swtpm;
+
+const VOLUME_KEY: &[u8] = b"volume-key-0123456789abcdef01234";
+const READY: &str = "ready: shard host ";
+const HOSTS: [(&str, &str); 3] = [
+    ("host-1", "region=eu,operator=acme"),
+    ("host-2", "region=us,operator=globex"),
+    ("host-3", "region=ap,operator=initech"),
+];
+const POLICY: &str = "allow_host_reachable_quorum = true\nthreshold = 3\n\
+                      [holders]\nvhd = 1\ntpm = 1\nhost = 2\n\
+                      [tpm]\npcr_bank = \"sha256\"\npcrs = [0, 7]\n";
+
+fn keyshard(args: &[&OsStr]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_keyshard"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The CMS, three running shard hosts, the VM's TPM and the host's TPM.
+struct Lab {
+    pki: Pki,
+    cms: Cms,
+    cms_pub: PathBuf,
+    http: reqwest::Client,
+    _hosts: Vec<Daemon>,
+    host_swtpms: Vec<Swtpm>,
+    vm_swtpm: Swtpm,
+    own_swtpm: Swtpm,
+}
+
+impl Lab {
+    fn start() -> Self {
+        let pki = Pki::new();
+        let host_swtpms: Vec<Swtpm> = HOSTS
+            .iter()
+            .map(|_| Swtpm::start_with_ek_certificates(&pki.ek_ca_dir()))
+            .collect();
+        let vm_swtpm = Swtpm::start_with_ek_certificates(&pki.ek_ca_dir());
+        let own_swtpm = Swtpm::start();
+        let store = format!("redb:{}", pki.dir.path().join("cms.redb").display());
+        let cms = Cms::start_enrolling(&pki, &store);
+        let cms_pub = pki.dir.path().join("cms.pub");
+        let signing = keyshard_core::keys::signing_key_from_pem(
+            &std::fs::read_to_string(&pki.signing).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(
+            &cms_pub,
+            keyshard_core::keys::verifying_key_to_pem(&signing.verifying_key()).unwrap(),
+        )
+        .unwrap();
+        let http = pki.client();
+        let mut lab = Self {
+            pki,
+            cms,
+            cms_pub,
+            http,
+            _hosts: Vec::new(),
+            host_swtpms,
+            vm_swtpm,
+            own_swtpm,
+        };
+        lab._hosts = (0..HOSTS.len()).map(|n| lab.start_host(n)).collect();
+        lab
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.pki.dir.path().join(name)
+    }
+
+    fn start_host(&self, n: usize) -> Daemon {
+        let (id, domain) = HOSTS[n];
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keyshard"));
+        command
+            .env("RUST_LOG", "info")
+            .arg("shard-host")
+            .arg("--cms")
+            .arg(self.cms.url(""))
+            .arg("--ca")
+            .arg(&self.pki.ca)
+            .arg("--cms-key")
+            .arg(&self.cms_pub)
+            .arg("--listen=127.0.0.1:0")
+            .arg("--host-id")
+            .arg(id)
+            .arg("--domain")
+            .arg(domain)
+            .arg("--tcti")
+            .arg(self.host_swtpms[n].tcti())
+            .arg("--state-dir")
+            .arg(self.path(&format!("state-{id}")))
+            .arg("--tls-cert")
+            .arg(&self.pki.cert)
+            .arg("--tls-key")
+            .arg(&self.pki.key);
+        let log = self.path(&format!("{id}.log"));
+        Daemon::start(id, &mut command, READY, Duration::from_secs(60), &log)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `keyshard instance enroll` of the VM (vm-1, its own swtpm) over sha256:0,7; writes the
+    /// instance policy admitting it and returns its path.
+    fn enrol_vm(&self) -> PathBuf {
+        let tcti = self.vm_swtpm.tcti();
+        let (code, out, err) = keyshard(&[
+            "instance".as_ref(),
+            "enroll".as_ref(),
+            "--cms".as_ref(),
+            self.cms.url("").as_ref(),
+            "--ca".as_ref(),
+            self.pki.ca.as_os_str(),
+            "--instance-id".as_ref(),
+            "vm-1".as_ref(),
+            "--tcti".as_ref(),
+            tcti.as_ref(),
+            "--pcrs".as_ref(),
+            "sha256:0,7".as_ref(),
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+        let ak_name = out
+            .split("ak name ")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .unwrap_or_else(|| panic!("{out}"));
+        let policy = self.path("instances.json");
+        std::fs::write(
+            &policy,
+            format!(r#"{{"instances": [{{"id": "vm-1", "ak_name": "{ak_name}"}}]}}"#),
+        )
+        .unwrap();
+        policy
+    }
+
+    /// A client key pair for the host shares' map; the public key's path.
+    fn client_pub(&self) -> PathBuf {
+        let key = self.path("client.key");
+        let (code, out, err) = keyshard(&[
+            "credential".as_ref(),
+            "keygen".as_ref(),
+            "--out".as_ref(),
+            key.as_os_str(),
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+        self.path("client.key.pub")
+    }
+
+    /// `keyshard init` of `policy` into `state` placing the host shares through the CMS.
+    fn init(&self, policy: &str, state: &Path, extra: &[&OsStr]) -> (i32, String, String) {
+        let policy_file = self.path("policy.toml");
+        std::fs::write(&policy_file, policy).unwrap();
+        let secret = self.path("volume.key");
+        std::fs::write(&secret, VOLUME_KEY).unwrap();
+        let tcti = self.own_swtpm.tcti();
+        let cms = self.cms.url("");
+        let mut args: Vec<&OsStr> = vec![
+            "init".as_ref(),
+            "--policy".as_ref(),
+            policy_file.as_os_str(),
+            "--state-dir".as_ref(),
+            state.as_os_str(),
+            "--secret-file".as_ref(),
+            secret.as_os_str(),
+            "--tcti".as_ref(),
+            tcti.as_ref(),
+            "--vm-id".as_ref(),
+            "vm-1".as_ref(),
+            "--cms".as_ref(),
+            cms.as_ref(),
+            "--ca".as_ref(),
+            self.pki.ca.as_os_str(),
+        ];
+        args.extend(extra);
+        keyshard(&args)
+    }
+
+    async fn post<B: serde::Serialize>(&self, url: &str, body: &B) -> (u16, String) {
+        let answer = self.http.post(url).json(body).send().await.unwrap();
+        (answer.status().as_u16(), answer.text().await.unwrap())
+    }
+
+    /// The VM's evidence for `nonce`, bound to `key`, quoted by its TPM.
+    fn evidence(&self, nonce: &Nonce, key: &FetchKey) -> InstanceEvidence {
+        let mut tpm = Tpm::open(&self.vm_swtpm.tcti()).unwrap();
+        let selection = PcrSelection::new(PcrBank::Sha256, &[0, 7]).unwrap();
+        let pcrs = tpm.read_pcrs(&selection).unwrap();
+        let quote = tpm
+            .quote(&selection, &qualifying_data(nonce, &key.public_key()))
+            .unwrap();
+        InstanceEvidence::new(*nonce, key.public_key(), quote, pcrs)
+    }
+
+    /// The CMS's challenge for vm-1 and the fetch of `name`.
+    async fn fetch(&self, name: &str, key: &FetchKey) -> FetchResponse {
+        let (status, body) = self
+            .post(
+                &self.cms.url("/v1/instances/vm-1/challenge"),
+                &serde_json::json!({}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let challenge: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let nonce = nonce_from(challenge["nonce"].as_str().unwrap());
+        let evidence = self.evidence(&nonce, key);
+        let (status, body) = self
+            .post(
+                &self.cms.url(&format!("/v1/credentials/{name}/fetch")),
+                &FetchRequest {
+                    instance: "vm-1".to_owned(),
+                    evidence: hex::encode(evidence.to_bytes()),
+                },
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// The host's release of `grant` to the VM, opened with `key`: the fragment's bytes.
+    async fn release(&self, name: &str, grant: &GrantEntry, key: &FetchKey) -> Vec<u8> {
+        let (status, body) = self
+            .post(
+                &format!("{}/v1/nonces", grant.endpoint),
+                &serde_json::json!({}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let nonce: HostNonceResponse = serde_json::from_str(&body).unwrap();
+        let evidence = self.evidence(&nonce_from(&nonce.nonce), key);
+        let request = ReleaseRequest {
+            grant: grant.grant.clone(),
+            sealed_shard: grant.sealed_shard.clone(),
+            evidence: hex::encode(evidence.to_bytes()),
+        };
+        let (status, body) = self
+            .post(&format!("{}/v1/release", grant.endpoint), &request)
+            .await;
+        assert_eq!(status, 200, "{}: {body}", grant.host);
+        let answer: ReleaseResponse = serde_json::from_str(&body).unwrap();
+        let released = ReleasedShard::from_bytes(&hex::decode(answer.released).unwrap()).unwrap();
+        let binding = ShardBinding {
+            credential: keyshard_core::KeyId::new(name).unwrap(),
+            epoch: 1,
+            index: grant.index,
+            host: HostId::new(grant.host.clone()).unwrap(),
+        };
+        key.open(&released, &binding).unwrap().to_vec()
+    }
+}
+
+fn nonce_from(text: &str) -> Nonce {
+    hex::decode(text).unwrap().try_into().unwrap()
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item8_init_places_host_shares_on_shard_hosts_and_the_vm_rebuilds_its_key_with_them() {
+    let lab = Lab::start();
+    let instances = lab.enrol_vm();
+    let client_pub = lab.client_pub();
+    let state = lab.path("vm-1");
+    let policy = format!("{POLICY}[host]\nevidence = \"vm-tpm\"\n");
+    let (code, out, err) = lab.init(
+        &policy,
+        &state,
+        &[
+            "--client-pub".as_ref(),
+            client_pub.as_os_str(),
+            "--instance-policy".as_ref(),
+            instances.as_os_str(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("2 host share(s) placed on shard hosts host-"),
+        "{out}"
+    );
+
+    let manifest =
+        Manifest::parse(&std::fs::read_to_string(state.join("manifest.toml")).unwrap()).unwrap();
+    let host_holders: Vec<String> = manifest
+        .holders
+        .iter()
+        .filter(|h| h.class == HolderClass::Host)
+        .map(|h| h.id.to_string())
+        .collect();
+    assert_eq!(host_holders, ["host-1", "host-2"]);
+    let key_id = manifest.key_id.to_string();
+
+    // The VM fetches its grants and each placed host releases its fragment to the VM's TPM.
+    let fetch_key = FetchKey::generate().unwrap();
+    let fetched = lab.fetch(&key_id, &fetch_key).await;
+    assert_eq!(fetched.grants.len(), 2);
+    let mut candidates = Vec::new();
+    for grant in &fetched.grants {
+        let fragment = lab.release(&key_id, grant, &fetch_key).await;
+        let verified = Fragment::parse(&fragment)
+            .unwrap()
+            .verify(&manifest.dealer)
+            .unwrap();
+        assert_eq!(verified.header().class, HolderClass::Host);
+        // Not on the VM's host: no file of the state directory holds it.
+        for file in files_under(&state) {
+            assert!(
+                !contains(&std::fs::read(&file).unwrap(), &fragment),
+                "{} holds a host fragment",
+                file.display()
+            );
+        }
+        candidates.push(Candidate::new(grant.host.clone(), fragment));
+    }
+    let request = QuorumRequest {
+        dealer: &manifest.dealer,
+        key_id: Some(&manifest.key_id),
+        threshold: Some(manifest.threshold),
+        key_check_value: Some(&manifest.key_check_value),
+    };
+    // The two host shares are below k; with the vhd fragment they rebuild the volume key.
+    assert!(quorum::rebuild(&request, &candidates).is_err());
+    let vhd = std::fs::read(state.join("fragments/vhd-1.ksf")).unwrap();
+    candidates.push(Candidate::new("vhd-1", vhd));
+    let outcome = quorum::rebuild(&request, &candidates).unwrap();
+    assert_eq!(outcome.secret.as_slice(), VOLUME_KEY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item8_init_refuses_host_shares_it_cannot_place_before_writing_anything() {
+    let lab = Lab::start();
+    let instances = lab.enrol_vm();
+    let client_pub = lab.client_pub();
+    let placing = [
+        "--client-pub".as_ref(),
+        client_pub.as_os_str(),
+        "--instance-policy".as_ref(),
+        instances.as_os_str(),
+    ];
+
+    // SEV-SNP evidence: shard hosts do not verify it yet.
+    let state = lab.path("vm-snp");
+    let policy = format!("{POLICY}[host]\nevidence = \"sev-snp\"\n");
+    let policy = policy.replace("allow_host_reachable_quorum = true\n", "");
+    let (code, out, err) = lab.init(&policy, &state, &placing);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("do not verify yet"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!state.exists());
+
+    // Four host shares over three shard hosts: the CMS cannot place them, and init writes no
+    // state (the new dealer key it made first is all the directory holds).
+    let state = lab.path("vm-few");
+    let policy = format!("{POLICY}[host]\nevidence = \"vm-tpm\"\n").replace("host = 2", "host = 4");
+    let (code, out, err) = lab.init(&policy, &state, &placing);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("placing the host shares on shard hosts"),
+        "{err}"
+    );
+    assert!(err.contains("placement_refused"), "{err}");
+    // One line of error (after the software TPM's warning).
+    let errors = err.lines().filter(|l| !l.contains(" warn: ")).count();
+    assert_eq!(errors, 1, "{err}");
+    for written in ["state.toml", "manifest.toml", "fragments", "sealed"] {
+        assert!(!state.join(written).exists(), "init wrote {written}");
+    }
+}
