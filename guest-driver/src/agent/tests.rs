@@ -180,6 +180,35 @@ fn with_no_sources_every_vhd_holder_is_missing() {
     assert_eq!(missing, ["vhd-1", "vhd-2", "vhd-3"]);
 }
 
+/// Issue 9 item 8: a manifest with `host` holders (placed on shard hosts by `init --cms`)
+/// reported a quorum not met without naming them.
+#[test]
+fn item8_host_holders_are_named_when_the_quorum_is_not_met() {
+    let dealt = deal_over(
+        HolderSlot::numbered(HolderClass::Vhd, 1)
+            .chain(HolderSlot::numbered(HolderClass::Host, 2))
+            .collect(),
+        3,
+    );
+    let error = unlock(
+        &dealt.manifest,
+        vec![serving(&dealt, 0, Duration::ZERO)],
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    let QuorumError::NotMet { rejected, .. } = error else {
+        panic!("{error:?}");
+    };
+    let missing = unavailable(&rejected);
+    let names: Vec<&str> = missing.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(names, ["host-1", "host-2"]);
+    assert!(
+        missing
+            .iter()
+            .all(|(_, why)| why == HOST_SHARES_NOT_FETCHED)
+    );
+}
+
 #[test]
 fn timeouts_read_as_given() {
     assert_eq!(describe_timeout(Duration::from_secs(10)), "10 s");
