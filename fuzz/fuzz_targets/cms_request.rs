@@ -1,7 +1,7 @@
 //! Fuzzes the credential service's request parsing, which reads what any network client sends:
 //! the first byte picks the Content-Type and the request type (nonce, host registration,
 //! credential put, map query, enrolment, activation, instance registration, a shard host's
-//! release, a fetch), the rest is the body (or the query). Nothing may panic; an accepted
+//! release, a fetch, a volume's host shares), the rest is the body (or the query). Nothing may panic; an accepted
 //! request re-encodes to JSON that parses to the same value and is then converted to its typed
 //! form (which may refuse it); a refusal is one bounded line with one of the parser's codes.
 
@@ -14,6 +14,7 @@ use keyshard_cms::server::enrolment::{ActivationBody, EnrolmentBody};
 use keyshard_cms::server::fetch::FetchRequest;
 use keyshard_cms::server::hosts::HostRegistrationRequest;
 use keyshard_cms::server::instances::InstanceRegistrationBody;
+use keyshard_cms::server::volumes::PutVolumeSharesRequest;
 use keyshard_cms::server::{ApiError, NonceRequest, parse_body};
 use keyshard_cms::shard_host::server::ReleaseRequest;
 use libfuzzer_sys::fuzz_target;
@@ -33,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
         2 => Some(b"application/json; charset=utf-8"),
         _ => Some(body.get(..body.len().min(16)).unwrap_or_default()),
     };
-    match (selector / 4) % 9 {
+    match (selector / 4) % 10 {
         0 => {
             if let Some(request) = round_trip::<NonceRequest>(content_type, body) {
                 let _ = request.ttl(Duration::from_secs(30));
@@ -71,6 +72,11 @@ fuzz_target!(|data: &[u8]| {
         }
         8 => {
             if let Some(request) = round_trip::<FetchRequest>(content_type, body) {
+                check_refusal(request.parse().err(), REQUEST_CODES);
+            }
+        }
+        9 => {
+            if let Some(request) = round_trip::<PutVolumeSharesRequest>(content_type, body) {
                 check_refusal(request.parse().err(), REQUEST_CODES);
             }
         }

@@ -17,6 +17,8 @@ use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use ed25519_dalek::VerifyingKey;
 use keyshard_shards::HostId;
+use keyshard_shards::map::ClientPublicKey;
+use keyshard_shards::placement::PlacementSeed;
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -28,6 +30,7 @@ use super::credentials::{
 use super::error::ApiError;
 use super::hosts::invalid;
 use super::request::{RawBody, parse_body};
+use crate::credential::AdmittedInstance;
 use crate::volume::{VolumeError, VolumeSharesRequest, put_volume_shares};
 
 /// The most fragments one request carries (a policy gives at most 255 shares).
@@ -94,6 +97,40 @@ pub struct PutVolumeSharesRequest {
     pub instances: Vec<InstanceEntry>,
 }
 
+/// A volume request's fields, besides the fragments, parsed into their types.
+#[derive(Debug)]
+pub struct ParsedVolume {
+    pub dealer: VerifyingKey,
+    pub client: ClientPublicKey,
+    pub seed: PlacementSeed,
+    pub instances: Vec<AdmittedInstance>,
+}
+
+impl PutVolumeSharesRequest {
+    /// Parses the fragment count, dealer key, client key, seed (drawing a random seed when none
+    /// is given) and instances; a 422 naming the field otherwise. The fragments themselves are
+    /// checked by [`put_volume_shares`].
+    pub fn parse(&self) -> Result<ParsedVolume, ApiError> {
+        if self.fragments.len() > MAX_FRAGMENTS {
+            return Err(invalid(format!(
+                "fragments: {} given, at most {MAX_FRAGMENTS}",
+                self.fragments.len()
+            )));
+        }
+        let dealer = hex::decode(&self.dealer)
+            .ok()
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            .and_then(|bytes| VerifyingKey::from_bytes(&bytes).ok())
+            .ok_or_else(|| invalid("dealer: must be an Ed25519 public key, 64 hex digits"))?;
+        Ok(ParsedVolume {
+            dealer,
+            client: parse_client_key(&self.client)?,
+            seed: parse_seed(self.seed.as_deref())?,
+            instances: parse_instances(&self.instances)?,
+        })
+    }
+}
+
 /// A request read like any body, after which the body's buffer is wiped when this handler holds
 /// its only reference (it holds the fragments' hex).
 pub(super) struct VolumeBody(PutVolumeSharesRequest);
@@ -118,20 +155,12 @@ pub(super) async fn put_host_shares(
     VolumeBody(request): VolumeBody,
 ) -> Result<(StatusCode, axum::Json<PutCredentialResponse>), ApiError> {
     let key_id = credential_name(key_id)?;
-    if request.fragments.len() > MAX_FRAGMENTS {
-        return Err(invalid(format!(
-            "fragments: {} given, at most {MAX_FRAGMENTS}",
-            request.fragments.len()
-        )));
-    }
-    let dealer = hex::decode(&request.dealer)
-        .ok()
-        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-        .and_then(|bytes| VerifyingKey::from_bytes(&bytes).ok())
-        .ok_or_else(|| invalid("dealer: must be an Ed25519 public key, 64 hex digits"))?;
-    let client = parse_client_key(&request.client)?;
-    let seed = parse_seed(request.seed.as_deref())?;
-    let instances = parse_instances(&request.instances)?;
+    let ParsedVolume {
+        dealer,
+        client,
+        seed,
+        instances,
+    } = request.parse()?;
     let fragments: Vec<Zeroizing<Vec<u8>>> =
         request.fragments.iter().map(|f| f.0.clone()).collect();
     let receipt = put_volume_shares(
@@ -176,5 +205,86 @@ fn volume_error(error: VolumeError) -> ApiError {
     match error {
         VolumeError::Credential(e) => credential_error(e),
         e => invalid(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JSON: Option<&[u8]> = Some(b"application/json");
+
+    fn body(fragments: &str, dealer: &str) -> String {
+        format!(
+            r#"{{"fragments":{fragments},"dealer":"{dealer}","client":"{}"}}"#,
+            "ab".repeat(32)
+        )
+    }
+
+    fn request(text: &str) -> Result<PutVolumeSharesRequest, ApiError> {
+        parse_body(JSON, text.as_bytes(), 64 * 1024)
+    }
+
+    #[test]
+    fn a_volume_body_parses_and_never_prints_its_fragments() {
+        let dealer = hex::encode(
+            ed25519_dalek::SigningKey::from_bytes(&[5; 32])
+                .verifying_key()
+                .as_bytes(),
+        );
+        let parsed = request(&body(r#"["c0ffee01","c0ffee02"]"#, &dealer)).unwrap();
+        assert_eq!(parsed.fragments[1].0.as_slice(), [0xc0, 0xff, 0xee, 0x02]);
+        let printed = format!("{parsed:?}");
+        assert!(printed.contains("FragmentHex(4 bytes)"), "{printed}");
+        assert!(
+            !printed.contains("c0ffee") && !printed.contains("192, 255"),
+            "{printed}"
+        );
+        assert_eq!(
+            hex::encode(parsed.parse().unwrap().dealer.as_bytes()),
+            dealer
+        );
+        let encoded = serde_json::to_string(&parsed).unwrap();
+        assert_eq!(request(&encoded).unwrap(), parsed);
+    }
+
+    #[test]
+    fn bad_volume_fields_are_refused_without_echoing_a_fragment() {
+        let good_dealer = hex::encode(
+            ed25519_dalek::SigningKey::from_bytes(&[5; 32])
+                .verifying_key()
+                .as_bytes(),
+        );
+        for (text, says) in [
+            (body(r#"["c0ffee0"]"#, &good_dealer), "fragments: not hex"),
+            (body(r#"["c0ffeezz"]"#, &good_dealer), "fragments: not hex"),
+            (body(r#"[7]"#, &good_dealer), "invalid type"),
+            (
+                body(r#"["c0ffee01"]"#, &good_dealer).replace('}', r#","extra":1}"#),
+                "unknown field",
+            ),
+        ] {
+            let error = request(&text).unwrap_err().to_string();
+            assert!(error.contains(says), "{text}: {error}");
+            assert!(!error.contains("c0ffee"), "{error}");
+        }
+        for (dealer, says) in [
+            ("abcd", "dealer: must be an Ed25519 public key"),
+            (&*"zz".repeat(32), "dealer: must be an Ed25519 public key"),
+        ] {
+            let error = request(&body(r#"["c0ffee01"]"#, dealer))
+                .unwrap()
+                .parse()
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(says), "{error}");
+        }
+        let many = format!("[{}]", vec![r#""00""#; MAX_FRAGMENTS + 1].join(","));
+        let error = request(&body(&many, &good_dealer))
+            .unwrap()
+            .parse()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("at most 255"), "{error}");
     }
 }
