@@ -34,12 +34,24 @@
 //! records hold an SNP measurement policy and shard hosts verify SNP reports. The manifest lists
 //! the `host` holders like the others, so the guest knows k.
 //!
-//! **Relay** (not built yet; until it is, a guest does not ask for its `host` shares at boot). The guest has no network path to the CMS: new broker request
-//! kinds carry opaque CMS and shard-host exchanges (challenge, fetch, nonce, release), each with
-//! the guest's evidence; the coordinator forwards them over HTTPS with a deadline per shard host
-//! (a dead or hung host is that holder's named failure, never a hung boot) and relays the answers
-//! back. Every answer that carries a share is sealed to the ephemeral key bound in the evidence,
-//! so the coordinator, and root on the host, relays ciphertext only.
+//! **Relay** (not built yet; until it is, a guest does not ask for its `host` shares at boot
+//! and names each `host` holder as unavailable). The guest has no network path to the CMS, so
+//! the coordinator relays, and must see ciphertext only:
+//! - request: the existing release request (kind `0x02`) with class `host` and the holder id;
+//!   its request key is the guest's X25519 key for the fetch (`keyshard_shards::instance`'s
+//!   FetchKey), and its evidence the guest's: an SNP report whose REPORT_DATA binds the shard
+//!   host's nonce and that key, or (`vm-tpm`) a quote whose qualifying data binds them;
+//! - the coordinator, per `host` holder, asks the CMS for the VM's grants
+//!   (`POST /v1/credentials/{key id}/fetch`) and the placed host for its release
+//!   (`/v1/nonces`, `/v1/release`) over HTTPS, each with a deadline (a dead or hung host is
+//!   that holder's named refusal, never a hung boot);
+//! - answer: a new kind carrying the shard host's released shard (`KSRS`, HPKE-sealed by the
+//!   shard host to the guest's key under the binding key id, epoch, slot, host) with the host
+//!   id and slot, which the guest opens and then checks as a dealer-signed fragment;
+//! - the one design choice left: a `vm-tpm` quote needs TPM2_Quote in the guest without
+//!   tss-esapi (which `make check-deps` keeps out of guest-driver), or the coordinator quotes
+//!   the VM's swtpm itself, which root on the host can do anyway (why `vm-tpm` counts as
+//!   host-reachable) and which still binds the guest's PCRs and its key.
 
 use std::fmt;
 
