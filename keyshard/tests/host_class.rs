@@ -352,6 +352,35 @@ async fn item8_init_places_host_shares_on_shard_hosts_and_the_vm_rebuilds_its_ke
     assert_eq!(host_holders, ["host-1", "host-2"]);
     let key_id = manifest.key_id.to_string();
 
+    // The map of where they went opens with the client key, and names the volume key's KCV.
+    let (code, map, err) = keyshard(&[
+        "credential".as_ref(),
+        "map".as_ref(),
+        "--cms".as_ref(),
+        lab.cms.url("").as_ref(),
+        "--ca".as_ref(),
+        lab.pki.ca.as_os_str(),
+        "--name".as_ref(),
+        key_id.as_ref(),
+        "--client-key".as_ref(),
+        lab.path("client.key").as_os_str(),
+        "--cms-key".as_ref(),
+        lab.cms_pub.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "{map}{err}");
+    assert!(
+        map.contains(&format!("credential {key_id}: epoch 1, 2 of 2 shares")),
+        "{map}"
+    );
+    assert!(
+        map.contains(&format!(
+            "key check value: {}",
+            manifest.key_check_value.to_hex()
+        )),
+        "{map}"
+    );
+    assert_eq!(map.matches("  share ").count(), 2, "{map}");
+
     // The VM fetches its grants and each placed host releases its fragment to the VM's TPM.
     let fetch_key = FetchKey::generate().unwrap();
     let fetched = lab.fetch(&key_id, &fetch_key).await;
