@@ -7,6 +7,7 @@ pub mod combine;
 pub mod coordinator;
 pub mod credential;
 pub mod error;
+pub mod fetch;
 pub mod init;
 pub mod inspect;
 pub mod keygen;
