@@ -55,17 +55,18 @@ pub struct Clients {
     pub cms: reqwest::Client,
     pub cms_base: String,
     pub cms_timeout: Duration,
-    /// Its timeout is the host deadline.
+    /// Its timeout is a second past the host deadline.
     pub hosts: reqwest::Client,
 }
 
 impl Clients {
     /// Clients for `cms`, the host client's timeout being `host_deadline`.
     pub fn new(cms: &CmsConfig, host_deadline: Duration) -> Result<Self> {
+        // A second past the deadline: the deadline, which names the host, always ends first.
         let hosts = CmsConfig {
             base: cms.base.clone(),
             ca: cms.ca.clone(),
-            timeout: host_deadline,
+            timeout: host_deadline.saturating_add(Duration::from_secs(1)),
         };
         Ok(Self {
             cms: crate::cli::credential::https_client(cms)?,
