@@ -43,6 +43,18 @@ pub enum ApiError {
     PlacementRefused { reason: String },
     #[error("{reason}")]
     Forbidden { reason: String },
+    #[error("enrolment is disabled: the CMS was started without --ek-ca")]
+    EnrolmentDisabled,
+    #[error("the enrolment is refused: {reason}")]
+    EnrolmentRefused { reason: String },
+    #[error("the activation is refused: {reason}")]
+    ActivationRefused { reason: String },
+    #[error("{reason}")]
+    AkConflict { reason: String },
+    #[error("{reason}")]
+    NotEnrolled { reason: String },
+    #[error("the evidence is refused: {reason}")]
+    EvidenceRefused { reason: String },
     #[error("too many requests for {what}; retry in a second")]
     RateLimited { what: &'static str },
     #[error("the request took longer than {ms} ms")]
@@ -72,6 +84,12 @@ impl ApiError {
             Self::Exists { .. } => "exists",
             Self::PlacementRefused { .. } => "placement_refused",
             Self::Forbidden { .. } => "forbidden",
+            Self::EnrolmentDisabled => "enrolment_disabled",
+            Self::EnrolmentRefused { .. } => "enrolment_refused",
+            Self::ActivationRefused { .. } => "activation_refused",
+            Self::AkConflict { .. } => "ak_conflict",
+            Self::NotEnrolled { .. } => "not_enrolled",
+            Self::EvidenceRefused { .. } => "evidence_refused",
             Self::RateLimited { .. } => "rate_limited",
             Self::Timeout { .. } => "timeout",
             Self::StoreUnavailable => "store_unavailable",
@@ -90,13 +108,20 @@ impl ApiError {
             Self::InvalidRequest { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::CertificationRefused { .. }
             | Self::NonceRefused { .. }
-            | Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            | Self::Forbidden { .. }
+            | Self::EnrolmentRefused { .. }
+            | Self::ActivationRefused { .. }
+            | Self::NotEnrolled { .. }
+            | Self::EvidenceRefused { .. } => StatusCode::FORBIDDEN,
             Self::HostConflict { .. }
+            | Self::AkConflict { .. }
             | Self::Conflict { .. }
             | Self::Exists { .. }
             | Self::PlacementRefused { .. } => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Timeout { .. } | Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout { .. } | Self::StoreUnavailable | Self::EnrolmentDisabled => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -203,6 +228,12 @@ mod tests {
             ApiError::Exists { reason: "x".into() },
             ApiError::PlacementRefused { reason: "x".into() },
             ApiError::Forbidden { reason: "x".into() },
+            ApiError::EnrolmentDisabled,
+            ApiError::EnrolmentRefused { reason: "x".into() },
+            ApiError::ActivationRefused { reason: "x".into() },
+            ApiError::AkConflict { reason: "x".into() },
+            ApiError::NotEnrolled { reason: "x".into() },
+            ApiError::EvidenceRefused { reason: "x".into() },
             ApiError::RateLimited { what: "nonces" },
             ApiError::Timeout { ms: 5 },
             ApiError::StoreUnavailable,
