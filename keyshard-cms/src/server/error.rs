@@ -53,6 +53,8 @@ pub enum ApiError {
     AkConflict { reason: String },
     #[error("{reason}")]
     NotEnrolled { reason: String },
+    #[error("the grant is refused: {reason}")]
+    GrantRefused { reason: String },
     #[error("the evidence is refused: {reason}")]
     EvidenceRefused { reason: String },
     #[error("too many requests for {what}; retry in a second")]
@@ -61,6 +63,8 @@ pub enum ApiError {
     Timeout { ms: u128 },
     #[error("the store is unavailable; retry later")]
     StoreUnavailable,
+    #[error("the TPM did not answer; retry later")]
+    TpmUnavailable,
     #[error("internal error")]
     Internal,
 }
@@ -89,10 +93,12 @@ impl ApiError {
             Self::ActivationRefused { .. } => "activation_refused",
             Self::AkConflict { .. } => "ak_conflict",
             Self::NotEnrolled { .. } => "not_enrolled",
+            Self::GrantRefused { .. } => "grant_refused",
             Self::EvidenceRefused { .. } => "evidence_refused",
             Self::RateLimited { .. } => "rate_limited",
             Self::Timeout { .. } => "timeout",
             Self::StoreUnavailable => "store_unavailable",
+            Self::TpmUnavailable => "tpm_unavailable",
             Self::Internal => "internal",
         }
     }
@@ -112,6 +118,7 @@ impl ApiError {
             | Self::EnrolmentRefused { .. }
             | Self::ActivationRefused { .. }
             | Self::NotEnrolled { .. }
+            | Self::GrantRefused { .. }
             | Self::EvidenceRefused { .. } => StatusCode::FORBIDDEN,
             Self::HostConflict { .. }
             | Self::AkConflict { .. }
@@ -119,9 +126,10 @@ impl ApiError {
             | Self::Exists { .. }
             | Self::PlacementRefused { .. } => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Timeout { .. } | Self::StoreUnavailable | Self::EnrolmentDisabled => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Timeout { .. }
+            | Self::StoreUnavailable
+            | Self::EnrolmentDisabled
+            | Self::TpmUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -233,10 +241,12 @@ mod tests {
             ApiError::ActivationRefused { reason: "x".into() },
             ApiError::AkConflict { reason: "x".into() },
             ApiError::NotEnrolled { reason: "x".into() },
+            ApiError::GrantRefused { reason: "x".into() },
             ApiError::EvidenceRefused { reason: "x".into() },
             ApiError::RateLimited { what: "nonces" },
             ApiError::Timeout { ms: 5 },
             ApiError::StoreUnavailable,
+            ApiError::TpmUnavailable,
             ApiError::Internal,
         ];
         let mut codes = std::collections::HashSet::new();
