@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::VerifyingKey;
-use keyshard_attest::tpm::PcrSelection;
+use keyshard_attest::tpm::{PcrError, PcrSelection};
 use keyshard_core::KeyId;
-use keyshard_core::policy::PcrBank;
 use keyshard_shards::ecies::MAX_SEALED_LEN;
 use keyshard_shards::instance::wire::MAX_POLICY_LEN;
 use keyshard_shards::instance::{self, FetchKey, InstanceEvidence};
@@ -135,14 +134,14 @@ pub async fn fetch(params: &FetchParams, clients: &Clients, tpm: &TpmService) ->
             what: "challenge answer",
             reason: "nonce is not 32 bytes of hex".to_owned(),
         })?;
-    let selection =
-        parse_selection(&challenge.pcrs).ok_or_else(|| CredentialCliError::Malformed {
-            what: "challenge answer",
-            reason: format!(
-                "pcrs {:?} is not a PCR selection like sha256:0,7",
-                challenge.pcrs
-            ),
-        })?;
+    let selection: PcrSelection =
+        challenge
+            .pcrs
+            .parse()
+            .map_err(|e: PcrError| CredentialCliError::Malformed {
+                what: "challenge answer",
+                reason: e.to_string(),
+            })?;
     timings.challenge = mark.elapsed();
 
     let mark = Instant::now();
@@ -350,20 +349,4 @@ async fn cms_post<T: serde::de::DeserializeOwned>(
         .await;
     let answer = read_answer_within(sent, &url, clients.cms_timeout, MAX_FETCH_ANSWER_LEN).await?;
     parse(&answer, what)
-}
-
-/// `sha256:0,7` as a selection; `None` for anything else.
-pub fn parse_selection(text: &str) -> Option<PcrSelection> {
-    let (bank, list) = text.split_once(':')?;
-    let bank = match bank {
-        "sha1" => PcrBank::Sha1,
-        "sha256" => PcrBank::Sha256,
-        "sha384" => PcrBank::Sha384,
-        _ => return None,
-    };
-    let indices = list
-        .split(',')
-        .map(|i| i.parse::<u8>().ok())
-        .collect::<Option<Vec<u8>>>()?;
-    PcrSelection::new(bank, &indices).ok()
 }

@@ -323,9 +323,7 @@ fn instance() -> Instance {
     let dir = tempfile::tempdir().unwrap();
     let swtpm = keyshard_e2e::swtpm::Swtpm::start(dir.path()).unwrap();
     let tpm = TpmService::spawn(TpmConfig::new(swtpm.tcti())).unwrap();
-    let golden: PcrValues = tpm
-        .read_pcrs(&flow::parse_selection("sha256:0,7").unwrap())
-        .unwrap();
+    let golden: PcrValues = tpm.read_pcrs(&"sha256:0,7".parse().unwrap()).unwrap();
     let policy = InstancePolicy::new(tpm.ak_public().clone(), golden);
     Instance {
         _swtpm: swtpm,
