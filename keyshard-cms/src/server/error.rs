@@ -43,6 +43,8 @@ pub enum ApiError {
     PlacementRefused { reason: String },
     #[error("{reason}")]
     Forbidden { reason: String },
+    #[error("the grant is refused: {reason}")]
+    GrantRefused { reason: String },
     #[error("enrolment is disabled: the CMS was started without --ek-ca")]
     EnrolmentDisabled,
     #[error("the enrolment is refused: {reason}")]
@@ -53,8 +55,6 @@ pub enum ApiError {
     AkConflict { reason: String },
     #[error("{reason}")]
     NotEnrolled { reason: String },
-    #[error("the grant is refused: {reason}")]
-    GrantRefused { reason: String },
     #[error("the evidence is refused: {reason}")]
     EvidenceRefused { reason: String },
     #[error("too many requests for {what}; retry in a second")]
@@ -88,12 +88,12 @@ impl ApiError {
             Self::Exists { .. } => "exists",
             Self::PlacementRefused { .. } => "placement_refused",
             Self::Forbidden { .. } => "forbidden",
+            Self::GrantRefused { .. } => "grant_refused",
             Self::EnrolmentDisabled => "enrolment_disabled",
             Self::EnrolmentRefused { .. } => "enrolment_refused",
             Self::ActivationRefused { .. } => "activation_refused",
             Self::AkConflict { .. } => "ak_conflict",
             Self::NotEnrolled { .. } => "not_enrolled",
-            Self::GrantRefused { .. } => "grant_refused",
             Self::EvidenceRefused { .. } => "evidence_refused",
             Self::RateLimited { .. } => "rate_limited",
             Self::Timeout { .. } => "timeout",
@@ -115,10 +115,10 @@ impl ApiError {
             Self::CertificationRefused { .. }
             | Self::NonceRefused { .. }
             | Self::Forbidden { .. }
+            | Self::GrantRefused { .. }
             | Self::EnrolmentRefused { .. }
             | Self::ActivationRefused { .. }
             | Self::NotEnrolled { .. }
-            | Self::GrantRefused { .. }
             | Self::EvidenceRefused { .. } => StatusCode::FORBIDDEN,
             Self::HostConflict { .. }
             | Self::AkConflict { .. }
@@ -128,8 +128,8 @@ impl ApiError {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout { .. }
             | Self::StoreUnavailable
-            | Self::EnrolmentDisabled
-            | Self::TpmUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::TpmUnavailable
+            | Self::EnrolmentDisabled => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -236,12 +236,12 @@ mod tests {
             ApiError::Exists { reason: "x".into() },
             ApiError::PlacementRefused { reason: "x".into() },
             ApiError::Forbidden { reason: "x".into() },
+            ApiError::GrantRefused { reason: "x".into() },
             ApiError::EnrolmentDisabled,
             ApiError::EnrolmentRefused { reason: "x".into() },
             ApiError::ActivationRefused { reason: "x".into() },
             ApiError::AkConflict { reason: "x".into() },
             ApiError::NotEnrolled { reason: "x".into() },
-            ApiError::GrantRefused { reason: "x".into() },
             ApiError::EvidenceRefused { reason: "x".into() },
             ApiError::RateLimited { what: "nonces" },
             ApiError::Timeout { ms: 5 },
