@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -201,6 +202,7 @@ pub async fn fetch(params: &FetchParams, clients: &Clients, tpm: &TpmService) ->
         pcrs,
         credential: params.name.clone(),
         epoch: map.epoch(),
+        done: Arc::new(AtomicBool::new(false)),
     });
     let (outcome, hosts) =
         ask_hosts(&map, &params.cms_key, round, requests, params.host_deadline).await;
@@ -272,7 +274,8 @@ async fn ask_hosts(
             continue;
         };
         if let Some(done) = collector.offer(index, answer, timings) {
-            // Late answers are dropped with the tasks.
+            // Late answers are dropped with the tasks, and their quotes skipped.
+            round.done.store(true, Ordering::Relaxed);
             tasks.abort_all();
             return (Some(done.secret), collector.reports());
         }

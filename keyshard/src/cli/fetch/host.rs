@@ -4,6 +4,7 @@
 //! [`HostFailure`] of that host; nothing here ends the fetch.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use keyshard_attest::tpm::{PcrSelection, PcrValues};
@@ -76,6 +77,8 @@ pub struct Round {
     pub pcrs: PcrValues,
     pub credential: KeyId,
     pub epoch: u64,
+    /// Set once k shares rebuilt the credential: quotes not yet made are skipped.
+    pub done: Arc<AtomicBool>,
 }
 
 /// Where one host's time went.
@@ -158,10 +161,23 @@ async fn evidence(round: &Round, nonce: &[u8; NONCE_LEN]) -> Result<String, Host
     let public = round.key.public_key();
     let qualifying = instance::qualifying_data(nonce, &public);
     let (tpm, selection) = (round.tpm.clone(), round.selection.clone());
-    let quote = tokio::task::spawn_blocking(move || tpm.quote(&selection, &qualifying))
-        .await
-        .map_err(|e| HostFailure::Quote(e.to_string()))?
-        .map_err(|e| HostFailure::Quote(e.to_string()))?;
+    let done = Arc::clone(&round.done);
+    // Checked on the TPM's thread: a quote still queued there when k shares have rebuilt the
+    // credential is skipped rather than made for nobody.
+    let quote = tokio::task::spawn_blocking(move || {
+        tpm.call(move |t| {
+            if done.load(Ordering::Relaxed) {
+                None
+            } else {
+                Some(t.quote(&selection, &qualifying))
+            }
+        })
+    })
+    .await
+    .map_err(|e| HostFailure::Quote(e.to_string()))?
+    .map_err(|e| HostFailure::Quote(e.to_string()))?
+    .ok_or_else(|| HostFailure::Quote("not needed any more".to_owned()))?
+    .map_err(|e| HostFailure::Quote(e.to_string()))?;
     let evidence = InstanceEvidence::new(*nonce, public, quote, round.pcrs.clone());
     Ok(hex::encode(evidence.to_bytes()))
 }
