@@ -52,6 +52,8 @@ pub enum CliError {
     Credential(#[from] super::credential::CredentialCliError),
     #[error(transparent)]
     Fetch(#[from] super::fetch::FetchError),
+    #[error("enrolment: {0}")]
+    Enrol(#[from] super::enrol::EnrolError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot handle SIGTERM/SIGINT: {0}")]
