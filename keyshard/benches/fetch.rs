@@ -230,6 +230,19 @@ fn main() {
         );
     }
     row("the CLI (process, TPM open, file)", cli);
+    let out = pki.dir.path().join("cli-debug.secret");
+    let output = std::process::Command::new(bin)
+        .env("RUST_LOG", "keyshard=debug")
+        .args(lab.fetch_args("db", &out))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if let Some(line) = stderr.lines().find(|l| l.contains("fetch timings")) {
+        println!(
+            "  one CLI run, its own account: {}",
+            line.trim_start_matches("keyshard: debug: ")
+        );
+    }
 
     // 3. The TPM alone.
     let selection = "sha256:0,7".parse().unwrap();
@@ -239,8 +252,16 @@ fn main() {
         tpm.quote(&selection, &[7; 32]).unwrap();
         quotes.push(started.elapsed());
     }
+    let mut opens = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let opened = TpmService::spawn(TpmConfig::new(lab.instance.tcti())).unwrap();
+        opens.push(started.elapsed());
+        drop(opened);
+    }
     println!("\n3. the instance's TPM (swtpm) alone");
     row("quote", quotes);
+    row("open (what the CLI does first)", opens);
 
     // 2. Attested map requests per CMS core.
     let http = pki.client();
