@@ -231,7 +231,12 @@ fn main() {
     }
     row("the CLI (process, TPM open, file)", cli);
     let out = pki.dir.path().join("cli-debug.secret");
-    let output = std::process::Command::new(bin)
+    // KEYSHARD_BENCH_CLI_WRAP="strace -f -tt -o /tmp/fetch.trace": run that one under a tool.
+    let wrap = std::env::var("KEYSHARD_BENCH_CLI_WRAP").unwrap_or_default();
+    let mut words: Vec<String> = wrap.split_whitespace().map(str::to_owned).collect();
+    words.push(bin.display().to_string());
+    let output = std::process::Command::new(&words[0])
+        .args(&words[1..])
         .env("RUST_LOG", "keyshard=debug")
         .args(lab.fetch_args("db", &out))
         .output()
