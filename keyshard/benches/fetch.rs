@@ -32,6 +32,7 @@ use keyshard::cli::credential::CmsConfig;
 use keyshard::cli::fetch::collect::HostStatus;
 use keyshard::cli::fetch::{Clients, FetchParams, fetch};
 use keyshard_core::KeyId;
+use keyshard_e2e::swtpm::Swtpm;
 use keyshard_shards::instance::{self, FetchKey, InstanceEvidence};
 use keyshard_shards::map::ClientKey;
 use keyshard_tpm::{TpmConfig, TpmService};
@@ -264,9 +265,21 @@ fn main() {
         opens.push(started.elapsed());
         drop(opened);
     }
-    println!("\n3. the instance's TPM (swtpm) alone");
-    row("quote", quotes);
+    // What a shard host's TPM does per release (keyshard-tpm's ecdh_z_gen: load the decrypt
+    // key, a salted session, ECDH_ZGen, flushes), timed here on a spare swtpm, alone.
+    let spare = Swtpm::start(&pki.dir.path().join("tpm-spare")).unwrap();
+    let spare_tpm = TpmService::spawn(TpmConfig::new(spare.tcti())).unwrap();
+    let decrypt = spare_tpm.create_decrypt_key().unwrap();
+    let mut zgens = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        spare_tpm.ecdh_z_gen(&decrypt, decrypt.point()).unwrap();
+        zgens.push(started.elapsed());
+    }
+    println!("\n3. one swtpm alone, nothing else running on it");
+    row("quote (the instance's)", quotes);
     row("open (what the CLI does first)", opens);
+    row("a host's ZGen (load, session, ZGen)", zgens);
 
     // 2. Attested map requests per CMS core.
     let http = pki.client();
