@@ -7,10 +7,12 @@
 //!    library the CLI runs (`keyshard::cli::fetch::fetch`, one TpmService for all of them),
 //!    p50/p99 of the whole and of each phase; then a few runs of the CLI itself (process start,
 //!    TPM open and file write included).
-//! 2. Attested map requests per CMS core: `KEYSHARD_BENCH_MAP_N` (default 200) rounds of
-//!    challenge + quote + `POST /v1/credentials/{name}/fetch`, the CMS's CPU time read from
-//!    /proc before and after: requests per CPU-second of the CMS is requests per core.
-//! 3. The instance TPM alone: quote latency, for where the time goes.
+//! 2. Attested map requests per CMS core: `KEYSHARD_BENCH_MAP_N` (default and most 1000)
+//!    rounds of challenge + quote + `POST /v1/credentials/{name}/fetch`, the CMS's CPU time
+//!    read from /proc before and after (in 10 ms ticks): requests per CPU-second of the CMS is
+//!    requests per core.
+//! 3. One swtpm alone: a quote, opening the TPM, and a shard host's per-release TPM work, for
+//!    where the time goes.
 
 #![allow(
     clippy::unwrap_used,
@@ -104,7 +106,7 @@ fn main() {
         return;
     }
     let fetches = env_count("KEYSHARD_BENCH_FETCH_N", 50);
-    let map_requests = env_count("KEYSHARD_BENCH_MAP_N", 200);
+    let map_requests = env_count("KEYSHARD_BENCH_MAP_N", 1000);
     let bin = Path::new(env!("CARGO_BIN_EXE_keyshard"));
     let pki = harness::Pki::new();
     let files = lab_files(&pki);
