@@ -50,6 +50,8 @@ pub enum CliError {
     Store(#[from] keyshard_cms::store::StoreError),
     #[error(transparent)]
     Credential(#[from] super::credential::CredentialCliError),
+    #[error(transparent)]
+    Fetch(#[from] super::fetch::FetchError),
     #[error("enrolment: {0}")]
     Enrol(#[from] super::enrol::EnrolError),
     #[error("cannot start the async runtime: {0}")]
@@ -62,6 +64,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Quorum(QuorumError::NotMet { .. }) => EXIT_QUORUM_NOT_MET,
+            Self::Fetch(super::fetch::FetchError::QuorumNotMet { .. }) => EXIT_QUORUM_NOT_MET,
             _ => EXIT_FAILURE,
         }
     }
