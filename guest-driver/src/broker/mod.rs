@@ -339,6 +339,7 @@ fn kind_name(body: &Body) -> &'static str {
         Body::Nonce { .. } => "a nonce",
         Body::Pending => "pending",
         Body::Released { .. } => "a released share",
+        Body::HostReleased { .. } => "a released host share",
         Body::Refused { .. } => "a refusal",
     }
 }
