@@ -189,8 +189,9 @@ impl CmsRelay {
         work: impl Future<Output = Result<T, String>>,
     ) -> Result<T, String> {
         let started = Instant::now();
+        // The timer is made inside the runtime, which drives it.
         self.runtime
-            .block_on(tokio::time::timeout_at(deadline, work))
+            .block_on(async { tokio::time::timeout_at(deadline, work).await })
             .unwrap_or_else(|_| {
                 Err(format!(
                     "no answer within {} ms",
