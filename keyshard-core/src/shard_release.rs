@@ -5,7 +5,7 @@
 //!
 //! The guest agent cannot link keyshard-shards (it carries aws-lc-rs for the hosts' P-256
 //! sealing), so this is the opening half of that format, kept byte for byte the same; the
-//! host-level test of the relay (keyshard/tests/host_relay.rs) opens shards that real shard
+//! host-level test of the relay (keyshard/tests/host_class.rs) opens shards that real shard
 //! hosts sealed with it, so the two cannot drift apart unnoticed.
 //!
 //! The binding's fields come from the coordinator's answer, which the guest does not trust: a

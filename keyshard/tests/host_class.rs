@@ -637,6 +637,7 @@ fn item8_with_its_shard_hosts_stopped_or_hung_the_guest_stays_locked_and_names_t
         .map(|(holder, why)| format!("{holder}: {why}\n"))
         .collect();
     assert!(why.contains(&format!("shard host {}", placed[0])), "{why}");
+    assert!(!why.contains("CMS"), "{why}");
     assert!(
         why.contains(&format!("shard host {}: no answer within", placed[1])),
         "{why}"
@@ -645,4 +646,27 @@ fn item8_with_its_shard_hosts_stopped_or_hung_the_guest_stays_locked_and_names_t
     // Two host requests, each bounded by the shard host deadline (1.5 s) after the CMS's part:
     // the boot waited for the deadlines, not for the hung host.
     assert!(took < Duration::from_secs(12), "took {took:?}");
+
+    // A hung CMS: each host holder is refused after the CMS deadline (3 s), naming the CMS.
+    let cms_pid = libc::pid_t::try_from(lab.cms.daemon.pid()).unwrap();
+    // SAFETY: kill(2) with the pid of a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(cms_pid, libc::SIGSTOP) }, 0);
+    let started = std::time::Instant::now();
+    let error = guest_unlock(&state, &socket).unwrap_err();
+    let took = started.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(cms_pid, libc::SIGCONT) };
+    let keyshard_core::quorum::QuorumError::NotMet { rejected, .. } = error else {
+        panic!("{error:?}");
+    };
+    let missing = missing_host_holders(&rejected);
+    assert_eq!(missing.len(), 2, "{rejected:?}");
+    let cms = format!("CMS {}: ", lab.cms.url(""));
+    assert!(
+        missing
+            .iter()
+            .all(|(_, why)| why.contains(&cms) && why.contains("within 3")),
+        "{missing:?}"
+    );
+    assert!(took < Duration::from_secs(15), "took {took:?}");
 }

@@ -216,7 +216,7 @@ impl HostShareRelay for CmsRelay {
             .ok_or_else(|| refused(format!("CMS {}: an unreadable grant for {host}", self.cms)))?;
         let released = self
             .release(&grant, &selection, &key)
-            .map_err(|e| refused(format!("shard host {host}: {e}")))?;
+            .map_err(|e| refused(format!("shard host {host}: {}", about_the_host(&e))))?;
         log::info!(
             "{}: {} released by shard host {host} (relayed sealed to the guest)",
             request.vm_id,
@@ -230,6 +230,11 @@ impl HostShareRelay for CmsRelay {
             released,
         })
     }
+}
+
+/// The HTTPS client's errors name the CMS; in the shard host's part they are about the host.
+fn about_the_host(error: &str) -> String {
+    error.replace("the CMS's", "its").replace("the CMS", "it")
 }
 
 fn nonce_from(text: &str) -> Result<Nonce, String> {
