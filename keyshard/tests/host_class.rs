@@ -535,13 +535,22 @@ fn guest_unlock(
     state: &Path,
     broker: &Path,
 ) -> keyshard_core::quorum::Result<keyshard_core::quorum::QuorumOutcome> {
+    let manifest =
+        Manifest::parse(&std::fs::read_to_string(state.join("manifest.toml")).unwrap()).unwrap();
+    guest_unlock_with(&manifest, state, broker)
+}
+
+/// [`guest_unlock`] with `manifest` as the guest's.
+fn guest_unlock_with(
+    manifest: &Manifest,
+    state: &Path,
+    broker: &Path,
+) -> keyshard_core::quorum::Result<keyshard_core::quorum::QuorumOutcome> {
     use guest_driver::agent::{self, Inputs};
     use guest_driver::broker::mailbox::MailboxSpec;
     use guest_driver::broker::shares::InProcessFetcher;
     use guest_driver::source::SourceSpec;
 
-    let manifest =
-        Manifest::parse(&std::fs::read_to_string(state.join("manifest.toml")).unwrap()).unwrap();
     let vhd = std::fs::read(state.join("fragments/vhd-1.ksf")).unwrap();
     let mut served = devices::Devices::new();
     let volume = vhost_keyshard::fragment_volume::FragmentVolume::from_fragments(
@@ -558,7 +567,7 @@ fn guest_unlock(
         ))),
         discovery: None,
     };
-    let outcome = agent::unlock_with(&manifest, inputs, Duration::from_secs(30));
+    let outcome = agent::unlock_with(manifest, inputs, Duration::from_secs(30));
     served.stop();
     outcome
 }
@@ -575,7 +584,7 @@ fn missing_host_holders(rejected: &[keyshard_core::quorum::Rejection]) -> Vec<(S
 #[test]
 fn item8_the_guest_unlocks_with_host_shares_relayed_by_the_coordinator() {
     let lab = Lab::start();
-    let (state, _placed) = init_placed(&lab);
+    let (state, placed) = init_placed(&lab);
     let (coordinator, socket) = start_coordinator(&lab, &state, 5000);
 
     let outcome = guest_unlock(&state, &socket).unwrap_or_else(|e| {
@@ -600,6 +609,28 @@ fn item8_the_guest_unlocks_with_host_shares_relayed_by_the_coordinator() {
     // The coordinator saw ciphertext only: its log says who released, never the share.
     let log = std::fs::read_to_string(lab.path("coordinator.log")).unwrap();
     assert!(log.contains("host-1 released by shard host"), "{log}");
+
+    // A guest whose manifest pins no host TPM cannot take the tpm share: it needs both host
+    // shares, so both slots are relayed from the two placed shard hosts.
+    let mut manifest =
+        Manifest::parse(&std::fs::read_to_string(state.join("manifest.toml")).unwrap()).unwrap();
+    manifest.host_attestation = None;
+    let outcome = guest_unlock_with(&manifest, &state, &socket).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(outcome.secret.as_slice(), VOLUME_KEY);
+    let mut used: Vec<&str> = outcome
+        .used
+        .iter()
+        .map(|u| u.source.split(' ').next().unwrap())
+        .collect();
+    used.sort_unstable();
+    assert_eq!(used, ["host-1", "host-2", "ksf-vhd-1"]);
+    let log = std::fs::read_to_string(lab.path("coordinator.log")).unwrap();
+    for host in &placed {
+        assert!(
+            log.contains(&format!("released by shard host {host}")),
+            "{log}"
+        );
+    }
     drop(coordinator);
 }
 
