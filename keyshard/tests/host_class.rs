@@ -670,7 +670,10 @@ fn item8_with_its_shard_hosts_stopped_or_hung_the_guest_stays_locked_and_names_t
     assert!(why.contains(&format!("shard host {}", placed[0])), "{why}");
     assert!(!why.contains("CMS"), "{why}");
     assert!(
-        why.contains(&format!("shard host {}: no answer within", placed[1])),
+        why.contains(&format!(
+            "shard host {}: no answer within 1500 ms",
+            placed[1]
+        )),
         "{why}"
     );
     eprintln!("locked after {took:?}:\n{why}");
@@ -692,11 +695,9 @@ fn item8_with_its_shard_hosts_stopped_or_hung_the_guest_stays_locked_and_names_t
     };
     let missing = missing_host_holders(&rejected);
     assert_eq!(missing.len(), 2, "{rejected:?}");
-    let cms = format!("CMS {}: ", lab.cms.url(""));
+    let cms = format!("CMS {}: no answer within 3000 ms", lab.cms.url(""));
     assert!(
-        missing
-            .iter()
-            .all(|(_, why)| why.contains(&cms) && why.contains("within 3")),
+        missing.iter().all(|(_, why)| why.contains(&cms)),
         "{missing:?}"
     );
     assert!(took < Duration::from_secs(15), "took {took:?}");

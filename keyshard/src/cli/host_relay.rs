@@ -36,6 +36,10 @@ pub const DEFAULT_CMS_DEADLINE: Duration = Duration::from_secs(5);
 /// How long one shard host's nonce and release may take together, by default.
 pub const DEFAULT_HOST_DEADLINE: Duration = Duration::from_secs(5);
 
+/// How much longer than the longer deadline one HTTPS request may take, so that a hung party
+/// always reads as the deadline's `no answer within N ms`.
+const CLIENT_TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
+
 /// Relays one state's `host` releases.
 pub struct CmsRelay {
     runtime: tokio::runtime::Runtime,
@@ -61,7 +65,8 @@ impl CmsRelay {
         let config = CmsConfig {
             base: link.url.trim_end_matches('/').to_owned(),
             ca: dir.cms_ca(),
-            timeout: cms_deadline.max(host_deadline),
+            // A backstop only: the deadlines below fire first, with their own message.
+            timeout: cms_deadline.max(host_deadline) + CLIENT_TIMEOUT_MARGIN,
         };
         let client = https_client(&config)?;
         // Each mailbox thread blocks on it in turn; one worker serves them all.
@@ -89,7 +94,7 @@ impl CmsRelay {
         what: &'static str,
     ) -> Result<T, String> {
         let sent = self.client.post(url).json(body).send().await;
-        let timeout = self.cms_deadline.max(self.host_deadline);
+        let timeout = self.cms_deadline.max(self.host_deadline) + CLIENT_TIMEOUT_MARGIN;
         let answer = read_answer(sent, url, timeout)
             .await
             .map_err(|e| e.to_string())?;
@@ -120,6 +125,7 @@ impl CmsRelay {
         let cms = &self.cms;
         let challenge: InstanceChallengeResponse = self.within(
             deadline,
+            self.cms_deadline,
             self.post(
                 &format!("{cms}/v1/instances/{}/challenge", self.instance),
                 &serde_json::json!({}),
@@ -132,6 +138,7 @@ impl CmsRelay {
         let evidence = self.evidence(&selection, &nonce, key)?;
         let fetched: FetchResponse = self.within(
             deadline,
+            self.cms_deadline,
             self.post(
                 &format!("{cms}/v1/credentials/{}/fetch", self.credential),
                 &FetchRequest {
@@ -160,6 +167,7 @@ impl CmsRelay {
         let endpoint = grant.endpoint.trim_end_matches('/');
         let nonce: HostNonceResponse = self.within(
             deadline,
+            self.host_deadline,
             self.post(
                 &format!("{endpoint}/v1/nonces"),
                 &serde_json::json!({}),
@@ -169,6 +177,7 @@ impl CmsRelay {
         let evidence = self.evidence(selection, &nonce_from(&nonce.nonce)?, key)?;
         let released: ReleaseResponse = self.within(
             deadline,
+            self.host_deadline,
             self.post(
                 &format!("{endpoint}/v1/release"),
                 &ReleaseRequest {
@@ -182,22 +191,17 @@ impl CmsRelay {
         hex::decode(&released.released).map_err(|_| "the released shard is not hex".to_owned())
     }
 
-    /// Runs `work` until `deadline`.
+    /// Runs `work` until `deadline`, the end of a phase of `budget` (named when it passes).
     fn within<T>(
         &self,
         deadline: Instant,
+        budget: Duration,
         work: impl Future<Output = Result<T, String>>,
     ) -> Result<T, String> {
-        let started = Instant::now();
         // The timer is made inside the runtime, which drives it.
         self.runtime
             .block_on(async { tokio::time::timeout_at(deadline, work).await })
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "no answer within {} ms",
-                    deadline.saturating_duration_since(started).as_millis()
-                ))
-            })
+            .unwrap_or_else(|_| Err(format!("no answer within {} ms", budget.as_millis())))
     }
 }
 
