@@ -93,7 +93,7 @@ E2E_ENV = KEYSHARD_E2E_KEYSHARD_BIN=$(E2E_TARGET_DIR)/debug/keyshard \
 	KEYSHARD_E2E_KERNEL=$(E2E_KERNEL)
 
 e2e: deps e2e-bins guest-static images
-	$(E2E_ENV) $(CARGO) test -p keyshard-e2e --test boot --test tpm --test access_platform -- --ignored
+	$(E2E_ENV) $(CARGO) test -p keyshard-e2e --test boot --test tpm --test access_platform --test host_relay -- --ignored
 
 e2e-bins:
 	$(CARGO) build --bin keyshard --bin vhost-keyshard

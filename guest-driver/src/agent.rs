@@ -356,7 +356,8 @@ impl Scanner {
     }
 }
 
-/// The `tpm` and `sev` holders of the manifest: the coordinator's answers as they arrive.
+/// The `tpm`, `sev` and `host` holders of the manifest: the coordinator's answers as they
+/// arrive.
 struct ShareSlots {
     holders: Vec<HolderSlot>,
     /// The manifest's pins of the host TPM, which every `tpm` share's quote must pass.
@@ -640,29 +641,13 @@ fn missing_vhd_holders<'a>(
         .collect()
 }
 
-/// Why a `host` holder gave no share: the agent does not fetch them yet.
-pub const HOST_SHARES_NOT_FETCHED: &str = "host shares come from shard hosts through the broker relay, which this guest agent does \
-     not do yet";
-
-/// One unavailable candidate per `host` holder of the manifest (issue 9 item 8): placed on
-/// shard hosts, which this agent does not ask yet. Named, so that a quorum that is not met
-/// says where the missing shares are.
-fn host_holders(manifest: &Manifest) -> impl Iterator<Item = Candidate> + '_ {
-    manifest
-        .holders
-        .iter()
-        .filter(|holder| holder.class == HolderClass::Host)
-        .map(|holder| Candidate::unavailable(holder.id.to_string(), HOST_SHARES_NOT_FETCHED))
-}
-
-/// The quorum candidates: every fragment read, every source that failed, one unavailable
-/// candidate per `vhd` holder of the manifest that no source answered for, and one per `host`
-/// holder.
+/// The quorum candidates: every fragment read, every source that failed, and one unavailable
+/// candidate per `vhd` holder of the manifest that no source answered for (`tpm`, `sev` and
+/// `host` holders are the broker's: [`ShareSlots`]).
 pub fn candidates(reports: &[SourceReport], manifest: &Manifest) -> Vec<Candidate> {
     let mut candidates: Vec<Candidate> =
         reports.iter().flat_map(SourceReport::candidates).collect();
     candidates.extend(missing_vhd_holders(reports.iter(), manifest));
-    candidates.extend(host_holders(manifest));
     candidates
 }
 

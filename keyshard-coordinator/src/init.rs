@@ -17,7 +17,7 @@ use keyshard_core::manifest::{HOST_AK_LEN, HostAttestation, Manifest};
 use keyshard_core::policy::Policy;
 
 use super::at_rest::{self, AtRestError};
-use super::state::{State, StateDir, StateError, check_vm_id};
+use super::state::{CmsLink, State, StateDir, StateError, check_vm_id};
 use keyshard_attest::tpm::{PcrError, PcrSelection};
 use keyshard_tpm::{Tpm, TpmError};
 
@@ -67,7 +67,18 @@ pub fn check_placeable(policy: &Policy) -> Result<(), InitError> {
 
 /// Places a key's `host` fragments on shard hosts (through the CMS) and names the hosts, or
 /// says in one line why it could not.
-pub type HostPlacer<'a> = dyn FnMut(&[&VerifiedFragment]) -> Result<Vec<String>, String> + 'a;
+pub type HostPlacer<'a> = dyn FnMut(&[&VerifiedFragment]) -> Result<HostPlacement, String> + 'a;
+
+/// Where the `host` shares went, and what the coordinator needs to relay them.
+#[derive(Debug, Clone)]
+pub struct HostPlacement {
+    /// The shard hosts, in share order.
+    pub hosts: Vec<String>,
+    /// The CMS and the VM's instance id, recorded in state.toml.
+    pub cms: CmsLink,
+    /// The CA certificates (PEM) of the CMS and the shard hosts, written to `cms/ca.pem`.
+    pub ca_pem: Vec<u8>,
+}
 
 /// What `init` made, for its report.
 #[derive(Debug)]
@@ -99,7 +110,7 @@ pub fn init(
     vm_ids: &[String],
 ) -> Result<InitReport, InitError> {
     check_placeable(policy)?;
-    let mut nowhere = |_: &[&VerifiedFragment]| -> Result<Vec<String>, String> {
+    let mut nowhere = |_: &[&VerifiedFragment]| -> Result<HostPlacement, String> {
         Err("no CMS to place them".to_owned())
     };
     init_placing(
@@ -153,11 +164,15 @@ pub fn init_placing(
         .iter()
         .filter(|f| f.header().class == HolderClass::Host)
         .collect();
-    let host_placed = if host_fragments.is_empty() {
-        Vec::new()
+    let placement = if host_fragments.is_empty() {
+        None
     } else {
-        place(&host_fragments).map_err(InitError::HostPlacement)?
+        Some(place(&host_fragments).map_err(InitError::HostPlacement)?)
     };
+    let host_placed = placement
+        .as_ref()
+        .map(|p| p.hosts.clone())
+        .unwrap_or_default();
 
     let attested: Vec<_> = fragments
         .iter()
@@ -262,7 +277,12 @@ pub fn init_placing(
         },
         holders,
         vm_ids: vm_ids.to_vec(),
+        cms: placement.as_ref().map(|p| p.cms.clone()),
     };
+    if let Some(placement) = &placement {
+        create_dirs(dir, &["cms"])?;
+        files::write_atomic(&dir.cms_ca(), &placement.ca_pem, 0o644, Overwrite::Replace)?;
+    }
     // Last: a state file means the directory is complete.
     files::write_atomic(
         &dir.state_file(),

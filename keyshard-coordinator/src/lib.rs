@@ -1,8 +1,10 @@
 //! The host coordinator: serves one broker mailbox per VM and releases attested shares
-//! (`tpm` after the host's own quote verifies, `sev` to a guest whose SNP report verifies).
+//! (`tpm` after the host's own quote verifies, `sev` to a guest whose SNP report verifies), and
+//! relays `host` shares from shard hosts.
 
 pub mod at_rest;
 pub mod audit;
+pub mod host_relay;
 pub mod init;
 pub mod mailbox;
 pub mod nonces;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
 use keyshard_core::broker::{AREA_LEN, Body, Message, MessageError, RefusalCode, SERIAL_PREFIX};
-use log::{debug, warn};
+use log::{debug, error, warn};
 
 use keyshard_core::virtio_blk::SERIAL_LEN;
 use vhost_keyshard::device::media::{self, BlockMedia, MediaError};
@@ -121,7 +121,7 @@ impl BrokerMailbox {
                         );
                         continue;
                     }
-                    let body = handler.answer(&worker_vm, &request);
+                    let body = answer_or_refuse(handler.as_ref(), &worker_vm, &request);
                     publish(&worker_state, request.request_id, body, true);
                 }
             })?;
@@ -169,6 +169,25 @@ impl Drop for BrokerMailbox {
     fn drop(&mut self) {
         self.work.close();
     }
+}
+
+/// The handler's answer; a panic in it (a bug, in this code or a library it calls) is this
+/// request's refusal, not the end of the mailbox's thread, which would leave the guest waiting
+/// on `pending` until its deadline for every request after it.
+fn answer_or_refuse(handler: &dyn RequestHandler, vm_id: &str, request: &Message) -> Body {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        handler.answer(vm_id, request)
+    }))
+    .unwrap_or_else(|_| {
+        error!(
+            "{SERIAL_PREFIX}{vm_id}: answering request {:#x} failed (a bug): refused",
+            request.request_id
+        );
+        Body::Refused {
+            code: RefusalCode::Internal,
+            reason: "the coordinator failed while answering (a bug; see its log)".into(),
+        }
+    })
 }
 
 /// Whether the answer area is still about `request_id`: a request written over since is

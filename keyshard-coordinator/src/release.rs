@@ -15,6 +15,7 @@ use keyshard_core::holder::HolderClass;
 use zeroize::Zeroizing;
 
 use super::audit::{AuditEntry, AuditKind, AuditLog, Verdict};
+use super::host_relay::{HostShareRelay, HostShareRequest};
 use super::mailbox::RequestHandler;
 use super::nonces::{Clock, NONCE_LIFETIME, NonceBook};
 use super::rate_limit::{DEFAULT_RATE_LIMIT, RateLimit, RateLimiter};
@@ -59,6 +60,10 @@ pub trait HolderReleaser: Send + Sync {
 
 pub struct Coordinator {
     holders: BTreeMap<HolderId, (HolderClass, Arc<dyn HolderReleaser>)>,
+    /// `host` holders and their slot in the credential their shares are stored as.
+    host_holders: BTreeMap<HolderId, u8>,
+    /// Relays `host` releases; none: they are refused, saying so.
+    host_relay: Option<Arc<dyn HostShareRelay>>,
     /// The VMs this key's shares are bound to (`keyshard init --vm-id`); others are refused.
     bound_vms: BTreeSet<String>,
     /// Requests per VM, refused beyond the limit before any work.
@@ -77,6 +82,8 @@ impl Coordinator {
     ) -> Self {
         Self {
             holders: BTreeMap::new(),
+            host_holders: BTreeMap::new(),
+            host_relay: None,
             bound_vms: bound_vms.into_iter().collect(),
             rate: RateLimiter::new(DEFAULT_RATE_LIMIT, clock.clone()),
             nonce_books: Mutex::new(HashMap::new()),
@@ -105,6 +112,65 @@ impl Coordinator {
         releaser: Arc<dyn HolderReleaser>,
     ) {
         self.holders.insert(holder, (class, releaser));
+    }
+
+    /// Serves `holder`, a `host` holder in `slot` of its credential, through the relay.
+    pub fn add_host_holder(&mut self, holder: HolderId, slot: u8) {
+        self.host_holders.insert(holder, slot);
+    }
+
+    /// Relays the `host` holders' releases through `relay`.
+    pub fn set_host_relay(&mut self, relay: Arc<dyn HostShareRelay>) {
+        self.host_relay = Some(relay);
+    }
+
+    /// Whether `holder` is one this coordinator serves, of any class.
+    fn serves(&self, holder: &HolderId) -> bool {
+        self.holders.contains_key(holder) || self.host_holders.contains_key(holder)
+    }
+
+    /// A `host` release: relayed to the CMS and the shard host, whose answer the coordinator
+    /// passes on as it came (sealed to the request key by the shard host).
+    fn release_host(
+        &self,
+        vm_id: &str,
+        holder: &HolderId,
+        request_key: &[u8; PUBLIC_KEY_LEN],
+        evidence: &Evidence,
+    ) -> Result<Body, Refusal> {
+        let slot = *self.host_holders.get(holder).ok_or_else(|| {
+            Refusal::new(
+                RefusalCode::UnknownHolder,
+                format!("no host holder {holder} here"),
+            )
+        })?;
+        if *evidence != Evidence::VmTpm {
+            return Err(Refusal::new(
+                RefusalCode::Malformed,
+                "a host release carries VM TPM evidence (tag 3)",
+            ));
+        }
+        let relay = self.host_relay.as_ref().ok_or_else(|| {
+            Refusal::new(
+                RefusalCode::HostShare,
+                "this coordinator relays no host shares: it needs the VM's TPM (--vm-tcti) and \
+                 a state placed through a CMS (keyshard init --cms)",
+            )
+        })?;
+        let shard = relay.relay(&HostShareRequest {
+            vm_id,
+            holder,
+            slot,
+            request_key,
+        })?;
+        Ok(Body::HostReleased {
+            holder_id: holder.clone(),
+            credential: shard.credential,
+            epoch: shard.epoch,
+            index: shard.index,
+            host: shard.host,
+            released: shard.released,
+        })
     }
 
     fn nonce_book(&self, vm_id: &str) -> Result<Arc<NonceBook>, Refusal> {
@@ -138,6 +204,9 @@ impl Coordinator {
         request_key: &[u8; PUBLIC_KEY_LEN],
         evidence: &Evidence,
     ) -> Result<Body, Refusal> {
+        if class == HolderClass::Host {
+            return self.release_host(vm_id, holder, request_key, evidence);
+        }
         let (holder_class, releaser) = self.holders.get(holder).ok_or_else(|| {
             Refusal::new(
                 RefusalCode::UnknownHolder,
@@ -233,7 +302,7 @@ impl RequestHandler for Coordinator {
         } = &request.body
             && !rate_limited
         {
-            if self.holders.contains_key(holder_id) {
+            if self.serves(holder_id) {
                 entry.class = Some(class.to_string());
                 entry.holder = Some(holder_id.to_string());
             } else {

@@ -79,6 +79,9 @@ pub fn coordinator(
         source,
     })?;
     let mut coordinator = Coordinator::new(Arc::new(SystemClock), audit, state.vm_ids.clone());
+    for (holder, slot) in state.host_slots() {
+        coordinator.add_host_holder(holder.clone(), slot);
+    }
     if state.attested_holders().next().is_none() {
         return Ok(coordinator);
     }

@@ -93,6 +93,11 @@ impl StateDir {
         self.root.join("snp").join("vcek")
     }
 
+    /// The CA certificates (PEM) the coordinator trusts for the CMS and the shard hosts.
+    pub fn cms_ca(&self) -> PathBuf {
+        self.root.join("cms").join("ca.pem")
+    }
+
     pub fn audit_log(&self) -> PathBuf {
         self.root.join("audit.log")
     }
@@ -113,6 +118,20 @@ struct StateFile {
     /// VM binding, which the coordinator then refuses to serve.
     #[serde(default)]
     vm_ids: Vec<String>,
+    /// Where the `host` shares were placed; absent without them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cms: Option<CmsLink>,
+}
+
+/// The CMS that placed a key's `host` shares, for the coordinator's relay: its URL, and the id
+/// of the VM as an instance (its CA is [`StateDir::cms_ca`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CmsLink {
+    /// https://HOST:PORT.
+    pub url: String,
+    /// The instance the CMS lets fetch the shares (`keyshard instance enroll --instance-id`).
+    pub instance_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +151,8 @@ pub struct State {
     pub holders: Vec<HolderSlot>,
     /// The VMs that may be given this key's attested shares (`keyshard init --vm-id`).
     pub vm_ids: Vec<String>,
+    /// Where the `host` shares were placed (`keyshard init --cms`).
+    pub cms: Option<CmsLink>,
 }
 
 impl State {
@@ -155,6 +176,7 @@ impl State {
                 })
                 .collect(),
             vm_ids: self.vm_ids.clone(),
+            cms: self.cms.clone(),
         };
         let body = toml::to_string(&file).unwrap_or_default();
         format!("# keyshard coordinator state, written by `keyshard init`.\n{body}")
@@ -204,7 +226,18 @@ impl State {
             tpm,
             holders,
             vm_ids: file.vm_ids,
+            cms: file.cms,
         })
+    }
+
+    /// The `host` holders and their slot in the credential their shares are stored as: the
+    /// j-th `host` holder (in share order, as `init` lists them) is slot j.
+    pub fn host_slots(&self) -> impl Iterator<Item = (&HolderId, u8)> {
+        self.holders
+            .iter()
+            .filter(|h| h.class == HolderClass::Host)
+            .zip(1..=u8::MAX)
+            .map(|(h, slot)| (&h.id, slot))
     }
 
     /// Holders of the classes the coordinator releases (`tpm`, `sev`).
@@ -231,7 +264,30 @@ mod tests {
                 .chain(HolderSlot::numbered(HolderClass::Tpm, 1))
                 .collect(),
             vm_ids: vec!["vm1".into(), "vm-2".into()],
+            cms: None,
         }
+    }
+
+    #[test]
+    fn item8_the_cms_link_round_trips_and_host_holders_get_slots_in_order() {
+        let mut state = sample();
+        state
+            .holders
+            .extend(HolderSlot::numbered(HolderClass::Host, 2));
+        state.cms = Some(CmsLink {
+            url: "https://cms.example:8443".into(),
+            instance_id: "vm1".into(),
+        });
+        let text = state.to_toml();
+        assert!(text.contains("[cms]"), "{text}");
+        let parsed = State::parse(Path::new("s"), &text).unwrap();
+        assert_eq!(parsed, state);
+        let slots: Vec<_> = parsed
+            .host_slots()
+            .map(|(id, slot)| (id.to_string(), slot))
+            .collect();
+        assert_eq!(slots, [("host-1".to_owned(), 1), ("host-2".to_owned(), 2)]);
+        assert!(State::parse(Path::new("s"), &text.replace("instance_id", "instance")).is_err());
     }
 
     #[test]

@@ -224,6 +224,12 @@ impl HolderReleaser for TpmReleaser {
                     "a tpm release carries no SEV-SNP evidence",
                 ));
             }
+            Evidence::VmTpm => {
+                return Err(Refusal::new(
+                    RefusalCode::Malformed,
+                    "a tpm release carries no VM TPM evidence",
+                ));
+            }
         };
         let (quote, path) = self.attest_host(guest_nonce)?;
         let key = self.data_key(holder)?;

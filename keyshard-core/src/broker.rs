@@ -21,7 +21,9 @@
 //!   X25519 public key (32), evidence tag (1: 0 none, 1 SEV-SNP, 2 guest nonce); for SEV-SNP:
 //!   the nonce (32), the attestation report (2 + 1..=4000) and the VCEK in DER (2 + 0..=4096; 0:
 //!   use the cache); for a guest nonce (a `tpm` release whose host quote the guest checks): the
-//!   guest's own random nonce (32).
+//!   guest's own random nonce (32); for the VM's TPM (tag 3, a `host` release): nothing, the
+//!   coordinator quotes the VM's TPM over each nonce the CMS and the shard host ask, with the
+//!   request key bound in the qualifying data, and relays ([`crate::host_class`]).
 //! - `0x81` nonce (coordinator): the nonce (32), how long it stays valid in milliseconds (4).
 //! - `0x82` pending (coordinator): empty; the request is being worked on.
 //! - `0x83` released (coordinator): holder class (1), holder id (1 + ...), the HPKE
@@ -31,6 +33,11 @@
 //!   the request's inclusion path ([`merkle`]): a count (1, at most [`merkle::MAX_PATH_LEN`]),
 //!   then per step the side (1: 0 sibling on the right, 1 on the left) and the sibling (32).
 //!   The quote's qualifying data is the Merkle root over the nonces it answers.
+//! - `0x84` host share released (coordinator, for a `host` release): holder id (1 + 1..=16),
+//!   the release binding the shard host sealed under: credential (1 + 1..=64, a key id), epoch
+//!   (8), share index (1, 1..=255), shard host id (1 + 1..=64, key id characters); then the
+//!   shard host's released shard as it sent it (2 + 1..=[`shard_release::MAX_RELEASED_LEN`],
+//!   `KSRS`, HPKE-sealed by the shard host to the request key; [`crate::shard_release`]).
 //! - `0xFF` refused (coordinator): a code (2) and a reason (2 + 0..=512 bytes of UTF-8).
 //!
 //! Refusal codes ([`RefusalCode`]); an unknown code is kept as a number:
@@ -49,6 +56,8 @@
 //! | 10   | `Internal`           | the coordinator could not answer (a part failed to load)     |
 //! | 11   | `RateLimited`        | this VM asks too often: wait and ask again (not a verdict)   |
 //! | 12   | `VmNotBound`         | the key's shares are not bound to this VM (`init --vm-id`)   |
+//! | 13   | `HostShare`          | the CMS or the shard host refused, failed or did not answer  |
+//! |      |                      | in time; the reason names which                              |
 
 mod binding;
 pub mod merkle;
@@ -58,7 +67,8 @@ pub use binding::{REPORT_DATA_LEN, report_data_binding};
 use crate::bytes::{Reader, Truncated};
 use crate::envelope::{ENCAPPED_KEY_LEN, Envelope, PUBLIC_KEY_LEN};
 use crate::fragment::MAX_FRAGMENT_LEN;
-use crate::holder::{HolderClass, HolderId};
+use crate::holder::{HolderClass, HolderId, KeyId};
+use crate::shard_release;
 
 pub const MAGIC: [u8; 4] = *b"KSBM";
 pub const VERSION: u8 = 1;
@@ -114,6 +124,10 @@ pub enum MessageError {
     PathSide(u8),
     #[error("reason is not UTF-8")]
     ReasonEncoding,
+    #[error("invalid name: {0}")]
+    Name(String),
+    #[error("share index 0: indexes start at 1")]
+    ZeroIndex,
 }
 
 impl From<Truncated> for MessageError {
@@ -139,6 +153,9 @@ pub enum Evidence {
     /// `tpm` shares checked by the guest: the guest's own nonce, which the host quote in the
     /// answer must include (through the Merkle root it quotes).
     TpmNonce { nonce: [u8; NONCE_LEN] },
+    /// `host` shares: the coordinator quotes the VM's TPM for the request key, over the nonces
+    /// of the CMS and the shard host.
+    VmTpm,
 }
 
 /// The host's quote as a `tpm` release answer carries it: what the guest checks against the AK
@@ -166,6 +183,7 @@ pub enum RefusalCode {
     Internal,
     RateLimited,
     VmNotBound,
+    HostShare,
     Other(u16),
 }
 
@@ -184,6 +202,7 @@ impl RefusalCode {
             Self::Internal => 10,
             Self::RateLimited => 11,
             Self::VmNotBound => 12,
+            Self::HostShare => 13,
             Self::Other(code) => code,
         }
     }
@@ -202,6 +221,7 @@ impl RefusalCode {
             10 => Self::Internal,
             11 => Self::RateLimited,
             12 => Self::VmNotBound,
+            13 => Self::HostShare,
             other => Self::Other(other),
         }
     }
@@ -228,6 +248,18 @@ pub enum Body {
         /// The host quote, for a release that carried a guest nonce.
         host_quote: Option<HostQuote>,
     },
+    /// A `host` share as its shard host released it, sealed to the request key.
+    HostReleased {
+        holder_id: HolderId,
+        /// The binding the shard host sealed under (not trusted by the guest: a wrong one only
+        /// keeps the shard from opening).
+        credential: KeyId,
+        epoch: u64,
+        index: u8,
+        host: String,
+        /// The `KSRS` bytes.
+        released: Vec<u8>,
+    },
     Refused {
         code: RefusalCode,
         reason: String,
@@ -242,6 +274,7 @@ impl Body {
             Self::Nonce { .. } => 0x81,
             Self::Pending => 0x82,
             Self::Released { .. } => 0x83,
+            Self::HostReleased { .. } => 0x84,
             Self::Refused { .. } => 0xFF,
         }
     }
@@ -290,6 +323,7 @@ impl Message {
                         body.push(2);
                         body.extend_from_slice(nonce);
                     }
+                    Evidence::VmTpm => body.push(3),
                 }
             }
             Body::Nonce {
@@ -318,6 +352,28 @@ impl Message {
                 if let Some(quote) = host_quote {
                     put_host_quote(&mut body, quote)?;
                 }
+            }
+            Body::HostReleased {
+                holder_id,
+                credential,
+                epoch,
+                index,
+                host,
+                released,
+            } => {
+                put_short_str(&mut body, holder_id.as_str());
+                put_short_str(&mut body, credential.as_str());
+                body.extend_from_slice(&epoch.to_le_bytes());
+                body.push(check_index(*index)?);
+                check_host_id(host)?;
+                put_short_str(&mut body, host);
+                put_bytes(
+                    &mut body,
+                    "released shard",
+                    released,
+                    1,
+                    shard_release::MAX_RELEASED_LEN,
+                )?;
             }
             Body::Refused { code, reason } => {
                 body.extend_from_slice(&code.to_u16().to_le_bytes());
@@ -382,6 +438,7 @@ impl Message {
                     2 => Evidence::TpmNonce {
                         nonce: b.array("guest nonce")?,
                     },
+                    3 => Evidence::VmTpm,
                     tag => return Err(MessageError::UnknownEvidence(tag)),
                 };
                 Body::Release {
@@ -409,6 +466,15 @@ impl Message {
                     Some(get_host_quote(&mut b)?)
                 },
             },
+            0x84 => Body::HostReleased {
+                holder_id: holder_id(&mut b)?,
+                credential: KeyId::new(b.short_str("credential")?)
+                    .map_err(|e| MessageError::Name(e.to_string()))?,
+                epoch: b.u64("epoch")?,
+                index: check_index(b.u8("share index")?)?,
+                host: check_host_id(b.short_str("host id")?)?.to_owned(),
+                released: get_bytes(&mut b, "released shard", 1, shard_release::MAX_RELEASED_LEN)?,
+            },
             0xFF => {
                 let code = RefusalCode::from_u16(b.u16("code")?);
                 let reason = get_bytes(&mut b, "reason", 0, MAX_REASON_LEN)?;
@@ -434,6 +500,29 @@ fn class(r: &mut Reader<'_>) -> Result<HolderClass> {
 
 fn holder_id(r: &mut Reader<'_>) -> Result<HolderId> {
     HolderId::new(r.short_str("holder id")?).map_err(|e| MessageError::HolderId(e.to_string()))
+}
+
+/// A share index, 1..=255.
+fn check_index(index: u8) -> Result<u8> {
+    if index == 0 {
+        return Err(MessageError::ZeroIndex);
+    }
+    Ok(index)
+}
+
+/// A shard host id: 1..=64 of the characters a key id allows (keyshard-shards' host ids are
+/// a subset).
+fn check_host_id(host: &str) -> Result<&str> {
+    if host.len() > shard_release::MAX_HOST_ID_LEN {
+        return Err(MessageError::FieldLength {
+            field: "host id",
+            len: host.len(),
+            min: 1,
+            max: shard_release::MAX_HOST_ID_LEN,
+        });
+    }
+    KeyId::new(host).map_err(|e| MessageError::Name(format!("host id: {e}")))?;
+    Ok(host)
 }
 
 fn put_host_quote(out: &mut Vec<u8>, quote: &HostQuote) -> Result<()> {
@@ -527,7 +616,7 @@ fn put_bytes(
     Ok(())
 }
 
-/// Holder ids are at most 16 bytes by construction.
+/// Holder ids (16), key ids and host ids (64) fit a one-byte length by construction.
 fn put_short_str(out: &mut Vec<u8>, text: &str) {
     out.push(text.len() as u8);
     out.extend_from_slice(text.as_bytes());

@@ -103,6 +103,31 @@ impl RequestKey {
     }
 }
 
+impl RequestKey {
+    /// Opens HPKE ciphertext sealed to this key under another protocol's `info` and `aad` (a
+    /// shard host's released shard: [`crate::shard_release`]).
+    pub(crate) fn open_with(
+        &self,
+        info: &[u8],
+        encapped_key: &[u8; ENCAPPED_KEY_LEN],
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let encapped = <Kem as hpke::Kem>::EncappedKey::from_bytes(encapped_key)
+            .map_err(|_| EnvelopeError::Open)?;
+        hpke::single_shot_open::<AesGcm256, HkdfSha256, Kem>(
+            &OpModeR::Base,
+            &self.secret,
+            &encapped,
+            info,
+            ciphertext,
+            aad,
+        )
+        .map(Zeroizing::new)
+        .map_err(|_| EnvelopeError::Open)
+    }
+}
+
 impl std::fmt::Debug for RequestKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "RequestKey(public {})", hex::encode(self.public))

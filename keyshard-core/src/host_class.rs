@@ -34,24 +34,37 @@
 //! records hold an SNP measurement policy and shard hosts verify SNP reports. The manifest lists
 //! the `host` holders like the others, so the guest knows k.
 //!
-//! **Relay** (not built yet; until it is, a guest does not ask for its `host` shares at boot
-//! and names each `host` holder as unavailable). The guest has no network path to the CMS, so
-//! the coordinator relays, and must see ciphertext only:
-//! - request: the existing release request (kind `0x02`) with class `host` and the holder id;
-//!   its request key is the guest's X25519 key for the fetch (`keyshard_shards::instance`'s
-//!   FetchKey), and its evidence the guest's: an SNP report whose REPORT_DATA binds the shard
-//!   host's nonce and that key, or (`vm-tpm`) a quote whose qualifying data binds them;
-//! - the coordinator, per `host` holder, asks the CMS for the VM's grants
-//!   (`POST /v1/credentials/{key id}/fetch`) and the placed host for its release
-//!   (`/v1/nonces`, `/v1/release`) over HTTPS, each with a deadline (a dead or hung host is
-//!   that holder's named refusal, never a hung boot);
-//! - answer: a new kind carrying the shard host's released shard (`KSRS`, HPKE-sealed by the
-//!   shard host to the guest's key under the binding key id, epoch, slot, host) with the host
-//!   id and slot, which the guest opens and then checks as a dealer-signed fragment;
-//! - the one design choice left: a `vm-tpm` quote needs TPM2_Quote in the guest without
-//!   tss-esapi (which `make check-deps` keeps out of guest-driver), or the coordinator quotes
-//!   the VM's swtpm itself, which root on the host can do anyway (why `vm-tpm` counts as
-//!   host-reachable) and which still binds the guest's PCRs and its key.
+//! **Relay** (built for `vm-tpm`). The guest has no network path to the CMS, so the
+//! coordinator relays, and sees ciphertext only:
+//! - request: the release request (kind `0x02`) with class `host`, the holder id, the guest's
+//!   fresh X25519 request key, and evidence tag 3 (VM TPM, no bytes) ([`crate::broker`]);
+//! - the coordinator (`keyshard coordinator --vm-tcti`, `keyshard/src/cli/host_relay.rs`)
+//!   asks the CMS for a challenge and the VM's grants (`POST /v1/instances/{id}/challenge`,
+//!   `POST /v1/credentials/{key id}/fetch`, the instance id and the CMS from `state.toml`'s
+//!   `[cms]`, trusting only the state's `cms/ca.pem`), picks the grant of the holder's slot (the
+//!   j-th `host` holder is slot j), and asks that shard host for a nonce and its release
+//!   (`/v1/nonces`, `/v1/release`); the CMS part has one deadline and the host part another,
+//!   and any failure is a refusal (code 13, `HostShare`) naming the CMS or the host, so a dead
+//!   or hung one costs the boot that deadline, never a hang;
+//! - answer: kind `0x84` carrying the shard host's `KSRS` bytes (HPKE-sealed by the shard host
+//!   to the request key) and the binding it sealed under (credential, epoch, index, host); the
+//!   guest opens it ([`crate::shard_release`]) and checks it as a dealer-signed fragment of that
+//!   holder. The binding comes from the coordinator: a wrong one only keeps it from opening.
+//! - evidence, the choice made: the coordinator quotes the VM's TPM (its swtpm) itself, over
+//!   each nonce with the guest's request key bound in the qualifying data
+//!   (`keyshard_shards::instance::qualifying_data`). The guest quoting through /dev/tpmrm0 with
+//!   raw TPM2 commands would not change who can forge the quote here (root on the host runs the
+//!   swtpm and quotes anything with its AK, why `vm-tpm` counts as host-reachable), and it would
+//!   need TPM2_Quote, the AK's reloading and the TPM's sharing between QEMU and the coordinator
+//!   written without tss-esapi. So what the quote proves is that the holder of the VM's TPM,
+//!   with the golden PCRs in it, asked for this key: it keeps `host` shares from a stolen disk
+//!   image or state directory and from a TPM whose PCRs changed, and keeps them out of the
+//!   coordinator's memory and logs; not from root on the host. The swtpm is opened by the
+//!   coordinator, so in a VM it is not the TPM the guest's firmware measures into (QEMU holds
+//!   that one's socket): its PCRs are the ones enrolled, which is another reason it counts as
+//!   host-reachable. `sev-snp` (REPORT_DATA binding the shard host's nonce and the request key,
+//!   which the guest's report source makes) is not relayed yet: shard hosts do not verify SNP
+//!   reports.
 
 use std::fmt;
 

@@ -20,6 +20,7 @@ pub mod manifest;
 pub mod policy;
 pub mod quorum;
 pub mod recovery;
+pub mod shard_release;
 pub mod sharing;
 pub mod usage;
 pub mod virtio_blk;

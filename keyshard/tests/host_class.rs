@@ -5,6 +5,11 @@
 //! places the two host shares through the CMS. The test then acts as the VM: it fetches grants
 //! from the CMS, asks each placed host over HTTPS, and rebuilds the volume key from the two
 //! released host fragments and the vhd fragment.
+//!
+//! The relay (item 8, step 3): the real `keyshard coordinator --vm-tcti` serves the VM's broker
+//! socket and the guest agent (its library, over the vhost-user frontend `keyshard-guest
+//! --vhost-user` uses) unlocks through it, the `host` shares coming from the shard hosts; with
+//! the placed shard hosts stopped or hung it stays locked within its deadlines and names them.
 
 // Test code: a panic here is a failed test.
 #![allow(
@@ -14,6 +19,9 @@
     clippy::panic
 )]
 
+#[path = "common/devices.rs"]
+#[allow(dead_code)]
+mod devices;
 #[path = "common/cms.rs"]
 #[allow(dead_code)]
 mod harness;
@@ -456,4 +464,241 @@ async fn item8_init_refuses_host_shares_it_cannot_place_before_writing_anything(
     for written in ["state.toml", "manifest.toml", "fragments", "sealed"] {
         assert!(!state.join(written).exists(), "init wrote {written}");
     }
+}
+
+/// Starts `keyshard coordinator` on `state` for vm-1, quoting the VM's TPM for host shares,
+/// with a shard host deadline of `host_deadline_ms`; the broker socket's path.
+fn start_coordinator(lab: &Lab, state: &Path, host_deadline_ms: u64) -> (Daemon, PathBuf) {
+    let socket = lab.path("broker.sock");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keyshard"));
+    command
+        .env("RUST_LOG", "info")
+        .arg("coordinator")
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--broker")
+        .arg(format!("vm-1={}", socket.display()))
+        .arg("--tcti")
+        .arg(lab.own_swtpm.tcti())
+        .arg("--vm-tcti")
+        .arg(lab.vm_swtpm.tcti())
+        .arg("--cms-deadline-ms=3000")
+        .arg(format!("--host-deadline-ms={host_deadline_ms}"));
+    let daemon = Daemon::start(
+        "coordinator",
+        &mut command,
+        "ready: serving",
+        Duration::from_secs(30),
+        &lab.path("coordinator.log"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    (daemon, socket)
+}
+
+/// vhd = 1, tpm = 1, host = 2, k = 3 placed for vm-1 (enrolled); the state directory and
+/// the hosts the two host shares went to.
+fn init_placed(lab: &Lab) -> (PathBuf, Vec<String>) {
+    let instances = lab.enrol_vm();
+    let client_pub = lab.client_pub();
+    let state = lab.path("vm-1");
+    let policy = format!("{POLICY}[host]\nevidence = \"vm-tpm\"\n");
+    let (code, out, err) = lab.init(
+        &policy,
+        &state,
+        &[
+            "--client-pub".as_ref(),
+            client_pub.as_os_str(),
+            "--instance-policy".as_ref(),
+            instances.as_os_str(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let placed: Vec<String> = out
+        .split("placed on shard hosts ")
+        .nth(1)
+        .and_then(|rest| rest.split(" (").next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .split(", ")
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(placed.len(), 2, "{out}");
+    let text = std::fs::read_to_string(state.join("state.toml")).unwrap();
+    assert!(
+        text.contains("[cms]") && text.contains("instance_id = \"vm-1\""),
+        "{text}"
+    );
+    (state, placed)
+}
+
+/// The guest agent's unlock: the vhd fragment on a vhost-user socket, the broker socket.
+fn guest_unlock(
+    state: &Path,
+    broker: &Path,
+) -> keyshard_core::quorum::Result<keyshard_core::quorum::QuorumOutcome> {
+    let manifest =
+        Manifest::parse(&std::fs::read_to_string(state.join("manifest.toml")).unwrap()).unwrap();
+    guest_unlock_with(&manifest, state, broker)
+}
+
+/// [`guest_unlock`] with `manifest` as the guest's.
+fn guest_unlock_with(
+    manifest: &Manifest,
+    state: &Path,
+    broker: &Path,
+) -> keyshard_core::quorum::Result<keyshard_core::quorum::QuorumOutcome> {
+    use guest_driver::agent::{self, Inputs};
+    use guest_driver::broker::mailbox::MailboxSpec;
+    use guest_driver::broker::shares::InProcessFetcher;
+    use guest_driver::source::SourceSpec;
+
+    let vhd = std::fs::read(state.join("fragments/vhd-1.ksf")).unwrap();
+    let mut served = devices::Devices::new();
+    let volume = vhost_keyshard::fragment_volume::FragmentVolume::from_fragments(
+        &[vhd],
+        keyshard_core::HolderId::new("vhd-1").unwrap(),
+    )
+    .unwrap();
+    let socket = served.serve("vhd-1", std::sync::Arc::new(volume));
+    let inputs = Inputs {
+        sources: vec![SourceSpec::VhostUser(socket).into_source(Path::new("/sys"))],
+        broker: Some(Box::new(InProcessFetcher::new(
+            MailboxSpec::VhostUser(broker.to_owned()).into_mailbox(Path::new("/sys")),
+            None,
+        ))),
+        discovery: None,
+    };
+    let outcome = agent::unlock_with(manifest, inputs, Duration::from_secs(30));
+    served.stop();
+    outcome
+}
+
+/// The `host` holders the quorum's rejections name as missing, with why.
+fn missing_host_holders(rejected: &[keyshard_core::quorum::Rejection]) -> Vec<(String, String)> {
+    rejected
+        .iter()
+        .filter(|r| r.source.starts_with("host-"))
+        .map(|r| (r.source.clone(), r.reason.to_string()))
+        .collect()
+}
+
+#[test]
+fn item8_the_guest_unlocks_with_host_shares_relayed_by_the_coordinator() {
+    let lab = Lab::start();
+    let (state, placed) = init_placed(&lab);
+    let (coordinator, socket) = start_coordinator(&lab, &state, 5000);
+
+    let outcome = guest_unlock(&state, &socket).unwrap_or_else(|e| {
+        panic!(
+            "{e:?}\n{}",
+            std::fs::read_to_string(lab.path("coordinator.log")).unwrap_or_default()
+        )
+    });
+    assert_eq!(outcome.secret.as_slice(), VOLUME_KEY);
+    let used: Vec<&str> = outcome.used.iter().map(|u| u.source.as_str()).collect();
+    // vhd-1 and tpm-1 are 2 of k = 3: the third is a host share, relayed.
+    assert_eq!(used.len(), 3, "{used:?}");
+    assert!(
+        used.iter().any(|u| u.starts_with("host-1 (broker")),
+        "{used:?}"
+    );
+    assert!(
+        used.iter().any(|u| u.starts_with("tpm-1 (broker")),
+        "{used:?}"
+    );
+
+    // The coordinator saw ciphertext only: its log says who released, never the share.
+    let log = std::fs::read_to_string(lab.path("coordinator.log")).unwrap();
+    assert!(log.contains("host-1 released by shard host"), "{log}");
+
+    // A guest whose manifest pins no host TPM cannot take the tpm share: it needs both host
+    // shares, so both slots are relayed from the two placed shard hosts.
+    let mut manifest =
+        Manifest::parse(&std::fs::read_to_string(state.join("manifest.toml")).unwrap()).unwrap();
+    manifest.host_attestation = None;
+    let outcome = guest_unlock_with(&manifest, &state, &socket).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(outcome.secret.as_slice(), VOLUME_KEY);
+    let mut used: Vec<&str> = outcome
+        .used
+        .iter()
+        .map(|u| u.source.split(' ').next().unwrap())
+        .collect();
+    used.sort_unstable();
+    assert_eq!(used, ["host-1", "host-2", "ksf-vhd-1"]);
+    let log = std::fs::read_to_string(lab.path("coordinator.log")).unwrap();
+    for host in &placed {
+        assert!(
+            log.contains(&format!("released by shard host {host}")),
+            "{log}"
+        );
+    }
+    drop(coordinator);
+}
+
+#[test]
+fn item8_with_its_shard_hosts_stopped_or_hung_the_guest_stays_locked_and_names_them() {
+    let mut lab = Lab::start();
+    let (state, placed) = init_placed(&lab);
+    let (_coordinator, socket) = start_coordinator(&lab, &state, 1500);
+    let index = |id: &str| HOSTS.iter().position(|(h, _)| *h == id).unwrap();
+    let (dead, hung) = (index(&placed[0]), index(&placed[1]));
+    // One placed host is stopped, the other hangs: it accepts connections and never answers.
+    lab._hosts[dead].stop().unwrap();
+    let hung_pid = libc::pid_t::try_from(lab._hosts[hung].pid()).unwrap();
+    // SAFETY: kill(2) with the pid of a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(hung_pid, libc::SIGSTOP) }, 0);
+
+    let started = std::time::Instant::now();
+    let error = guest_unlock(&state, &socket).unwrap_err();
+    let took = started.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(hung_pid, libc::SIGCONT) };
+    let keyshard_core::quorum::QuorumError::NotMet {
+        valid,
+        needed,
+        rejected,
+    } = error
+    else {
+        panic!("{error:?}");
+    };
+    assert_eq!((valid, needed), (2, Some(3)), "{rejected:?}");
+    let missing = missing_host_holders(&rejected);
+    assert_eq!(missing.len(), 2, "{rejected:?}");
+    let why: String = missing
+        .iter()
+        .map(|(holder, why)| format!("{holder}: {why}\n"))
+        .collect();
+    assert!(why.contains(&format!("shard host {}", placed[0])), "{why}");
+    assert!(!why.contains("CMS"), "{why}");
+    assert!(
+        why.contains(&format!(
+            "shard host {}: no answer within 1500 ms",
+            placed[1]
+        )),
+        "{why}"
+    );
+    eprintln!("locked after {took:?}:\n{why}");
+    // Two host requests, each bounded by the shard host deadline (1.5 s) after the CMS's part:
+    // the boot waited for the deadlines, not for the hung host.
+    assert!(took < Duration::from_secs(12), "took {took:?}");
+
+    // A hung CMS: each host holder is refused after the CMS deadline (3 s), naming the CMS.
+    let cms_pid = libc::pid_t::try_from(lab.cms.daemon.pid()).unwrap();
+    // SAFETY: kill(2) with the pid of a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(cms_pid, libc::SIGSTOP) }, 0);
+    let started = std::time::Instant::now();
+    let error = guest_unlock(&state, &socket).unwrap_err();
+    let took = started.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(cms_pid, libc::SIGCONT) };
+    let keyshard_core::quorum::QuorumError::NotMet { rejected, .. } = error else {
+        panic!("{error:?}");
+    };
+    let missing = missing_host_holders(&rejected);
+    assert_eq!(missing.len(), 2, "{rejected:?}");
+    let cms = format!("CMS {}: no answer within 3000 ms", lab.cms.url(""));
+    assert!(
+        missing.iter().all(|(_, why)| why.contains(&cms)),
+        "{missing:?}"
+    );
+    assert!(took < Duration::from_secs(15), "took {took:?}");
 }

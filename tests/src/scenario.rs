@@ -229,6 +229,21 @@ impl Scenario {
     }
 
     fn init_inner(name: &str, policy: &str, edit: Option<ManifestEdit<'_>>) -> Result<Self> {
+        Self::init_inner_with(name, policy, edit, &[])
+    }
+
+    /// Like [`Self::init`], with `extra` arguments to `keyshard init` (e.g. `--cms ...`, which
+    /// places the policy's `host` shares on shard hosts). `policy` may be an absolute path.
+    pub fn init_with_args(name: &str, policy: &str, extra: &[String]) -> Result<Self> {
+        Self::init_inner_with(name, policy, None, extra)
+    }
+
+    fn init_inner_with(
+        name: &str,
+        policy: &str,
+        edit: Option<ManifestEdit<'_>>,
+        extra: &[String],
+    ) -> Result<Self> {
         let dealing = Dealing::new(name)?;
         let swtpm = Swtpm::start(&dealing.dir().join("swtpm"))?;
         let state_dir = dealing.dir().join("state");
@@ -238,35 +253,39 @@ impl Scenario {
             tcti: Some(swtpm.tcti()),
             swtpm: Some(swtpm),
         };
-        Self::init_dealt(dealing, name, policy, edit, dealt)
+        Self::init_dealt(dealing, name, policy, edit, dealt, extra)
     }
 
-    /// `keyshard init --policy P --state-dir D --tcti T --vm-id V` as `dealt` says, then the
-    /// volume and the initramfs.
+    /// `keyshard init --policy P --state-dir D --tcti T --vm-id V [EXTRA]` as `dealt` says,
+    /// then the volume and the initramfs.
     fn init_dealt(
         dealing: Dealing,
         name: &str,
         policy: &str,
         edit: Option<ManifestEdit<'_>>,
         dealt: Dealt,
+        extra: &[String],
     ) -> Result<Self> {
         let (Some(state_dir), Some(tcti)) = (dealt.state_dir.clone(), dealt.tcti.clone()) else {
             return Err(HarnessError::NoCoordinatorState);
         };
         let policy = dealing.env.repo.join(policy);
-        dealing.keyshard(&[
+        let (policy, state) = (policy.to_string_lossy(), state_dir.to_string_lossy());
+        let mut args = vec![
             "init",
             "--policy",
-            &policy.to_string_lossy(),
+            &policy,
             "--state-dir",
-            &state_dir.to_string_lossy(),
+            &state,
             "--secret-file",
             "volume.key",
             "--tcti",
             &tcti,
             "--vm-id",
             &dealt.vm_id,
-        ])?;
+        ];
+        args.extend(extra.iter().map(String::as_str));
+        dealing.keyshard(&args)?;
         let manifest = state_dir.join("manifest.toml");
         let fragments = parse_manifest(&manifest)?
             .holders
@@ -348,6 +367,15 @@ impl Scenario {
     /// Starts `keyshard coordinator --state-dir DIR --broker VM=SOCKET --tcti SWTPM` and waits
     /// until it says it is ready (scenarios made by [`Self::init`] or [`StateRoot::init_vm`]).
     pub fn start_coordinator(&self, vm_id: &str) -> Result<CoordinatorDaemon> {
+        self.start_coordinator_with(vm_id, &[])
+    }
+
+    /// [`Self::start_coordinator`] with `extra` arguments (e.g. `--vm-tcti`).
+    pub fn start_coordinator_with(
+        &self,
+        vm_id: &str,
+        extra: &[String],
+    ) -> Result<CoordinatorDaemon> {
         let (Some(state_dir), Some(tcti)) = (&self.state_dir, &self.tcti) else {
             return Err(HarnessError::NoCoordinatorState);
         };
@@ -361,7 +389,8 @@ impl Scenario {
                 .arg("--broker")
                 .arg(format!("{vm_id}={}", socket.display()))
                 .arg("--tcti")
-                .arg(tcti),
+                .arg(tcti)
+                .args(extra),
             DAEMON_READY_PREFIX,
             DAEMON_READY_TIMEOUT,
             &self.dir().join(format!("coordinator-{vm_id}.stderr.log")),
@@ -479,7 +508,7 @@ impl StateRoot {
             tcti: Some(self.swtpm.tcti()),
             swtpm: None,
         };
-        Scenario::init_dealt(dealing, name, policy, None, dealt)
+        Scenario::init_dealt(dealing, name, policy, None, dealt, &[])
     }
 
     /// Starts `keyshard coordinator --state-root ROOT --tcti SWTPM` and waits until it says it

@@ -4,7 +4,11 @@
 //! One request at a time: write it (a random request id), then read the answer area, a short
 //! sleep between reads (2 ms, growing to 20 ms), until the answer names the request and is final
 //! or the deadline passes. An `sev` share takes two requests: a nonce, then the release with an
-//! SNP report whose REPORT_DATA binds that nonce and the request's public key.
+//! SNP report whose REPORT_DATA binds that nonce and the request's public key. A `host` share
+//! takes one request, with VM TPM evidence: the coordinator relays it to the CMS and the shard
+//! host (quoting the VM's TPM for the request key) and passes on what the shard host released,
+//! sealed to that key; the guest opens it ([`keyshard_core::shard_release`]) and checks it as a
+//! signed fragment like any other share.
 //!
 //! A refusal for rate ([`RefusalCode::RateLimited`]: the coordinator allows each VM a burst of
 //! requests, then a few per second) is not a verdict: the client waits [`RATE_LIMITED_PAUSE`]
@@ -21,6 +25,7 @@ use std::time::{Duration, Instant};
 use keyshard_core::broker::{Body, Evidence, Message, MessageError, NONCE_LEN, RefusalCode};
 use keyshard_core::envelope::{EnvelopeError, ReleaseContext, RequestKey};
 use keyshard_core::manifest::HostAttestation;
+use keyshard_core::shard_release::{self, ReleaseBinding, ShardReleaseError};
 use keyshard_core::{HolderClass, HolderId};
 use zeroize::Zeroizing;
 
@@ -63,6 +68,8 @@ pub enum BrokerError {
     Cancelled,
     #[error("host check failed: {0}")]
     HostCheck(#[from] HostCheckError),
+    #[error(transparent)]
+    ShardRelease(#[from] ShardReleaseError),
 }
 
 pub type Result<T> = std::result::Result<T, BrokerError>;
@@ -227,6 +234,49 @@ impl BrokerClient {
         })
     }
 
+    /// A `host` holder's share, as its shard host released it through the coordinator's relay,
+    /// opened with this request's key. The bytes are still to be checked as a signed fragment
+    /// (the binding comes from the coordinator: a wrong one only keeps the shard from opening).
+    pub fn release_host(
+        &mut self,
+        holder: &HolderId,
+        deadline: Instant,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let key = RequestKey::generate()?;
+        let request = Body::Release {
+            class: HolderClass::Host,
+            holder_id: holder.clone(),
+            request_key: key.public_key(),
+            evidence: Evidence::VmTpm,
+        };
+        match self.exchange(request, deadline)?.body {
+            Body::HostReleased {
+                holder_id,
+                credential,
+                epoch,
+                index,
+                host,
+                released,
+            } => {
+                if holder_id != *holder {
+                    return Err(BrokerError::Protocol(format!(
+                        "released host holder {holder_id} for a request for {holder}"
+                    )));
+                }
+                let binding = ReleaseBinding {
+                    credential: &credential,
+                    epoch,
+                    index,
+                    host: &host,
+                };
+                let fragment = shard_release::open(&key, &released, &binding)?;
+                log::debug!("{holder}: released by shard host {host}");
+                Ok(fragment)
+            }
+            other => Err(unexpected("a released host share", &other)),
+        }
+    }
+
     /// Sends a release request; the answer's host quote must pass `check` before the share is
     /// opened.
     fn release_checked(
@@ -339,6 +389,7 @@ fn kind_name(body: &Body) -> &'static str {
         Body::Nonce { .. } => "a nonce",
         Body::Pending => "pending",
         Body::Released { .. } => "a released share",
+        Body::HostReleased { .. } => "a released host share",
         Body::Refused { .. } => "a refusal",
     }
 }

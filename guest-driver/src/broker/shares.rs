@@ -1,5 +1,5 @@
-//! The attested holders' shares as quorum candidates: one request to the coordinator per `tpm` or
-//! `sev` holder of the manifest, one after another over the one mailbox, each answer (a signed
+//! The attested holders' shares as quorum candidates: one request to the coordinator per `tpm`,
+//! `sev` or `host` holder of the manifest, one after another over the one mailbox, each answer (a signed
 //! fragment, or why not) named after its holder.
 
 use std::sync::Arc;
@@ -82,9 +82,12 @@ impl ShareFetcher for InProcessFetcher {
     }
 }
 
-/// Whether the coordinator releases this class's shares.
+/// Whether the coordinator releases (or, for `host`, relays) this class's shares.
 pub fn is_brokered(class: HolderClass) -> bool {
-    matches!(class, HolderClass::Tpm | HolderClass::Sev)
+    matches!(
+        class,
+        HolderClass::Tpm | HolderClass::Sev | HolderClass::Host
+    )
 }
 
 /// Asks for one holder's share: `tpm` with no evidence, `sev` with an SNP report from `reports`
@@ -100,6 +103,7 @@ pub fn fetch(
         (HolderClass::Tpm, _) => client.release_tpm(&holder.id, host, deadline),
         (HolderClass::Sev, Some(reports)) => client.release_sev(&holder.id, reports, deadline),
         (HolderClass::Sev, None) => Err(BrokerError::Snp(SnpError::NoDevice)),
+        (HolderClass::Host, _) => client.release_host(&holder.id, deadline),
         (class, _) => Err(BrokerError::Protocol(format!(
             "{class} shares are not released by the coordinator"
         ))),

@@ -401,3 +401,43 @@ impl RequestHandler for CountingHandler {
         self.inner.answer(vm_id, request)
     }
 }
+
+/// Panics on its first request, then answers a nonce.
+struct PanickingOnce(Mutex<bool>);
+
+impl RequestHandler for PanickingOnce {
+    fn answer(&self, _vm_id: &str, request: &Message) -> Body {
+        let first = std::mem::replace(&mut *self.0.lock().unwrap(), false);
+        if first {
+            panic!("a bug in a handler");
+        }
+        Body::Nonce {
+            nonce: [request.request_id as u8; 32],
+            valid_for_ms: 60_000,
+        }
+    }
+}
+
+/// Issue 9 item 8 found it: a handler that panicked (the relay's timer outside its runtime)
+/// ended the mailbox's thread, and the guest then saw `pending` until its deadline.
+#[test]
+fn item8_a_panicking_handler_refuses_that_request_and_the_mailbox_goes_on() {
+    let mailbox = BrokerMailbox::new("vm1", Arc::new(PanickingOnce(Mutex::new(true)))).unwrap();
+    write(&mailbox, &nonce_request(1));
+    let answer = final_answer(&mailbox);
+    assert_eq!(answer.request_id, 1);
+    assert!(
+        matches!(
+            answer.body,
+            Body::Refused {
+                code: RefusalCode::Internal,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    write(&mailbox, &nonce_request(2));
+    let answer = final_answer(&mailbox);
+    assert_eq!(answer.request_id, 2);
+    assert!(matches!(answer.body, Body::Nonce { .. }), "{answer:?}");
+}

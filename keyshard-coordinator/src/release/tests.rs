@@ -390,3 +390,126 @@ fn item7_a_flood_naming_new_holders_folds_into_a_bounded_audit_log() {
         .unwrap();
     assert!(rate_limited.get("holder").is_none(), "{rate_limited}");
 }
+
+/// What a relay was asked: vm, holder, slot, request key.
+type Asked = (String, String, u8, [u8; 32]);
+
+/// Answers every `host` request with a fixed shard, or refuses; records what it was asked.
+struct FixedRelay {
+    refusal: Option<Refusal>,
+    asked: Mutex<Vec<Asked>>,
+}
+
+impl HostShareRelay for FixedRelay {
+    fn relay(
+        &self,
+        request: &HostShareRequest<'_>,
+    ) -> Result<crate::host_relay::RelayedShard, Refusal> {
+        self.asked.lock().unwrap().push((
+            request.vm_id.to_owned(),
+            request.holder.to_string(),
+            request.slot,
+            *request.request_key,
+        ));
+        match &self.refusal {
+            Some(refusal) => Err(refusal.clone()),
+            None => Ok(crate::host_relay::RelayedShard {
+                credential: keyshard_core::KeyId::new("vm-key").unwrap(),
+                epoch: 1,
+                index: request.slot,
+                host: "shard-eu".into(),
+                released: b"KSRS sealed bytes".to_vec(),
+            }),
+        }
+    }
+}
+
+fn host_setup(relay: Option<Arc<FixedRelay>>) -> Setup {
+    let mut s = setup(FixedReleaser::new(None), FixedReleaser::new(None));
+    s.coordinator
+        .add_host_holder(HolderId::new("host-1").unwrap(), 1);
+    s.coordinator
+        .add_host_holder(HolderId::new("host-2").unwrap(), 2);
+    if let Some(relay) = relay {
+        s.coordinator.set_host_relay(relay);
+    }
+    s
+}
+
+#[test]
+fn item8_a_host_release_is_relayed_for_its_slot_and_passed_on_as_released() {
+    let relay = Arc::new(FixedRelay {
+        refusal: None,
+        asked: Mutex::new(Vec::new()),
+    });
+    let s = host_setup(Some(relay.clone()));
+    let key = RequestKey::generate().unwrap();
+    let answer = s.coordinator.answer(
+        "vm1",
+        &release(1, HolderClass::Host, "host-2", &key, Evidence::VmTpm),
+    );
+    match answer {
+        Body::HostReleased {
+            holder_id,
+            index,
+            host,
+            released,
+            ..
+        } => {
+            assert_eq!(holder_id.as_str(), "host-2");
+            assert_eq!(index, 2);
+            assert_eq!(host, "shard-eu");
+            assert_eq!(released, b"KSRS sealed bytes");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        *relay.asked.lock().unwrap(),
+        [("vm1".to_owned(), "host-2".to_owned(), 2, key.public_key())]
+    );
+
+    // Other evidence, an unknown host holder and an unbound VM never reach the relay.
+    for (vm, holder, evidence, code) in [
+        ("vm1", "host-1", Evidence::None, RefusalCode::Malformed),
+        ("vm1", "host-9", Evidence::VmTpm, RefusalCode::UnknownHolder),
+        ("vm9", "host-1", Evidence::VmTpm, RefusalCode::VmNotBound),
+    ] {
+        let answer = s
+            .coordinator
+            .answer(vm, &release(2, HolderClass::Host, holder, &key, evidence));
+        assert!(
+            matches!(answer, Body::Refused { code: c, .. } if c == code),
+            "{holder}: {answer:?}"
+        );
+    }
+    assert_eq!(relay.asked.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn item8_without_a_relay_or_when_it_fails_a_host_release_is_refused_naming_why() {
+    let key = RequestKey::generate().unwrap();
+    let request = release(1, HolderClass::Host, "host-1", &key, Evidence::VmTpm);
+    let s = host_setup(None);
+    match s.coordinator.answer("vm1", &request) {
+        Body::Refused { code, reason } => {
+            assert_eq!(code, RefusalCode::HostShare);
+            assert!(reason.contains("--vm-tcti"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let failing = Arc::new(FixedRelay {
+        refusal: Some(Refusal::new(
+            RefusalCode::HostShare,
+            "shard host shard-eu: no answer within 2000 ms",
+        )),
+        asked: Mutex::new(Vec::new()),
+    });
+    let s = host_setup(Some(failing));
+    match s.coordinator.answer("vm1", &request) {
+        Body::Refused { code, reason } => {
+            assert_eq!(code, RefusalCode::HostShare);
+            assert!(reason.contains("shard-eu"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

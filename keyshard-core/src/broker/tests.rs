@@ -67,6 +67,13 @@ fn samples() -> Vec<Message> {
                 ],
             }),
         },
+        Body::Release {
+            class: HolderClass::Host,
+            holder_id: holder("host-1"),
+            request_key: [7; 32],
+            evidence: Evidence::VmTpm,
+        },
+        host_released(),
         Body::Refused {
             code: RefusalCode::HostAttestation,
             reason: "PCR 7 differs from its golden value".into(),
@@ -247,6 +254,7 @@ fn refusal_codes_round_trip() {
     }
     assert_eq!(RefusalCode::from_u16(11), RefusalCode::RateLimited);
     assert_eq!(RefusalCode::from_u16(12), RefusalCode::VmNotBound);
+    assert_eq!(RefusalCode::from_u16(13), RefusalCode::HostShare);
 }
 
 /// Issue 8 item 4: a host quote's path side is 0 or 1, its length bounded, its tag known.
@@ -286,4 +294,140 @@ fn item4_a_malformed_host_quote_is_refused() {
             ..
         })
     ));
+}
+
+fn host_released() -> Body {
+    Body::HostReleased {
+        holder_id: holder("host-2"),
+        credential: KeyId::new("vm-key").unwrap(),
+        epoch: 3,
+        index: 2,
+        host: "shard-host-eu".into(),
+        released: vec![0x5a; 250],
+    }
+}
+
+/// The bytes of a `host` share answer with its fields replaced.
+fn host_released_with(f: impl FnOnce(&mut Body)) -> Vec<u8> {
+    let mut body = host_released();
+    f(&mut body);
+    let message = Message {
+        request_id: 1,
+        body,
+    };
+    // Encode what the encoder accepts; build what it refuses by hand.
+    message.encode().unwrap_or_default()
+}
+
+#[test]
+fn item8_host_share_answers_refuse_bad_indexes_host_ids_and_sizes() {
+    // The encoder refuses what the parser would.
+    for bad in [
+        host_released_with(|b| {
+            if let Body::HostReleased { index, .. } = b {
+                *index = 0;
+            }
+        }),
+        host_released_with(|b| {
+            if let Body::HostReleased { host, .. } = b {
+                *host = "a host".into();
+            }
+        }),
+        host_released_with(|b| {
+            if let Body::HostReleased { host, .. } = b {
+                *host = "h".repeat(65);
+            }
+        }),
+        host_released_with(|b| {
+            if let Body::HostReleased { released, .. } = b {
+                *released = vec![1; crate::shard_release::MAX_RELEASED_LEN + 1];
+            }
+        }),
+        host_released_with(|b| {
+            if let Body::HostReleased { released, .. } = b {
+                released.clear();
+            }
+        }),
+    ] {
+        assert!(bad.is_empty(), "encoded an invalid host share answer");
+    }
+    // The largest released shard fits the answer area and what the guest reads of it (4 KiB).
+    let largest = host_released_with(|b| {
+        if let Body::HostReleased { released, .. } = b {
+            *released = vec![1; crate::shard_release::MAX_RELEASED_LEN];
+        }
+    });
+    assert!(largest.len() <= 4096, "{}", largest.len());
+    assert!(Message::parse(&largest).is_ok());
+
+    // The parser refuses each of them, hand-made.
+    let good = host_released_with(|_| {});
+    // holder id "host-2" (1 + 6), credential "vm-key" (1 + 6), epoch (8): the index is next.
+    let index_at = HEADER_LEN + 7 + 7 + 8;
+    assert_eq!(good[index_at], 2);
+    let mut zero = good.clone();
+    zero[index_at] = 0;
+    assert_eq!(Message::parse(&zero), Err(MessageError::ZeroIndex));
+    let mut space = good.clone();
+    space[index_at + 2] = b' ';
+    assert!(matches!(Message::parse(&space), Err(MessageError::Name(_))));
+    let mut credential = good.clone();
+    credential[HEADER_LEN + 8] = b'/';
+    assert!(matches!(
+        Message::parse(&credential),
+        Err(MessageError::Name(_))
+    ));
+    // A released shard declared empty.
+    let released_at = index_at + 1 + 1 + "shard-host-eu".len();
+    let mut empty = good[..released_at].to_vec();
+    empty.extend_from_slice(&[0, 0]);
+    let body_len = (empty.len() - HEADER_LEN) as u32;
+    empty[16..20].copy_from_slice(&body_len.to_le_bytes());
+    assert!(matches!(
+        Message::parse(&empty),
+        Err(MessageError::FieldLength {
+            field: "released shard",
+            len: 0,
+            ..
+        })
+    ));
+    // An unknown evidence tag is still refused past the new one.
+    let mut release = Message {
+        request_id: 1,
+        body: Body::Release {
+            class: HolderClass::Host,
+            holder_id: holder("host-1"),
+            request_key: [7; 32],
+            evidence: Evidence::VmTpm,
+        },
+    }
+    .encode()
+    .unwrap();
+    let tag = release.len() - 1;
+    assert_eq!(release[tag], 3);
+    release[tag] = 4;
+    assert_eq!(
+        Message::parse(&release),
+        Err(MessageError::UnknownEvidence(4))
+    );
+}
+
+/// The fuzz seeds of the new kinds parse (so the fuzzer starts from valid messages).
+#[test]
+fn item8_fuzz_seeds_of_host_kinds_parse() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/broker_message");
+    for name in ["release-host", "host-released"] {
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        let message = Message::parse(&bytes).unwrap();
+        assert!(
+            matches!(
+                message.body,
+                Body::Release {
+                    evidence: Evidence::VmTpm,
+                    ..
+                } | Body::HostReleased { .. }
+            ),
+            "{name}"
+        );
+    }
 }

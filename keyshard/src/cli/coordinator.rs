@@ -1,10 +1,12 @@
 //! `keyshard coordinator`: serve the broker mailboxes until SIGTERM, either of every VM under a
 //! state root (`--state-root`, watched for VMs added and removed) or of the VMs given with
-//! `--broker` from one state directory.
+//! `--broker` from one state directory. With `--vm-tcti` (one state directory), it relays the
+//! state's `host` shares from their shard hosts ([`super::host_relay`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use keyshard_core::HolderId;
 use keyshard_core::broker::SERIAL_PREFIX;
@@ -12,9 +14,11 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use super::CliError;
+use super::host_relay::CmsRelay;
+use keyshard_coordinator::host_relay::HostShareRelay;
 use keyshard_coordinator::mailbox::{BrokerMailbox, RequestHandler};
 use keyshard_coordinator::setup;
-use keyshard_coordinator::state::StateDir;
+use keyshard_coordinator::state::{State, StateDir};
 use keyshard_coordinator::state_root::{Event, POLL_INTERVAL, StateRootServer};
 use keyshard_tpm::{TpmConfig, TpmService, resolve_tcti};
 use vhost_keyshard::daemon::access::SocketArgs;
@@ -39,6 +43,17 @@ pub struct Args {
     /// Write the process id here once every socket listens.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
+    /// The VM's TPM (its swtpm), which the coordinator quotes for the guest's `host` shares
+    /// (with --state-dir; the state must come from `keyshard init --cms`). Without it, `host`
+    /// releases are refused, saying so.
+    #[arg(long, value_name = "TCTI", requires = "state_dir")]
+    pub vm_tcti: Option<String>,
+    /// Milliseconds the CMS's challenge and fetch may take for one `host` release.
+    #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub cms_deadline_ms: u64,
+    /// Milliseconds one shard host's nonce and release may take.
+    #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub host_deadline_ms: u64,
     #[command(flatten)]
     pub socket: SocketArgs,
 }
@@ -48,8 +63,18 @@ pub struct Config {
     pub served: Served,
     pub tcti: String,
     pub pidfile: Option<PathBuf>,
+    /// The VM's TPM and the deadlines, for relaying `host` shares.
+    pub host_relay: Option<HostRelayConfig>,
     /// Mode and owner of every broker socket file.
     pub access: SocketAccess,
+}
+
+/// How `host` releases are relayed.
+#[derive(Debug)]
+pub struct HostRelayConfig {
+    pub vm_tcti: String,
+    pub cms_deadline: Duration,
+    pub host_deadline: Duration,
 }
 
 /// Which VMs are served.
@@ -108,6 +133,11 @@ impl TryFrom<Args> for Config {
             served,
             tcti: resolve_tcti(args.tcti.as_deref()),
             pidfile: args.pidfile,
+            host_relay: args.vm_tcti.map(|vm_tcti| HostRelayConfig {
+                vm_tcti,
+                cms_deadline: Duration::from_millis(args.cms_deadline_ms),
+                host_deadline: Duration::from_millis(args.host_deadline_ms),
+            }),
             access: SocketAccess::try_from(&args.socket)
                 .map_err(|e| CliError::InvalidArgument(e.to_string()))?,
         })
@@ -169,7 +199,11 @@ fn run_brokers(
     } else {
         None
     };
-    let coordinator = Arc::new(setup::coordinator(state_dir, &state, tpm)?);
+    let mut coordinator = setup::coordinator(state_dir, &state, tpm)?;
+    if let Some(relay) = host_relay(state_dir, &state, config.host_relay.as_ref())? {
+        coordinator.set_host_relay(relay);
+    }
+    let coordinator = Arc::new(coordinator);
     let handler: Arc<dyn RequestHandler> = coordinator.clone();
     let devices = brokers
         .iter()
@@ -186,6 +220,42 @@ fn run_brokers(
     coordinator.flush_audit();
     served?;
     Ok(())
+}
+
+/// The relay of the state's `host` shares, when it has some and `--vm-tcti` was given.
+fn host_relay(
+    state_dir: &StateDir,
+    state: &State,
+    config: Option<&HostRelayConfig>,
+) -> Result<Option<Arc<dyn HostShareRelay>>, CliError> {
+    let has_host = state.host_slots().next().is_some();
+    let (config, link) = match (config, &state.cms) {
+        (None, _) => {
+            if has_host {
+                log::warn!(
+                    "the state has host shares but no --vm-tcti: their releases will be refused"
+                );
+            }
+            return Ok(None);
+        }
+        (Some(_), None) => {
+            return Err(CliError::InvalidArgument(format!(
+                "--vm-tcti: {}: the state has no host shares placed through a CMS",
+                state_dir.root().display()
+            )));
+        }
+        (Some(config), Some(link)) => (config, link),
+    };
+    let vm_tpm = TpmService::spawn(TpmConfig::new(config.vm_tcti.clone()))?;
+    let relay = CmsRelay::new(
+        state_dir,
+        state.key_id.clone(),
+        link,
+        vm_tpm,
+        config.cms_deadline,
+        config.host_deadline,
+    )?;
+    Ok(Some(Arc::new(relay)))
 }
 
 /// Serves every VM under `root` and follows the directory until a stop signal: one line on

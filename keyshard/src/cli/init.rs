@@ -16,8 +16,8 @@ use super::credential::{
 use super::{CliError, load, policy};
 use keyshard_cms::server::credentials::{InstanceEntry, PutCredentialResponse};
 use keyshard_cms::server::volumes::{FragmentHex, PutVolumeSharesRequest};
-use keyshard_coordinator::init::{check_placeable, init_placing};
-use keyshard_coordinator::state::{StateDir, StateError, check_vm_id};
+use keyshard_coordinator::init::{HostPlacement, check_placeable, init_placing};
+use keyshard_coordinator::state::{CmsLink, StateDir, StateError, check_vm_id};
 use keyshard_core::host_class::HostEvidence;
 use keyshard_core::policy::Policy;
 use keyshard_tpm::{Tpm, resolve_tcti};
@@ -231,10 +231,12 @@ pub fn run(config: Config) -> Result<(), CliError> {
         None
     };
     let dealer_public = hex::encode(dealer.verifying_key().as_bytes());
-    let mut place = |fragments: &[&VerifiedFragment]| -> Result<Vec<String>, String> {
+    let mut place = |fragments: &[&VerifiedFragment]| -> Result<HostPlacement, String> {
         match (&host_shares, &config.host_shares) {
             (Some(request), Some(host_config)) => {
-                place_host_shares(host_config, request, &dealer_public, fragments)
+                let hosts = place_host_shares(host_config, request, &dealer_public, fragments)
+                    .map_err(|e| e.to_string())?;
+                host_placement(host_config, request, &config.vm_ids, hosts)
                     .map_err(|e| e.to_string())
             }
             _ => Err("no CMS to place them".to_owned()),
@@ -329,6 +331,30 @@ fn host_share_request(
     let instances = read_instance_policy(&config.instance_policy)?;
     let client = hex::encode(read_hex_key(&config.client_pub)?.as_slice());
     Ok(Some(VolumeTemplate { client, instances }))
+}
+
+/// What the coordinator's relay needs (recorded in the state): the CMS, its CA, and the VM's
+/// instance id: the instance policy's entry named like one of the `--vm-id`s, else its first.
+fn host_placement(
+    config: &HostShareConfig,
+    template: &VolumeTemplate,
+    vm_ids: &[String],
+    hosts: Vec<String>,
+) -> Result<HostPlacement, CliError> {
+    let instance = template
+        .instances
+        .iter()
+        .find(|i| vm_ids.contains(&i.id))
+        .or_else(|| template.instances.first())
+        .ok_or_else(|| CliError::InvalidArgument("--instance-policy: no instance".into()))?;
+    Ok(HostPlacement {
+        hosts,
+        cms: CmsLink {
+            url: config.cms.base.clone(),
+            instance_id: instance.id.clone(),
+        },
+        ca_pem: files::read_limited(&config.cms.ca, 1024 * 1024)?.to_vec(),
+    })
 }
 
 /// The parts of a [`PutVolumeSharesRequest`] known before the deal.

@@ -10,6 +10,7 @@ pub mod credential;
 pub mod enrol;
 pub mod error;
 pub mod fetch;
+pub mod host_relay;
 pub mod init;
 pub mod inspect;
 pub mod instance;
