@@ -10,6 +10,7 @@ pub mod error;
 pub mod init;
 pub mod inspect;
 pub mod keygen;
+pub mod lab;
 mod load;
 pub mod policy;
 pub mod reseal;
@@ -54,6 +55,9 @@ pub enum Command {
     /// Client side of the credential service: client keys, put, shard map.
     #[command(subcommand)]
     Credential(credential::Command),
+    /// A local lab on loopback: CMS, shard hosts, instance TPM (development only).
+    #[command(subcommand)]
+    Lab(lab::Command),
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,5 +85,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Reseal(args) => reseal::run(args.try_into()?),
         Command::Cms(args) => cms::run(args.try_into()?),
         Command::Credential(command) => credential::run(command),
+        Command::Lab(command) => lab::run(command),
     }
 }

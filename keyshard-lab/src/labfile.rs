@@ -1,0 +1,157 @@
+//! `DIR/lab.json`: what `keyshard lab up` started and where everything is, for the user, the
+//! tests, the demo and `keyshard lab down`. Paths are absolute.
+//!
+//! ```json
+//! {"version": 1, "dir": "/abs/DIR", "bin": "/abs/keyshard", "store": "redb:/abs/DIR/cms/cms.redb",
+//!  "ca_certificate": "DIR/pki/ca.pem", "ek_ca": "DIR/ek-ca/bundle.pem",
+//!  "cms": {"url": "https://127.0.0.1:PORT", "signing_key_public": "DIR/cms/signing.pem.pub",
+//!          "process": {...}},
+//!  "client": {"private_key": "DIR/client/client.key", "public_key": "DIR/client/client.key.pub"},
+//!  "etcd": null | {"url": "http://127.0.0.1:PORT", "process": {...}},
+//!  "hosts": [{"id": "host-1", "region": "eu", "operator": "acme",
+//!             "endpoint": "https://127.0.0.1:PORT", "tcti": "swtpm:host=127.0.0.1,port=P",
+//!             "state_dir": "DIR/hosts/host-1/state", "process": {...}, "swtpm": {...}}, ...],
+//!  "instance": {"id": "instance-1", "tcti": "...", "ak_name": "000b...",
+//!               "policy": "DIR/instance/policy.json", "swtpm": {...}}}
+//! ```
+//!
+//! A process is `{"name", "program", "pid", "start_time", "log"}` ([`ProcessRecord`]).
+
+use std::path::{Path, PathBuf};
+
+use keyshard_core::files::{self, Overwrite};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LabError, Result};
+use crate::process::ProcessRecord;
+
+/// The file's name in the lab directory.
+pub const LAB_FILE: &str = "lab.json";
+/// The version written; others are refused.
+pub const LAB_FILE_VERSION: u32 = 1;
+/// The largest lab file read.
+const MAX_LAB_FILE_LEN: usize = 1024 * 1024;
+
+/// The whole lab.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lab {
+    pub version: u32,
+    pub dir: PathBuf,
+    /// The `keyshard` binary every lab process runs.
+    pub bin: PathBuf,
+    /// The CMS's `--store`.
+    pub store: String,
+    /// The CA of every TLS certificate in the lab (`--ca` of the clients).
+    pub ca_certificate: PathBuf,
+    /// The EK CA bundle (swtpm_setup's local CA) the CMS checks EK certificates against.
+    pub ek_ca: PathBuf,
+    pub cms: Cms,
+    pub client: Client,
+    pub etcd: Option<Etcd>,
+    pub hosts: Vec<Host>,
+    pub instance: Instance,
+}
+
+/// The credential service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cms {
+    pub url: String,
+    /// The CMS's verifying key (`--cms-key` of the clients).
+    pub signing_key_public: PathBuf,
+    pub process: ProcessRecord,
+}
+
+/// The client's key pair (`credential keygen`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Client {
+    pub private_key: PathBuf,
+    pub public_key: PathBuf,
+}
+
+/// The etcd the lab started for `--store etcd`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Etcd {
+    pub url: String,
+    pub process: ProcessRecord,
+}
+
+/// One shard host and its TPM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    pub id: String,
+    pub region: String,
+    pub operator: String,
+    pub endpoint: String,
+    pub tcti: String,
+    pub state_dir: PathBuf,
+    pub process: ProcessRecord,
+    pub swtpm: ProcessRecord,
+}
+
+/// The compute instance: only its TPM runs; `credential fetch` is the instance's side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    pub id: String,
+    pub tcti: String,
+    /// The AK name `instance enroll` printed: what an instance policy pins.
+    pub ak_name: String,
+    /// An instance policy file naming this instance (`credential put --instance-policy`).
+    pub policy: PathBuf,
+    pub swtpm: ProcessRecord,
+}
+
+impl Lab {
+    /// Every process, in the order `lab down` stops them: shard hosts, the CMS, etcd, then the
+    /// TPMs.
+    pub fn processes(&self) -> Vec<&ProcessRecord> {
+        let mut out: Vec<&ProcessRecord> = self.hosts.iter().map(|h| &h.process).collect();
+        out.push(&self.cms.process);
+        out.extend(self.etcd.iter().map(|e| &e.process));
+        out.extend(self.hosts.iter().map(|h| &h.swtpm));
+        out.push(&self.instance.swtpm);
+        out
+    }
+
+    /// Writes `DIR/lab.json` whole (temporary file and rename).
+    pub fn write(&self) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| LabError::InvalidArgument(format!("lab.json: {e}")))?;
+        let path = self.dir.join(LAB_FILE);
+        files::write_atomic(
+            &path,
+            format!("{text}\n").as_bytes(),
+            0o644,
+            Overwrite::Replace,
+        )?;
+        Ok(())
+    }
+
+    /// Reads `DIR/lab.json`; [`LabError::NoLab`] when there is none.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(LAB_FILE);
+        if path.symlink_metadata().is_err() {
+            return Err(LabError::NoLab(dir.to_owned()));
+        }
+        let bytes = files::read_limited(&path, MAX_LAB_FILE_LEN)?;
+        let lab: Self = serde_json::from_slice(&bytes).map_err(|e| LabError::LabFile {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if lab.version != LAB_FILE_VERSION {
+            return Err(LabError::LabFile {
+                path,
+                reason: format!(
+                    "version {} (this keyshard reads version {LAB_FILE_VERSION})",
+                    lab.version
+                ),
+            });
+        }
+        Ok(lab)
+    }
+}
