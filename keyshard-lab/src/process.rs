@@ -231,6 +231,16 @@ impl Spawned {
         })
     }
 
+    /// Its record as `lab.json` keeps it: the program read again from /proc now that it runs
+    /// (a `--bin` wrapper script that execs the real binary runs that binary, not the script).
+    pub fn current_record(&self) -> ProcessRecord {
+        let mut record = self.record.clone();
+        if let Some(program) = program_of(record.pid) {
+            record.program = program;
+        }
+        record
+    }
+
     /// Its exit status once it has ended (reaped then), without blocking.
     pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
         self.child

@@ -449,7 +449,8 @@ fn build(
     }
     progress(&format!("{} shard hosts serving", hosts.len()));
 
-    let record = |started: &mut Started, index: usize| started.get(index).map(|s| s.record.clone());
+    let record =
+        |started: &mut Started, index: usize| started.get(index).map(|s| s.current_record());
     let mut host_records = Vec::new();
     for (i, (index, id, region, operator, endpoint, tcti, state_dir)) in
         hosts.into_iter().enumerate()
