@@ -61,6 +61,10 @@ pub enum LabError {
     NoFreePort { what: &'static str },
     #[error("{name} (pid {pid}) still runs after SIGKILL")]
     Unkillable { name: String, pid: u32 },
+    #[error("interrupted (SIGINT or SIGTERM)")]
+    Interrupted,
+    #[error("cannot handle SIGINT/SIGTERM: {0}")]
+    Signals(io::Error),
     #[error(transparent)]
     File(#[from] keyshard_core::files::FileError),
 }

@@ -8,6 +8,9 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -18,6 +21,27 @@ use crate::error::{LabError, Result, io_context, one_line};
 const POLL: Duration = Duration::from_millis(50);
 /// How long a process may take to disappear after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Set by SIGINT or SIGTERM once [`watch_interrupts`] ran.
+static INTERRUPTED: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+/// From now on, SIGINT and SIGTERM no longer end this process: they make every wait of this
+/// module fail with [`LabError::Interrupted`], so `lab up` stops what it started and returns.
+pub fn watch_interrupts() -> Result<()> {
+    let flag = INTERRUPTED.get_or_init(|| Arc::new(AtomicBool::new(false)));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, flag.clone()).map_err(LabError::Signals)?;
+    }
+    Ok(())
+}
+
+/// Fails once SIGINT or SIGTERM came (after [`watch_interrupts`]).
+pub fn check_interrupted() -> Result<()> {
+    match INTERRUPTED.get() {
+        Some(flag) if flag.load(Ordering::Relaxed) => Err(LabError::Interrupted),
+        _ => Ok(()),
+    }
+}
 
 /// A process the lab started, as `lab.json` records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -299,6 +323,7 @@ pub fn wait_for_lines(
     let deadline = Instant::now() + limit;
     let mut found: Vec<Option<String>> = vec![None; processes.len()];
     loop {
+        check_interrupted()?;
         for ((spawned, prefix), line) in processes.iter_mut().zip(found.iter_mut()) {
             if line.is_some() {
                 continue;
@@ -340,6 +365,10 @@ pub fn run_tool(name: &str, command: &mut Command, log: &Path, limit: Duration) 
     let mut spawned = Spawned::start(name, command, log)?;
     let deadline = Instant::now() + limit;
     let status = loop {
+        if let Err(e) = check_interrupted() {
+            spawned.stop(Duration::from_secs(1));
+            return Err(e);
+        }
         if let Some(status) = spawned.exited()? {
             break status;
         }

@@ -218,8 +218,10 @@ impl Layout {
 }
 
 /// Brings a lab up in `config.dir` and writes `lab.json`; `progress` gets a line per step. On
-/// failure, every process started so far is stopped; the directory keeps the logs.
+/// failure, every process started so far is stopped; the directory keeps the logs. SIGINT and
+/// SIGTERM while it runs are a failure too ([`LabError::Interrupted`]).
 pub fn up(config: &UpConfig, progress: &mut dyn FnMut(&str)) -> Result<Lab> {
+    process::watch_interrupts()?;
     let (dir, _lock) = prepare_dir(&config.dir)?;
     let mut started = Started::default();
     let result = build(config, &dir, &mut started, progress);
@@ -294,6 +296,7 @@ fn build(
         }
     };
     manufacture_all(&tpm_names, &tpm_state, &layout.ek_ca)?;
+    process::check_interrupted()?;
     let bundle = layout.ek_ca.join("bundle.pem");
     let mut pem = String::new();
     for cert in swtpm::ek_ca_certificates(&layout.ek_ca) {
@@ -561,6 +564,10 @@ fn start_swtpm(
             Spawned::start(&process_name, &mut swtpm::socket_command(state, port), &log)?;
         let deadline = Instant::now() + SWTPM_READY;
         loop {
+            if let Err(e) = process::check_interrupted() {
+                spawned.stop(FAILED_UP_GRACE);
+                return Err(e);
+            }
             if let Some(status) = spawned.exited()? {
                 let text = process::read_log(&log);
                 if text
@@ -627,6 +634,7 @@ fn start_etcd(layout: &Layout, started: &mut Started) -> Result<(usize, String)>
     let index = started.push(Spawned::start("etcd", &mut command, &layout.log("etcd"))?);
     let deadline = Instant::now() + ETCD_READY;
     loop {
+        process::check_interrupted()?;
         let spawned = started.get(index)?;
         if let Some(status) = spawned.exited()? {
             return Err(spawned.exited_early(status));
