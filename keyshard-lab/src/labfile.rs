@@ -155,3 +155,108 @@ impl Lab {
         Ok(lab)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+    use super::*;
+
+    fn record(name: &str, pid: u32) -> ProcessRecord {
+        ProcessRecord {
+            name: name.to_owned(),
+            program: "keyshard".to_owned(),
+            pid,
+            start_time: 7,
+            log: PathBuf::from(format!("/lab/logs/{name}.log")),
+        }
+    }
+
+    fn lab(dir: &Path) -> Lab {
+        let host = |i: u32| Host {
+            id: format!("host-{i}"),
+            region: "eu".to_owned(),
+            operator: "acme".to_owned(),
+            endpoint: format!("https://127.0.0.1:{}", 9000 + i),
+            tcti: "swtpm:host=127.0.0.1,port=20000".to_owned(),
+            state_dir: dir.join("state"),
+            process: record(&format!("host-{i}"), 100 + i),
+            swtpm: record(&format!("swtpm-host-{i}"), 200 + i),
+        };
+        Lab {
+            version: LAB_FILE_VERSION,
+            dir: dir.to_owned(),
+            bin: PathBuf::from("/bin/keyshard"),
+            store: "redb:/lab/cms/cms.redb".to_owned(),
+            ca_certificate: dir.join("ca.pem"),
+            ek_ca: dir.join("ek.pem"),
+            cms: Cms {
+                url: "https://127.0.0.1:8443".to_owned(),
+                signing_key_public: dir.join("s.pub"),
+                process: record("cms", 10),
+            },
+            client: Client {
+                private_key: dir.join("c.key"),
+                public_key: dir.join("c.key.pub"),
+            },
+            etcd: Some(Etcd {
+                url: "http://127.0.0.1:2379".to_owned(),
+                process: record("etcd", 11),
+            }),
+            hosts: vec![host(1), host(2)],
+            instance: Instance {
+                id: "instance-1".to_owned(),
+                tcti: "swtpm:host=127.0.0.1,port=20002".to_owned(),
+                ak_name: "000b".to_owned(),
+                policy: dir.join("policy.json"),
+                swtpm: record("swtpm-instance", 300),
+            },
+        }
+    }
+
+    #[test]
+    fn a_lab_file_reads_back_and_lists_daemons_before_tpms() {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = lab(dir.path());
+        lab.write().unwrap();
+        assert_eq!(Lab::read(dir.path()).unwrap(), lab);
+        let names: Vec<&str> = lab.processes().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "host-1",
+                "host-2",
+                "cms",
+                "etcd",
+                "swtpm-host-1",
+                "swtpm-host-2",
+                "swtpm-instance"
+            ]
+        );
+    }
+
+    #[test]
+    fn another_version_an_unknown_field_or_no_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(Lab::read(dir.path()), Err(LabError::NoLab(_))));
+        let mut lab = lab(dir.path());
+        lab.version = 2;
+        lab.write().unwrap();
+        let err = Lab::read(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("version 2"), "{err}");
+        lab.version = LAB_FILE_VERSION;
+        lab.write().unwrap();
+        let path = dir.path().join(LAB_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replacen("\"version\"", "\"extra\": 1, \"version\"", 1),
+        )
+        .unwrap();
+        let err = Lab::read(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("not a lab file") && err.contains("extra"),
+            "{err}"
+        );
+    }
+}
