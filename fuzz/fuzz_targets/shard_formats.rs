@@ -1,11 +1,12 @@
 //! Fuzzes the credential service's shard formats, read from the network and the store: a sealed
 //! shard (`KSSE`), a shard map (`KSSM`), a sealed map (`KSMS`), an instance's evidence (`KSIE`)
-//! and policy (`KSIP`), and a released shard (`KSRS`). None may panic, and whatever
+//! and policy (`KSIP`), a released shard (`KSRS`) and a grant (`KSGR`). None may panic, and whatever
 //! parses must be its own canonical encoding (so two encodings never mean one value).
 
 #![no_main]
 
 use keyshard_shards::ecies::SealedShard;
+use keyshard_shards::grant::Grant;
 use keyshard_shards::instance::{InstanceEvidence, InstancePolicy, ReleasedShard};
 use keyshard_shards::map::{SealedShardMap, ShardMap};
 use libfuzzer_sys::fuzz_target;
@@ -32,5 +33,8 @@ fuzz_target!(|data: &[u8]| {
             data,
             "a released shard parses only from its own encoding"
         );
+    }
+    if let Ok(grant) = Grant::from_bytes(data) {
+        assert_eq!(grant.to_bytes(), data, "a grant parses only from its own encoding");
     }
 });

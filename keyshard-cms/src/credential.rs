@@ -44,6 +44,7 @@
 //! | `seed` | the placement seed (32 bytes, hex) |
 //! | `correlated` | the domains holding k or more shares (`region eu would hold 3`): empty unless the put allowed it and needed it |
 //! | `client` | the client's X25519 public key (hex): whom the sealed map is for |
+//! | `instances` | the instances that may fetch it: `[{"id", "ak_name"}]` (AK name hex), 0..=64; absent in records written before it existed, read as none |
 //! | `created_at_ms` | when the CMS stored it, ms since the Unix epoch |
 //! | `shards` | n entries in index order: `index`, `host`, `sealed` (the sealed shard, `keyshard_shards::ecies::wire`, hex) |
 //! | `signed_map` | the shard map and the CMS signature (hex) |
@@ -60,7 +61,6 @@ use std::time::SystemTime;
 use ed25519_dalek::SigningKey;
 use keyshard_core::dealer::{self, DealError, DealPlan, HolderSlot};
 use keyshard_core::{HolderClass, KeyCheckValue, KeyId, Threshold, VerifiedFragment};
-use keyshard_shards::HostId;
 use keyshard_shards::ecies::{self, EciesError, P256Point, SealedShard, ShardBinding};
 use keyshard_shards::map::{
     ClientPublicKey, MapError, SealedShardMap, ShardLocation, ShardMap, SignedShardMap,
@@ -68,6 +68,7 @@ use keyshard_shards::map::{
 use keyshard_shards::placement::{
     self, Placement, PlacementError, PlacementRequest, PlacementSeed,
 };
+use keyshard_shards::{HostId, InstanceId};
 use serde::{Deserialize, Serialize};
 
 use crate::registry::{self, HostRegistry, RegisteredHost, RegistryError};
@@ -79,6 +80,19 @@ pub const CREDENTIALS_PREFIX: &str = "credentials/";
 pub const RECORD_VERSION: u32 = 1;
 /// The epoch of a credential's first (today: only) sharing.
 pub const FIRST_EPOCH: u64 = 1;
+/// The most instances a credential's instance policy names.
+pub const MAX_INSTANCES: usize = 64;
+/// A TPM name of a SHA-256 key: the algorithm (2 bytes) and the digest of the public area.
+pub const AK_NAME_LEN: usize = 34;
+
+/// An instance a credential may be fetched by: its id and the TPM name of the attestation key
+/// the CMS pinned for it at enrolment. A fetch is refused when the instance's pinned AK has
+/// another name (the instance was enrolled again with another TPM since the put).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmittedInstance {
+    pub id: InstanceId,
+    pub ak_name: [u8; AK_NAME_LEN],
+}
 
 /// What can go wrong putting or reading a credential. No variant carries secret bytes.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +126,8 @@ pub enum CredentialError {
     OtherClient { name: KeyId },
     #[error("credential record {name}: {reason}")]
     Record { name: KeyId, reason: String },
+    #[error("credential {name}: the instance policy: {reason}")]
+    Instances { name: KeyId, reason: String },
 }
 
 /// Result of credential operations.
@@ -131,6 +147,8 @@ pub struct PutRequest<'a> {
     pub seed: PlacementSeed,
     /// Place even when no placement keeps every region and operator below k.
     pub allow_correlated: bool,
+    /// The instances that may fetch it (0..=[`MAX_INSTANCES`], no id twice); none: map only.
+    pub instances: &'a [AdmittedInstance],
 }
 
 impl std::fmt::Debug for PutRequest<'_> {
@@ -142,6 +160,7 @@ impl std::fmt::Debug for PutRequest<'_> {
             .field("client", self.client)
             .field("seed", &self.seed)
             .field("allow_correlated", &self.allow_correlated)
+            .field("instances", &self.instances)
             .finish()
     }
 }
@@ -165,6 +184,8 @@ pub struct StoredCredential {
     /// The domains holding k or more shares, as text (`operator acme would hold 3`); empty
     /// unless the put allowed correlated placement and needed it.
     pub correlated: String,
+    /// The instances that may fetch it; none: map only.
+    pub instances: Vec<AdmittedInstance>,
     /// (share index, host, sealed shard), index 1 first.
     pub shards: Vec<(u8, HostId, SealedShard)>,
     pub signed_map: SignedShardMap,
@@ -199,6 +220,7 @@ pub async fn put_credential<R: Repository>(
 ) -> Result<PutReceipt> {
     let name = request.name;
     let key = credential_key(name)?;
+    check_instances(name, request.instances)?;
     if let Some(existing) = load(store, name).await? {
         return Err(CredentialError::Exists {
             name: name.clone(),
@@ -295,6 +317,27 @@ pub async fn load<R: Repository>(store: &R, name: &KeyId) -> Result<Option<Store
         None => Ok(None),
         Some(entry) => decode(name, &entry.value, entry.revision).map(Some),
     }
+}
+
+/// At most [`MAX_INSTANCES`], no id twice.
+fn check_instances(name: &KeyId, instances: &[AdmittedInstance]) -> Result<()> {
+    let bad = |reason: String| CredentialError::Instances {
+        name: name.clone(),
+        reason,
+    };
+    if instances.len() > MAX_INSTANCES {
+        return Err(bad(format!(
+            "{} instances, at most {MAX_INSTANCES} are allowed",
+            instances.len()
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for instance in instances {
+        if !seen.insert(&instance.id) {
+            return Err(bad(format!("instance {} is named twice", instance.id)));
+        }
+    }
+    Ok(())
 }
 
 /// The registered host of each placed index, in index order.
@@ -414,10 +457,19 @@ struct Record {
     seed: String,
     correlated: String,
     client: String,
+    #[serde(default)]
+    instances: Vec<AdmittedRecord>,
     created_at_ms: u64,
     shards: Vec<ShardRecord>,
     signed_map: String,
     sealed_map: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdmittedRecord {
+    id: String,
+    ak_name: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -446,6 +498,14 @@ fn encode(
         seed: hex::encode(request.seed.as_bytes()),
         correlated: placement.correlated().to_string(),
         client: hex::encode(request.client.as_bytes()),
+        instances: request
+            .instances
+            .iter()
+            .map(|instance| AdmittedRecord {
+                id: instance.id.to_string(),
+                ak_name: hex::encode(instance.ak_name),
+            })
+            .collect(),
         created_at_ms,
         shards: shards
             .iter()
@@ -506,6 +566,18 @@ fn decode(name: &KeyId, bytes: &[u8], revision: Revision) -> Result<StoredCreden
     }
     let sealed_map = SealedShardMap::from_bytes(&unhex("sealed_map", &record.sealed_map)?)
         .map_err(|e| bad(e.to_string()))?;
+    let instances = record
+        .instances
+        .iter()
+        .map(|instance| {
+            Ok(AdmittedInstance {
+                id: InstanceId::new(instance.id.clone()).map_err(|e| bad(e.to_string()))?,
+                ak_name: unhex("ak_name", &instance.ak_name)?
+                    .try_into()
+                    .map_err(|_| bad(format!("ak_name is not {AK_NAME_LEN} bytes")))?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(StoredCredential {
         name: name.clone(),
         epoch: record.epoch,
@@ -513,6 +585,7 @@ fn decode(name: &KeyId, bytes: &[u8], revision: Revision) -> Result<StoredCreden
         client: ClientPublicKey::from_bytes(client),
         created_at_ms: record.created_at_ms,
         correlated: record.correlated,
+        instances,
         shards,
         signed_map: SignedShardMap::from_bytes(unhex("signed_map", &record.signed_map)?),
         sealed_map,
@@ -535,6 +608,7 @@ mod tests {
             client: &client,
             seed: PlacementSeed::from_bytes([1; 32]),
             allow_correlated: false,
+            instances: &[],
         };
         let text = format!("{request:?}");
         assert!(text.contains("(14 bytes)"), "{text}");

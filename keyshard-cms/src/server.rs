@@ -225,67 +225,81 @@ impl CmsServer {
             limits,
             ..
         } = self;
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(limits.head_timeout)
-            .max_buf_size(limits.max_head_bytes)
-            .max_headers(limits.max_headers);
-        let graceful = GracefulShutdown::new();
-        let slots = Arc::new(Semaphore::new(limits.max_connections));
-        tokio::pin!(shutdown);
-        loop {
-            let slot = tokio::select! {
-                () = &mut shutdown => break,
-                slot = slots.clone().acquire_owned() => match slot {
-                    Ok(slot) => slot,
-                    Err(_) => break,
-                },
-            };
-            let (tcp, peer) = tokio::select! {
-                () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of file descriptors, or a connection reset before accept: wait
-                        // a moment rather than spin, and go on.
-                        log::warn!("accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let tls = tls.clone();
-            let service = TowerToHyperService::new(app.clone());
-            let http = http.clone();
-            let watcher = graceful.watcher();
-            let handshake_timeout = limits.handshake_timeout;
-            tokio::spawn(async move {
-                let _slot = slot;
-                let stream = match tokio::time::timeout(handshake_timeout, tls.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => {
-                        log::debug!("{peer}: TLS handshake failed: {e}");
-                        return;
-                    }
-                    Err(_) => {
-                        log::debug!("{peer}: no TLS handshake within {handshake_timeout:?}");
-                        return;
-                    }
-                };
-                let connection = http.serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = watcher.watch(connection).await {
-                    log::debug!("{peer}: {e}");
+        serve_connections(listener, tls, app, &limits, shutdown).await;
+    }
+}
+
+/// The accept loop of every HTTPS server here (the CMS's and the shard host's): TLS handshakes
+/// under the handshake deadline, HTTP/1.1 connections under the head limits, at most
+/// `max_connections` at once, until `shutdown` completes; then requests in flight get
+/// [`SHUTDOWN_GRACE`] to finish.
+pub(crate) async fn serve_connections(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    app: axum::Router,
+    limits: &Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout)
+        .max_buf_size(limits.max_head_bytes)
+        .max_headers(limits.max_headers);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before accept: wait
+                    // a moment rather than spin, and go on.
+                    log::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
                 }
-            });
-        }
-        drop(listener);
-        log::info!("stopping: waiting for requests in flight");
-        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            log::warn!("requests still in flight after {SHUTDOWN_GRACE:?}: closing them");
-        }
+            },
+        };
+        let tls = tls.clone();
+        let service = TowerToHyperService::new(app.clone());
+        let http = http.clone();
+        let watcher = graceful.watcher();
+        let handshake_timeout = limits.handshake_timeout;
+        tokio::spawn(async move {
+            let _slot = slot;
+            let stream = match tokio::time::timeout(handshake_timeout, tls.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    log::debug!("{peer}: TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    log::debug!("{peer}: no TLS handshake within {handshake_timeout:?}");
+                    return;
+                }
+            };
+            let connection = http.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection).await {
+                log::debug!("{peer}: {e}");
+            }
+        });
+    }
+    drop(listener);
+    log::info!("stopping: waiting for requests in flight");
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        log::warn!("requests still in flight after {SHUTDOWN_GRACE:?}: closing them");
     }
 }
 

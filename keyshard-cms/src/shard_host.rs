@@ -23,9 +23,11 @@
 //! theft of its state and of the store, not against its own root. That is why a credential
 //! needs k hosts in different failure domains.
 //!
-//! No HTTP here: the shard host process calls this.
+//! The HTTPS service in front of it, which a grant from the CMS (`keyshard_shards::grant`)
+//! tells which instance policy and sealed shard a release is for, is [`server`].
 
 pub mod nonces;
+pub mod server;
 pub mod tpm_key;
 
 use std::time::{Duration, Instant};

@@ -111,6 +111,7 @@ impl Lab {
                 client: &client.public_key(),
                 seed: seed(name),
                 allow_correlated,
+                instances: &[],
             },
             now(),
         )
@@ -595,6 +596,7 @@ async fn concurrent_puts_do_not_both_win(lab: &Lab, second_store: Store) {
                     client: &client,
                     seed: PlacementSeed::random().unwrap(),
                     allow_correlated: false,
+                    instances: &[],
                 },
                 now(),
             )

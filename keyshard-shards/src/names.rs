@@ -1,4 +1,5 @@
-//! Names in the credential service: a shard host's id and the failure domains it sits in.
+//! Names in the credential service: a shard host's id, a compute instance's id and the failure
+//! domains a host sits in.
 //!
 //! A credential is named by a [`KeyId`](keyshard_core::KeyId), the same name its fragments and
 //! its key check value carry, so these are only the names that keyshard-core does not have.
@@ -45,6 +46,44 @@ impl fmt::Display for HostId {
 }
 
 impl FromStr for HostId {
+    type Err = NameError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+/// Names one compute instance, e.g. `vm-web-1`: the same characters as a [`HostId`] (1..=64
+/// bytes of `a-z 0-9 . _ -`), so it reads the same wherever it is bound (grants, the store).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceId(String);
+
+impl InstanceId {
+    /// Checks 1..=64 bytes of `a-z 0-9 . _ -`.
+    pub fn new(value: impl Into<String>) -> Result<Self, NameError> {
+        let value = value.into();
+        check_name(
+            "instance id",
+            &value,
+            MAX_HOST_ID_LEN,
+            "a-z, 0-9, '.', '_' and '-'",
+            |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b),
+        )?;
+        Ok(Self(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for InstanceId {
     type Err = NameError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -115,6 +154,21 @@ mod tests {
         ));
         assert!(matches!(
             HostId::new("host 1"),
+            Err(NameError::BadCharacter { .. })
+        ));
+    }
+
+    #[test]
+    fn instance_ids_take_the_characters_of_host_ids() {
+        assert!(InstanceId::new("vm-web-1.a_b").is_ok());
+        assert!(InstanceId::new("i".repeat(64)).is_ok());
+        assert!(matches!(
+            InstanceId::new("i".repeat(65)),
+            Err(NameError::TooLong { len: 65, .. })
+        ));
+        assert!(matches!(InstanceId::new(""), Err(NameError::Empty { .. })));
+        assert!(matches!(
+            InstanceId::new("VM-1"),
             Err(NameError::BadCharacter { .. })
         ));
     }

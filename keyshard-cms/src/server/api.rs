@@ -66,19 +66,30 @@ impl AppState {
 
 /// The application: routes, fallbacks and layers, ready to serve on any connection.
 pub fn router(state: AppState, limits: &Limits) -> Router {
-    let deadline = limits.request_timeout;
-    Router::new()
+    let routes = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/nonces", post(issue_nonce))
         .route("/v1/hosts", get(hosts::list))
         .route("/v1/hosts/challenge", post(hosts::challenge))
         .route("/v1/hosts/{id}", put(hosts::register))
         .route("/v1/credentials/{name}", post(credentials::put))
-        .route("/v1/credentials/{name}/map", get(credentials::map))
+        .route("/v1/credentials/{name}/map", get(credentials::map));
+    with_layers(with_fallbacks(routes).with_state(state), limits)
+}
+
+/// The JSON answers for unknown paths, versions and methods, on any router (the CMS's and the
+/// shard host's).
+pub(crate) fn with_fallbacks<S: Clone + Send + Sync + 'static>(routes: Router<S>) -> Router<S> {
+    routes
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
-        .with_state(state)
-        .layer(axum::extract::DefaultBodyLimit::max(limits.max_body))
+}
+
+/// The layers every request goes through (body limit, deadline, panic guard), on any router
+/// (the CMS's and the shard host's).
+pub(crate) fn with_layers(app: Router, limits: &Limits) -> Router {
+    let deadline = limits.request_timeout;
+    app.layer(axum::extract::DefaultBodyLimit::max(limits.max_body))
         .layer(axum::Extension(BodyLimit(limits.max_body)))
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             within(deadline, request, next)
@@ -203,13 +214,13 @@ async fn within(deadline: Duration, request: Request, next: Next) -> Response {
 
 /// A token bucket: `per_second` tokens a second, at most `burst` saved up.
 #[derive(Debug)]
-pub(super) struct TokenBucket {
+pub(crate) struct TokenBucket {
     rate: NonceRate,
     state: Mutex<(f64, Instant)>,
 }
 
 impl TokenBucket {
-    fn new(rate: NonceRate) -> Self {
+    pub(crate) fn new(rate: NonceRate) -> Self {
         Self {
             rate,
             state: Mutex::new((f64::from(rate.burst), Instant::now())),
@@ -217,7 +228,7 @@ impl TokenBucket {
     }
 
     /// Takes a token if one is there.
-    pub(super) fn take(&self) -> bool {
+    pub(crate) fn take(&self) -> bool {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let (tokens, last) = &mut *state;
         let now = Instant::now();

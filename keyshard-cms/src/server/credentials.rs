@@ -26,9 +26,9 @@ use axum::http::{StatusCode, Uri};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use keyshard_core::{KeyId, Threshold};
-use keyshard_shards::HostId;
 use keyshard_shards::map::ClientPublicKey;
 use keyshard_shards::placement::{PlacementError, PlacementSeed};
+use keyshard_shards::{HostId, InstanceId};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -36,7 +36,10 @@ use super::api::AppState;
 use super::error::ApiError;
 use super::hosts::{invalid, path_segment, registry_error, store_error};
 use super::request::{RawBody, parse_body};
-use crate::credential::{CredentialError, PutRequest, map_for, put_credential};
+use crate::credential::{
+    AK_NAME_LEN, AdmittedInstance, CredentialError, MAX_INSTANCES, PutRequest, map_for,
+    put_credential,
+};
 
 /// The longest query string read, in bytes.
 const MAX_QUERY_LEN: usize = 512;
@@ -99,6 +102,39 @@ pub struct PutCredentialRequest {
     /// Place even when no placement keeps every region and operator below k.
     #[serde(default)]
     pub allow_correlated: bool,
+    /// The instances that may fetch the credential (at most 64); absent or empty: none may,
+    /// the credential is reachable through its map only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<InstanceEntry>,
+}
+
+/// One instance of a put's instance policy (`keyshard credential put --instance-policy F`
+/// reads `{"instances": [...]}` of these).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceEntry {
+    /// The instance's id (`a-z 0-9 . _ -`, 1..=64).
+    pub id: String,
+    /// The TPM name of the attestation key pinned at its enrolment (34 bytes, hex), as
+    /// `keyshard instance enroll` prints it.
+    pub ak_name: String,
+}
+
+impl InstanceEntry {
+    /// The entry parsed into its types; a 422 naming the entry otherwise.
+    pub fn parse(&self) -> Result<AdmittedInstance, ApiError> {
+        let id = InstanceId::new(self.id.clone())
+            .map_err(|e| invalid(format!("instances: instance id: {e}")))?;
+        let ak_name = hex::decode(&self.ak_name)
+            .ok()
+            .and_then(|bytes| <[u8; AK_NAME_LEN]>::try_from(bytes).ok())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "instances: {id}: ak_name must be {AK_NAME_LEN} bytes of hex"
+                ))
+            })?;
+        Ok(AdmittedInstance { id, ak_name })
+    }
 }
 
 /// A put request's fields parsed into their types.
@@ -107,6 +143,7 @@ pub struct ParsedPut {
     pub threshold: Threshold,
     pub client: ClientPublicKey,
     pub seed: PlacementSeed,
+    pub instances: Vec<AdmittedInstance>,
 }
 
 impl PutCredentialRequest {
@@ -127,10 +164,22 @@ impl PutCredentialRequest {
                 PlacementSeed::from_bytes(bytes)
             }
         };
+        if self.instances.len() > MAX_INSTANCES {
+            return Err(invalid(format!(
+                "instances: {} entries, at most {MAX_INSTANCES} are allowed",
+                self.instances.len()
+            )));
+        }
+        let instances = self
+            .instances
+            .iter()
+            .map(InstanceEntry::parse)
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(ParsedPut {
             threshold,
             client,
             seed,
+            instances,
         })
     }
 }
@@ -198,6 +247,7 @@ pub(super) async fn put(
             client: &parsed.client,
             seed: parsed.seed,
             allow_correlated: request.allow_correlated,
+            instances: &parsed.instances,
         },
         SystemTime::now(),
     )
@@ -293,6 +343,7 @@ fn credential_error(error: CredentialError) -> ApiError {
                 ApiError::Internal
             }
         },
+        e @ CredentialError::Instances { .. } => invalid(e.to_string()),
         // The dealer's refusals are about the request (the secret's length); never its bytes.
         CredentialError::Deal { name, source } => invalid(format!("credential {name}: {source}")),
         e @ CredentialError::Exists { .. } => ApiError::Exists {
@@ -383,6 +434,45 @@ mod tests {
                 client: client.to_owned(),
                 seed: seed.map(str::to_owned),
                 allow_correlated: false,
+                instances: Vec::new(),
+            };
+            let err = request.parse().unwrap_err();
+            assert_eq!(err.code(), "invalid_request");
+            assert!(err.to_string().contains(says), "{err}");
+        }
+    }
+
+    #[test]
+    fn item3_a_puts_instance_policy_parses_into_ids_and_ak_names() {
+        let client = "ab".repeat(32);
+        let name = format!("000b{}", "cd".repeat(32));
+        let request = put(&format!(
+            r#"{{"secret":"aGk=","k":2,"n":3,"client":"{client}","instances":[{{"id":"vm-1","ak_name":"{name}"}}]}}"#
+        ))
+        .unwrap();
+        let parsed = request.parse().unwrap();
+        assert_eq!(parsed.instances.len(), 1);
+        assert_eq!(parsed.instances[0].id.as_str(), "vm-1");
+        assert_eq!(hex::encode(parsed.instances[0].ak_name), name);
+        // Absent: none may fetch.
+        let bare = put(&format!(
+            r#"{{"secret":"aGk=","k":2,"n":3,"client":"{client}"}}"#
+        ))
+        .unwrap();
+        assert!(bare.parse().unwrap().instances.is_empty());
+        let entry = |id: &str, ak_name: &str| InstanceEntry {
+            id: id.to_owned(),
+            ak_name: ak_name.to_owned(),
+        };
+        for (entries, says) in [
+            (vec![entry("VM-1", &name)], "instance id"),
+            (vec![entry("vm-1", "000b")], "ak_name must be 34 bytes"),
+            (vec![entry("vm-1", &"zz".repeat(34))], "ak_name"),
+            (vec![entry("vm-1", &name); 65], "at most 64"),
+        ] {
+            let request = PutCredentialRequest {
+                instances: entries,
+                ..bare.clone()
             };
             let err = request.parse().unwrap_err();
             assert_eq!(err.code(), "invalid_request");
@@ -441,6 +531,10 @@ mod tests {
                 client: text[0].clone(),
                 seed: Some(text[1].clone()),
                 allow_correlated: false,
+                instances: vec![InstanceEntry {
+                    id: id.clone(),
+                    ak_name: text[2].clone(),
+                }],
             };
             let host = super::super::hosts::HostRegistrationRequest {
                 region: text[2].clone(),

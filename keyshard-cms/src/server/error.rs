@@ -43,12 +43,18 @@ pub enum ApiError {
     PlacementRefused { reason: String },
     #[error("{reason}")]
     Forbidden { reason: String },
+    #[error("the grant is refused: {reason}")]
+    GrantRefused { reason: String },
+    #[error("the evidence is refused: {reason}")]
+    EvidenceRefused { reason: String },
     #[error("too many requests for {what}; retry in a second")]
     RateLimited { what: &'static str },
     #[error("the request took longer than {ms} ms")]
     Timeout { ms: u128 },
     #[error("the store is unavailable; retry later")]
     StoreUnavailable,
+    #[error("the TPM did not answer; retry later")]
+    TpmUnavailable,
     #[error("internal error")]
     Internal,
 }
@@ -72,9 +78,12 @@ impl ApiError {
             Self::Exists { .. } => "exists",
             Self::PlacementRefused { .. } => "placement_refused",
             Self::Forbidden { .. } => "forbidden",
+            Self::GrantRefused { .. } => "grant_refused",
+            Self::EvidenceRefused { .. } => "evidence_refused",
             Self::RateLimited { .. } => "rate_limited",
             Self::Timeout { .. } => "timeout",
             Self::StoreUnavailable => "store_unavailable",
+            Self::TpmUnavailable => "tpm_unavailable",
             Self::Internal => "internal",
         }
     }
@@ -90,13 +99,17 @@ impl ApiError {
             Self::InvalidRequest { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::CertificationRefused { .. }
             | Self::NonceRefused { .. }
-            | Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            | Self::Forbidden { .. }
+            | Self::GrantRefused { .. }
+            | Self::EvidenceRefused { .. } => StatusCode::FORBIDDEN,
             Self::HostConflict { .. }
             | Self::Conflict { .. }
             | Self::Exists { .. }
             | Self::PlacementRefused { .. } => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Timeout { .. } | Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout { .. } | Self::StoreUnavailable | Self::TpmUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -203,9 +216,12 @@ mod tests {
             ApiError::Exists { reason: "x".into() },
             ApiError::PlacementRefused { reason: "x".into() },
             ApiError::Forbidden { reason: "x".into() },
+            ApiError::GrantRefused { reason: "x".into() },
+            ApiError::EvidenceRefused { reason: "x".into() },
             ApiError::RateLimited { what: "nonces" },
             ApiError::Timeout { ms: 5 },
             ApiError::StoreUnavailable,
+            ApiError::TpmUnavailable,
             ApiError::Internal,
         ];
         let mut codes = std::collections::HashSet::new();

@@ -288,7 +288,7 @@ pub(super) fn registry_error(error: RegistryError) -> ApiError {
 
 /// A store failure as an API error: a key or value the request made invalid is the request's
 /// fault, the rest the store's.
-pub(super) fn store_error(error: StoreError) -> ApiError {
+pub(crate) fn store_error(error: StoreError) -> ApiError {
     match error {
         StoreError::ValueTooLarge { len, max } => ApiError::InvalidRequest {
             reason: format!("the record would be {len} bytes, over the store's limit of {max}"),
@@ -304,7 +304,7 @@ pub(super) fn store_error(error: StoreError) -> ApiError {
 }
 
 /// A path parameter, or a 422 when it does not decode (not UTF-8).
-pub(super) fn path_segment(
+pub(crate) fn path_segment(
     segment: Result<Path<String>, PathRejection>,
 ) -> Result<String, ApiError> {
     segment.map(|Path(value)| value).map_err(|rejection| {
@@ -319,7 +319,7 @@ fn unhex(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
     hex::decode(text).map_err(|_| invalid(format!("{field}: not hex")))
 }
 
-pub(super) fn invalid(reason: impl Into<String>) -> ApiError {
+pub(crate) fn invalid(reason: impl Into<String>) -> ApiError {
     ApiError::InvalidRequest {
         reason: reason.into(),
     }

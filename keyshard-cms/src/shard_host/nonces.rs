@@ -115,6 +115,11 @@ impl MemoryNonceBook {
         }
     }
 
+    /// How long an issued nonce stays good.
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
     /// Entries kept now (issued or used, not yet expired).
     pub fn len(&self) -> usize {
         self.entries

@@ -126,7 +126,7 @@ async fn serve(config: Config) -> Result<(), CliError> {
 }
 
 /// A future that completes at the first SIGTERM or SIGINT.
-fn stop_signal() -> Result<impl std::future::Future<Output = ()>, CliError> {
+pub(crate) fn stop_signal() -> Result<impl std::future::Future<Output = ()>, CliError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(CliError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(CliError::Signals)?;

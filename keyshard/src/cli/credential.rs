@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use keyshard_cms::credential::MAX_INSTANCES;
 use keyshard_cms::server::ErrorBody;
 use keyshard_cms::server::credentials::{
-    PutCredentialRequest, PutCredentialResponse, SealedMapResponse, SecretBase64,
+    InstanceEntry, PutCredentialRequest, PutCredentialResponse, SealedMapResponse, SecretBase64,
 };
 use keyshard_core::KeyId;
 use keyshard_core::files::{self, Overwrite};
@@ -52,6 +53,8 @@ pub enum CredentialCliError {
     EmptyCredential(PathBuf),
     #[error("--seed: must be 64 hex digits")]
     Seed,
+    #[error("--instance-policy {}: {reason}", path.display())]
+    InstancePolicy { path: PathBuf, reason: String },
     #[error("cannot build the HTTPS client: {0}")]
     Client(String),
     #[error("TLS handshake with the CMS at {url} failed: {reason}")]
@@ -139,6 +142,48 @@ pub struct PutArgs {
     /// Place even when a region or operator would hold k shares.
     #[arg(long)]
     pub allow_correlated: bool,
+    /// The instances that may fetch the credential: JSON `{"instances": [{"id": ID,
+    /// "ak_name": HEX}, ...]}` (1..=64; the AK name `keyshard instance enroll` printed).
+    /// Without it no instance may: the credential is reachable through its map only.
+    #[arg(long, value_name = "FILE")]
+    pub instance_policy: Option<PathBuf>,
+}
+
+/// The file of `put --instance-policy`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstancePolicyFile {
+    pub instances: Vec<InstanceEntry>,
+}
+
+/// The largest `--instance-policy` file read: 64 entries with room to spare.
+const MAX_INSTANCE_POLICY_FILE_LEN: usize = 64 * 1024;
+
+/// Reads and checks an `--instance-policy` file: 1..=64 entries, each a valid id and AK name,
+/// no id twice.
+pub fn read_instance_policy(path: &Path) -> Result<Vec<InstanceEntry>, CliError> {
+    let bad = |reason: String| CredentialCliError::InstancePolicy {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = files::read_text(path, MAX_INSTANCE_POLICY_FILE_LEN)?;
+    let file: InstancePolicyFile =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not an instance policy: {e}")))?;
+    if file.instances.is_empty() || file.instances.len() > MAX_INSTANCES {
+        return Err(bad(format!(
+            "{} instances; 1..={MAX_INSTANCES} are allowed",
+            file.instances.len()
+        ))
+        .into());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for entry in &file.instances {
+        let admitted = entry.parse().map_err(|e| bad(e.to_string()))?;
+        if !seen.insert(admitted.id.clone()) {
+            return Err(bad(format!("instance {} is named twice", admitted.id)).into());
+        }
+    }
+    Ok(file.instances)
 }
 
 #[derive(Debug, clap::Args)]
@@ -197,6 +242,7 @@ pub struct PutConfig {
     pub n: u8,
     pub seed: Option<String>,
     pub allow_correlated: bool,
+    pub instance_policy: Option<PathBuf>,
 }
 
 impl TryFrom<PutArgs> for PutConfig {
@@ -218,6 +264,7 @@ impl TryFrom<PutArgs> for PutConfig {
             n: args.shares,
             seed: args.seed,
             allow_correlated: args.allow_correlated,
+            instance_policy: args.instance_policy,
         })
     }
 }
@@ -308,6 +355,10 @@ fn client_key(path: &Path) -> Result<ClientKey, CliError> {
 }
 
 fn put(config: PutConfig) -> Result<(), CliError> {
+    let instances = match &config.instance_policy {
+        Some(path) => read_instance_policy(path)?,
+        None => Vec::new(),
+    };
     let public = read_hex_key(&config.client_pub)?;
     let secret = files::read_limited(&config.file, MAX_CREDENTIAL_LEN)?;
     if secret.is_empty() {
@@ -320,6 +371,7 @@ fn put(config: PutConfig) -> Result<(), CliError> {
         client: hex::encode(public.as_slice()),
         seed: config.seed.clone(),
         allow_correlated: config.allow_correlated,
+        instances: instances.clone(),
     };
     // The body holds the secret's base64: written into one Zeroizing buffer sized up front (no
     // growing copies), handed to the HTTP client as its owner, and wiped when the client drops it.
@@ -342,7 +394,26 @@ fn put(config: PutConfig) -> Result<(), CliError> {
         read_answer(sent, &url, config.cms.timeout).await
     })?;
     let summary: PutCredentialResponse = parse(&answer, "put answer")?;
-    print_lines(&put_summary(&summary))
+    let mut lines = put_summary(&summary);
+    lines.push(instances_line(&instances));
+    print_lines(&lines)
+}
+
+/// Which instances may fetch what was put.
+pub fn instances_line(instances: &[InstanceEntry]) -> String {
+    if instances.is_empty() {
+        "instances that may fetch it: none (map only; --instance-policy admits instances)"
+            .to_owned()
+    } else {
+        format!(
+            "instances that may fetch it: {}",
+            instances
+                .iter()
+                .map(|entry| entry.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
 }
 
 /// The length of `len` bytes in padded base64.
@@ -470,7 +541,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 }
 
 /// A client trusting only the certificates in the CA file, with the timeouts.
-fn https_client(cms: &CmsConfig) -> Result<reqwest::Client, CredentialCliError> {
+pub(crate) fn https_client(cms: &CmsConfig) -> Result<reqwest::Client, CredentialCliError> {
     let pem = files::read_limited(&cms.ca, 1024 * 1024).map_err(|e| CredentialCliError::Ca {
         path: cms.ca.clone(),
         reason: e.to_string(),
@@ -497,7 +568,7 @@ fn https_client(cms: &CmsConfig) -> Result<reqwest::Client, CredentialCliError> 
 }
 
 /// The answer's body when the status is a success; the CMS's error otherwise.
-async fn read_answer(
+pub(crate) async fn read_answer(
     sent: Result<reqwest::Response, reqwest::Error>,
     url: &str,
     timeout: Duration,
@@ -542,7 +613,10 @@ async fn read_answer(
     .into())
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8], what: &'static str) -> Result<T, CliError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &'static str,
+) -> Result<T, CliError> {
     serde_json::from_slice(body).map_err(|e| {
         CredentialCliError::Malformed {
             what,
@@ -634,6 +708,57 @@ mod tests {
     }
 
     #[test]
+    fn item3_instance_policy_files_are_read_strictly() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("000b{}", "ab".repeat(32));
+        let write = |text: String| {
+            let path = dir.path().join("policy.json");
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let good = write(format!(
+            r#"{{"instances": [{{"id": "vm-1", "ak_name": "{name}"}}, {{"id": "vm-2", "ak_name": "{name}"}}]}}"#
+        ));
+        let entries = read_instance_policy(&good).unwrap();
+        assert_eq!(
+            instances_line(&entries),
+            "instances that may fetch it: vm-1, vm-2"
+        );
+        assert!(instances_line(&[]).contains("none (map only"));
+        let many: Vec<String> = (0..65)
+            .map(|i| format!(r#"{{"id": "vm-{i}", "ak_name": "{name}"}}"#))
+            .collect();
+        for (text, says) in [
+            (r#"{"instances": []}"#.to_owned(), "0 instances"),
+            (
+                format!(r#"{{"instances": [{}]}}"#, many.join(",")),
+                "65 instances",
+            ),
+            (
+                format!(
+                    r#"{{"instances": [{{"id": "vm-1", "ak_name": "{name}"}}, {{"id": "vm-1", "ak_name": "{name}"}}]}}"#
+                ),
+                "named twice",
+            ),
+            (
+                r#"{"instances": [{"id": "vm-1", "ak_name": "00"}]}"#.to_owned(),
+                "ak_name",
+            ),
+            (
+                format!(r#"{{"instances": [{{"id": "vm-1", "ak_name": "{name}", "x": 1}}]}}"#),
+                "unknown field",
+            ),
+            ("[]".to_owned(), "not an instance policy"),
+        ] {
+            let path = write(text.clone());
+            let err = read_instance_policy(&path).unwrap_err().to_string();
+            assert!(err.contains(says), "{text}: {err}");
+            assert!(err.contains("--instance-policy"), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
     fn only_https_base_urls_are_accepted() {
         assert!(CmsConfig::try_from(cms_args("https://127.0.0.1:8443")).is_ok());
         assert_eq!(
@@ -693,6 +818,7 @@ mod tests {
             shares: 3,
             seed: Some("zz".to_owned()),
             allow_correlated: false,
+            instance_policy: None,
         };
         assert!(PutConfig::try_from(args).is_err());
     }

@@ -14,6 +14,7 @@ pub mod lab;
 mod load;
 pub mod policy;
 pub mod reseal;
+pub mod shard_host;
 pub mod snp;
 pub mod split;
 
@@ -55,6 +56,8 @@ pub enum Command {
     /// Client side of the credential service: client keys, put, shard map.
     #[command(subcommand)]
     Credential(credential::Command),
+    /// Serve a shard host: register its TPM-held decrypt key with the CMS, release shards to attested instances over HTTPS, until SIGTERM.
+    ShardHost(shard_host::Args),
     /// A local lab on loopback: CMS, shard hosts, instance TPM (development only).
     #[command(subcommand)]
     Lab(lab::Command),
@@ -85,6 +88,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Reseal(args) => reseal::run(args.try_into()?),
         Command::Cms(args) => cms::run(args.try_into()?),
         Command::Credential(command) => credential::run(command),
+        Command::ShardHost(args) => shard_host::run(args.try_into()?),
         Command::Lab(command) => lab::run(command),
     }
 }
