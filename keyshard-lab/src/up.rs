@@ -161,11 +161,25 @@ pub fn prepare_dir(dir: &Path) -> Result<(PathBuf, DirLock)> {
     Ok((dir, lock))
 }
 
-/// What `up` has started so far: stopped, newest first, when `up` fails.
+/// What `up` has started so far: stopped, newest first, when `up` fails, also by a panic (on
+/// drop, unless [`Started::keep`] was called).
 #[derive(Debug, Default)]
-struct Started(Vec<Spawned>);
+struct Started(Vec<Spawned>, bool);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.stop_all();
+        }
+    }
+}
 
 impl Started {
+    /// The lab is up: its processes stay when this is dropped.
+    fn keep(&mut self) {
+        self.1 = true;
+    }
+
     fn push(&mut self, spawned: Spawned) -> usize {
         self.0.push(spawned);
         self.0.len().saturating_sub(1)
@@ -224,11 +238,9 @@ pub fn up(config: &UpConfig, progress: &mut dyn FnMut(&str)) -> Result<Lab> {
     process::watch_interrupts()?;
     let (dir, _lock) = prepare_dir(&config.dir)?;
     let mut started = Started::default();
-    let result = build(config, &dir, &mut started, progress);
-    if result.is_err() {
-        started.stop_all();
-    }
-    result
+    let lab = build(config, &dir, &mut started, progress)?;
+    started.keep();
+    Ok(lab)
 }
 
 fn build(

@@ -523,7 +523,7 @@ pub fn map_json(map: &ShardMap) -> serde_json::Value {
     })
 }
 
-fn print_lines(lines: &[String]) -> Result<(), CliError> {
+pub(crate) fn print_lines(lines: &[String]) -> Result<(), CliError> {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     for line in lines {

@@ -2,6 +2,7 @@
 //! shard hosts in 3 regions x 2 operators and an instance TPM, each its own swtpm and process,
 //! recorded in `DIR/lab.json`. A development tool: it protects nothing.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use keyshard_lab::down;
 use keyshard_lab::up::{self, StoreKind, UpConfig};
 
 use super::CliError;
+use super::credential::print_lines;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -79,17 +81,16 @@ pub fn run(command: Command) -> Result<(), CliError> {
     match command {
         Command::Up(args) => {
             let config = UpConfig::try_from(args)?;
-            let lab = up::up(&config, &mut |line| println!("{line}"))?;
-            for line in up::commands(&lab) {
-                println!("{line}");
-            }
-            Ok(())
+            // Progress is best effort: a closed stdout must not fail (or panic) a lab half up.
+            let lab = up::up(&config, &mut |line| {
+                let _ = writeln!(std::io::stdout(), "{line}");
+            })?;
+            print_lines(&up::commands(&lab))
         }
-        Command::Down(args) => {
-            for line in down::down(&args.dir, args.purge, Duration::from_secs(args.grace))? {
-                println!("{line}");
-            }
-            Ok(())
-        }
+        Command::Down(args) => print_lines(&down::down(
+            &args.dir,
+            args.purge,
+            Duration::from_secs(args.grace),
+        )?),
     }
 }
