@@ -1,17 +1,19 @@
 //! Fuzzes the credential service's request parsing, which reads what any network client sends:
 //! the first byte picks the Content-Type and the request type (nonce, host registration,
-//! credential put, map query), the rest is the body (or the query). Nothing may panic; an
-//! accepted request re-encodes to JSON that parses to the same value and is then converted to
-//! its typed form (which may refuse it); a refusal is one bounded line with one of the parser's
-//! codes.
+//! credential put, a shard host's release, a fetch, map query), the rest is the body (or the
+//! query). Nothing may panic; an accepted request re-encodes to JSON that parses to the same
+//! value and is then converted to its typed form (which may refuse it); a refusal is one
+//! bounded line with one of the parser's codes.
 
 #![no_main]
 
 use std::time::Duration;
 
 use keyshard_cms::server::credentials::{PutCredentialRequest, client_query, parse_client_key};
+use keyshard_cms::server::fetch::FetchRequest;
 use keyshard_cms::server::hosts::HostRegistrationRequest;
 use keyshard_cms::server::{ApiError, NonceRequest, parse_body};
+use keyshard_cms::shard_host::server::ReleaseRequest;
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -29,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
         2 => Some(b"application/json; charset=utf-8"),
         _ => Some(body.get(..body.len().min(16)).unwrap_or_default()),
     };
-    match (selector / 4) % 4 {
+    match (selector / 4) % 6 {
         0 => {
             if let Some(request) = round_trip::<NonceRequest>(content_type, body) {
                 let _ = request.ttl(Duration::from_secs(30));
@@ -43,6 +45,16 @@ fuzz_target!(|data: &[u8]| {
         }
         2 => {
             if let Some(request) = round_trip::<PutCredentialRequest>(content_type, body) {
+                check_refusal(request.parse().err(), REQUEST_CODES);
+            }
+        }
+        3 => {
+            if let Some(request) = round_trip::<ReleaseRequest>(content_type, body) {
+                check_refusal(request.parse().err(), REQUEST_CODES);
+            }
+        }
+        4 => {
+            if let Some(request) = round_trip::<FetchRequest>(content_type, body) {
                 check_refusal(request.parse().err(), REQUEST_CODES);
             }
         }

@@ -1,7 +1,10 @@
 //! keyshard's credential service: the HTTPS [`server`] (the CMS's `/v1/` JSON API over TLS), the
 //! shard host [`registry`], [`credential`] put and maps, a shard host's release
-//! ([`shard_host`]), and the attestation repository's [`store`].
+//! ([`shard_host`]), TPM [`enrolment`] (an AK proven to be in a genuine TPM, pinned to an id),
+//! compute [`instances`] and their golden PCRs, and the attestation repository's [`store`].
 pub mod credential;
+pub mod enrolment;
+pub mod instances;
 pub mod registry;
 pub mod server;
 pub mod shard_host;

@@ -31,8 +31,11 @@
 
 pub mod api;
 pub mod credentials;
+pub mod enrolment;
 pub mod error;
+pub mod fetch;
 pub mod hosts;
+pub mod instances;
 pub mod request;
 pub mod tls;
 
@@ -184,13 +187,26 @@ impl std::fmt::Debug for CmsServer {
 impl CmsServer {
     /// Binds `addr` (port 0: any free port, see [`CmsServer::local_addr`]) for a server on
     /// `store` with the TLS configuration `tls` ([`tls::server_config`]), signing fragments and
-    /// shard maps with `signing_key`.
+    /// shard maps with `signing_key`. Enrolment is disabled: see [`CmsServer::bind_with`].
     pub async fn bind(
         addr: SocketAddr,
         store: Store,
         tls: Arc<rustls::ServerConfig>,
         limits: Limits,
         signing_key: ed25519_dalek::SigningKey,
+    ) -> Result<Self> {
+        Self::bind_with(addr, store, tls, limits, signing_key, None).await
+    }
+
+    /// [`CmsServer::bind`], with enrolment enabled when `ek_ca` is given: EK certificates must
+    /// chain to it (`keyshard cms --ek-ca`).
+    pub async fn bind_with(
+        addr: SocketAddr,
+        store: Store,
+        tls: Arc<rustls::ServerConfig>,
+        limits: Limits,
+        signing_key: ed25519_dalek::SigningKey,
+        ek_ca: Option<keyshard_attest::tpm::ek_cert::CaBundle>,
     ) -> Result<Self> {
         limits.check()?;
         let listener = TcpListener::bind(addr)
@@ -199,7 +215,10 @@ impl CmsServer {
         let local_addr = listener
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
-        let state = api::AppState::new(store, limits.nonce_ttl, limits.nonce_rate, signing_key);
+        let mut state = api::AppState::new(store, limits.nonce_ttl, limits.nonce_rate, signing_key);
+        if let Some(bundle) = ek_ca {
+            state = state.with_ek_ca(bundle);
+        }
         Ok(Self {
             listener,
             local_addr,

@@ -15,6 +15,7 @@
 
 mod common;
 // The test shard hosts, shared with keyshard's `cms_credentials` test.
+#[allow(dead_code)]
 #[path = "common/hosts.rs"]
 mod hosts;
 // The one swtpm launcher of the workspace, as keyshard-tpm's tests use it.

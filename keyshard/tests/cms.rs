@@ -13,6 +13,7 @@
 
 #[path = "../../keyshard-cms/tests/common/etcd.rs"]
 mod etcd;
+#[allow(dead_code)]
 #[path = "common/cms.rs"]
 mod harness;
 

@@ -1,6 +1,7 @@
 //! The CMS's host registration, credential put and shard map endpoints (issue 9, items 1 to 5
 //! over HTTPS): the real `keyshard cms` binary on loopback on a redb file, driven over TLS by
-//! reqwest and curl, with six shard hosts that each have their own swtpm and register with real
+//! reqwest and curl, with six shard hosts that each have their own swtpm (with EK certificates
+//! from the test's local CA), enrol with the CLI's enrolment, and register with real
 //! TPM2_Certify output (keyshard-cms's test hosts). The maps are opened with the client's key
 //! as a client does (keyshard-shards' map).
 
@@ -12,6 +13,7 @@
     clippy::panic
 )]
 
+#[allow(dead_code)]
 #[path = "common/cms.rs"]
 mod harness;
 #[path = "../../keyshard-cms/tests/common/hosts.rs"]
@@ -26,6 +28,7 @@ use ed25519_dalek::VerifyingKey;
 use harness::{Cms, Pki, curl};
 use hosts::{HOSTS, ShardHost};
 use keyshard_cms::credential;
+use keyshard_cms::enrolment::EnrolmentKind;
 use keyshard_cms::server::ErrorBody;
 use keyshard_cms::server::NonceResponse;
 use keyshard_cms::server::credentials::{PutCredentialResponse, SealedMapResponse};
@@ -47,12 +50,44 @@ struct Lab {
 }
 
 impl Lab {
+    /// A CMS without `--ek-ca` (enrolment disabled) and no hosts.
     fn start() -> Self {
         let pki = Pki::new();
         let url = format!("redb:{}", pki.dir.path().join("cms.redb").display());
         let cms = Cms::start(&pki, &url);
         let client = pki.client();
         Self { pki, cms, client }
+    }
+
+    /// A CMS that enrols the TPMs of this test's EK CA, and the shard hosts `ids`, each on its
+    /// own swtpm with EK certificates, enrolled (not registered yet).
+    async fn start_with_hosts(ids: &[&str]) -> (Self, Vec<ShardHost>) {
+        let pki = Pki::new();
+        let mut hosts: Vec<ShardHost> = ids
+            .iter()
+            .map(|id| ShardHost::start_with_ek_certificates(id, &pki.ek_ca_dir()))
+            .collect();
+        let url = format!("redb:{}", pki.dir.path().join("cms.redb").display());
+        let cms = Cms::start_enrolling(&pki, &url);
+        let client = pki.client();
+        let lab = Self { pki, cms, client };
+        for host in &mut hosts {
+            let id = host.id.to_string();
+            lab.enrol(&id, host).await;
+        }
+        (lab, hosts)
+    }
+
+    /// Enrols `host`'s TPM as host `id` with the CLI's enrolment.
+    async fn enrol(&self, id: &str, host: &mut ShardHost) {
+        keyshard::cli::enrol::enrol(
+            &self.pki.cms_client(&self.cms),
+            EnrolmentKind::Host,
+            id,
+            host.tpm.get_mut().unwrap(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("enrolling {id}: {e}"));
     }
 
     /// The CMS's verifying key, from the key file it was started with.
@@ -184,14 +219,9 @@ fn put_body(client: &ClientKey, k: u8, n: u8) -> serde_json::Value {
     })
 }
 
-fn start_hosts() -> Vec<ShardHost> {
-    HOSTS.iter().map(|(id, ..)| ShardHost::start(id)).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item3_put_3_of_4_over_https_and_the_map_opens_with_the_client_key_only() {
-    let lab = Lab::start();
-    let hosts = start_hosts();
+    let (lab, hosts) = Lab::start_with_hosts(&HOSTS.map(|(id, ..)| id)).await;
     for host in &hosts {
         assert_eq!(lab.register(host).await, StatusCode::CREATED);
     }
@@ -339,8 +369,8 @@ async fn item3_put_3_of_4_over_https_and_the_map_opens_with_the_client_key_only(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item2_a_forged_certification_is_refused_and_nothing_is_stored() {
-    let lab = Lab::start();
-    let host = ShardHost::start("host-1");
+    let (lab, mut hosts) = Lab::start_with_hosts(&["host-1"]).await;
+    let host = &mut hosts[0];
     let nonce = lab.challenge().await;
     let registration = host.registration(nonce, "eu", "acme");
     let good = HostRegistrationRequest::from_registration(&registration);
@@ -369,7 +399,8 @@ async fn item2_a_forged_certification_is_refused_and_nothing_is_stored() {
     let (status, body) = lab.put_host("host-1", &good).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(error_code(&body).0, "nonce_refused");
-    // The same TPM under another id: refused, one TPM is one host.
+    // The same TPM under another id (enrolled for it too): refused, one TPM is one host.
+    lab.enrol("host-9", host).await;
     let again = host.registration(lab.challenge().await, "us", "globex");
     let (status, body) = lab
         .put_host(

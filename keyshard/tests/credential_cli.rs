@@ -1,7 +1,8 @@
 //! `keyshard credential keygen|put|map` (issue 9, items 3 and 5 from the client's side): the real
 //! `keyshard` binary as the client of the real `keyshard cms` on loopback (redb), with six shard
-//! hosts that each have their own swtpm and register with real TPM2_Certify output; and the
-//! client's failures a user meets: refusals, a foreign CA, a CMS that is down or does not answer.
+//! hosts that each have their own swtpm (with EK certificates), enrol and register with real
+//! TPM2_Certify output; and the client's failures a user meets: refusals, a foreign CA, a CMS
+//! that is down or does not answer.
 
 // Test code: a panic here is a failed test.
 #![allow(
@@ -183,13 +184,25 @@ fn run(args: &[String]) -> Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item3_item5_put_and_map_through_the_cli() {
     let pki = Pki::new();
-    let cms = Cms::start(
+    let mut hosts: Vec<_> = HOSTS
+        .iter()
+        .map(|(id, ..)| ShardHost::start_with_ek_certificates(id, &pki.ek_ca_dir()))
+        .collect();
+    let cms = Cms::start_enrolling(
         &pki,
         &format!("redb:{}", pki.dir.path().join("cms.redb").display()),
     );
-    let hosts: Vec<_> = HOSTS.iter().map(|(id, ..)| ShardHost::start(id)).collect();
     let client = pki.client();
-    for host in &hosts {
+    for host in &mut hosts {
+        let id = host.id.to_string();
+        keyshard::cli::enrol::enrol(
+            &pki.cms_client(&cms),
+            keyshard_cms::enrolment::EnrolmentKind::Host,
+            &id,
+            host.tpm.get_mut().unwrap(),
+        )
+        .await
+        .unwrap();
         register(&client, &cms, host).await;
     }
     let files = ClientFiles::new(&pki);

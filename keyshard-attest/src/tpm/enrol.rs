@@ -7,6 +7,7 @@
 
 use std::time::SystemTime;
 
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use zeroize::Zeroizing;
 
@@ -60,6 +61,20 @@ impl Challenge {
     pub fn answered_by(&self, activated: &[u8]) -> bool {
         bool::from(self.credential.as_slice().ct_eq(activated))
     }
+
+    /// SHA-256 of the credential: what a verifier that keeps the challenge in a store (shared
+    /// by replicas, readable by an operator) keeps instead of the credential; check an answer
+    /// against it with [`answers_digest`].
+    pub fn credential_digest(&self) -> [u8; 32] {
+        Sha256::digest(self.credential.as_slice()).into()
+    }
+}
+
+/// Whether `activated` (what the host's ActivateCredential returned) hashes to `digest`
+/// ([`Challenge::credential_digest`]); compared in constant time.
+pub fn answers_digest(digest: &[u8; 32], activated: &[u8]) -> bool {
+    let answered: [u8; 32] = Sha256::digest(activated).into();
+    bool::from(answered.ct_eq(digest))
 }
 
 /// Verifies the host's EK certificate against `bundle` at `now`, checks that `ak_public_area`
@@ -130,6 +145,11 @@ mod tests {
         assert!(!c.answered_by(&[0; 32]));
         assert!(!c.answered_by(&c.credential[..31]));
         assert!(!format!("{c:?}").contains("credential"));
+        let digest = c.credential_digest();
+        assert!(answers_digest(&digest, &c.credential[..]));
+        assert!(!answers_digest(&digest, &[0; 32]));
+        assert!(!answers_digest(&digest, &c.credential[..31]));
+        assert!(!answers_digest(&digest, &digest));
         let again = challenge(EK, &bundle(), now(), &ak_area()).unwrap();
         assert_ne!(
             &again.credential[..],

@@ -52,6 +52,8 @@ pub enum PcrError {
     Wire(#[from] WireError),
     #[error("PCR selections differ: expected {expected}, found {found}")]
     SelectionMismatch { expected: String, found: String },
+    #[error("PCR selection {text:?}: {reason} (expected e.g. sha256:0,7)")]
+    SelectionSyntax { text: String, reason: &'static str },
 }
 
 pub type Result<T> = std::result::Result<T, PcrError>;
@@ -150,6 +152,38 @@ impl fmt::Display for PcrSelection {
             write!(f, "{sep}{index}")?;
         }
         Ok(())
+    }
+}
+
+/// Parses what [`fmt::Display`] writes: a bank (`sha1`, `sha256`, `sha384`), `:`, and 1 to 24
+/// decimal indices 0..=23 separated by `,` (any order; no repeats, no spaces).
+impl std::str::FromStr for PcrSelection {
+    type Err = PcrError;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let syntax = |reason| PcrError::SelectionSyntax {
+            text: text.chars().take(64).collect(),
+            reason,
+        };
+        let (bank, list) = text.split_once(':').ok_or_else(|| syntax("no ':'"))?;
+        let bank = [PcrBank::Sha1, PcrBank::Sha256, PcrBank::Sha384]
+            .into_iter()
+            .find(|b| b.as_str() == bank)
+            .ok_or_else(|| syntax("the bank is not sha1, sha256 or sha384"))?;
+        let mut indices = Vec::new();
+        for item in list.split(',') {
+            if item.is_empty() || item.len() > 2 || !item.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(syntax("an index is not a number 0..=23"));
+            }
+            if indices.len() >= usize::from(PCR_COUNT) {
+                return Err(syntax("more than 24 indices"));
+            }
+            indices.push(
+                item.parse::<u8>()
+                    .map_err(|_| syntax("an index is not a number"))?,
+            );
+        }
+        Self::new(bank, &indices)
     }
 }
 
@@ -313,6 +347,30 @@ mod tests {
             vec![(7, vec![7u8; 32]), (0, vec![0u8; 32])],
         )
         .unwrap()
+    }
+
+    #[test]
+    fn selections_parse_what_they_print_and_nothing_else() {
+        for text in ["sha256:0,7", "sha1:23", "sha384:0,1,2,3,4,5,6,7"] {
+            let sel: PcrSelection = text.parse().unwrap();
+            assert_eq!(sel.to_string(), text);
+        }
+        let sorted: PcrSelection = "sha256:7,0".parse().unwrap();
+        assert_eq!(sorted.indices(), &[0, 7]);
+        for (text, expected) in [
+            ("sha256", "no ':'"),
+            ("md5:0", "bank"),
+            ("sha256:", "not a number"),
+            ("sha256:0,,7", "not a number"),
+            ("sha256: 0", "not a number"),
+            ("sha256:-1", "not a number"),
+            ("sha256:007", "not a number"),
+            ("sha256:24", "does not exist"),
+            ("sha256:7,7", "twice"),
+        ] {
+            let err = text.parse::<PcrSelection>().unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //!
 //! | `POST /v1/hosts/challenge`, `PUT /v1/hosts/{id}`, `GET /v1/hosts` | see [`super::hosts`] | |
 //! | `POST /v1/credentials/{name}`, `GET /v1/credentials/{name}/map` | see [`super::credentials`] | |
+//! | `POST /v1/credentials/{name}/fetch` | see [`super::fetch`] | |
+//! | `POST /v1/enrolments`, `POST /v1/enrolments/{enrolment}/activate` | see [`super::enrolment`] | |
+//! | `POST /v1/instances/{id}/challenge`, `PUT /v1/instances/{id}`, `GET /v1/instances/{id}` | see [`super::instances`] | |
 //!
 //! Anything else is an [`ApiError`] (see [`super::error`]).
 
@@ -23,11 +26,12 @@ use axum::routing::{get, post, put};
 use serde::{Deserialize, Serialize};
 
 use ed25519_dalek::SigningKey;
+use keyshard_attest::tpm::ek_cert::CaBundle;
 
 use super::error::ApiError;
 use super::request::{ApiJson, BodyLimit};
 use super::{Limits, NonceRate};
-use super::{credentials, hosts};
+use super::{credentials, enrolment, fetch, hosts, instances};
 use crate::registry::HostRegistry;
 use crate::store::{Repository, Store};
 
@@ -43,6 +47,8 @@ pub struct AppState {
     /// The CMS's Ed25519 key: signs fragments and shard maps.
     pub(super) signing_key: Arc<SigningKey>,
     pub(super) registry: HostRegistry,
+    /// The CAs EK certificates must chain to; None: enrolment is disabled.
+    pub(super) ek_ca: Option<Arc<CaBundle>>,
 }
 
 impl AppState {
@@ -60,7 +66,14 @@ impl AppState {
             nonce_rate: Arc::new(TokenBucket::new(nonce_rate)),
             signing_key: Arc::new(signing_key),
             registry: HostRegistry::default(),
+            ek_ca: None,
         }
+    }
+
+    /// Enables enrolment: EK certificates must chain to `bundle` (`--ek-ca`).
+    pub fn with_ek_ca(mut self, bundle: CaBundle) -> Self {
+        self.ek_ca = Some(Arc::new(bundle));
+        self
     }
 }
 
@@ -73,7 +86,18 @@ pub fn router(state: AppState, limits: &Limits) -> Router {
         .route("/v1/hosts/challenge", post(hosts::challenge))
         .route("/v1/hosts/{id}", put(hosts::register))
         .route("/v1/credentials/{name}", post(credentials::put))
-        .route("/v1/credentials/{name}/map", get(credentials::map));
+        .route("/v1/credentials/{name}/map", get(credentials::map))
+        .route("/v1/credentials/{name}/fetch", post(fetch::fetch))
+        .route("/v1/enrolments", post(enrolment::begin))
+        .route(
+            "/v1/enrolments/{enrolment}/activate",
+            post(enrolment::activate),
+        )
+        .route(
+            "/v1/instances/{id}",
+            put(instances::register).get(instances::get),
+        )
+        .route("/v1/instances/{id}/challenge", post(instances::challenge));
     with_layers(with_fallbacks(routes).with_state(state), limits)
 }
 

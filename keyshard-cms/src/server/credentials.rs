@@ -323,12 +323,14 @@ pub fn parse_client_key(text: &str) -> Result<ClientPublicKey, ApiError> {
     Ok(ClientPublicKey::from_bytes(bytes))
 }
 
-fn credential_name(name: Result<Path<String>, PathRejection>) -> Result<KeyId, ApiError> {
+pub(super) fn credential_name(
+    name: Result<Path<String>, PathRejection>,
+) -> Result<KeyId, ApiError> {
     KeyId::new(path_segment(name)?).map_err(|e| invalid(format!("credential name: {e}")))
 }
 
 /// Credential errors as API errors (module documentation).
-fn credential_error(error: CredentialError) -> ApiError {
+pub(super) fn credential_error(error: CredentialError) -> ApiError {
     match error {
         CredentialError::Store(e) => store_error(e),
         CredentialError::Registry(e) => registry_error(e),

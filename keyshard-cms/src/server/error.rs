@@ -45,6 +45,16 @@ pub enum ApiError {
     Forbidden { reason: String },
     #[error("the grant is refused: {reason}")]
     GrantRefused { reason: String },
+    #[error("enrolment is disabled: the CMS was started without --ek-ca")]
+    EnrolmentDisabled,
+    #[error("the enrolment is refused: {reason}")]
+    EnrolmentRefused { reason: String },
+    #[error("the activation is refused: {reason}")]
+    ActivationRefused { reason: String },
+    #[error("{reason}")]
+    AkConflict { reason: String },
+    #[error("{reason}")]
+    NotEnrolled { reason: String },
     #[error("the evidence is refused: {reason}")]
     EvidenceRefused { reason: String },
     #[error("too many requests for {what}; retry in a second")]
@@ -79,6 +89,11 @@ impl ApiError {
             Self::PlacementRefused { .. } => "placement_refused",
             Self::Forbidden { .. } => "forbidden",
             Self::GrantRefused { .. } => "grant_refused",
+            Self::EnrolmentDisabled => "enrolment_disabled",
+            Self::EnrolmentRefused { .. } => "enrolment_refused",
+            Self::ActivationRefused { .. } => "activation_refused",
+            Self::AkConflict { .. } => "ak_conflict",
+            Self::NotEnrolled { .. } => "not_enrolled",
             Self::EvidenceRefused { .. } => "evidence_refused",
             Self::RateLimited { .. } => "rate_limited",
             Self::Timeout { .. } => "timeout",
@@ -101,15 +116,20 @@ impl ApiError {
             | Self::NonceRefused { .. }
             | Self::Forbidden { .. }
             | Self::GrantRefused { .. }
+            | Self::EnrolmentRefused { .. }
+            | Self::ActivationRefused { .. }
+            | Self::NotEnrolled { .. }
             | Self::EvidenceRefused { .. } => StatusCode::FORBIDDEN,
             Self::HostConflict { .. }
+            | Self::AkConflict { .. }
             | Self::Conflict { .. }
             | Self::Exists { .. }
             | Self::PlacementRefused { .. } => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Timeout { .. } | Self::StoreUnavailable | Self::TpmUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Timeout { .. }
+            | Self::StoreUnavailable
+            | Self::TpmUnavailable
+            | Self::EnrolmentDisabled => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -217,6 +237,11 @@ mod tests {
             ApiError::PlacementRefused { reason: "x".into() },
             ApiError::Forbidden { reason: "x".into() },
             ApiError::GrantRefused { reason: "x".into() },
+            ApiError::EnrolmentDisabled,
+            ApiError::EnrolmentRefused { reason: "x".into() },
+            ApiError::ActivationRefused { reason: "x".into() },
+            ApiError::AkConflict { reason: "x".into() },
+            ApiError::NotEnrolled { reason: "x".into() },
             ApiError::EvidenceRefused { reason: "x".into() },
             ApiError::RateLimited { what: "nonces" },
             ApiError::Timeout { ms: 5 },

@@ -8,7 +8,8 @@
 //! | `GET /v1/hosts` | none | 200 [`HostList`]: the fresh hosts and those left out with the reason |
 //!
 //! Byte strings in the registration are lowercase or uppercase hex. A registration is refused,
-//! and nothing is stored, when its certification does not verify (403 `certification_refused`),
+//! and nothing is stored, when its AK is not the one enrolled for the host id (403
+//! `not_enrolled`, see [`super::enrolment`]), its certification does not verify (403 `certification_refused`),
 //! its challenge is unknown, used or expired (403 `nonce_refused`), the id is held by another
 //! attestation key or the TPM by another id (409 `host_conflict`), or another registration of
 //! the id won a race (409 `conflict`).
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use super::api::{AppState, NonceResponse};
 use super::error::ApiError;
 use super::request::ApiJson;
+use crate::enrolment::{self, EnrolmentKind};
 use crate::registry::{self, CHALLENGE_TTL, HostRegistration, RegistryError};
 use crate::store::{Nonce, Repository, StoreError};
 
@@ -190,6 +192,7 @@ pub(super) async fn register(
 ) -> Result<(StatusCode, axum::Json<HostRegistered>), ApiError> {
     let id = path_segment(id)?;
     let registration = request.into_registration(&id)?;
+    check_enrolled(&state, &registration).await?;
     let key = registry::host_key(&registration.id).map_err(registry_error)?;
     let existed = state
         .store
@@ -221,6 +224,27 @@ pub(super) async fn register(
         StatusCode::CREATED
     };
     Ok((status, axum::Json(answer)))
+}
+
+/// Refuses a registration whose AK is not the one pinned to the host id by enrolment
+/// (403 `not_enrolled`): only an AK proven to sit in a genuine TPM registers a host.
+async fn check_enrolled(state: &AppState, registration: &HostRegistration) -> Result<(), ApiError> {
+    let id = registration.id.as_str();
+    let pinned = enrolment::pinned_ak(&*state.store, EnrolmentKind::Host, id)
+        .await
+        .map_err(super::enrolment::enrolment_error)?;
+    match pinned {
+        Some(pin) if pin.ak == registration.ak => Ok(()),
+        Some(_) => Err(ApiError::NotEnrolled {
+            reason: format!(
+                "host {id}: the registration's attestation key is not the one enrolled for this \
+                 id"
+            ),
+        }),
+        None => Err(ApiError::NotEnrolled {
+            reason: format!("host {id} is not enrolled: enrol its TPM's attestation key first"),
+        }),
+    }
 }
 
 /// `GET /v1/hosts`.

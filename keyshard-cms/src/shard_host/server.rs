@@ -250,14 +250,17 @@ async fn issue_nonce<K: SharedPointSource + Send + Sync + 'static>(
 }
 
 /// A request's three byte strings, parsed; nothing spent yet.
-struct ParsedRelease {
-    grant: Grant,
-    sealed: SealedShard,
-    evidence: InstanceEvidence,
+#[derive(Debug)]
+pub struct ParsedRelease {
+    pub grant: Grant,
+    pub sealed: SealedShard,
+    pub evidence: InstanceEvidence,
 }
 
 impl ReleaseRequest {
-    fn parse(&self) -> std::result::Result<ParsedRelease, ApiError> {
+    /// Parses the grant, sealed shard and evidence (bounded hex, then their strict formats);
+    /// a 422 `invalid_request` naming the first that does not parse.
+    pub fn parse(&self) -> std::result::Result<ParsedRelease, ApiError> {
         let grant = Grant::from_bytes(&unhex("grant", &self.grant, MAX_GRANT_LEN)?)
             .map_err(|e| invalid(format!("grant: {e}")))?;
         let sealed = SealedShard::from_bytes(&unhex(
@@ -423,5 +426,37 @@ impl ShardHostServer {
     /// Serves until `shutdown` completes, as [`crate::server::CmsServer::serve`] does.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
         serve_connections(self.listener, self.tls, self.app, &self.limits, shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::fetch::FetchRequest;
+
+    proptest::proptest! {
+        /// What the `cms_request` fuzz target checks for the release and fetch bodies, on every
+        /// `cargo test`: any field values give parsed values or one bounded `invalid_request`
+        /// line, never a panic.
+        #[test]
+        fn item2_any_release_or_fetch_fields_give_values_or_a_bounded_refusal(
+            text in proptest::collection::vec("[0-9a-f]{0,400}|[ -~]{0,80}", 4),
+        ) {
+            let release = ReleaseRequest {
+                grant: text[0].clone(),
+                sealed_shard: text[1].clone(),
+                evidence: text[2].clone(),
+            };
+            let fetch = FetchRequest {
+                instance: text[3].clone(),
+                evidence: text[2].clone(),
+            };
+            for error in [release.parse().err(), fetch.parse().err()].into_iter().flatten() {
+                let message = error.to_string();
+                proptest::prop_assert_eq!(error.code(), "invalid_request");
+                proptest::prop_assert!(!message.contains('\n'), "{}", message);
+                proptest::prop_assert!(message.len() <= 400, "{}", message);
+            }
+        }
     }
 }

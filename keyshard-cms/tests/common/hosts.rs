@@ -1,8 +1,9 @@
 //! Shard hosts for the tests, each with its own swtpm: its AK and its TPM-resident decrypt key,
 //! a registration as a shard host makes it (TPM2_Certify over the CMS's challenge), and the
 //! opening of a sealed shard in its TPM (TPM2_ECDH_ZGen). Shared by keyshard-cms's
-//! `credential_put` test and keyshard's `cms_credentials` test; the including crate declares
-//! the workspace's swtpm launcher as its root module `swtpm`.
+//! `credential_put` test and keyshard's CMS tests; the including crate declares the
+//! workspace's swtpm launcher as its root module `swtpm`. Hosts that register over the CMS's
+//! API enrol first: they start with EK certificates ([`ShardHost::start_with_ek_certificates`]).
 
 use std::num::NonZeroU32;
 use std::sync::Mutex;
@@ -45,9 +46,25 @@ pub struct ShardHost {
 static SWTPM_START: Mutex<()> = Mutex::new(());
 
 impl ShardHost {
+    /// A host on a fresh swtpm without EK certificates: enough for the registry's library
+    /// (which takes the AK it is handed); the CMS's API wants enrolled hosts, see
+    /// [`ShardHost::start_with_ek_certificates`].
     pub fn start(id: &str) -> Self {
         let turn = SWTPM_START.lock().unwrap_or_else(|e| e.into_inner());
         let swtpm = Swtpm::start();
+        Self::with_swtpm(id, swtpm, turn)
+    }
+
+    /// A host whose swtpm was manufactured by swtpm_setup with EK certificates from the local
+    /// CA in `ca` (made by the first TPM of that directory): it can enrol with a CMS whose
+    /// `--ek-ca` holds that CA's certificates.
+    pub fn start_with_ek_certificates(id: &str, ca: &std::path::Path) -> Self {
+        let turn = SWTPM_START.lock().unwrap_or_else(|e| e.into_inner());
+        let swtpm = Swtpm::start_with_ek_certificates(ca);
+        Self::with_swtpm(id, swtpm, turn)
+    }
+
+    fn with_swtpm(id: &str, swtpm: Swtpm, turn: std::sync::MutexGuard<'_, ()>) -> Self {
         let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
         drop(turn);
         let key = tpm.create_decrypt_key().unwrap();

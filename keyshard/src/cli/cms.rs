@@ -2,8 +2,9 @@
 //! (`keyshard_cms::server`) on a redb or etcd store, until SIGTERM or SIGINT.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use keyshard_attest::tpm::ek_cert::CaBundle;
 use keyshard_cms::server::{self, CmsServer, Limits};
 use keyshard_cms::store::{Store, StoreUrl};
 use vhost_keyshard::daemon;
@@ -35,6 +36,11 @@ pub struct Args {
     /// refuses to start without it rather than make a key nobody trusts yet.
     #[arg(long, value_name = "FILE")]
     pub signing_key: PathBuf,
+    /// The CA certificates (PEM bundle: roots and intermediates) that TPM EK certificates
+    /// must chain to for enrolment (`POST /v1/enrolments`); without it enrolment is disabled
+    /// (503 `enrolment_disabled`), and so is registering hosts and instances.
+    #[arg(long, value_name = "FILE")]
+    pub ek_ca: Option<PathBuf>,
     /// Write the process id here once the server listens.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
@@ -47,6 +53,7 @@ pub struct Config {
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub signing_key: PathBuf,
+    pub ek_ca: Option<PathBuf>,
     pub pidfile: Option<PathBuf>,
 }
 
@@ -70,6 +77,7 @@ impl TryFrom<Args> for Config {
             tls_cert: args.tls_cert,
             tls_key: args.tls_key,
             signing_key: args.signing_key,
+            ek_ca: args.ek_ca,
             pidfile: args.pidfile,
         })
     }
@@ -107,8 +115,26 @@ async fn serve(config: Config) -> Result<(), CliError> {
         "signing with key {}",
         keyshard_core::keys::fingerprint(&signing_key.verifying_key())
     );
+    let ek_ca = config.ek_ca.as_deref().map(ek_ca_bundle).transpose()?;
+    match &ek_ca {
+        Some(bundle) => log::info!(
+            "enrolment: EK certificates must chain to {} CA certificate(s)",
+            bundle.len()
+        ),
+        None => {
+            log::warn!("no --ek-ca: enrolment is disabled, hosts and instances cannot register")
+        }
+    }
     let store = Store::open_url(&config.store).await?;
-    let server = CmsServer::bind(config.listen, store, tls, Limits::default(), signing_key).await?;
+    let server = CmsServer::bind_with(
+        config.listen,
+        store,
+        tls,
+        Limits::default(),
+        signing_key,
+        ek_ca,
+    )
+    .await?;
     daemon::announce(
         &format!(
             "ready: cms listening on https://{} (store {})",
@@ -123,6 +149,17 @@ async fn serve(config: Config) -> Result<(), CliError> {
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// The largest `--ek-ca` file read.
+const MAX_EK_CA_LEN: usize = 1024 * 1024;
+
+/// Reads the `--ek-ca` PEM bundle; a missing, unreadable or certificate-less file is an error
+/// naming it.
+fn ek_ca_bundle(path: &Path) -> Result<CaBundle, CliError> {
+    let pem = keyshard_core::files::read_limited(path, MAX_EK_CA_LEN)?;
+    CaBundle::from_pem(&pem)
+        .map_err(|e| CliError::InvalidArgument(format!("--ek-ca {}: {e}", path.display())))
 }
 
 /// A future that completes at the first SIGTERM or SIGINT.
@@ -182,6 +219,23 @@ mod tests {
         let argv = ["cms", "--tls-cert", "c.pem", "--tls-key", "k.pem"];
         let err = Command::try_parse_from(argv).unwrap_err().to_string();
         assert!(err.contains("--signing-key"), "{err}");
+    }
+
+    #[test]
+    fn an_ek_ca_file_without_certificates_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("ek-ca.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        let err = ek_ca_bundle(&empty).unwrap_err().to_string();
+        assert!(
+            err.contains("--ek-ca") && err.contains("ek-ca.pem"),
+            "{err}"
+        );
+        let missing = ek_ca_bundle(&dir.path().join("nope.pem")).unwrap_err();
+        assert!(missing.to_string().contains("nope.pem"), "{missing}");
+        let config = parse(&["--ek-ca", "ca.pem"]).unwrap();
+        assert_eq!(config.ek_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(parse(&[]).unwrap().ek_ca, None);
     }
 
     #[test]

@@ -533,7 +533,8 @@ pub(crate) fn print_lines(lines: &[String]) -> Result<(), CliError> {
     Ok(())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+/// A current-thread runtime for one command's requests.
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -541,7 +542,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 }
 
 /// A client trusting only the certificates in the CA file, with the timeouts.
-pub(crate) fn https_client(cms: &CmsConfig) -> Result<reqwest::Client, CredentialCliError> {
+pub(super) fn https_client(cms: &CmsConfig) -> Result<reqwest::Client, CredentialCliError> {
     let pem = files::read_limited(&cms.ca, 1024 * 1024).map_err(|e| CredentialCliError::Ca {
         path: cms.ca.clone(),
         reason: e.to_string(),
@@ -568,7 +569,7 @@ pub(crate) fn https_client(cms: &CmsConfig) -> Result<reqwest::Client, Credentia
 }
 
 /// The answer's body when the status is a success; the CMS's error otherwise.
-pub(crate) async fn read_answer(
+pub(super) async fn read_answer(
     sent: Result<reqwest::Response, reqwest::Error>,
     url: &str,
     timeout: Duration,
@@ -613,7 +614,7 @@ pub(crate) async fn read_answer(
     .into())
 }
 
-pub(crate) fn parse<T: serde::de::DeserializeOwned>(
+pub(super) fn parse<T: serde::de::DeserializeOwned>(
     body: &[u8],
     what: &'static str,
 ) -> Result<T, CliError> {

@@ -50,6 +50,8 @@ pub enum CliError {
     Store(#[from] keyshard_cms::store::StoreError),
     #[error(transparent)]
     Credential(#[from] super::credential::CredentialCliError),
+    #[error("enrolment: {0}")]
+    Enrol(#[from] super::enrol::EnrolError),
     #[error("lab: {0}")]
     Lab(#[from] keyshard_lab::LabError),
     #[error("cannot start the async runtime: {0}")]

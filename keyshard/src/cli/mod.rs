@@ -3,12 +3,15 @@
 //! validated, via `TryFrom<Args>`) and `run`.
 
 pub mod cms;
+pub mod cms_client;
 pub mod combine;
 pub mod coordinator;
 pub mod credential;
+pub mod enrol;
 pub mod error;
 pub mod init;
 pub mod inspect;
+pub mod instance;
 pub mod keygen;
 pub mod lab;
 mod load;
@@ -58,6 +61,9 @@ pub enum Command {
     Credential(credential::Command),
     /// Serve a shard host: register its TPM-held decrypt key with the CMS, release shards to attested instances over HTTPS, until SIGTERM.
     ShardHost(shard_host::Args),
+    /// Compute instances: enrol an instance's TPM and register its golden PCRs with the CMS.
+    #[command(subcommand)]
+    Instance(instance::Command),
     /// A local lab on loopback: CMS, shard hosts, instance TPM (development only).
     #[command(subcommand)]
     Lab(lab::Command),
@@ -89,6 +95,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Cms(args) => cms::run(args.try_into()?),
         Command::Credential(command) => credential::run(command),
         Command::ShardHost(args) => shard_host::run(args.try_into()?),
+        Command::Instance(command) => instance::run(command),
         Command::Lab(command) => lab::run(command),
     }
 }

@@ -12,7 +12,10 @@
 //!    shards already sealed to this host stay openable. The file is the TPM's wrapped blob
 //!    and public area: useless without this TPM;
 //! 3. registration: a challenge from the CMS, TPM2_Certify of the decrypt key by the AK over
-//!    it, the PCRs of `--pcrs` as golden values, `PUT /v1/hosts/{id}`;
+//!    it, the PCRs of `--pcrs` as golden values, `PUT /v1/hosts/{id}`. When the CMS answers
+//!    `not_enrolled` (its AK is not pinned to this id yet), the host enrols first
+//!    (`super::enrol`: its EK certificate, TPM2_ActivateCredential) and registers again; a
+//!    CMS that already pins this AK skips that;
 //! 4. serving; stdout gets exactly one `ready: shard host ID serving on https://ADDR` line,
 //!    then one line per release or refusal.
 //!
@@ -26,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyshard_attest::tpm::PcrSelection;
+use keyshard_cms::enrolment::EnrolmentKind;
 use keyshard_cms::registry::HostRegistration;
 use keyshard_cms::server::hosts::{HostRegistered, HostRegistrationRequest};
 use keyshard_cms::server::{self, Limits, NonceResponse};
@@ -35,13 +39,14 @@ use keyshard_cms::shard_host::server::{HostState, ReleaseEvent, ShardHostServer}
 use keyshard_cms::shard_host::tpm_key::TpmDecryptKey;
 use keyshard_cms::store::Nonce;
 use keyshard_core::files::{self, Overwrite};
-use keyshard_core::policy::PcrBank;
 use keyshard_shards::map::Endpoint;
 use keyshard_shards::{DomainName, FailureDomain, HostId};
 use keyshard_tpm::{DecryptKey, TpmConfig, TpmService};
 use vhost_keyshard::daemon;
 
-use super::credential::{CmsArgs, CmsConfig, CredentialCliError, https_client, parse, read_answer};
+use super::cms_client::CmsClient;
+use super::credential::{CmsArgs, CmsConfig, CredentialCliError};
+use super::enrol::{AkName, enrol};
 use super::{CliError, load};
 
 /// How often the host registers again (the CMS counts a registration fresh for an hour).
@@ -180,25 +185,8 @@ pub fn parse_domain(text: &str) -> Result<FailureDomain, CliError> {
 
 /// `sha256:0,7`: a bank and PCR indices.
 pub fn parse_pcrs(text: &str) -> Result<PcrSelection, CliError> {
-    let bad = |reason: String| CliError::InvalidArgument(format!("--pcrs {text:?}: {reason}"));
-    let (bank, list) = text
-        .split_once(':')
-        .ok_or_else(|| bad("want BANK:I,J,..., e.g. sha256:0,7".to_owned()))?;
-    let bank = match bank {
-        "sha1" => PcrBank::Sha1,
-        "sha256" => PcrBank::Sha256,
-        "sha384" => PcrBank::Sha384,
-        other => return Err(bad(format!("unknown bank {other:?}"))),
-    };
-    let indices = list
-        .split(',')
-        .map(|index| {
-            index
-                .parse::<u8>()
-                .map_err(|_| bad(format!("{index:?} is not a PCR index")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    PcrSelection::new(bank, &indices).map_err(|e| bad(e.to_string()))
+    text.parse::<PcrSelection>()
+        .map_err(|e| CliError::InvalidArgument(format!("--pcrs {text:?}: {e}")))
 }
 
 /// Creates the state directory (0700) when absent; refuses one another user may write.
@@ -243,8 +231,7 @@ pub fn load_or_create_decrypt_key(
 /// What registering needs, cloned into the re-registration task.
 #[derive(Clone)]
 struct Registrar {
-    http: reqwest::Client,
-    cms: Arc<CmsConfig>,
+    cms: CmsClient,
     tpm: TpmService,
     key: DecryptKey,
     id: HostId,
@@ -255,14 +242,43 @@ struct Registrar {
 }
 
 impl Registrar {
+    /// Registers; when the CMS answers `not_enrolled` (this AK is not pinned to the id yet),
+    /// enrols the AK first and registers again.
+    async fn enrol_and_register(&self) -> Result<HostRegistered, CliError> {
+        match self.register().await {
+            Err(CliError::Credential(CredentialCliError::Refused { code, .. }))
+                if code == "not_enrolled" =>
+            {
+                let ak_name = self.enrol().await?;
+                log::info!("enrolled: ak name {}", hex::encode(ak_name));
+                self.register().await
+            }
+            other => other,
+        }
+    }
+
+    /// Enrolment (spec A) on the TPM's own thread: it needs the TPM between two requests.
+    async fn enrol(&self) -> Result<AkName, CliError> {
+        let (cms, id, tpm) = (self.cms.clone(), self.id.to_string(), self.tpm.clone());
+        tokio::task::spawn_blocking(move || {
+            tpm.call(move |tpm| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(CliError::Runtime)?;
+                runtime.block_on(enrol(&cms, EnrolmentKind::Host, &id, tpm))
+            })?
+        })
+        .await
+        .map_err(|e| CliError::InvalidArgument(format!("the enrolment task failed: {e}")))?
+    }
+
     /// One registration: challenge, certify, PUT.
     async fn register(&self) -> Result<HostRegistered, CliError> {
-        let url = format!("{}/v1/hosts/challenge", self.cms.base);
-        let sent = self.http.post(&url).send().await;
-        let answer: NonceResponse = parse(
-            &read_answer(sent, &url, self.cms.timeout).await?,
-            "challenge",
-        )?;
+        let answer: NonceResponse = self
+            .cms
+            .post("/v1/hosts/challenge", &serde_json::json!({}), "challenge")
+            .await?;
         let nonce = Nonce::from_hex(&answer.nonce).map_err(|_| CredentialCliError::Malformed {
             what: "challenge",
             reason: "nonce is not 64 hex digits".to_owned(),
@@ -287,17 +303,13 @@ impl Registrar {
             certification,
             nonce,
         };
-        let url = format!("{}/v1/hosts/{}", self.cms.base, self.id);
-        let sent = self
-            .http
-            .put(&url)
-            .json(&HostRegistrationRequest::from_registration(&registration))
-            .send()
-            .await;
-        parse(
-            &read_answer(sent, &url, self.cms.timeout).await?,
-            "registration answer",
-        )
+        self.cms
+            .put(
+                &format!("/v1/hosts/{}", self.id),
+                &HostRegistrationRequest::from_registration(&registration),
+                "registration answer",
+            )
+            .await
     }
 }
 
@@ -315,7 +327,7 @@ async fn serve(config: Config) -> Result<(), CliError> {
     open_state_dir(&config.state_dir)?;
     let tls = server::tls::server_config(&config.tls_cert, &config.tls_key)?;
     let cms_key = load::verifying_key(&config.cms_key)?;
-    let http = https_client(&config.cms)?;
+    let cms = CmsClient::new(&config.cms)?;
     let tpm = TpmService::spawn(TpmConfig::new(config.tcti.clone()))?;
     let (key, created) = load_or_create_decrypt_key(&tpm, &config.state_dir)?;
     log::info!(
@@ -344,8 +356,7 @@ async fn serve(config: Config) -> Result<(), CliError> {
             .map_err(|e| CliError::InvalidArgument(format!("the endpoint: {e}")))?,
     };
     let registrar = Registrar {
-        http,
-        cms: Arc::new(config.cms),
+        cms,
         tpm,
         key,
         id: host_id.clone(),
@@ -354,7 +365,7 @@ async fn serve(config: Config) -> Result<(), CliError> {
         weight: config.weight,
         pcrs: config.pcrs,
     };
-    let registered = registrar.register().await?;
+    let registered = registrar.enrol_and_register().await?;
     log::info!(
         "registered as {} in {}/{} (key name {})",
         registered.id,
@@ -383,7 +394,7 @@ async fn reregister(registrar: Registrar) {
     every.tick().await;
     loop {
         every.tick().await;
-        match registrar.register().await {
+        match registrar.enrol_and_register().await {
             Ok(registered) => log::info!("registered again (revision {})", registered.revision),
             Err(e) => log::warn!("registering again failed (retried in 20 min): {e}"),
         }

@@ -1,5 +1,7 @@
 //! The `keyshard cms` harness of keyshard's CMS tests: a CA and server certificate made per test,
-//! the CMS's signing key, the real binary on loopback, and curl.
+//! the CMS's signing key, a directory for the swtpm local CA that issues the test TPMs' EK
+//! certificates (`--ek-ca`), the real binary on loopback, the CLI's own HTTPS client and
+//! enrolment, and curl.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,6 +70,41 @@ impl Pki {
         }
     }
 
+    /// The directory of the swtpm local CA the test TPMs' EK certificates come from: created
+    /// by the first TPM manufactured with it, shared by the others (one CA per test).
+    pub fn ek_ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ek-ca")
+    }
+
+    /// The `--ek-ca` bundle (the local CA's root and issuer, PEM), written from the CA that the
+    /// first TPM made with [`Pki::ek_ca_dir`] created.
+    pub fn ek_bundle(&self) -> PathBuf {
+        let pem: Vec<u8> = keyshard_e2e::swtpm::ek_ca_certificates(&self.ek_ca_dir())
+            .iter()
+            .flat_map(|path| {
+                std::fs::read(path).unwrap_or_else(|e| {
+                    panic!(
+                        "{}: {e} (start a TPM with EK certificates first)",
+                        path.display()
+                    )
+                })
+            })
+            .collect();
+        let bundle = self.dir.path().join("ek-ca.pem");
+        std::fs::write(&bundle, pem).unwrap();
+        bundle
+    }
+
+    /// The CLI's own CMS client (`keyshard::cli::cms_client`) for `cms`, trusting this CA.
+    pub fn cms_client(&self, cms: &Cms) -> keyshard::cli::cms_client::CmsClient {
+        keyshard::cli::cms_client::CmsClient::new(&keyshard::cli::credential::CmsConfig {
+            base: cms.url(""),
+            ca: self.ca.clone(),
+            timeout: Duration::from_secs(20),
+        })
+        .unwrap()
+    }
+
     /// A reqwest client that trusts this CA only.
     pub fn client(&self) -> reqwest::Client {
         let ca = reqwest::Certificate::from_pem(&std::fs::read(&self.ca).unwrap()).unwrap();
@@ -86,7 +123,20 @@ pub struct Cms {
 }
 
 impl Cms {
+    /// A CMS on `store` without `--ek-ca`: enrolment is disabled.
     pub fn start(pki: &Pki, store: &str) -> Self {
+        Self::start_with(pki, store, &[])
+    }
+
+    /// A CMS on `store` that enrols TPMs whose EK certificates chain to `pki`'s EK CA
+    /// ([`Pki::ek_bundle`]: a TPM with EK certificates must have been made first).
+    pub fn start_enrolling(pki: &Pki, store: &str) -> Self {
+        let bundle = pki.ek_bundle();
+        Self::start_with(pki, store, &["--ek-ca".as_ref(), bundle.as_os_str()])
+    }
+
+    /// A CMS on `store` with `extra` arguments.
+    pub fn start_with(pki: &Pki, store: &str, extra: &[&std::ffi::OsStr]) -> Self {
         let log = pki.dir.path().join(format!(
             "cms-{}.log",
             std::time::SystemTime::now()
@@ -105,7 +155,8 @@ impl Cms {
             .arg("--tls-key")
             .arg(&pki.key)
             .arg("--signing-key")
-            .arg(&pki.signing);
+            .arg(&pki.signing)
+            .args(extra);
         let daemon = Daemon::start("cms", &mut command, READY, Duration::from_secs(30), &log)
             .unwrap_or_else(|e| panic!("{e}"));
         let line = daemon.ready_line();
