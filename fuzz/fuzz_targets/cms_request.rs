@@ -1,17 +1,20 @@
 //! Fuzzes the credential service's request parsing, which reads what any network client sends:
 //! the first byte picks the Content-Type and the request type (nonce, host registration,
-//! credential put, a shard host's release, a fetch, map query), the rest is the body (or the
-//! query). Nothing may panic; an accepted request re-encodes to JSON that parses to the same
-//! value and is then converted to its typed form (which may refuse it); a refusal is one
-//! bounded line with one of the parser's codes.
+//! credential put, a shard host's release, a fetch, enrolment, activation, instance
+//! registration, map query), the rest is the body (or the query). Nothing may panic; an
+//! accepted request re-encodes to JSON that parses to the same value and is then converted to
+//! its typed form (which may refuse it); a refusal is one bounded line with one of the parser's
+//! codes.
 
 #![no_main]
 
 use std::time::Duration;
 
 use keyshard_cms::server::credentials::{PutCredentialRequest, client_query, parse_client_key};
+use keyshard_cms::server::enrolment::{ActivationBody, EnrolmentBody};
 use keyshard_cms::server::fetch::FetchRequest;
 use keyshard_cms::server::hosts::HostRegistrationRequest;
+use keyshard_cms::server::instances::InstanceRegistrationBody;
 use keyshard_cms::server::{ApiError, NonceRequest, parse_body};
 use keyshard_cms::shard_host::server::ReleaseRequest;
 use libfuzzer_sys::fuzz_target;
@@ -31,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
         2 => Some(b"application/json; charset=utf-8"),
         _ => Some(body.get(..body.len().min(16)).unwrap_or_default()),
     };
-    match (selector / 4) % 6 {
+    match (selector / 4) % 9 {
         0 => {
             if let Some(request) = round_trip::<NonceRequest>(content_type, body) {
                 let _ = request.ttl(Duration::from_secs(30));
@@ -56,6 +59,20 @@ fuzz_target!(|data: &[u8]| {
         4 => {
             if let Some(request) = round_trip::<FetchRequest>(content_type, body) {
                 check_refusal(request.parse().err(), REQUEST_CODES);
+            }
+        }
+        5 => {
+            if let Some(request) = round_trip::<EnrolmentBody>(content_type, body) {
+                check_refusal(request.into_request().err(), REQUEST_CODES);
+            }
+        }
+        6 => {
+            let _ = round_trip::<ActivationBody>(content_type, body);
+        }
+        7 => {
+            if let Some(request) = round_trip::<InstanceRegistrationBody>(content_type, body) {
+                let id = String::from_utf8_lossy(body.get(..8).unwrap_or_default()).into_owned();
+                check_refusal(request.into_registration(&id).err(), REQUEST_CODES);
             }
         }
         _ => {
