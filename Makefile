@@ -32,7 +32,7 @@ SYSTEM_PACKAGES := qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-st
 FUZZ_SECONDS ?= 600
 
 .PHONY: test demo deps lint unit check-deps check-configs check-fuzz bench bench-devices bench-release \
-	bench-storm fuzz e2e \
+	bench-storm bench-fetch fuzz e2e \
 	e2e-bins guest-static images
 
 # Twice on purpose: where a newer qemu-utils is preinstalled (bookworm-backports), it breaks
@@ -150,6 +150,14 @@ bench-storm: deps guest-static
 		KEYSHARD_E2E_VHOST_KEYSHARD_BIN=$(E2E_TARGET_DIR)/release/vhost-keyshard \
 		KEYSHARD_E2E_GUEST_BIN=$(GUEST_BIN) KEYSHARD_STORM_N="$(STORM_N)" \
 		$(CARGO) bench -p keyshard-e2e --bench storm
+
+# Credential fetch (keyshard/benches/fetch.rs): the real CMS (redb), 5 shard hosts and an instance,
+# each on its own swtpm with EK certificates, on loopback; a 3-of-5 credential. Prints fetch
+# latency p50/p99 with its phases (the CMS's challenge, quote and fetch; the host rounds), the
+# CLI's own wall time, the swtpm quote alone, and attested map requests per CMS CPU-second.
+# KEYSHARD_BENCH_FETCH_N fetches (default 50), KEYSHARD_BENCH_MAP_N map requests (default 200).
+bench-fetch: deps
+	$(CARGO) bench -p keyshard --bench fetch
 
 # Fuzz a parser of untrusted bytes (nightly and cargo-fuzz; cargo-fuzz is installed when
 # missing): `make fuzz FUZZ_TARGET=descriptor_chain`. Targets: fragment_parse, descriptor_chain,

@@ -91,6 +91,8 @@ pub enum Command {
     Put(PutArgs),
     /// Fetch this client's shard map from the CMS, open it and check the CMS signature; print it.
     Map(MapArgs),
+    /// As an enrolled instance: attest to the CMS and the shard hosts, rebuild the credential from k shares.
+    Fetch(super::fetch::Args),
 }
 
 /// How to reach the CMS.
@@ -293,7 +295,7 @@ impl TryFrom<MapArgs> for MapConfig {
     }
 }
 
-fn credential_name(name: &str) -> Result<KeyId, CredentialCliError> {
+pub(crate) fn credential_name(name: &str) -> Result<KeyId, CredentialCliError> {
     KeyId::new(name).map_err(|e| CredentialCliError::Name {
         name: name.to_owned(),
         reason: e.to_string(),
@@ -306,6 +308,7 @@ pub fn run(command: Command) -> Result<(), CliError> {
         Command::Keygen(args) => keygen(&args.out, args.force),
         Command::Put(args) => put(args.try_into()?),
         Command::Map(args) => map(args.try_into()?),
+        Command::Fetch(args) => super::fetch::run(args.try_into()?),
     }
 }
 
@@ -343,7 +346,7 @@ fn read_hex_key(path: &Path) -> Result<Zeroizing<[u8; X25519_LEN]>, CliError> {
     Ok(out)
 }
 
-fn client_key(path: &Path) -> Result<ClientKey, CliError> {
+pub(crate) fn client_key(path: &Path) -> Result<ClientKey, CliError> {
     let bytes = read_hex_key(path)?;
     ClientKey::from_bytes(&bytes).map_err(|e| {
         CredentialCliError::ClientKey {
@@ -534,7 +537,7 @@ pub(crate) fn print_lines(lines: &[String]) -> Result<(), CliError> {
 }
 
 /// A current-thread runtime for one command's requests.
-pub(super) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -574,16 +577,23 @@ pub(super) async fn read_answer(
     url: &str,
     timeout: Duration,
 ) -> Result<Vec<u8>, CliError> {
+    read_answer_within(sent, url, timeout, MAX_RESPONSE_LEN).await
+}
+
+/// [`read_answer`] for answers of at most `max` bytes.
+pub(crate) async fn read_answer_within(
+    sent: Result<reqwest::Response, reqwest::Error>,
+    url: &str,
+    timeout: Duration,
+    max: usize,
+) -> Result<Vec<u8>, CliError> {
     let mut response = sent.map_err(|e| transport_error(&e, url, timeout))?;
     let status = response.status();
     if response
         .content_length()
-        .is_some_and(|len| len > MAX_RESPONSE_LEN as u64)
+        .is_some_and(|len| len > max as u64)
     {
-        return Err(CredentialCliError::ResponseTooLarge {
-            max: MAX_RESPONSE_LEN,
-        }
-        .into());
+        return Err(CredentialCliError::ResponseTooLarge { max }.into());
     }
     let mut body = Vec::new();
     while let Some(chunk) = response
@@ -591,11 +601,8 @@ pub(super) async fn read_answer(
         .await
         .map_err(|e| transport_error(&e, url, timeout))?
     {
-        if body.len().saturating_add(chunk.len()) > MAX_RESPONSE_LEN {
-            return Err(CredentialCliError::ResponseTooLarge {
-                max: MAX_RESPONSE_LEN,
-            }
-            .into());
+        if body.len().saturating_add(chunk.len()) > max {
+            return Err(CredentialCliError::ResponseTooLarge { max }.into());
         }
         body.extend_from_slice(&chunk);
     }
@@ -628,7 +635,7 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(
 }
 
 /// Text from the server, as one printable line of at most `max` characters.
-fn one_line(text: &str, max: usize) -> String {
+pub(crate) fn one_line(text: &str, max: usize) -> String {
     let mut out: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -664,7 +671,7 @@ fn transport_error(error: &reqwest::Error, url: &str, timeout: Duration) -> CliE
 
 /// The rustls error in an error's source chain. An `io::Error` hides the error it wraps from
 /// `source` (it returns the wrapped error's source), so the walk steps into it with `get_ref`.
-fn rustls_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+pub(crate) fn rustls_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = next {
         if let Some(tls) = current.downcast_ref::<rustls::Error>() {
@@ -681,7 +688,7 @@ fn rustls_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
 }
 
 /// An error and its sources, joined by ": ", without repeats.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = next {

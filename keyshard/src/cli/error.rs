@@ -54,6 +54,8 @@ pub enum CliError {
     Enrol(#[from] super::enrol::EnrolError),
     #[error("lab: {0}")]
     Lab(#[from] keyshard_lab::LabError),
+    #[error(transparent)]
+    Fetch(#[from] super::fetch::FetchError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot handle SIGTERM/SIGINT: {0}")]
@@ -64,6 +66,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Quorum(QuorumError::NotMet { .. }) => EXIT_QUORUM_NOT_MET,
+            Self::Fetch(super::fetch::FetchError::QuorumNotMet { .. }) => EXIT_QUORUM_NOT_MET,
             _ => EXIT_FAILURE,
         }
     }

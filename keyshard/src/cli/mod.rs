@@ -9,6 +9,7 @@ pub mod coordinator;
 pub mod credential;
 pub mod enrol;
 pub mod error;
+pub mod fetch;
 pub mod init;
 pub mod inspect;
 pub mod instance;
