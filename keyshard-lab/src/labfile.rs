@@ -10,7 +10,8 @@
 //!  "etcd": null | {"url": "http://127.0.0.1:PORT", "process": {...}},
 //!  "hosts": [{"id": "host-1", "region": "eu", "operator": "acme",
 //!             "endpoint": "https://127.0.0.1:PORT", "tcti": "swtpm:host=127.0.0.1,port=P",
-//!             "state_dir": "DIR/hosts/host-1/state", "process": {...}, "swtpm": {...}}, ...],
+//!             "state_dir": "DIR/hosts/host-1/state", "tpm_state": "DIR/hosts/host-1/tpm",
+//!             "process": {...}, "swtpm": {...}}, ...],
 //!  "instance": {"id": "instance-1", "tcti": "...", "ak_name": "000b...",
 //!               "policy": "DIR/instance/policy.json", "swtpm": {...}}}
 //! ```
@@ -88,7 +89,10 @@ pub struct Host {
     pub operator: String,
     pub endpoint: String,
     pub tcti: String,
+    /// The shard host's `--state-dir` (its `decrypt-key`).
     pub state_dir: PathBuf,
+    /// The swtpm's state directory.
+    pub tpm_state: PathBuf,
     pub process: ProcessRecord,
     pub swtpm: ProcessRecord,
 }
@@ -180,6 +184,7 @@ mod tests {
             endpoint: format!("https://127.0.0.1:{}", 9000 + i),
             tcti: "swtpm:host=127.0.0.1,port=20000".to_owned(),
             state_dir: dir.join("state"),
+            tpm_state: dir.join("tpm"),
             process: record(&format!("host-{i}"), 100 + i),
             swtpm: record(&format!("swtpm-host-{i}"), 200 + i),
         };

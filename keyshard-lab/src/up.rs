@@ -475,6 +475,7 @@ fn build(
             .map(|(index, _)| *index)
             .ok_or_else(|| LabError::InvalidArgument(format!("no TPM for {id}")))?;
         host_records.push(Host {
+            tpm_state: tpm_state(&id),
             id,
             region: region.to_owned(),
             operator: operator.to_owned(),

@@ -810,6 +810,39 @@ fn harness(store: &str) {
             );
         }
     }
+
+    // A shard ciphertext copied to another host does not decrypt there: with the lab down, host
+    // B's own TPM (its swtpm state, started again) and its decrypt key (its state directory)
+    // open B's sealed shard, to the fragment B released, and not A's, under either binding.
+    let down = run.down(&[]);
+    assert!(down.status.success(), "{}", describe(&down));
+    let (a, b) = (&grants[0], &grants[1]);
+    let b_host = run.host(b["host"].as_str().unwrap());
+    let swtpm = keyshard_e2e::swtpm::Swtpm::start(&b_host.tpm_state).unwrap();
+    let tpm = keyshard_tpm::TpmService::spawn(keyshard_tpm::TpmConfig::new(swtpm.tcti())).unwrap();
+    let key =
+        keyshard_tpm::DecryptKey::parse(&fs::read(b_host.state_dir.join("decrypt-key")).unwrap())
+            .unwrap();
+    let b_tpm = keyshard_cms::shard_host::tpm_key::TpmDecryptKey::new(tpm, key).unwrap();
+    let binding = |grant: &Value| ShardBinding {
+        credential: keyshard_core::KeyId::new("demo").unwrap(),
+        epoch: 1,
+        index: u8::try_from(grant["index"].as_u64().unwrap()).unwrap(),
+        host: HostId::new(grant["host"].as_str().unwrap()).unwrap(),
+    };
+    let sealed = |grant: &Value| {
+        keyshard_shards::ecies::SealedShard::from_bytes(
+            &hex::decode(grant["sealed_shard"].as_str().unwrap()).unwrap(),
+        )
+        .unwrap()
+    };
+    let own = keyshard_shards::ecies::open(&b_tpm, &binding(b), &sealed(b)).unwrap();
+    assert!(
+        shares.iter().any(|s| s.as_slice() == own.as_slice()),
+        "B's shard is not what B released"
+    );
+    assert!(keyshard_shards::ecies::open(&b_tpm, &binding(a), &sealed(a)).is_err());
+    assert!(keyshard_shards::ecies::open(&b_tpm, &binding(b), &sealed(a)).is_err());
 }
 
 /// What must be shown, with the CMS on redb.
