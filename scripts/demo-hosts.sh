@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The demo's multi-host part: `keyshard lab up` starts on loopback a credential service (CMS),
 # six shard hosts in 3 regions x 2 operators and a compute instance's TPM, each its own swtpm
-# and process. A credential is put 3 of 4, fetched by the instance, fetched again with two of
-# its four hosts stopped (refused: two are not enough), and the lab is brought down.
+# and process. A credential is put 4 of 6 (the largest k that six hosts in two operators spread:
+# each operator holds 3 shares, each region 2), fetched by the instance, fetched again with two
+# hosts stopped (the four left are enough), refused with a third stopped (exit 2, the hosts
+# named), and the lab is brought down.
 # A development lab: everything runs on this machine, so it shows the mechanics, not protection.
 set -euo pipefail
 
@@ -32,10 +34,10 @@ instance=$(jq -r .instance.id "$lab")
 tcti=$(jq -r .instance.tcti "$lab")
 jq -r '.hosts[] | "  \(.id): \(.region)/\(.operator) at \(.endpoint), pid \(.process.pid)"' "$lab"
 
-step "2. Put a credential 3 of 4: the CMS shards it over hosts in different regions and operators"
+step "2. Put a credential 4 of 6: no region or operator holds 4 shares, so none can rebuild it alone"
 head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/db-password"
 run "$keyshard" credential put --cms "$cms" --ca "$ca" --name db --file "$work/db-password" \
-    --client-pub "$client_pub" --threshold 3 --shares 4 --instance-policy "$policy" | tee "$work/put.out"
+    --client-pub "$client_pub" --threshold 4 --shares 6 --instance-policy "$policy" | tee "$work/put.out"
 
 fetch() {
     run "$keyshard" credential fetch --cms "$cms" --ca "$ca" --cms-key "$cms_key" --name db \
@@ -55,13 +57,14 @@ stop_host() {
     while kill -0 "$pid" 2> /dev/null; do sleep 0.1; done
 }
 
-step "4. One of the four hosts down (${hosts[0]}): three still release, the fetch succeeds"
+step "4. Two of the six hosts down (${hosts[0]}, ${hosts[1]}): the four left release, the fetch succeeds"
 stop_host "${hosts[0]}"
+stop_host "${hosts[1]}"
 fetch "$work/db.2"
 cmp "$work/db-password" "$work/db.2" && echo "db.2 is identical to the credential put"
 
-step "5. Two hosts down (${hosts[0]}, ${hosts[1]}): two shares are not enough (exit 2, hosts named, nothing written)"
-stop_host "${hosts[1]}"
+step "5. A third host down (${hosts[2]}): three shares are not enough (exit 2, hosts named, nothing written)"
+stop_host "${hosts[2]}"
 set +e
 fetch "$work/db.3"
 code=$?
