@@ -416,6 +416,41 @@ fn item9_an_interrupted_lab_up_stops_what_it_started() {
     assert!(survivors.is_empty(), "still running: {survivors:?}");
 }
 
+/// Item 9: `lab up` whose stdout is closed (`lab up | head -1`) still brings the whole lab up
+/// and records it, rather than dying half-way with its processes running and no lab.json.
+#[test]
+fn item9_lab_up_with_a_closed_stdout_comes_up_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lab");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(KEYSHARD)
+        .args([
+            "lab",
+            "up",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--bin",
+            KEYSHARD,
+        ])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let lab = Lab::read(&dir).unwrap_or_else(|e| panic!("{e}: {}", describe(&output)));
+    // The summary could not be printed: that is the one error.
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    assert!(
+        text(&output.stderr).contains("stdout"),
+        "{}",
+        describe(&output)
+    );
+    assert!(lab.processes().iter().all(|r| alive(r)), "{lab:?}");
+    let down = keyshard(&["lab", "down", "--dir", dir.to_str().unwrap(), "--purge"]);
+    assert!(down.status.success(), "{}", describe(&down));
+    assert!(lab.processes().iter().all(|r| !alive(r)));
+}
+
 /// Every process on this machine with `dir` on its command line.
 fn processes_naming(dir: &Path) -> Vec<String> {
     let needle = dir.to_str().unwrap().as_bytes().to_vec();
@@ -816,6 +851,9 @@ fn harness(store: &str) {
     // open B's sealed shard, to the fragment B released, and not A's, under either binding.
     let down = run.down(&[]);
     assert!(down.status.success(), "{}", describe(&down));
+    for record in run.lab.processes() {
+        assert!(!alive(record), "{} survived lab down", record.name);
+    }
     let (a, b) = (&grants[0], &grants[1]);
     let b_host = run.host(b["host"].as_str().unwrap());
     let swtpm = keyshard_e2e::swtpm::Swtpm::start(&b_host.tpm_state).unwrap();
