@@ -28,6 +28,9 @@ use crate::process::ProcessRecord;
 
 /// The file's name in the lab directory.
 pub const LAB_FILE: &str = "lab.json";
+/// While `lab up` runs: the processes started so far, so that `lab down` can stop a lab whose
+/// `up` was killed (SIGKILL) before it wrote `lab.json`. Removed once `lab.json` is written.
+pub const STARTING_FILE: &str = "lab.starting.json";
 /// The version written; others are refused.
 pub const LAB_FILE_VERSION: u32 = 1;
 /// The largest lab file read.
@@ -108,6 +111,35 @@ pub struct Instance {
     /// An instance policy file naming this instance (`credential put --instance-policy`).
     pub policy: PathBuf,
     pub swtpm: ProcessRecord,
+}
+
+/// Writes the processes `lab up` has started so far to `DIR/lab.starting.json` (whole: a
+/// temporary file and a rename).
+pub fn write_starting(dir: &Path, processes: &[ProcessRecord]) -> Result<()> {
+    let text = serde_json::to_string_pretty(processes)
+        .map_err(|e| LabError::InvalidArgument(format!("{STARTING_FILE}: {e}")))?;
+    files::write_atomic(
+        &dir.join(STARTING_FILE),
+        format!("{text}\n").as_bytes(),
+        0o644,
+        Overwrite::Replace,
+    )?;
+    Ok(())
+}
+
+/// The processes of `DIR/lab.starting.json`, if there is one.
+pub fn read_starting(dir: &Path) -> Result<Option<Vec<ProcessRecord>>> {
+    let path = dir.join(STARTING_FILE);
+    if path.symlink_metadata().is_err() {
+        return Ok(None);
+    }
+    let bytes = files::read_limited(&path, MAX_LAB_FILE_LEN)?;
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| LabError::LabFile {
+            path,
+            reason: e.to_string(),
+        })
 }
 
 impl Lab {

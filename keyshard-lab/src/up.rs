@@ -138,6 +138,15 @@ pub fn prepare_dir(dir: &Path) -> Result<(PathBuf, DirLock)> {
     files::create_private_dir(dir)?;
     let dir = fs::canonicalize(dir).map_err(io_context(format!("resolving {}", dir.display())))?;
     let lock = DirLock::acquire(&dir)?;
+    if let Ok(Some(records)) = labfile::read_starting(&dir)
+        && let Some(running) = records.iter().find(|p| p.liveness() == Liveness::Ours)
+    {
+        return Err(LabError::Running {
+            dir,
+            name: running.name.clone(),
+            pid: running.pid,
+        });
+    }
     if dir.join(LAB_FILE).symlink_metadata().is_ok() {
         if let Ok(lab) = Lab::read(&dir)
             && let Some(running) = lab
@@ -162,37 +171,57 @@ pub fn prepare_dir(dir: &Path) -> Result<(PathBuf, DirLock)> {
 }
 
 /// What `up` has started so far: stopped, newest first, when `up` fails, also by a panic (on
-/// drop, unless [`Started::keep`] was called).
-#[derive(Debug, Default)]
-struct Started(Vec<Spawned>, bool);
+/// drop, unless [`Started::keep`] was called); and journalled in `DIR/lab.starting.json` as it
+/// grows, for a `lab down` after an `up` that was killed.
+#[derive(Debug)]
+struct Started {
+    dir: PathBuf,
+    spawned: Vec<Spawned>,
+    kept: bool,
+}
 
 impl Drop for Started {
     fn drop(&mut self) {
-        if !self.1 {
+        if !self.kept {
             self.stop_all();
+            let _ = fs::remove_file(self.dir.join(labfile::STARTING_FILE));
         }
     }
 }
 
 impl Started {
-    /// The lab is up: its processes stay when this is dropped.
-    fn keep(&mut self) {
-        self.1 = true;
+    fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            spawned: Vec::new(),
+            kept: false,
+        }
     }
 
-    fn push(&mut self, spawned: Spawned) -> usize {
-        self.0.push(spawned);
-        self.0.len().saturating_sub(1)
+    /// The lab is up and `lab.json` written: its processes stay when this is dropped, and the
+    /// journal goes.
+    fn keep(&mut self) -> Result<()> {
+        self.kept = true;
+        let journal = self.dir.join(labfile::STARTING_FILE);
+        fs::remove_file(&journal).map_err(io_context(format!("removing {}", journal.display())))
+    }
+
+    /// Adds a process and journals every process started so far.
+    fn push(&mut self, spawned: Spawned) -> Result<usize> {
+        self.spawned.push(spawned);
+        let records: Vec<_> = self.spawned.iter().map(Spawned::current_record).collect();
+        labfile::write_starting(&self.dir, &records)?;
+        Ok(self.spawned.len().saturating_sub(1))
     }
 
     fn get(&mut self, index: usize) -> Result<&mut Spawned> {
-        self.0
+        self.spawned
             .get_mut(index)
             .ok_or_else(|| LabError::InvalidArgument(format!("no process {index}")))
     }
 
     fn stop_all(&mut self) {
-        for spawned in self.0.iter_mut().rev() {
+        for spawned in self.spawned.iter_mut().rev() {
             spawned.stop(FAILED_UP_GRACE);
         }
     }
@@ -237,9 +266,9 @@ impl Layout {
 pub fn up(config: &UpConfig, progress: &mut dyn FnMut(&str)) -> Result<Lab> {
     process::watch_interrupts()?;
     let (dir, _lock) = prepare_dir(&config.dir)?;
-    let mut started = Started::default();
+    let mut started = Started::new(&dir);
     let lab = build(config, &dir, &mut started, progress)?;
-    started.keep();
+    started.keep()?;
     Ok(lab)
 }
 
@@ -356,7 +385,7 @@ fn build(
         .arg(&signing)
         .arg("--ek-ca")
         .arg(&bundle);
-    let cms_index = started.push(Spawned::start("cms", &mut command, &layout.log("cms"))?);
+    let cms_index = started.push(Spawned::start("cms", &mut command, &layout.log("cms"))?)?;
     let ready = wait_for_lines(&mut [(started.get(cms_index)?, CMS_READY)], CMS_READY_LIMIT)?;
     let cms_url = ready
         .first()
@@ -403,7 +432,7 @@ fn build(
             .arg(&tls.key)
             .arg("--endpoint")
             .arg(&endpoint);
-        let index = started.push(Spawned::start(id, &mut command, &layout.log(id))?);
+        let index = started.push(Spawned::start(id, &mut command, &layout.log(id))?)?;
         hosts.push((
             index,
             id.clone(),
@@ -454,7 +483,7 @@ fn build(
     let host_indices: Vec<usize> = hosts.iter().map(|h| h.0).collect();
     {
         let mut waiting: Vec<(&mut Spawned, &str)> = started
-            .0
+            .spawned
             .iter_mut()
             .enumerate()
             .filter(|(i, _)| host_indices.contains(i))
@@ -596,7 +625,7 @@ fn start_swtpm(
             if swtpm::listens_on(spawned.record.pid, port)
                 && swtpm::listens_on(spawned.record.pid, ctrl)
             {
-                return Ok((started.push(spawned), port));
+                return Ok((started.push(spawned)?, port));
             }
             if Instant::now() >= deadline {
                 spawned.stop(FAILED_UP_GRACE);
@@ -644,7 +673,7 @@ fn start_etcd(layout: &Layout, started: &mut Started) -> Result<(usize, String)>
         .arg("--election-timeout=500")
         .arg("--logger=zap")
         .arg("--log-outputs=stderr");
-    let index = started.push(Spawned::start("etcd", &mut command, &layout.log("etcd"))?);
+    let index = started.push(Spawned::start("etcd", &mut command, &layout.log("etcd"))?)?;
     let deadline = Instant::now() + ETCD_READY;
     loop {
         process::check_interrupted()?;

@@ -362,19 +362,18 @@ fn item9_a_failed_lab_up_stops_what_it_started() {
     assert!(stderr.contains("host-"), "{stderr}");
     assert!(stderr.contains("refused by the test"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(!dir.join("lab.json").exists());
+    assert!(!dir.join("lab.json").exists() && !dir.join("lab.starting.json").exists());
     // The CMS and every swtpm ran (their logs say so) and none runs now.
     assert!(dir.join("logs/cms.log").exists() && dir.join("logs/swtpm-host-6.log").exists());
     let survivors = processes_naming(&dir);
     assert!(survivors.is_empty(), "still running: {survivors:?}");
 }
 
-/// Item 9: SIGINT to `lab up` while it waits for the shard hosts (which here never get ready)
-/// stops everything it started, and it says it was interrupted.
-#[test]
-fn item9_an_interrupted_lab_up_stops_what_it_started() {
-    let tmp = tempfile::tempdir().unwrap();
-    let wrapper = tmp.path().join("keyshard");
+/// `lab up` in a new directory with shard hosts that never get ready (a `--bin` wrapper runs a
+/// loop for `shard-host`), returned once the six hosts have started: the CMS, seven swtpms and
+/// six hosts run then.
+fn lab_up_stuck_on_hosts(tmp: &Path) -> (std::process::Child, PathBuf) {
+    let wrapper = tmp.join("keyshard");
     fs::write(
         &wrapper,
         format!(
@@ -383,7 +382,7 @@ fn item9_an_interrupted_lab_up_stops_what_it_started() {
     )
     .unwrap();
     fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
-    let dir = tmp.path().join("lab");
+    let dir = tmp.join("lab");
     let mut child = Command::new(KEYSHARD)
         .args(["lab", "up", "--dir", dir.to_str().unwrap(), "--bin"])
         .arg(&wrapper)
@@ -391,7 +390,6 @@ fn item9_an_interrupted_lab_up_stops_what_it_started() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Once the hosts have started, the CMS, the swtpms and six hosts run.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !dir.join("logs/host-6.log").exists() {
         assert!(
@@ -403,6 +401,15 @@ fn item9_an_interrupted_lab_up_stops_what_it_started() {
     }
     // Six hosts, seven swtpms, the CMS.
     assert!(processes_naming(&dir).len() >= 14);
+    (child, dir)
+}
+
+/// Item 9: SIGINT to `lab up` while it waits for the shard hosts stops everything it started,
+/// and it says it was interrupted.
+#[test]
+fn item9_an_interrupted_lab_up_stops_what_it_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, dir) = lab_up_stuck_on_hosts(tmp.path());
     // SAFETY: kill(2) on our own child, not yet reaped.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let output = child.wait_with_output().unwrap();
@@ -414,6 +421,46 @@ fn item9_an_interrupted_lab_up_stops_what_it_started() {
     );
     let survivors = processes_naming(&dir);
     assert!(survivors.is_empty(), "still running: {survivors:?}");
+    assert!(!dir.join("lab.starting.json").exists());
+}
+
+/// Item 9: `lab up` killed outright (SIGKILL: it cannot stop anything) leaves its journal of
+/// what it started; a second `up` there is refused, and `lab down` stops all of it.
+#[test]
+fn item9_lab_down_stops_what_a_killed_lab_up_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, dir) = lab_up_stuck_on_hosts(tmp.path());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!dir.join("lab.json").exists());
+    assert!(
+        processes_naming(&dir).len() >= 14,
+        "the killed up's processes run on"
+    );
+    let again = keyshard(&[
+        "lab",
+        "up",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--bin",
+        KEYSHARD,
+    ]);
+    assert_eq!(again.status.code(), Some(1), "{}", describe(&again));
+    assert!(
+        text(&again.stderr).contains("a lab is running"),
+        "{}",
+        describe(&again)
+    );
+    let down = keyshard(&["lab", "down", "--dir", dir.to_str().unwrap()]);
+    assert!(down.status.success(), "{}", describe(&down));
+    assert!(
+        text(&down.stdout).contains("stopped cms"),
+        "{}",
+        describe(&down)
+    );
+    let survivors = processes_naming(&dir);
+    assert!(survivors.is_empty(), "still running: {survivors:?}");
+    assert!(!dir.join("lab.starting.json").exists());
 }
 
 /// Item 9: `lab up` whose stdout is closed (`lab up | head -1`) still brings the whole lab up
