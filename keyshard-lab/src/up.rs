@@ -251,6 +251,17 @@ impl Layout {
         }
     }
 
+    /// Creates the directories every step writes into (0700).
+    fn create(&self) -> Result<()> {
+        for sub in [&self.logs, &self.cms, &self.client, &self.instance] {
+            files::create_private_dir(sub)?;
+        }
+        if let Some(parent) = self.ca.parent() {
+            files::create_private_dir(parent)?;
+        }
+        Ok(())
+    }
+
     fn host(&self, id: &str) -> PathBuf {
         self.dir.join("hosts").join(id)
     }
@@ -272,6 +283,25 @@ pub fn up(config: &UpConfig, progress: &mut dyn FnMut(&str)) -> Result<Lab> {
     Ok(lab)
 }
 
+/// A TPM the lab started: its swtpm's index in [`Started`], its TCTI and its state directory.
+#[derive(Debug, Clone)]
+struct LabTpm {
+    index: usize,
+    tcti: String,
+    state: PathBuf,
+}
+
+/// A shard host the lab started, before it is ready.
+#[derive(Debug)]
+struct StartingHost {
+    index: usize,
+    id: String,
+    region: &'static str,
+    operator: &'static str,
+    state_dir: PathBuf,
+    tpm: LabTpm,
+}
+
 fn build(
     config: &UpConfig,
     dir: &Path,
@@ -279,86 +309,19 @@ fn build(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Lab> {
     let layout = Layout::new(dir);
-    for sub in [&layout.logs, &layout.cms, &layout.client, &layout.instance] {
-        files::create_private_dir(sub)?;
-    }
-    if let Some(parent) = layout.ca.parent() {
-        files::create_private_dir(parent)?;
-    }
+    layout.create()?;
     let host_ids: Vec<String> = (1..=config.hosts).map(|i| format!("host-{i}")).collect();
 
-    // TLS: one CA, a certificate for the CMS and for each host.
-    let host_dirs: Vec<PathBuf> = host_ids.iter().map(|id| layout.host(id)).collect();
-    let mut servers: Vec<(&str, &Path)> = vec![("cms", layout.cms.as_path())];
-    servers.extend(
-        host_ids
-            .iter()
-            .map(String::as_str)
-            .zip(host_dirs.iter().map(PathBuf::as_path)),
-    );
-    let certificates = pki::issue(&layout.ca, &servers)?;
-    let (cms_tls, host_tls) = certificates
-        .split_first()
-        .ok_or_else(|| LabError::Certificate("no CMS certificate".to_owned()))?;
+    let (cms_tls, host_tls) = issue_certificates(&layout, &host_ids)?;
     progress(&format!("CA and TLS certificates: {}", layout.ca.display()));
-
-    // Keys: the CMS's signing key and the client's key pair, by the keyshard binary.
-    let signing = layout.cms.join("signing.pem");
-    let keygen_log = layout.log("keygen");
-    run_tool(
-        "keyshard keygen",
-        Command::new(&config.bin)
-            .arg("keygen")
-            .arg("--out")
-            .arg(&signing),
-        &keygen_log,
-        KEYGEN_LIMIT,
-    )?;
-    let client_key = layout.client.join("client.key");
-    run_tool(
-        "keyshard credential keygen",
-        Command::new(&config.bin)
-            .args(["credential", "keygen", "--out"])
-            .arg(&client_key),
-        &keygen_log,
-        KEYGEN_LIMIT,
-    )?;
+    let (signing, client_key) = make_keys(&config.bin, &layout)?;
     progress("CMS signing key and client key pair made");
-
-    // TPMs: manufactured with EK certificates (the first alone, so it makes the local CA), then
-    // started.
-    let mut tpm_names: Vec<String> = host_ids.clone();
-    tpm_names.push("instance".to_owned());
-    let tpm_state = |name: &str| -> PathBuf {
-        if name == "instance" {
-            layout.instance.join("tpm")
-        } else {
-            layout.host(name).join("tpm")
-        }
-    };
-    manufacture_all(&tpm_names, &tpm_state, &layout.ek_ca)?;
-    process::check_interrupted()?;
-    let bundle = layout.ek_ca.join("bundle.pem");
-    let mut pem = String::new();
-    for cert in swtpm::ek_ca_certificates(&layout.ek_ca) {
-        pem.push_str(
-            &fs::read_to_string(&cert)
-                .map_err(io_context(format!("reading {}", cert.display())))?,
-        );
-    }
-    fs::write(&bundle, pem).map_err(io_context(format!("writing {}", bundle.display())))?;
-    let mut tpms = Vec::new();
-    for name in &tpm_names {
-        let (index, port) = start_swtpm(name, &tpm_state(name), &layout, started)?;
-        tpms.push((index, swtpm::tcti(port)));
-    }
+    let (host_tpms, instance_tpm, ek_bundle) = start_tpms(&layout, &host_ids, started)?;
     progress(&format!(
         "{} swtpms with EK certificates (EK CA {})",
-        tpm_names.len(),
-        bundle.display()
+        host_tpms.len().saturating_add(1),
+        ek_bundle.display()
     ));
-
-    // The store.
     let (store, etcd) = match config.store {
         StoreKind::Redb => (
             format!("redb:{}", layout.cms.join("cms.redb").display()),
@@ -370,8 +333,6 @@ fn build(
             (format!("etcd:{url}"), Some((index, url)))
         }
     };
-
-    // The CMS.
     let mut command = keyshard(&config.bin);
     command
         .arg("cms")
@@ -384,135 +345,40 @@ fn build(
         .arg("--signing-key")
         .arg(&signing)
         .arg("--ek-ca")
-        .arg(&bundle);
-    let cms_index = started.push(Spawned::start("cms", &mut command, &layout.log("cms"))?)?;
-    let ready = wait_for_lines(&mut [(started.get(cms_index)?, CMS_READY)], CMS_READY_LIMIT)?;
-    let cms_url = ready
-        .first()
-        .and_then(|line| line.strip_prefix(CMS_READY))
-        .and_then(|rest| rest.split_whitespace().next())
-        .map(|addr| format!("https://{addr}"))
-        .ok_or_else(|| LabError::InvalidArgument("the CMS's ready line has no address".into()))?;
+        .arg(&ek_bundle);
+    let (cms_index, cms_url) = start_server(started, "cms", &mut command, &layout, CMS_READY)?;
     progress(&format!("CMS on {cms_url} (store {store})"));
     let cms_key = layout.cms.join("signing.pem.pub");
 
-    // The shard hosts, all started at once.
-    let mut hosts = Vec::new();
-    for ((i, id), tls) in host_ids.iter().enumerate().zip(host_tls) {
-        let (region, operator) = domain(i);
-        let port = free_port()?;
-        let endpoint = format!("https://127.0.0.1:{port}");
-        let tcti = tpms
-            .get(i)
-            .map(|(_, tcti)| tcti.clone())
-            .ok_or_else(|| LabError::InvalidArgument(format!("no TPM for {id}")))?;
-        let state_dir = layout.host(id).join("state");
-        let mut command = keyshard(&config.bin);
-        command
-            .arg("shard-host")
-            .arg("--cms")
-            .arg(&cms_url)
-            .arg("--ca")
-            .arg(&layout.ca)
-            .arg("--cms-key")
-            .arg(&cms_key)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--host-id")
-            .arg(id)
-            .arg("--domain")
-            .arg(format!("region={region},operator={operator}"))
-            .arg("--tcti")
-            .arg(&tcti)
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .arg("--tls-cert")
-            .arg(&tls.cert)
-            .arg("--tls-key")
-            .arg(&tls.key)
-            .arg("--endpoint")
-            .arg(&endpoint);
-        let index = started.push(Spawned::start(id, &mut command, &layout.log(id))?)?;
-        hosts.push((
-            index,
-            id.clone(),
-            region,
-            operator,
-            endpoint,
-            tcti,
-            state_dir,
-        ));
-    }
+    let hosts = start_hosts(
+        config, &layout, &cms_url, &cms_key, host_tls, host_tpms, started,
+    )?;
     progress(&format!(
         "{} shard hosts starting (enrolment, registration)",
         hosts.len()
     ));
-
-    // The instance, enrolled while the hosts start.
-    let (instance_tpm, instance_tcti) = tpms
-        .last()
-        .cloned()
-        .ok_or_else(|| LabError::InvalidArgument("no instance TPM".to_owned()))?;
-    let output = run_tool(
-        "keyshard instance enroll",
-        keyshard(&config.bin)
-            .args(["instance", "enroll", "--cms"])
-            .arg(&cms_url)
-            .arg("--ca")
-            .arg(&layout.ca)
-            .arg("--instance-id")
-            .arg(INSTANCE_ID)
-            .arg("--tcti")
-            .arg(&instance_tcti),
-        &layout.log("instance-enroll"),
-        ENROL_LIMIT,
-    )?;
-    let ak_name = ak_name(&output).ok_or_else(|| LabError::ToolFailed {
-        tool: "keyshard instance enroll".to_owned(),
-        status: "exit 0".to_owned(),
-        message: "printed no `ak name HEX`".to_owned(),
-    })?;
-    let policy = layout.instance.join("policy.json");
-    let policy_text = serde_json::json!({"instances": [{"id": INSTANCE_ID, "ak_name": ak_name}]});
-    fs::write(&policy, format!("{policy_text}\n"))
-        .map_err(io_context(format!("writing {}", policy.display())))?;
+    // The instance is enrolled while the hosts start.
+    let (ak_name, policy) = enrol_instance(&config.bin, &layout, &cms_url, &instance_tpm.tcti)?;
     progress(&format!(
         "instance {INSTANCE_ID} enrolled: ak name {ak_name}"
     ));
-
-    let host_indices: Vec<usize> = hosts.iter().map(|h| h.0).collect();
-    {
-        let mut waiting: Vec<(&mut Spawned, &str)> = started
-            .spawned
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| host_indices.contains(i))
-            .map(|(_, s)| (s, HOST_READY))
-            .collect();
-        wait_for_lines(&mut waiting, HOSTS_READY)?;
-    }
+    let endpoints = wait_for_hosts(&hosts, started)?;
     progress(&format!("{} shard hosts serving", hosts.len()));
 
     let record =
         |started: &mut Started, index: usize| started.get(index).map(|s| s.current_record());
     let mut host_records = Vec::new();
-    for (i, (index, id, region, operator, endpoint, tcti, state_dir)) in
-        hosts.into_iter().enumerate()
-    {
-        let swtpm_index = tpms
-            .get(i)
-            .map(|(index, _)| *index)
-            .ok_or_else(|| LabError::InvalidArgument(format!("no TPM for {id}")))?;
+    for (host, endpoint) in hosts.into_iter().zip(endpoints) {
         host_records.push(Host {
-            tpm_state: tpm_state(&id),
-            id,
-            region: region.to_owned(),
-            operator: operator.to_owned(),
+            process: record(started, host.index)?,
+            swtpm: record(started, host.tpm.index)?,
+            id: host.id,
+            region: host.region.to_owned(),
+            operator: host.operator.to_owned(),
             endpoint,
-            tcti,
-            state_dir,
-            process: record(started, index)?,
-            swtpm: record(started, swtpm_index)?,
+            tcti: host.tpm.tcti,
+            state_dir: host.state_dir,
+            tpm_state: host.tpm.state,
         });
     }
     let etcd = match etcd {
@@ -528,7 +394,7 @@ fn build(
         bin: config.bin.clone(),
         store,
         ca_certificate: layout.ca.clone(),
-        ek_ca: bundle,
+        ek_ca: ek_bundle,
         cms: Cms {
             url: cms_url,
             signing_key_public: cms_key,
@@ -542,14 +408,226 @@ fn build(
         hosts: host_records,
         instance: Instance {
             id: INSTANCE_ID.to_owned(),
-            tcti: instance_tcti,
+            tcti: instance_tpm.tcti,
             ak_name,
             policy,
-            swtpm: record(started, instance_tpm)?,
+            swtpm: record(started, instance_tpm.index)?,
         },
     };
     lab.write()?;
     Ok(lab)
+}
+
+/// The lab's CA and the certificates of the CMS and of each host.
+fn issue_certificates(
+    layout: &Layout,
+    host_ids: &[String],
+) -> Result<(pki::ServerCertificate, Vec<pki::ServerCertificate>)> {
+    let host_dirs: Vec<PathBuf> = host_ids.iter().map(|id| layout.host(id)).collect();
+    let mut servers: Vec<(&str, &Path)> = vec![("cms", layout.cms.as_path())];
+    servers.extend(
+        host_ids
+            .iter()
+            .map(String::as_str)
+            .zip(host_dirs.iter().map(PathBuf::as_path)),
+    );
+    let mut certificates = pki::issue(&layout.ca, &servers)?.into_iter();
+    let cms = certificates
+        .next()
+        .ok_or_else(|| LabError::Certificate("no CMS certificate".to_owned()))?;
+    Ok((cms, certificates.collect()))
+}
+
+/// The CMS's signing key and the client's key pair, made by the keyshard binary: their paths.
+fn make_keys(bin: &Path, layout: &Layout) -> Result<(PathBuf, PathBuf)> {
+    let signing = layout.cms.join("signing.pem");
+    let log = layout.log("keygen");
+    run_tool(
+        "keyshard keygen",
+        Command::new(bin).arg("keygen").arg("--out").arg(&signing),
+        &log,
+        KEYGEN_LIMIT,
+    )?;
+    let client_key = layout.client.join("client.key");
+    run_tool(
+        "keyshard credential keygen",
+        Command::new(bin)
+            .args(["credential", "keygen", "--out"])
+            .arg(&client_key),
+        &log,
+        KEYGEN_LIMIT,
+    )?;
+    Ok((signing, client_key))
+}
+
+/// Manufactures (the first alone, so it makes the local CA) and starts a TPM per host and one
+/// for the instance; the hosts' TPMs, the instance's, and the EK CA bundle.
+fn start_tpms(
+    layout: &Layout,
+    host_ids: &[String],
+    started: &mut Started,
+) -> Result<(Vec<LabTpm>, LabTpm, PathBuf)> {
+    let mut names: Vec<(String, PathBuf)> = host_ids
+        .iter()
+        .map(|id| (id.clone(), layout.host(id).join("tpm")))
+        .collect();
+    names.push(("instance".to_owned(), layout.instance.join("tpm")));
+    let states: Vec<PathBuf> = names.iter().map(|(_, state)| state.clone()).collect();
+    manufacture_all(&states, &layout.ek_ca)?;
+    process::check_interrupted()?;
+    let bundle = layout.ek_ca.join("bundle.pem");
+    let mut pem = String::new();
+    for cert in swtpm::ek_ca_certificates(&layout.ek_ca) {
+        pem.push_str(
+            &fs::read_to_string(&cert)
+                .map_err(io_context(format!("reading {}", cert.display())))?,
+        );
+    }
+    fs::write(&bundle, pem).map_err(io_context(format!("writing {}", bundle.display())))?;
+    let mut tpms = Vec::new();
+    for (name, state) in names {
+        let (index, port) = start_swtpm(&name, &state, layout, started)?;
+        tpms.push(LabTpm {
+            index,
+            tcti: swtpm::tcti(port),
+            state,
+        });
+    }
+    let instance = tpms
+        .pop()
+        .ok_or_else(|| LabError::InvalidArgument("no instance TPM".to_owned()))?;
+    Ok((tpms, instance, bundle))
+}
+
+/// Starts a server that listens on a port of its choosing and names it on its ready line
+/// (`PREFIX...ADDR ...`); its index in `started` and its `https://ADDR`.
+fn start_server(
+    started: &mut Started,
+    name: &str,
+    command: &mut Command,
+    layout: &Layout,
+    prefix: &str,
+) -> Result<(usize, String)> {
+    let index = started.push(Spawned::start(name, command, &layout.log(name))?)?;
+    let ready = wait_for_lines(&mut [(started.get(index)?, prefix)], CMS_READY_LIMIT)?;
+    let url = ready
+        .first()
+        .and_then(|line| ready_url(line))
+        .ok_or_else(|| LabError::InvalidArgument(format!("{name}'s ready line has no URL")))?;
+    Ok((index, url))
+}
+
+/// The `https://...` URL on a ready line.
+fn ready_url(line: &str) -> Option<String> {
+    line.split_whitespace()
+        .find(|word| word.starts_with("https://"))
+        .map(str::to_owned)
+}
+
+/// Starts every shard host (on a port each picks, named on its ready line) without waiting.
+fn start_hosts(
+    config: &UpConfig,
+    layout: &Layout,
+    cms_url: &str,
+    cms_key: &Path,
+    tls: Vec<pki::ServerCertificate>,
+    tpms: Vec<LabTpm>,
+    started: &mut Started,
+) -> Result<Vec<StartingHost>> {
+    let mut hosts = Vec::new();
+    for (i, (tls, tpm)) in tls.into_iter().zip(tpms).enumerate() {
+        let id = format!("host-{}", i.saturating_add(1));
+        let (region, operator) = domain(i);
+        let state_dir = layout.host(&id).join("state");
+        let mut command = keyshard(&config.bin);
+        command
+            .arg("shard-host")
+            .arg("--cms")
+            .arg(cms_url)
+            .arg("--ca")
+            .arg(&layout.ca)
+            .arg("--cms-key")
+            .arg(cms_key)
+            .arg("--listen=127.0.0.1:0")
+            .arg("--host-id")
+            .arg(&id)
+            .arg("--domain")
+            .arg(format!("region={region},operator={operator}"))
+            .arg("--tcti")
+            .arg(&tpm.tcti)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--tls-cert")
+            .arg(&tls.cert)
+            .arg("--tls-key")
+            .arg(&tls.key);
+        let index = started.push(Spawned::start(&id, &mut command, &layout.log(&id))?)?;
+        hosts.push(StartingHost {
+            index,
+            id,
+            region,
+            operator,
+            state_dir,
+            tpm,
+        });
+    }
+    Ok(hosts)
+}
+
+/// Waits until every host serves; their endpoints, from their ready lines.
+fn wait_for_hosts(hosts: &[StartingHost], started: &mut Started) -> Result<Vec<String>> {
+    let indices: Vec<usize> = hosts.iter().map(|h| h.index).collect();
+    let mut waiting: Vec<(&mut Spawned, &str)> = started
+        .spawned
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| indices.contains(i))
+        .map(|(_, s)| (s, HOST_READY))
+        .collect();
+    let lines = wait_for_lines(&mut waiting, HOSTS_READY)?;
+    lines
+        .iter()
+        .zip(hosts)
+        .map(|(line, host)| {
+            ready_url(line).ok_or_else(|| {
+                LabError::InvalidArgument(format!("{}'s ready line has no URL: {line}", host.id))
+            })
+        })
+        .collect()
+}
+
+/// Enrols the instance's TPM (`keyshard instance enroll`) and writes an instance policy naming
+/// it: its AK name and the policy's path.
+fn enrol_instance(
+    bin: &Path,
+    layout: &Layout,
+    cms_url: &str,
+    tcti: &str,
+) -> Result<(String, PathBuf)> {
+    let output = run_tool(
+        "keyshard instance enroll",
+        keyshard(bin)
+            .args(["instance", "enroll", "--cms"])
+            .arg(cms_url)
+            .arg("--ca")
+            .arg(&layout.ca)
+            .arg("--instance-id")
+            .arg(INSTANCE_ID)
+            .arg("--tcti")
+            .arg(tcti),
+        &layout.log("instance-enroll"),
+        ENROL_LIMIT,
+    )?;
+    let ak_name = ak_name(&output).ok_or_else(|| LabError::ToolFailed {
+        tool: "keyshard instance enroll".to_owned(),
+        status: "exit 0".to_owned(),
+        message: "printed no `ak name HEX`".to_owned(),
+    })?;
+    let policy = layout.instance.join("policy.json");
+    let text = serde_json::json!({"instances": [{"id": INSTANCE_ID, "ak_name": ak_name}]});
+    fs::write(&policy, format!("{text}\n"))
+        .map_err(io_context(format!("writing {}", policy.display())))?;
+    Ok((ak_name, policy))
 }
 
 /// A `keyshard` command with info logging unless the caller's RUST_LOG says otherwise.
@@ -569,14 +647,13 @@ fn ak_name(output: &str) -> Option<String> {
 }
 
 /// Manufactures every TPM: the first alone (it creates the local CA), the rest in parallel.
-fn manufacture_all(names: &[String], state: &dyn Fn(&str) -> PathBuf, ca: &Path) -> Result<()> {
-    let Some((first, rest)) = names.split_first() else {
+fn manufacture_all(states: &[PathBuf], ca: &Path) -> Result<()> {
+    let Some((first, rest)) = states.split_first() else {
         return Ok(());
     };
-    swtpm::manufacture(&state(first), ca)?;
-    let states: Vec<PathBuf> = rest.iter().map(|name| state(name)).collect();
+    swtpm::manufacture(first, ca)?;
     thread::scope(|scope| {
-        let handles: Vec<_> = states
+        let handles: Vec<_> = rest
             .iter()
             .map(|state| scope.spawn(move || swtpm::manufacture(state, ca)))
             .collect();
@@ -795,6 +872,19 @@ mod tests {
             ]
         );
         assert_eq!(domain(6), ("eu", "acme"));
+    }
+
+    #[test]
+    fn the_url_is_read_from_ready_lines() {
+        assert_eq!(
+            ready_url("ready: cms listening on https://127.0.0.1:4433 (store redb:/x)").as_deref(),
+            Some("https://127.0.0.1:4433")
+        );
+        assert_eq!(
+            ready_url("ready: shard host host-1 serving on https://127.0.0.1:9").as_deref(),
+            Some("https://127.0.0.1:9")
+        );
+        assert_eq!(ready_url("ready: shard host host-1 serving"), None);
     }
 
     #[test]
