@@ -37,6 +37,7 @@ use keyshard_core::{Fragment, KeyId};
 use keyshard_e2e::process::Daemon;
 use keyshard_shards::HostId;
 use keyshard_shards::ecies::ShardBinding;
+use keyshard_shards::grant::{self, Grant, GrantStatement};
 use keyshard_shards::instance::{
     FetchKey, InstanceEvidence, Nonce, ReleasedShard, qualifying_data,
 };
@@ -424,6 +425,73 @@ async fn item2_shard_host_processes_enrol_register_and_release_to_a_verified_ins
     assert_eq!(
         (status, code_of(&body).0.as_str()),
         (403, "grant_refused"),
+        "{body}"
+    );
+    // The first host's grant re-signed by another key, or by the CMS key but expired; its
+    // grant with the other host's sealed shard; its evidence re-used with another key.
+    let cms_key = keyshard_core::keys::signing_key_from_pem(
+        &std::fs::read_to_string(&lab.pki.signing).unwrap(),
+    )
+    .unwrap();
+    let statement = Grant::from_bytes(&hex::decode(&first.grant).unwrap())
+        .unwrap()
+        .statement()
+        .clone();
+    let forged = statement.sign(&ed25519_dalek::SigningKey::from_bytes(&[0x77; 32]));
+    let expired = GrantStatement {
+        not_after_ms: grant::unix_ms(std::time::SystemTime::now()).unwrap() - 1,
+        ..statement
+    }
+    .sign(&cms_key);
+    for (what, grant, sealed, says) in [
+        (
+            "another key",
+            hex::encode(forged.to_bytes()),
+            &first.sealed_shard,
+            "signature",
+        ),
+        (
+            "expired",
+            hex::encode(expired.to_bytes()),
+            &first.sealed_shard,
+            "expired",
+        ),
+        (
+            "another shard",
+            first.grant.clone(),
+            &other.sealed_shard,
+            "SHA-256",
+        ),
+    ] {
+        let mut request = lab.release_body(&first.endpoint, &first, &key).await;
+        request.grant = grant;
+        request.sealed_shard = sealed.clone();
+        let (status, body) = lab
+            .post(&format!("{}/v1/release", first.endpoint), &request)
+            .await;
+        let (code, message) = code_of(&body);
+        assert_eq!(
+            (status, code.as_str()),
+            (403, "grant_refused"),
+            "{what}: {body}"
+        );
+        assert!(message.contains(says), "{what}: {message}");
+    }
+    let mut request = lab.release_body(&first.endpoint, &first, &key).await;
+    let honest = InstanceEvidence::from_bytes(&hex::decode(&request.evidence).unwrap()).unwrap();
+    let swapped = InstanceEvidence::new(
+        *honest.nonce(),
+        FetchKey::generate().unwrap().public_key(),
+        honest.quote().clone(),
+        honest.pcrs().clone(),
+    );
+    request.evidence = hex::encode(swapped.to_bytes());
+    let (status, body) = lab
+        .post(&format!("{}/v1/release", first.endpoint), &request)
+        .await;
+    assert_eq!(
+        (status, code_of(&body).0.as_str()),
+        (403, "evidence_refused"),
         "{body}"
     );
     // Each host printed one line per release and refusal.

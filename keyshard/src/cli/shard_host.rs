@@ -417,6 +417,57 @@ mod tests {
 
     use super::*;
 
+    #[derive(Debug, clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    /// The flags with `changed` ones replacing (or adding to) a valid set.
+    fn parse(changed: &[(&str, &str)]) -> Result<Config, CliError> {
+        use clap::Parser as _;
+        let mut flags = vec![
+            ("cms", "https://127.0.0.1:8443"),
+            ("ca", "ca.pem"),
+            ("cms-key", "cms.pub"),
+            ("listen", "127.0.0.1:0"),
+            ("host-id", "host-1"),
+            ("domain", "region=eu,operator=acme"),
+            ("tcti", "swtpm:port=2321"),
+            ("state-dir", "state"),
+            ("tls-cert", "c.pem"),
+            ("tls-key", "k.pem"),
+        ];
+        for (flag, value) in changed {
+            flags.retain(|(f, _)| f != flag);
+            flags.push((flag, value));
+        }
+        let argv = std::iter::once("shard-host".to_owned())
+            .chain(flags.iter().map(|(f, v)| format!("--{f}={v}")));
+        Config::try_from(Command::try_parse_from(argv).unwrap().args)
+    }
+
+    #[test]
+    fn item4_the_flags_are_validated_before_anything_starts() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.weight.get(), 1);
+        assert_eq!(config.pcrs.to_string(), DEFAULT_PCRS);
+        assert!(config.endpoint.is_none());
+        for (flag, value) in [
+            ("listen", "localhost:1"),
+            ("weight", "0"),
+            ("endpoint", "http://h:1"),
+            ("pcrs", "sha256:99"),
+            ("host-id", "Host"),
+            ("domain", "region=eu"),
+            ("cms", "http://h:1"),
+        ] {
+            let err = parse(&[(flag, value)]).unwrap_err().to_string();
+            assert!(err.contains(&format!("--{flag}")), "{flag}={value}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
     #[test]
     fn domains_need_a_region_and_an_operator_once() {
         let domain = parse_domain("operator=acme,region=eu").unwrap();
