@@ -40,7 +40,7 @@ use keyshard_cms::server::hosts::HostRegistrationRequest;
 use keyshard_cms::server::instances::{InstanceChallengeResponse, InstanceSummary};
 use keyshard_cms::store::{KeyPrefix, Nonce, Repository, Store};
 use keyshard_core::policy::PcrBank;
-use keyshard_tpm::Tpm;
+use keyshard_tpm::{Tpm, TpmConfig, TpmService};
 use reqwest::StatusCode;
 use serde_json::json;
 use swtpm::Swtpm;
@@ -115,7 +115,12 @@ impl Lab {
     }
 
     /// Enrols `tpm` as `kind` `id` with the CLI's enrolment; its AK name.
-    async fn enrol(&self, tpm: &mut Tpm, kind: EnrolmentKind, id: &str) -> [u8; 34] {
+    async fn enrol<T: keyshard::cli::enrol::EnrolmentTpm>(
+        &self,
+        tpm: &mut T,
+        kind: EnrolmentKind,
+        id: &str,
+    ) -> [u8; 34] {
         keyshard::cli::enrol::enrol(&self.pki.cms_client(&self.cms), kind, id, tpm)
             .await
             .unwrap_or_else(|e| panic!("enrolling {kind} {id}: {e}"))
@@ -305,6 +310,23 @@ async fn item2_enrolment_and_item6_instance_enroll_through_the_real_binaries() {
     assert_eq!(code, 1);
     assert!(stderr.contains("ak_conflict"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    // A TPM without EK certificates cannot prove it is genuine: one line, before any request.
+    let bare = Swtpm::start();
+    let (code, _, stderr) = keyshard(&[
+        "instance",
+        "enroll",
+        "--cms",
+        &base,
+        "--ca",
+        &ca,
+        "--instance-id",
+        "vm-3",
+        "--tcti",
+        &bare.tcti(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no EK certificate"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
 
     let Lab { pki, cms, .. } = lab;
     cms.stop();
@@ -434,7 +456,9 @@ async fn item6_instance_enroll_refuses_quotes_by_another_ak_over_another_nonce_o
     let other = Swtpm::start_with_ek_certificates(&pki.ek_ca_dir());
     let lab = Lab::start(pki);
     let mut tpm = Tpm::open(&instance.tcti()).unwrap();
-    let mut other_tpm = Tpm::open(&other.tcti()).unwrap();
+    // The other TPM runs behind a TpmService (its own thread), as a long-running process
+    // holds it: enrolment takes either.
+    let mut other_tpm = TpmService::spawn(TpmConfig::new(other.tcti())).unwrap();
     let selection: PcrSelection = "sha256:0,7".parse().unwrap();
     let golden = tpm.read_pcrs(&selection).unwrap();
     let golden_hex = hex::encode(golden.to_bytes());

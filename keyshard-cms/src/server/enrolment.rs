@@ -147,6 +147,18 @@ pub(super) async fn activate(
     }))
 }
 
+/// The longest refusal reason sent, in characters: an EK certificate's names (which the
+/// attester chose) appear in some.
+pub const MAX_REASON_CHARS: usize = 300;
+
+/// `text` as one line of at most [`MAX_REASON_CHARS`] characters.
+fn bounded(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_REASON_CHARS)
+        .collect()
+}
+
 /// Enrolment refusals as API errors (module documentation).
 pub(super) fn enrolment_error(error: EnrolmentError) -> ApiError {
     match error {
@@ -154,7 +166,7 @@ pub(super) fn enrolment_error(error: EnrolmentError) -> ApiError {
         e @ (EnrolmentError::Challenge { .. }
         | EnrolmentError::Unknown { .. }
         | EnrolmentError::Expired { .. }) => ApiError::EnrolmentRefused {
-            reason: e.to_string(),
+            reason: bounded(&e.to_string()),
         },
         e @ EnrolmentError::ActivationRefused { .. } => ApiError::ActivationRefused {
             reason: e.to_string(),
@@ -167,5 +179,31 @@ pub(super) fn enrolment_error(error: EnrolmentError) -> ApiError {
             log::error!("{e}");
             ApiError::Internal
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use keyshard_attest::tpm::ek_cert::EkCertError;
+    use keyshard_attest::tpm::enrol::EnrolError;
+
+    use super::*;
+
+    #[test]
+    fn a_refusal_naming_the_attesters_certificate_is_one_bounded_line() {
+        let error = EnrolmentError::Challenge {
+            kind: EnrolmentKind::Host,
+            id: "h".to_owned(),
+            source: EnrolError::EkCertificate(EkCertError::Untrusted {
+                subject: format!("CN=a\nforged: line{}", "x".repeat(5000)),
+                issuer: "CN=b".to_owned(),
+            }),
+        };
+        let api = enrolment_error(error);
+        assert_eq!(api.code(), "enrolment_refused");
+        let message = api.to_string();
+        assert!(!message.contains('\n'), "{message}");
+        assert!(message.chars().count() < MAX_REASON_CHARS + 64, "{message}");
+        assert!(message.contains("host h: EK certificate"), "{message}");
     }
 }

@@ -1,5 +1,6 @@
 //! The shard host endpoints: a registration challenge, a host's registration (wiring
-//! [`HostRegistry::challenge`] and [`HostRegistry::register`]) and the host listing.
+//! [`crate::registry::HostRegistry::challenge`] and
+//! [`crate::registry::HostRegistry::register`]) and the host listing.
 //!
 //! | method and path | request body | answer |
 //! |---|---|---|

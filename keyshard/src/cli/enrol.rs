@@ -9,6 +9,9 @@
 //! 3. TPM2_ActivateCredential (the credential comes out only in the TPM holding both the EK
 //!    and the AK), then `POST /v1/enrolments/{enrolment}/activate` with it.
 //! 4. Check that the CMS pinned this AK: its answer names the AK name computed here.
+//!
+//! The TPM is anything that implements [`EnrolmentTpm`]: a [`Tpm`] the caller opened, or a
+//! [`TpmService`] (its TPM thread runs the commands).
 
 use keyshard_attest::tpm::credential::{EkKind, MadeCredential};
 use keyshard_attest::tpm::public::NAME_LEN;
@@ -17,7 +20,8 @@ use keyshard_cms::enrolment::{EnrolmentKind, parse_ek_kind};
 use keyshard_cms::server::enrolment::{
     ActivationBody, Enrolled, EnrolmentBody, EnrolmentChallenge,
 };
-use keyshard_tpm::Tpm;
+use keyshard_tpm::{Tpm, TpmError, TpmService};
+use zeroize::Zeroizing;
 
 use super::CliError;
 use super::cms_client::CmsClient;
@@ -48,19 +52,73 @@ pub enum EnrolError {
     },
 }
 
+/// The TPM commands enrolment needs.
+pub trait EnrolmentTpm {
+    /// The first EK certificate the TPM's NV holds (RSA 2048, ECC P-256, ECC P-384), or None.
+    fn ek_certificate(&mut self) -> Result<Option<Vec<u8>>, TpmError>;
+    /// The AK's marshalled TPMT_PUBLIC.
+    fn ak_public_area(&mut self) -> Result<Vec<u8>, TpmError>;
+    /// TPM2_ActivateCredential with the AK and the EK of `made.ek`.
+    fn activate_credential(
+        &mut self,
+        made: &MadeCredential,
+    ) -> Result<Zeroizing<Vec<u8>>, TpmError>;
+}
+
+impl EnrolmentTpm for Tpm {
+    fn ek_certificate(&mut self) -> Result<Option<Vec<u8>>, TpmError> {
+        for kind in EK_KINDS {
+            if let Some(certificate) = self.endorsement_key(kind)?.certificate {
+                return Ok(Some(certificate));
+            }
+        }
+        Ok(None)
+    }
+
+    fn ak_public_area(&mut self) -> Result<Vec<u8>, TpmError> {
+        Tpm::ak_public_area(self)
+    }
+
+    fn activate_credential(
+        &mut self,
+        made: &MadeCredential,
+    ) -> Result<Zeroizing<Vec<u8>>, TpmError> {
+        Tpm::activate_credential(self, made)
+    }
+}
+
+/// Each command is one job on the service's TPM thread (the caller's thread waits for it).
+impl EnrolmentTpm for TpmService {
+    fn ek_certificate(&mut self) -> Result<Option<Vec<u8>>, TpmError> {
+        self.call(<Tpm as EnrolmentTpm>::ek_certificate)?
+    }
+
+    fn ak_public_area(&mut self) -> Result<Vec<u8>, TpmError> {
+        self.call(|tpm| tpm.ak_public_area())?
+    }
+
+    fn activate_credential(
+        &mut self,
+        made: &MadeCredential,
+    ) -> Result<Zeroizing<Vec<u8>>, TpmError> {
+        let made = made.clone();
+        self.call(move |tpm| tpm.activate_credential(&made))?
+    }
+}
+
 /// Enrols `tpm`'s AK as `kind` `id` with the CMS (module documentation); the AK's name, which
 /// the CMS now pins to the id. Enrolling again with the same AK is accepted by the CMS and
 /// returns the same name; another AK for a pinned id is refused (`ak_conflict`).
 ///
 /// Async for the HTTP requests; the TPM commands in between block the calling thread (a few
 /// ms each on swtpm): call it where that is acceptable (a command line, a process starting).
-pub async fn enrol(
+pub async fn enrol<T: EnrolmentTpm + ?Sized>(
     http: &CmsClient,
     kind: EnrolmentKind,
     id: &str,
-    tpm: &mut Tpm,
+    tpm: &mut T,
 ) -> Result<AkName, CliError> {
-    let ek_certificate = ek_certificate(tpm)?;
+    let ek_certificate = tpm.ek_certificate()?.ok_or(EnrolError::NoEkCertificate)?;
     let ak_public = tpm.ak_public_area()?;
     let ours = sha256_name(&ak_public);
     let body = EnrolmentBody {
@@ -100,16 +158,6 @@ pub async fn enrol(
         .into());
     }
     Ok(ours)
-}
-
-/// The first EK certificate the TPM has, in [`EK_KINDS`] order.
-fn ek_certificate(tpm: &mut Tpm) -> Result<Vec<u8>, CliError> {
-    for kind in EK_KINDS {
-        if let Some(certificate) = tpm.endorsement_key(kind)?.certificate {
-            return Ok(certificate);
-        }
-    }
-    Err(EnrolError::NoEkCertificate.into())
 }
 
 /// The CMS's challenge as ActivateCredential's input.
