@@ -62,7 +62,6 @@ fn keyshard(args: &[String]) -> (i32, String, String) {
 }
 
 #[test]
-#[ignore = "needs `keyshard shard-host` and `keyshard instance enroll`, not merged yet"]
 fn item6_fetch_rebuilds_3_of_4_then_survives_one_host_down_and_exits_2_naming_two() {
     let pki = harness::Pki::new();
     let files = lab_files(&pki);
@@ -141,7 +140,6 @@ fn item6_fetch_rebuilds_3_of_4_then_survives_one_host_down_and_exits_2_naming_tw
 /// A quote replayed to the CMS, and one replayed to a shard host, are refused: each nonce is
 /// single use.
 #[test]
-#[ignore = "needs `keyshard shard-host` and `keyshard instance enroll`, not merged yet"]
 fn item6_a_replayed_quote_is_refused_by_the_cms_and_by_a_host() {
     let pki = harness::Pki::new();
     let files = lab_files(&pki);
