@@ -288,6 +288,12 @@ pub(crate) async fn serve_connections(
                 }
             },
         };
+        // Small writes go out at once: without this, the TLS 1.3 session ticket written after
+        // the handshake holds the first answer back (Nagle) until the client's delayed ACK,
+        // 40 ms on Linux: measured as 40 ms added to a fetch's first request to each host.
+        if let Err(e) = tcp.set_nodelay(true) {
+            log::debug!("TCP_NODELAY for {peer}: {e}");
+        }
         let tls = tls.clone();
         let service = TowerToHyperService::new(app.clone());
         let http = http.clone();

@@ -250,6 +250,7 @@ async fn ask_hosts(
             Ok(request) => {
                 let round = Arc::clone(&round);
                 tasks.spawn(async move {
+                    let started = Instant::now();
                     let mut timings = HostTimings::default();
                     let answer =
                         tokio::time::timeout(deadline, host::run(&round, &request, &mut timings))
@@ -257,6 +258,7 @@ async fn ask_hosts(
                             .unwrap_or(Err(HostFailure::Deadline {
                                 ms: deadline.as_millis(),
                             }));
+                    timings.round = started.elapsed();
                     (request.index, answer, timings)
                 });
             }

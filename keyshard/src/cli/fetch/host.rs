@@ -90,6 +90,8 @@ pub struct HostTimings {
     pub quote: Duration,
     /// `POST /v1/release`.
     pub release: Duration,
+    /// The whole round, from its start to the opened share (or the failure).
+    pub round: Duration,
 }
 
 /// One host's request, as the CMS granted it and the map located it.
