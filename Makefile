@@ -155,7 +155,8 @@ bench-storm: deps guest-static
 # each on its own swtpm with EK certificates, on loopback; a 3-of-5 credential. Prints fetch
 # latency p50/p99 with its phases (the CMS's challenge, quote and fetch; the host rounds), the
 # CLI's own wall time, the swtpm quote alone, and attested map requests per CMS CPU-second.
-# KEYSHARD_BENCH_FETCH_N fetches (default 50), KEYSHARD_BENCH_MAP_N map requests (default 200).
+# KEYSHARD_BENCH_FETCH_N fetches (default 50), KEYSHARD_BENCH_MAP_N map requests (default 1000:
+# the CMS's CPU time is read in 10 ms ticks).
 bench-fetch: deps
 	$(CARGO) bench -p keyshard --bench fetch
 

@@ -7,10 +7,12 @@
 //!    library the CLI runs (`keyshard::cli::fetch::fetch`, one TpmService for all of them),
 //!    p50/p99 of the whole and of each phase; then a few runs of the CLI itself (process start,
 //!    TPM open and file write included).
-//! 2. Attested map requests per CMS core: `KEYSHARD_BENCH_MAP_N` (default 200) rounds of
-//!    challenge + quote + `POST /v1/credentials/{name}/fetch`, the CMS's CPU time read from
-//!    /proc before and after: requests per CPU-second of the CMS is requests per core.
-//! 3. The instance TPM alone: quote latency, for where the time goes.
+//! 2. Attested map requests per CMS core: `KEYSHARD_BENCH_MAP_N` (default and most 1000)
+//!    rounds of challenge + quote + `POST /v1/credentials/{name}/fetch`, the CMS's CPU time
+//!    read from /proc before and after (in 10 ms ticks): requests per CPU-second of the CMS is
+//!    requests per core.
+//! 3. One swtpm alone: a quote, opening the TPM, and a shard host's per-release TPM work, for
+//!    where the time goes.
 
 #![allow(
     clippy::unwrap_used,
@@ -32,6 +34,7 @@ use keyshard::cli::credential::CmsConfig;
 use keyshard::cli::fetch::collect::HostStatus;
 use keyshard::cli::fetch::{Clients, FetchParams, fetch};
 use keyshard_core::KeyId;
+use keyshard_e2e::swtpm::Swtpm;
 use keyshard_shards::instance::{self, FetchKey, InstanceEvidence};
 use keyshard_shards::map::ClientKey;
 use keyshard_tpm::{TpmConfig, TpmService};
@@ -103,7 +106,7 @@ fn main() {
         return;
     }
     let fetches = env_count("KEYSHARD_BENCH_FETCH_N", 50);
-    let map_requests = env_count("KEYSHARD_BENCH_MAP_N", 200);
+    let map_requests = env_count("KEYSHARD_BENCH_MAP_N", 1000);
     let bin = Path::new(env!("CARGO_BIN_EXE_keyshard"));
     let pki = harness::Pki::new();
     let files = lab_files(&pki);
@@ -230,6 +233,24 @@ fn main() {
         );
     }
     row("the CLI (process, TPM open, file)", cli);
+    let out = pki.dir.path().join("cli-debug.secret");
+    // KEYSHARD_BENCH_CLI_WRAP="strace -f -tt -o /tmp/fetch.trace": run that one under a tool.
+    let wrap = std::env::var("KEYSHARD_BENCH_CLI_WRAP").unwrap_or_default();
+    let mut words: Vec<String> = wrap.split_whitespace().map(str::to_owned).collect();
+    words.push(bin.display().to_string());
+    let output = std::process::Command::new(&words[0])
+        .args(&words[1..])
+        .env("RUST_LOG", "keyshard=debug")
+        .args(lab.fetch_args("db", &out))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if let Some(line) = stderr.lines().find(|l| l.contains("fetch timings")) {
+        println!(
+            "  one CLI run, its own account: {}",
+            line.trim_start_matches("keyshard: debug: ")
+        );
+    }
 
     // 3. The TPM alone.
     let selection = "sha256:0,7".parse().unwrap();
@@ -239,8 +260,28 @@ fn main() {
         tpm.quote(&selection, &[7; 32]).unwrap();
         quotes.push(started.elapsed());
     }
-    println!("\n3. the instance's TPM (swtpm) alone");
-    row("quote", quotes);
+    let mut opens = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let opened = TpmService::spawn(TpmConfig::new(lab.instance.tcti())).unwrap();
+        opens.push(started.elapsed());
+        drop(opened);
+    }
+    // What a shard host's TPM does per release (keyshard-tpm's ecdh_z_gen: load the decrypt
+    // key, a salted session, ECDH_ZGen, flushes), timed here on a spare swtpm, alone.
+    let spare = Swtpm::start(&pki.dir.path().join("tpm-spare")).unwrap();
+    let spare_tpm = TpmService::spawn(TpmConfig::new(spare.tcti())).unwrap();
+    let decrypt = spare_tpm.create_decrypt_key().unwrap();
+    let mut zgens = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        spare_tpm.ecdh_z_gen(&decrypt, decrypt.point()).unwrap();
+        zgens.push(started.elapsed());
+    }
+    println!("\n3. one swtpm alone, nothing else running on it");
+    row("quote (the instance's)", quotes);
+    row("open (what the CLI does first)", opens);
+    row("a host's ZGen (load, session, ZGen)", zgens);
 
     // 2. Attested map requests per CMS core.
     let http = pki.client();

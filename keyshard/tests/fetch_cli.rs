@@ -217,3 +217,62 @@ fn item6_a_replayed_quote_is_refused_by_the_cms_and_by_a_host() {
         );
     });
 }
+
+/// The CMS's refusals end a fetch with exit 1 and one line naming the CMS's code: a credential
+/// the instance is not admitted to (put without --instance-policy), and, once the instance's
+/// PCR 7 changed, evidence that no longer matches its golden values (the PCR named). Nothing
+/// is written.
+#[test]
+fn item6_a_fetch_the_cms_refuses_exits_1_naming_why() {
+    let pki = harness::Pki::new();
+    let files = lab_files(&pki);
+    let store = format!("redb:{}", pki.dir.path().join("cms.redb").display());
+    let domains = [("eu", "acme"), ("us", "globex")];
+    let lab = ShardLab::start(bin(), &files, &store, &domains);
+    lab.put("db", SECRET, 2, 2);
+    let secret = pki.dir.path().join("other.secret");
+    std::fs::write(&secret, b"not for instances").unwrap();
+    shard_lab::run_ok(
+        bin(),
+        &[
+            "credential",
+            "put",
+            "--cms",
+            &lab.cms_url(),
+            "--ca",
+            files.ca.to_str().unwrap(),
+            "--name",
+            "other",
+            "--file",
+            secret.to_str().unwrap(),
+            "--client-pub",
+            lab.client_pub.to_str().unwrap(),
+            "--threshold",
+            "2",
+            "--shares",
+            "2",
+        ],
+    );
+
+    let out = pki.dir.path().join("other.out");
+    let (code, stdout, stderr) = keyshard(&lab.fetch_args("other", &out));
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("(403, forbidden)"), "{stderr}");
+    assert!(!out.exists());
+
+    // The admitted credential fetches, until PCR 7 changes.
+    let out = pki.dir.path().join("db.out");
+    let (code, stdout, stderr) = keyshard(&lab.fetch_args("db", &out));
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    lab.instance.extend_pcr(7, &[0x5a; 32]).unwrap();
+    let out = pki.dir.path().join("db.after-pcr7.out");
+    let (code, stdout, stderr) = keyshard(&lab.fetch_args("db", &out));
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("(403, evidence_refused)") && stderr.contains("sha256:7"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}

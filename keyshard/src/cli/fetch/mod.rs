@@ -150,6 +150,7 @@ impl TryFrom<Args> for Config {
 /// Runs `credential fetch`: prints one line per host, then the summary; exit 2 (through
 /// [`CliError::exit_code`]) when fewer than k hosts released.
 pub fn run(config: Config) -> Result<()> {
+    let started = std::time::Instant::now();
     // Refused before anything is asked of anyone.
     files::check_writable(&config.out, Overwrite::Refuse)?;
     let params = FetchParams {
@@ -166,6 +167,8 @@ pub fn run(config: Config) -> Result<()> {
         .enable_all()
         .build()
         .map_err(CliError::Runtime)?;
+    let set_up = started.elapsed();
+    let fetching = std::time::Instant::now();
     let fetched = match runtime.block_on(fetch(&params, &clients, &tpm)) {
         Ok(fetched) => fetched,
         Err(CliError::Fetch(error @ FetchError::QuorumNotMet { .. })) => {
@@ -176,7 +179,20 @@ pub fn run(config: Config) -> Result<()> {
         }
         Err(other) => return Err(other),
     };
+    let fetch_time = fetching.elapsed();
+    let writing = std::time::Instant::now();
     files::write_private(&config.out, &fetched.secret, Overwrite::Refuse)?;
+    let t = &fetched.timings;
+    log::debug!(
+        "fetch timings: set-up (keys, HTTPS clients, TPM, runtime) {set_up:?}; fetch {fetch_time:?} \
+         (challenge {:?}, quote {:?}, CMS fetch {:?}, map {:?}, hosts {:?}); write {:?}",
+        t.challenge,
+        t.cms_quote,
+        t.cms_fetch,
+        t.open_map,
+        t.hosts,
+        writing.elapsed()
+    );
     let mut lines = host_lines(&fetched.hosts);
     lines.push(format!(
         "fetched {} epoch {} from {} of {} hosts",

@@ -636,3 +636,47 @@ fn a_grant_for_another_host_than_the_map_is_refused() {
         &HostFailure::NoGrant { index: 3 }
     );
 }
+
+fn args(instance: &str, cms: &str) -> super::Args {
+    super::Args {
+        cms: crate::cli::credential::CmsArgs {
+            cms: cms.to_owned(),
+            ca: PathBuf::from("ca.pem"),
+            timeout: 5,
+        },
+        cms_key: PathBuf::from("cms.pem.pub"),
+        name: NAME.to_owned(),
+        instance_id: instance.to_owned(),
+        client_key: PathBuf::from("client.key"),
+        tcti: Some("swtpm:host=127.0.0.1,port=1".to_owned()),
+        out: PathBuf::from("out"),
+        host_deadline_ms: 5000,
+    }
+}
+
+/// An instance id outside the host id charset, and a CMS URL that is not https, are refused
+/// when the arguments are read, before any file, TPM or network is touched.
+#[test]
+fn fetch_arguments_are_checked_before_anything_is_asked() {
+    let config = super::Config::try_from(args("vm-1", "https://127.0.0.1:8443")).unwrap();
+    assert_eq!(config.instance, "vm-1");
+    assert_eq!(config.host_deadline, Duration::from_secs(5));
+    for bad in ["VM/1", "", "vm 1", "../x"] {
+        let error = super::Config::try_from(args(bad, "https://127.0.0.1:8443")).unwrap_err();
+        assert!(error.to_string().starts_with("--instance-id"), "{error}");
+    }
+    assert!(super::Config::try_from(args("vm-1", "http://127.0.0.1:8443")).is_err());
+}
+
+/// An existing --out is refused before the TPM or the CMS is asked (neither exists here).
+#[test]
+fn fetch_refuses_an_existing_out_file_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("secret");
+    std::fs::write(&out, b"keep").unwrap();
+    let mut args = args("vm-1", "https://127.0.0.1:1");
+    args.out = out.clone();
+    let error = super::run(super::Config::try_from(args).unwrap()).unwrap_err();
+    assert!(error.to_string().contains("exists"), "{error}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep");
+}
