@@ -21,9 +21,13 @@ CARGO ?= cargo
 #   protobuf-compiler        protoc, which the etcd-client crate's build script runs
 #   curl                     the credential service's tests call it over TLS as a user would
 #                            (keyshard/tests/cms.rs)
+#   etcd-client              etcdctl: the lab harness dumps the etcd store with it and searches
+#                            the dump for plaintext shares (keyshard/tests/lab.rs)
+#   jq                       the demo's multi-host part reads the lab's lab.json with it
+#                            (scripts/demo-hosts.sh)
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static \
 	cryptsetup-bin cpio e2fsprogs libtss2-dev pkg-config swtpm swtpm-tools tpm2-tools \
-	libvirt-clients libxml2-utils etcd-server protobuf-compiler curl
+	libvirt-clients libxml2-utils etcd-server protobuf-compiler curl etcd-client jq
 
 FUZZ_SECONDS ?= 600
 
@@ -114,6 +118,7 @@ images: deps e2e-bins guest-static
 demo: deps guest-static
 	$(CARGO) build --release --bin keyshard --bin vhost-keyshard
 	scripts/demo.sh $(E2E_TARGET_DIR)/release/keyshard
+	scripts/demo-hosts.sh $(E2E_TARGET_DIR)/release/keyshard
 	scripts/demo-vm.sh $(E2E_TARGET_DIR)/release/keyshard $(E2E_TARGET_DIR)/release/vhost-keyshard \
 		$(GUEST_BIN) $(E2E_KERNEL)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fails when a crate's dependency tree holds a crate it must not: tss-esapi (and so libtss2)
 # anywhere in the trees of vhost-keyshard, guest-driver, keyshard-attest and keyshard-shards
-# (pure software: the CMS and instances use it without a TPM), dev-dependencies included; sev and aws-lc-rs in what vhost-keyshard ships (its normal and build dependencies:
+# (pure software: the CMS and instances use it without a TPM) and keyshard-lab (it starts
+# processes; the TPMs are theirs), dev-dependencies included; sev and aws-lc-rs in what vhost-keyshard ships (its normal and build dependencies:
 # its frontend tests use guest-driver, which reads SNP reports through sev).
 #
 # Each tree is listed whole (`cargo tree -p CRATE`) and searched, rather than asking
@@ -21,6 +22,7 @@ rules=(
     "guest-driver:normal,build,dev:tss-esapi"
     "keyshard-attest:normal,build,dev:tss-esapi"
     "keyshard-shards:normal,build,dev:tss-esapi"
+    "keyshard-lab:normal,build,dev:tss-esapi"
 )
 [[ $# -gt 0 ]] && rules=("$@")
 

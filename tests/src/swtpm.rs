@@ -9,13 +9,13 @@
 //!
 //! [`Swtpm::start_with_ek_certificates`] first manufactures the TPM with `swtpm_setup` (Debian
 //! package swtpm-tools): an RSA 2048 and an ECC P-384 endorsement key, each with an EK
-//! certificate in the TPM's NV (indices 0x01c00002 and 0x01c00016), issued by a local CA
-//! (`swtpm_localca`) whose root and issuing certificates live in a directory the test gives;
-//! TPMs made with the same directory share that CA, as the TPMs of one vendor do.
+//! certificate in the TPM's NV, issued by a local CA in a directory the test gives. The
+//! manufacturing, the swtpm command line and the port choice are `keyshard_lab::swtpm`'s, which
+//! `keyshard lab up` uses too: one definition for the lab and the tests.
 
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::thread;
@@ -86,18 +86,8 @@ impl Swtpm {
             };
             let stderr = fs::File::create(&stderr_log)
                 .map_err(io_context(format!("creating {}", stderr_log.display())))?;
-            let mut command = Command::new("swtpm");
+            let mut command = keyshard_lab::swtpm::socket_command(state, port);
             command
-                .arg("socket")
-                .arg("--tpm2")
-                .arg("--tpmstate")
-                .arg(format!("dir={}", state.display()))
-                .arg("--server")
-                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-                .arg("--ctrl")
-                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-                .arg("--flags")
-                .arg("not-need-init,startup-clear")
                 .args(command_log.map(|log| {
                     format!(
                         "--log=file={},level={COMMAND_LOG_LEVEL},truncate",
@@ -269,68 +259,24 @@ impl Swtpm {
     }
 }
 
-/// The local CA's certificates in `ca` (PEM), root first: the CA bundle that EK certificates
-/// of TPMs made by [`Swtpm::start_with_ek_certificates`] chain to.
-pub fn ek_ca_certificates(ca: &Path) -> [PathBuf; 2] {
-    [
-        ca.join("swtpm-localca-rootca-cert.pem"),
-        ca.join("issuercert.pem"),
-    ]
+pub use keyshard_lab::swtpm::ek_ca_certificates;
+
+/// `keyshard_lab::swtpm::manufacture`, its errors as the harness's.
+fn manufacture(state: &Path, ca: &Path) -> Result<()> {
+    keyshard_lab::swtpm::manufacture(state, ca).map_err(from_lab)
 }
 
-/// `swtpm_setup --tpm2 --create-ek-cert` on `state`, with the local CA's configuration written
-/// into `ca` (nothing of /etc or /var/lib/swtpm-localca is used). The PCR banks of a TPM
-/// started without `swtpm_setup` stay active (sha1, sha256, sha384).
-fn manufacture(state: &Path, ca: &Path) -> Result<()> {
-    for dir in [state, ca] {
-        fs::create_dir_all(dir).map_err(io_context(format!("creating {}", dir.display())))?;
-    }
-    let write = |name: &str, text: String| {
-        let path = ca.join(name);
-        fs::write(&path, text)
-            .map_err(io_context(format!("writing {}", path.display())))
-            .map(|()| path)
-    };
-    let ca_text = ca.display();
-    let localca = write(
-        "swtpm-localca.conf",
-        format!(
-            "statedir = {ca_text}\nsigningkey = {ca_text}/signkey.pem\n\
-             issuercert = {ca_text}/issuercert.pem\ncertserial = {ca_text}/certserial\n"
-        ),
-    )?;
-    let options = write(
-        "swtpm-localca.options",
-        "--platform-manufacturer keyshard\n--platform-version 2.1\n--platform-model swtpm\n"
-            .to_owned(),
-    )?;
-    let setup = write(
-        "swtpm_setup.conf",
-        format!(
-            "create_certs_tool = swtpm_localca\ncreate_certs_tool_config = {}\n\
-             create_certs_tool_options = {}\nactive_pcr_banks = sha1,sha256,sha384\n",
-            localca.display(),
-            options.display()
-        ),
-    )?;
-    let result = run_tool(
-        "swtpm_setup",
-        Command::new("swtpm_setup")
-            .arg("--tpm2")
-            .arg("--tpm-state")
-            .arg(state)
-            .arg("--create-ek-cert")
-            .arg("--config")
-            .arg(&setup),
-    );
-    match result {
-        Err(HarnessError::Spawn { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-            Err(HarnessError::MissingTool {
-                tool: "swtpm_setup",
-                package: "swtpm-tools",
-            })
+/// A lab error as the harness's: a missing tool stays a missing tool.
+fn from_lab(error: keyshard_lab::LabError) -> HarnessError {
+    match error {
+        keyshard_lab::LabError::MissingTool { tool, package } => {
+            HarnessError::MissingTool { tool, package }
         }
-        other => other.map(drop),
+        other => HarnessError::ToolFailed {
+            name: "swtpm".to_owned(),
+            status: "failed".to_owned(),
+            stderr: other.to_string(),
+        },
     }
 }
 
@@ -412,62 +358,11 @@ pub fn parse_command_log(text: &str) -> Vec<TpmCommand> {
     commands
 }
 
-/// P such that P and P+1 look free, in 20000..32000: below Linux's ephemeral range
-/// (32768..60999), where the TIME_WAIT sockets the swtpm TCTI leaves behind (one TCP connection
-/// per TPM command) would make collisions likely. Another process can still take them before
-/// swtpm binds: [`Swtpm::start`] retries then.
-/// Whether process `pid` holds the socket listening on 127.0.0.1:`port`: the listener's inode in
-/// /proc/net/tcp is among the process's open sockets.
-fn listens_on(pid: u32, port: u16) -> bool {
-    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
-        return false;
-    };
-    let local = format!("0100007F:{port:04X}");
-    let listeners: Vec<String> = table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
-            match (fields.get(1), fields.get(3), fields.get(9)) {
-                (Some(addr), Some(&"0A"), Some(inode)) if *addr == local => {
-                    Some(format!("socket:[{inode}]"))
-                }
-                _ => None,
-            }
-        })
-        .collect();
-    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.flatten().any(|fd| {
-        fs::read_link(fd.path())
-            .is_ok_and(|target| listeners.iter().any(|l| target.as_os_str() == l.as_str()))
-    })
-}
+use keyshard_lab::swtpm::listens_on;
 
 fn free_port_pair(attempt: u32) -> Result<u16> {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let seed = std::process::id()
-        .wrapping_mul(2_654_435_761)
-        .wrapping_add(nanos)
-        .wrapping_add(attempt.wrapping_mul(7919));
-    for i in 0..500u32 {
-        let offset = seed.wrapping_add(i.wrapping_mul(37)) % 6000;
-        let Ok(port) = u16::try_from(20_000 + offset * 2) else {
-            continue;
-        };
-        if TcpListener::bind(("127.0.0.1", port)).is_ok()
-            && TcpListener::bind(("127.0.0.1", port + 1)).is_ok()
-        {
-            return Ok(port);
-        }
-    }
-    Err(HarnessError::Io {
-        context: "no free port pair in 20000..32000 for swtpm".to_owned(),
+    keyshard_lab::swtpm::free_port_pair(attempt).map_err(|e| HarnessError::Io {
+        context: e.to_string(),
         source: io::Error::from(io::ErrorKind::AddrInUse),
     })
 }
@@ -539,15 +434,6 @@ mod tests {
             .map(TpmCommand::name)
             .collect();
         assert_eq!(names, ["GetCapability", "(unreadable)", "Quote"]);
-    }
-
-    #[test]
-    fn port_pairs_stay_below_the_ephemeral_range_and_start_even() {
-        for attempt in 0..20 {
-            let port = free_port_pair(attempt).unwrap();
-            assert!((20_000..32_000).contains(&port), "{port}");
-            assert_eq!(port % 2, 0);
-        }
     }
 
     #[test]

@@ -50,10 +50,12 @@ pub enum CliError {
     Store(#[from] keyshard_cms::store::StoreError),
     #[error(transparent)]
     Credential(#[from] super::credential::CredentialCliError),
-    #[error(transparent)]
-    Fetch(#[from] super::fetch::FetchError),
     #[error("enrolment: {0}")]
     Enrol(#[from] super::enrol::EnrolError),
+    #[error("lab: {0}")]
+    Lab(#[from] keyshard_lab::LabError),
+    #[error(transparent)]
+    Fetch(#[from] super::fetch::FetchError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot handle SIGTERM/SIGINT: {0}")]

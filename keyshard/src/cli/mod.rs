@@ -15,6 +15,7 @@ pub mod init;
 pub mod inspect;
 pub mod instance;
 pub mod keygen;
+pub mod lab;
 mod load;
 pub mod policy;
 pub mod reseal;
@@ -65,6 +66,9 @@ pub enum Command {
     /// Compute instances: enrol an instance's TPM and register its golden PCRs with the CMS.
     #[command(subcommand)]
     Instance(instance::Command),
+    /// A local lab on loopback: CMS, shard hosts, instance TPM (development only).
+    #[command(subcommand)]
+    Lab(lab::Command),
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,5 +98,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Credential(command) => credential::run(command),
         Command::ShardHost(args) => shard_host::run(args.try_into()?),
         Command::Instance(command) => instance::run(command),
+        Command::Lab(command) => lab::run(command),
     }
 }
