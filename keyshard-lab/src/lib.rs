@@ -13,6 +13,7 @@
 
 pub mod down;
 pub mod error;
+pub mod inherit;
 pub mod labfile;
 pub mod pki;
 pub mod process;

@@ -234,6 +234,7 @@ impl Spawned {
                 Ok(())
             });
         }
+        crate::inherit::close_inherited_fds(command);
         let child = match command.spawn() {
             Ok(child) => child,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -118,6 +118,7 @@ pub fn socket_command(state: &Path, port: u16) -> Command {
         ))
         .arg("--flags")
         .arg("not-need-init,startup-clear");
+    crate::inherit::close_inherited_fds(&mut command);
     command
 }
 

@@ -43,6 +43,7 @@ impl ChildGuard {
                 Ok(())
             });
         }
+        keyshard_lab::inherit::close_inherited_fds(command);
         let child = command.spawn().map_err(|source| HarnessError::Spawn {
             name: name.to_owned(),
             source,
