@@ -276,3 +276,54 @@ fn item6_a_fetch_the_cms_refuses_exits_1_naming_why() {
     );
     assert!(!out.exists());
 }
+
+/// Review of issue 9: an instance whose PCR 7 changed is refused, and running `keyshard
+/// instance enroll` again on it (its own TPM, a fresh nonce: nothing an attacker on the
+/// instance lacks) must not make its changed state golden. It did: the re-registration was
+/// taken (200) and the next fetch released the credential.
+#[test]
+fn review9_an_instance_whose_pcr_changed_cannot_re_enrol_its_way_to_a_fetch() {
+    let pki = harness::Pki::new();
+    let files = lab_files(&pki);
+    let store = format!("redb:{}", pki.dir.path().join("cms.redb").display());
+    let domains = [("eu", "acme"), ("us", "globex")];
+    let lab = ShardLab::start(bin(), &files, &store, &domains);
+    lab.put("db", SECRET, 2, 2);
+    lab.instance.extend_pcr(7, &[0x5a; 32]).unwrap();
+    let refused = pki.dir.path().join("db.refused.out");
+    let (code, stdout, stderr) = keyshard(&lab.fetch_args("db", &refused));
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(stderr.contains("(403, evidence_refused)"), "{stderr}");
+
+    let enroll = |pcrs: &str| {
+        keyshard(&[
+            "instance".to_owned(),
+            "enroll".to_owned(),
+            "--cms".to_owned(),
+            lab.cms_url(),
+            "--ca".to_owned(),
+            files.ca.to_str().unwrap().to_owned(),
+            "--instance-id".to_owned(),
+            lab.instance_id.clone(),
+            "--tcti".to_owned(),
+            lab.instance.tcti(),
+            "--pcrs".to_owned(),
+            pcrs.to_owned(),
+        ])
+    };
+    // The changed values, and a selection without PCR 7: both refused in one line.
+    for (pcrs, names) in [("sha256:0,7", "sha256:7 differs"), ("sha256:0", "sha256:0")] {
+        let (code, stdout, stderr) = enroll(pcrs);
+        assert_eq!(code, 1, "{pcrs}: {stdout}\n{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("(409, conflict)") && stderr.contains(names),
+            "{pcrs}: {stderr}"
+        );
+    }
+    let out = pki.dir.path().join("db.out");
+    let (code, stdout, stderr) = keyshard(&lab.fetch_args("db", &out));
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(stderr.contains("(403, evidence_refused)"), "{stderr}");
+    assert!(!out.exists());
+}
