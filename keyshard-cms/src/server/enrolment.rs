@@ -171,9 +171,11 @@ pub(super) fn enrolment_error(error: EnrolmentError) -> ApiError {
         e @ EnrolmentError::ActivationRefused { .. } => ApiError::ActivationRefused {
             reason: e.to_string(),
         },
-        e @ EnrolmentError::AkConflict { .. } => ApiError::AkConflict {
-            reason: e.to_string(),
-        },
+        e @ (EnrolmentError::AkConflict { .. } | EnrolmentError::EkConflict { .. }) => {
+            ApiError::AkConflict {
+                reason: e.to_string(),
+            }
+        }
         EnrolmentError::Name(e) => invalid(e.to_string()),
         e @ (EnrolmentError::Record { .. } | EnrolmentError::Random | EnrolmentError::Clock) => {
             log::error!("{e}");
