@@ -218,6 +218,33 @@ fn keyshard(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Review of issue 9: one TPM (one EK) enrols one id. A host's swtpm, enrolled as host-1,
+/// asking to enrol as host-2 or as instance vm-1 is refused at the challenge (409
+/// `ak_conflict` naming host-1); before, both were pinned, so one machine stood as several
+/// holders (the registry only compared AKs, and a TPM makes as many AKs as it likes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review9_one_tpm_enrols_as_one_host_or_instance_only() {
+    let pki = Pki::new();
+    let host = ShardHost::start_with_ek_certificates("host-1", &pki.ek_ca_dir());
+    let lab = Lab::start(pki);
+    let mut host = host;
+    let tpm = host.tpm.get_mut().unwrap();
+    lab.enrol(tpm, EnrolmentKind::Host, "host-1").await;
+    for (kind, id) in [("host", "host-2"), ("instance", "vm-1")] {
+        assert_refused(
+            lab.begin(tpm, kind, id).await,
+            409,
+            "ak_conflict",
+            "enrolled as host host-1",
+        );
+    }
+    // Its own id again is still fine.
+    let challenge = lab.challenge(tpm, "host", "host-1").await;
+    let activated = tpm.activate_credential(&made(&challenge)).unwrap();
+    let (status, body) = lab.activate(&challenge.enrolment, &activated).await;
+    assert_eq!(status, StatusCode::OK, "{}", text(&body));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item2_enrolment_and_item6_instance_enroll_through_the_real_binaries() {
     let pki = Pki::new();
