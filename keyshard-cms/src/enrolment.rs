@@ -48,8 +48,10 @@ use keyshard_attest::tpm::ek_cert::CaBundle;
 use keyshard_attest::tpm::enrol::{self, EnrolError, answers_digest};
 use keyshard_attest::tpm::public::NAME_LEN;
 use keyshard_core::holder::{NameError, check_name};
+use keyshard_shards::HostId;
 use serde::{Deserialize, Serialize};
 
+use crate::admission::{AdmissionError, HostAdmission};
 use crate::store::{
     CasOutcome, DeleteOutcome, Expected, Key, KeyPrefix, MAX_LIST_LIMIT, Repository, Revision,
     StoreError,
@@ -118,6 +120,8 @@ pub enum EnrolmentError {
         id: String,
         ek: String,
     },
+    #[error("{0}")]
+    NotAdmitted(#[from] AdmissionError),
     #[error("{0}")]
     Name(#[from] NameError),
     #[error("record {key}: {reason}")]
@@ -295,6 +299,19 @@ pub async fn begin<R: Repository>(
     request: &EnrolmentRequest,
     now: SystemTime,
 ) -> Result<BegunEnrolment> {
+    begin_admitted(store, bundle, request, now, None).await
+}
+
+/// [`begin`], and when `admission` (the operator's host list, `keyshard cms --hosts`) is given,
+/// a host id it does not list, or lists for another TPM's EK, is refused
+/// ([`EnrolmentError::NotAdmitted`]) before anything is stored.
+pub async fn begin_admitted<R: Repository>(
+    store: &R,
+    bundle: &CaBundle,
+    request: &EnrolmentRequest,
+    now: SystemTime,
+    admission: Option<&HostAdmission>,
+) -> Result<BegunEnrolment> {
     check_id(request.kind, &request.id)?;
     let challenge = enrol::challenge(&request.ek_certificate, bundle, now, &request.ak_public)
         .map_err(|source| EnrolmentError::Challenge {
@@ -306,6 +323,10 @@ pub async fn begin<R: Repository>(
         && pinned.ak != challenge.ak
     {
         return Err(conflict(&pinned));
+    }
+    if let (EnrolmentKind::Host, Some(admission)) = (request.kind, admission) {
+        let id = HostId::new(request.id.clone())?;
+        admission.check_enrolment(&id, &challenge.ek_sha256)?;
     }
     if let Some((kind, id)) = ek_holder(store, &challenge.ek_sha256).await?
         && (kind, id.as_str()) != (request.kind, request.id.as_str())

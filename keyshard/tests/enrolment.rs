@@ -218,6 +218,102 @@ fn keyshard(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Review of issue 9: without a list, a host's id, region, operator and weight were whatever it
+/// claimed (three genuine TPMs claiming three domains and weight 2^32-1 won 3 of 4 shares of
+/// every 3-of-4 credential put after them). `keyshard cms --hosts FILE` admits only the listed
+/// ids, in their listed domains, up to their weights, and with `ek_sha256` only by that TPM:
+/// each refusal is 403 `forbidden`, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review9_the_cms_admits_only_listed_hosts_in_their_domain_and_weight() {
+    let pki = Pki::new();
+    let mut host = ShardHost::start_with_ek_certificates("host-1", &pki.ek_ca_dir());
+    let mut stranger = ShardHost::start_with_ek_certificates("host-9", &pki.ek_ca_dir());
+    let hosts = pki.dir.path().join("hosts.json");
+    std::fs::write(
+        &hosts,
+        json!({"hosts": [
+            {"id": "host-1", "region": "eu", "operator": "acme"},
+            {"id": "host-2", "region": "us", "operator": "globex", "max_weight": 4,
+             "ek_sha256": "11".repeat(32)},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let bundle = pki.ek_bundle();
+    let cms = Cms::start_with(
+        &pki,
+        &redb_url(&pki),
+        &[
+            "--ek-ca".as_ref(),
+            bundle.as_os_str(),
+            "--hosts".as_ref(),
+            hosts.as_os_str(),
+        ],
+    );
+    let http = pki.client();
+    let lab = Lab { pki, cms, http };
+
+    let stranger_tpm = stranger.tpm.get_mut().unwrap();
+    assert_refused(
+        lab.begin(stranger_tpm, "host", "host-9").await,
+        403,
+        "forbidden",
+        "host host-9 is not on the CMS's list",
+    );
+    assert_refused(
+        lab.begin(stranger_tpm, "host", "host-2").await,
+        403,
+        "forbidden",
+        "admitted for another TPM",
+    );
+    // Instances are not hosts: the list does not apply to them.
+    let challenge = lab.challenge(stranger_tpm, "instance", "vm-1").await;
+    assert_eq!(challenge.ek, "rsa2048");
+
+    lab.enrol(host.tpm.get_mut().unwrap(), EnrolmentKind::Host, "host-1")
+        .await;
+    let register = |region: &'static str, operator: &'static str, weight: u32| {
+        let (lab, host) = (&lab, &host);
+        async move {
+            let (status, body) = lab.post("/v1/hosts/challenge", json!({})).await;
+            assert_eq!(status, StatusCode::OK);
+            let nonce: NonceResponse = serde_json::from_slice(&body).unwrap();
+            let mut registration =
+                host.registration(Nonce::from_hex(&nonce.nonce).unwrap(), region, operator);
+            registration.weight = std::num::NonZeroU32::new(weight).unwrap();
+            let body =
+                serde_json::to_value(HostRegistrationRequest::from_registration(&registration))
+                    .unwrap();
+            lab.call(reqwest::Method::PUT, "/v1/hosts/host-1", &body)
+                .await
+        }
+    };
+    for (region, operator, weight, says) in [
+        (
+            "ap",
+            "acme",
+            1,
+            "admitted in region eu, operator acme, not region ap",
+        ),
+        ("eu", "globex", 1, "not region eu, operator globex"),
+        ("eu", "acme", u32::MAX, "at most 1"),
+    ] {
+        assert_refused(
+            register(region, operator, weight).await,
+            403,
+            "forbidden",
+            says,
+        );
+    }
+    let (status, body) = lab
+        .call(reqwest::Method::GET, "/v1/hosts", &json!(null))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!text(&body).contains("host-1"), "{}", text(&body));
+    let (status, body) = register("eu", "acme", 1).await;
+    assert_eq!(status, StatusCode::CREATED, "{}", text(&body));
+}
+
 /// Review of issue 9: one TPM (one EK) enrols one id. A host's swtpm, enrolled as host-1,
 /// asking to enrol as host-2 or as instance vm-1 is refused at the challenge (409
 /// `ak_conflict` naming host-1); before, both were pinned, so one machine stood as several
