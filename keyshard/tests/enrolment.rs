@@ -222,12 +222,50 @@ fn keyshard(args: &[&str]) -> (i32, String, String) {
 /// claimed (three genuine TPMs claiming three domains and weight 2^32-1 won 3 of 4 shares of
 /// every 3-of-4 credential put after them). `keyshard cms --hosts FILE` admits only the listed
 /// ids, in their listed domains, up to their weights, and with `ek_sha256` only by that TPM:
-/// each refusal is 403 `forbidden`, and nothing is stored.
+/// each refusal is 403 `forbidden`, and nothing is stored; a host registered before the list
+/// is left out of placement until it registers as listed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review9_the_cms_admits_only_listed_hosts_in_their_domain_and_weight() {
     let pki = Pki::new();
     let mut host = ShardHost::start_with_ek_certificates("host-1", &pki.ek_ca_dir());
     let mut stranger = ShardHost::start_with_ek_certificates("host-9", &pki.ek_ca_dir());
+    async fn register_as(
+        lab: &Lab,
+        host: &ShardHost,
+        region: &str,
+        operator: &str,
+        weight: u32,
+    ) -> (StatusCode, Vec<u8>) {
+        let (status, body) = lab.post("/v1/hosts/challenge", json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        let nonce: NonceResponse = serde_json::from_slice(&body).unwrap();
+        let mut registration =
+            host.registration(Nonce::from_hex(&nonce.nonce).unwrap(), region, operator);
+        registration.weight = std::num::NonZeroU32::new(weight).unwrap();
+        let body = serde_json::to_value(HostRegistrationRequest::from_registration(&registration))
+            .unwrap();
+        lab.call(reqwest::Method::PUT, "/v1/hosts/host-1", &body)
+            .await
+    }
+    async fn listing(lab: &Lab) -> String {
+        let (status, body) = lab
+            .call(reqwest::Method::GET, "/v1/hosts", &json!(null))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        text(&body)
+    }
+
+    // Without a list: host-1 claims region ap and the largest weight, and is placed on.
+    let lab = Lab::start(pki);
+    lab.enrol(host.tpm.get_mut().unwrap(), EnrolmentKind::Host, "host-1")
+        .await;
+    let (status, body) = register_as(&lab, &host, "ap", "acme", u32::MAX).await;
+    assert_eq!(status, StatusCode::CREATED, "{}", text(&body));
+    assert!(listing(&lab).await.contains(r#""weight":4294967295"#));
+
+    // The same store, with the operator's list.
+    let Lab { pki, cms, http } = lab;
+    cms.stop();
     let hosts = pki.dir.path().join("hosts.json");
     std::fs::write(
         &hosts,
@@ -250,8 +288,13 @@ async fn review9_the_cms_admits_only_listed_hosts_in_their_domain_and_weight() {
             hosts.as_os_str(),
         ],
     );
-    let http = pki.client();
     let lab = Lab { pki, cms, http };
+    // The record from before the list is left out, with the reason.
+    let listed = listing(&lab).await;
+    assert!(
+        listed.contains(r#""hosts":[]"#) && listed.contains("admitted in region eu"),
+        "{listed}"
+    );
 
     let stranger_tpm = stranger.tpm.get_mut().unwrap();
     assert_refused(
@@ -270,24 +313,6 @@ async fn review9_the_cms_admits_only_listed_hosts_in_their_domain_and_weight() {
     let challenge = lab.challenge(stranger_tpm, "instance", "vm-1").await;
     assert_eq!(challenge.ek, "rsa2048");
 
-    lab.enrol(host.tpm.get_mut().unwrap(), EnrolmentKind::Host, "host-1")
-        .await;
-    let register = |region: &'static str, operator: &'static str, weight: u32| {
-        let (lab, host) = (&lab, &host);
-        async move {
-            let (status, body) = lab.post("/v1/hosts/challenge", json!({})).await;
-            assert_eq!(status, StatusCode::OK);
-            let nonce: NonceResponse = serde_json::from_slice(&body).unwrap();
-            let mut registration =
-                host.registration(Nonce::from_hex(&nonce.nonce).unwrap(), region, operator);
-            registration.weight = std::num::NonZeroU32::new(weight).unwrap();
-            let body =
-                serde_json::to_value(HostRegistrationRequest::from_registration(&registration))
-                    .unwrap();
-            lab.call(reqwest::Method::PUT, "/v1/hosts/host-1", &body)
-                .await
-        }
-    };
     for (region, operator, weight, says) in [
         (
             "ap",
@@ -299,19 +324,20 @@ async fn review9_the_cms_admits_only_listed_hosts_in_their_domain_and_weight() {
         ("eu", "acme", u32::MAX, "at most 1"),
     ] {
         assert_refused(
-            register(region, operator, weight).await,
+            register_as(&lab, &host, region, operator, weight).await,
             403,
             "forbidden",
             says,
         );
     }
-    let (status, body) = lab
-        .call(reqwest::Method::GET, "/v1/hosts", &json!(null))
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    assert!(!text(&body).contains("host-1"), "{}", text(&body));
-    let (status, body) = register("eu", "acme", 1).await;
-    assert_eq!(status, StatusCode::CREATED, "{}", text(&body));
+    assert!(listing(&lab).await.contains(r#""hosts":[]"#));
+    let (status, body) = register_as(&lab, &host, "eu", "acme", 1).await;
+    assert_eq!(status, StatusCode::OK, "{}", text(&body));
+    let listed = listing(&lab).await;
+    assert!(
+        listed.contains(r#""id":"host-1""#) && listed.contains(r#""excluded":[]"#),
+        "{listed}"
+    );
 }
 
 /// Review of issue 9: one TPM (one EK) enrols one id. A host's swtpm, enrolled as host-1,

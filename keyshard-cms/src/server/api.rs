@@ -84,7 +84,9 @@ impl AppState {
 
     /// Admits only the hosts `admission` lists, in their domains and weights (`--hosts`).
     pub fn with_host_admission(mut self, admission: HostAdmission) -> Self {
-        self.admission = Some(Arc::new(admission));
+        let admission = Arc::new(admission);
+        self.registry.admission = Some(admission.clone());
+        self.admission = Some(admission);
         self
     }
 }
