@@ -327,3 +327,50 @@ fn review9_an_instance_whose_pcr_changed_cannot_re_enrol_its_way_to_a_fetch() {
     assert!(stderr.contains("(403, evidence_refused)"), "{stderr}");
     assert!(!out.exists());
 }
+
+/// Review of issue 9: a shard host kept every nonce it issued (4,096 at most) behind one rate
+/// limit for all callers, so one client asking for nonces in a loop (no grant, no TPM) made the
+/// host answer 429 to the instance and the fetch failed there (exit 2, naming the host).
+/// Nonces are now MAC'd and stored only once spent, after the grant: the fetch goes through
+/// while the flood runs.
+#[test]
+fn review9_a_nonce_flood_at_a_host_does_not_stop_a_fetch() {
+    let pki = harness::Pki::new();
+    let files = lab_files(&pki);
+    let store = format!("redb:{}", pki.dir.path().join("cms.redb").display());
+    let domains = [("eu", "acme"), ("us", "globex")];
+    let lab = ShardLab::start(bin(), &files, &store, &domains);
+    lab.put("db", SECRET, 2, 2);
+    let flood = pki.dir.path().join("flood.cfg");
+    let url = format!(
+        "url = \"{}/v1/nonces\"\noutput = \"/dev/null\"\n",
+        lab.hosts[0].endpoint
+    );
+    std::fs::write(&flood, url.repeat(200_000)).unwrap();
+    let mut curl = Command::new("curl")
+        .args([
+            "-s",
+            "--parallel",
+            "--parallel-max",
+            "16",
+            "-X",
+            "POST",
+            "--cacert",
+        ])
+        .arg(&files.ca)
+        .arg("-K")
+        .arg(&flood)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Long enough for the old book to fill (4,096 at 1,000 a second).
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let out = pki.dir.path().join("db.out");
+    let (code, stdout, stderr) = keyshard(&lab.fetch_args("db", &out));
+    let still_flooding = curl.try_wait().unwrap().is_none();
+    let _ = curl.kill();
+    let _ = curl.wait();
+    assert!(still_flooding, "the flood ended before the fetch");
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(std::fs::read(&out).unwrap(), SECRET);
+}
