@@ -48,16 +48,22 @@ use keyshard_attest::tpm::ek_cert::CaBundle;
 use keyshard_attest::tpm::enrol::{self, EnrolError, answers_digest};
 use keyshard_attest::tpm::public::NAME_LEN;
 use keyshard_core::holder::{NameError, check_name};
+use keyshard_shards::HostId;
 use serde::{Deserialize, Serialize};
 
+use crate::admission::{AdmissionError, HostAdmission};
 use crate::store::{
-    CasOutcome, DeleteOutcome, Expected, Key, KeyPrefix, MAX_LIST_LIMIT, Repository, StoreError,
+    CasOutcome, DeleteOutcome, Expected, Key, KeyPrefix, MAX_LIST_LIMIT, Repository, Revision,
+    StoreError,
 };
 
 /// Where pending enrolments live: `enrolments/<64 hex>`.
 pub const ENROLMENTS_PREFIX: &str = "enrolments/";
 /// Where pinned AKs live: `aks/<kind>/<id>`.
 pub const AKS_PREFIX: &str = "aks/";
+/// Where the TPM (its EK) behind each enrolled id is recorded: `eks/<SHA-256 of the EK's
+/// SubjectPublicKeyInfo, hex>` holds `{"version":1,"kind","id"}`.
+pub const EKS_PREFIX: &str = "eks/";
 /// How long an enrolment may be activated after it began.
 pub const ENROLMENT_TTL: Duration = Duration::from_secs(120);
 /// The records' format version.
@@ -105,6 +111,17 @@ pub enum EnrolmentError {
         id: String,
         pinned: String,
     },
+    #[error(
+        "this TPM (EK sha256 {ek}) is enrolled as {kind} {id}: one TPM is one host or one \
+         instance, never several, so one machine cannot hold shares as several holders"
+    )]
+    EkConflict {
+        kind: EnrolmentKind,
+        id: String,
+        ek: String,
+    },
+    #[error("{0}")]
+    NotAdmitted(#[from] AdmissionError),
     #[error("{0}")]
     Name(#[from] NameError),
     #[error("record {key}: {reason}")]
@@ -254,6 +271,8 @@ pub struct PendingEnrolment {
     pub ak: AkPublic,
     pub ak_name: [u8; NAME_LEN],
     pub ek_root: String,
+    /// SHA-256 of the EK's SubjectPublicKeyInfo: the TPM, whatever AK it presents.
+    pub ek_sha256: [u8; 32],
     /// SHA-256 of the credential made to the EK.
     pub credential_sha256: [u8; 32],
     pub expires_at_ms: u64,
@@ -280,6 +299,19 @@ pub async fn begin<R: Repository>(
     request: &EnrolmentRequest,
     now: SystemTime,
 ) -> Result<BegunEnrolment> {
+    begin_admitted(store, bundle, request, now, None).await
+}
+
+/// [`begin`], and when `admission` (the operator's host list, `keyshard cms --hosts`) is given,
+/// a host id it does not list, or lists for another TPM's EK, is refused
+/// ([`EnrolmentError::NotAdmitted`]) before anything is stored.
+pub async fn begin_admitted<R: Repository>(
+    store: &R,
+    bundle: &CaBundle,
+    request: &EnrolmentRequest,
+    now: SystemTime,
+    admission: Option<&HostAdmission>,
+) -> Result<BegunEnrolment> {
     check_id(request.kind, &request.id)?;
     let challenge = enrol::challenge(&request.ek_certificate, bundle, now, &request.ak_public)
         .map_err(|source| EnrolmentError::Challenge {
@@ -292,6 +324,15 @@ pub async fn begin<R: Repository>(
     {
         return Err(conflict(&pinned));
     }
+    if let (EnrolmentKind::Host, Some(admission)) = (request.kind, admission) {
+        let id = HostId::new(request.id.clone())?;
+        admission.check_enrolment(&id, &challenge.ek_sha256)?;
+    }
+    if let Some((kind, id)) = ek_holder(store, &challenge.ek_sha256).await?
+        && (kind, id.as_str()) != (request.kind, request.id.as_str())
+    {
+        return Err(ek_conflict(kind, id, &challenge.ek_sha256));
+    }
     sweep_expired(store, now).await;
     let pending = PendingEnrolment {
         kind: request.kind,
@@ -299,6 +340,7 @@ pub async fn begin<R: Repository>(
         ak: challenge.ak.clone(),
         ak_name: challenge.ak_name,
         ek_root: challenge.ek_root.clone(),
+        ek_sha256: challenge.ek_sha256,
         credential_sha256: challenge.credential_digest(),
         expires_at_ms: unix_ms(now)?.saturating_add(duration_ms(ENROLMENT_TTL)),
     };
@@ -371,6 +413,7 @@ pub async fn activate<R: Repository>(
             id: pending.id,
         });
     }
+    let claimed = claim_ek(store, &pending.ek_sha256, pending.kind, &pending.id).await?;
     let pin = PinnedAk {
         kind: pending.kind,
         id: pending.id,
@@ -379,7 +422,81 @@ pub async fn activate<R: Repository>(
         ek_root: pending.ek_root,
         enrolled_at_ms: now_ms,
     };
-    pin_ak(store, pin).await
+    let pinned = pin_ak(store, pin).await;
+    if pinned.is_err()
+        && let Some(revision) = claimed
+    {
+        // The id belongs to another TPM: this TPM's claim on it is dropped again.
+        if let Err(e) = store.delete(&ek_key(&pending.ek_sha256)?, revision).await {
+            log::warn!("releasing an EK claim: {e}");
+        }
+    }
+    pinned
+}
+
+/// The (kind, id) the TPM with EK digest `ek` is enrolled as, if any.
+pub async fn ek_holder<R: Repository>(
+    store: &R,
+    ek: &[u8; 32],
+) -> Result<Option<(EnrolmentKind, String)>> {
+    let key = ek_key(ek)?;
+    match store.get(&key).await? {
+        None => Ok(None),
+        Some(entry) => decode_ek(&key, &entry.value).map(Some),
+    }
+}
+
+/// Records that the TPM with EK digest `ek` is `kind` `id` (compare-and-swap on an absent
+/// key, so of two racing claims one wins); refuses it when the TPM is already another id.
+/// Returns the revision written when this call wrote the claim.
+async fn claim_ek<R: Repository>(
+    store: &R,
+    ek: &[u8; 32],
+    kind: EnrolmentKind,
+    id: &str,
+) -> Result<Option<Revision>> {
+    let key = ek_key(ek)?;
+    let value = to_json(
+        EKS_PREFIX,
+        &EkRecord {
+            version: RECORD_VERSION,
+            kind: kind.as_str().to_owned(),
+            id: id.to_owned(),
+        },
+    )?;
+    for _ in 0..PIN_ATTEMPTS {
+        if let Some(entry) = store.get(&key).await? {
+            let (held_kind, held_id) = decode_ek(&key, &entry.value)?;
+            if (held_kind, held_id.as_str()) != (kind, id) {
+                return Err(ek_conflict(held_kind, held_id, ek));
+            }
+            return Ok(None);
+        }
+        match store
+            .compare_and_swap(&key, Expected::Absent, &value)
+            .await?
+        {
+            CasOutcome::Written(revision) => return Ok(Some(revision)),
+            CasOutcome::Conflict { .. } => continue,
+        }
+    }
+    Err(StoreError::Corrupt {
+        location: key.as_str().to_owned(),
+        reason: "the EK record keeps changing".to_owned(),
+    }
+    .into())
+}
+
+fn ek_key(ek: &[u8; 32]) -> Result<Key> {
+    Ok(Key::new(format!("{EKS_PREFIX}{}", hex::encode(ek)))?)
+}
+
+fn ek_conflict(kind: EnrolmentKind, id: String, ek: &[u8; 32]) -> EnrolmentError {
+    EnrolmentError::EkConflict {
+        kind,
+        id,
+        ek: hex::encode(ek),
+    }
 }
 
 /// Pins `pin` under `aks/<kind>/<id>` unless that id is pinned already: to the same AK, the
@@ -490,6 +607,7 @@ struct PendingRecord {
     ak: String,
     ak_name: String,
     ek_root: String,
+    ek_sha256: String,
     credential_sha256: String,
     expires_at_ms: u64,
 }
@@ -506,6 +624,31 @@ struct PinRecord {
     enrolled_at_ms: u64,
 }
 
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EkRecord {
+    version: u32,
+    kind: String,
+    id: String,
+}
+
+fn decode_ek(key: &Key, bytes: &[u8]) -> Result<(EnrolmentKind, String)> {
+    let r: EkRecord = serde_json::from_slice(bytes)
+        .map_err(|e| record_error(key, format!("not an EK record: {e}")))?;
+    if r.version != RECORD_VERSION {
+        return Err(record_error(
+            key,
+            format!("version {} is not supported", r.version),
+        ));
+    }
+    let kind: EnrolmentKind = r
+        .kind
+        .parse()
+        .map_err(|e| record_error(key, format!("kind: {e}")))?;
+    check_id(kind, &r.id).map_err(|e| record_error(key, e.to_string()))?;
+    Ok((kind, r.id))
+}
+
 fn encode_pending(p: &PendingEnrolment) -> Result<Vec<u8>> {
     to_json(
         ENROLMENTS_PREFIX,
@@ -516,6 +659,7 @@ fn encode_pending(p: &PendingEnrolment) -> Result<Vec<u8>> {
             ak: hex::encode(p.ak.to_sec1()),
             ak_name: hex::encode(p.ak_name),
             ek_root: p.ek_root.clone(),
+            ek_sha256: hex::encode(p.ek_sha256),
             credential_sha256: hex::encode(p.credential_sha256),
             expires_at_ms: p.expires_at_ms,
         },
@@ -592,12 +736,17 @@ fn decode_pending(key: &Key, bytes: &[u8]) -> Result<PendingEnrolment> {
         .ok()
         .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
         .ok_or_else(|| record_error(key, "credential_sha256 is not 32 hex bytes".to_owned()))?;
+    let ek_sha256 = hex::decode(&r.ek_sha256)
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .ok_or_else(|| record_error(key, "ek_sha256 is not 32 hex bytes".to_owned()))?;
     Ok(PendingEnrolment {
         kind: c.kind,
         id: c.id,
         ak: c.ak,
         ak_name: c.ak_name,
         ek_root: r.ek_root,
+        ek_sha256,
         credential_sha256,
         expires_at_ms: r.expires_at_ms,
     })
@@ -667,9 +816,64 @@ mod tests {
             ak: ak(seed),
             ak_name: [seed; NAME_LEN],
             ek_root: "CN=test root".to_owned(),
+            ek_sha256: [seed; 32],
             credential_sha256: Sha256::digest(credential).into(),
             expires_at_ms: unix_ms(now()).unwrap() + 120_000,
         }
+    }
+
+    /// Review of issue 9: one TPM can make as many AKs as it likes, each provable through
+    /// the same EK; pinning each under another host id made one machine several "independent"
+    /// holders in as many claimed failure domains (and a host and an instance at once). Each
+    /// EK now enrols one id: a second id, of either kind, is refused, at the challenge and at
+    /// activation.
+    #[tokio::test]
+    async fn review9_one_tpm_enrols_one_id_whatever_ak_it_presents() {
+        let (_dir, store) = store().await;
+        let first = store_pending(&store, &pending(EnrolmentKind::Host, "h1", 1, b"a"))
+            .await
+            .unwrap();
+        // The same TPM (EK digest [1; 32]) with a second AK for host h2, and as instance vm-1.
+        let mut second = pending(EnrolmentKind::Host, "h2", 2, b"b");
+        second.ek_sha256 = [1; 32];
+        let second = store_pending(&store, &second).await.unwrap();
+        let mut third = pending(EnrolmentKind::Instance, "vm-1", 3, b"c");
+        third.ek_sha256 = [1; 32];
+        let third = store_pending(&store, &third).await.unwrap();
+        activate(&store, &first, b"a", now()).await.unwrap();
+        for (enrolment, answer, kind, id) in [
+            (second, b"b", EnrolmentKind::Host, "h2"),
+            (third, b"c", EnrolmentKind::Instance, "vm-1"),
+        ] {
+            let err = activate(&store, &enrolment, answer, now())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, EnrolmentError::EkConflict { .. })
+                    && err.to_string().contains("enrolled as host h1"),
+                "{id}: {err}"
+            );
+            assert!(pinned_ak(&store, kind, id).await.unwrap().is_none(), "{id}");
+        }
+        assert_eq!(
+            ek_holder(&store, &[1; 32]).await.unwrap(),
+            Some((EnrolmentKind::Host, "h1".to_owned()))
+        );
+        // The same TPM and AK for its own id again: the existing pin.
+        let again = store_pending(&store, &pending(EnrolmentKind::Host, "h1", 1, b"d"))
+            .await
+            .unwrap();
+        assert_eq!(
+            activate(&store, &again, b"d", now()).await.unwrap().ak,
+            ak(1)
+        );
+        // Another TPM taking a pinned id is refused, and does not keep a claim on that id.
+        let mut intruder = pending(EnrolmentKind::Host, "h1", 5, b"e");
+        intruder.ek_sha256 = [5; 32];
+        let intruder = store_pending(&store, &intruder).await.unwrap();
+        let err = activate(&store, &intruder, b"e", now()).await.unwrap_err();
+        assert!(matches!(err, EnrolmentError::AkConflict { .. }), "{err}");
+        assert_eq!(ek_holder(&store, &[5; 32]).await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -14,7 +14,12 @@
 //!    qualifying data = the nonce, over exactly the golden selection, PCR digest = SHA-256 of
 //!    the golden values. So the golden values are what the instance's TPM holds at enrolment;
 //! 4. writes the record by compare-and-swap: absent for a new id, the revision it read for a
-//!    re-registration (new golden values for a re-measured instance, quoted the same way).
+//!    re-registration. A re-registration must present the registered golden values (same
+//!    selection, same values: [`InstanceError::GoldenChanged`] otherwise). Golden values are
+//!    registered once: an instance whose PCRs changed could otherwise quote its new state and
+//!    register it, and every later fetch would verify against it; and a narrower selection
+//!    would drop the changed PCR from every later check. New values for a re-measured instance
+//!    take an operator removing `instances/<id>` from the store first.
 //!
 //! What this protects against: golden values that the instance's TPM did not hold (a quote
 //! over other PCRs, or other values), a replayed quote (the nonce), a quote by another TPM
@@ -44,7 +49,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use keyshard_attest::tpm::attest::QuoteAttest;
 use keyshard_attest::tpm::public::NAME_LEN;
 use keyshard_attest::tpm::{
-    AkPublic, PcrError, PcrSelection, PcrValues, Quote, QuoteError, verify_quote,
+    AkPublic, PcrError, PcrSelection, PcrValues, Quote, QuoteError, differing_pcrs, verify_quote,
 };
 use keyshard_core::policy::PcrBank;
 use keyshard_shards::instance::InstancePolicy;
@@ -82,6 +87,12 @@ pub enum InstanceError {
     Quote { id: InstanceId, source: QuoteError },
     #[error("instance {id} was registered again concurrently; retry with a new challenge")]
     Conflict { id: InstanceId },
+    #[error(
+        "instance {id} is registered with other golden values ({changed}); its TPM no longer \
+         holds what it registered, so it may not re-register itself: an operator removes \
+         instances/{id} from the store to register new values"
+    )]
+    GoldenChanged { id: InstanceId, changed: String },
     #[error("the quote is malformed: {reason}")]
     QuoteFormat { reason: String },
     #[error("instance record {key}: {reason}")]
@@ -191,7 +202,16 @@ pub async fn register<R: Repository>(
     let key = instance_key(&id)?;
     let expected = match store.get(&key).await? {
         None => Expected::Absent,
-        Some(entry) => Expected::Revision(entry.revision),
+        Some(entry) => {
+            let registered = decode(&key, &entry.value)?;
+            if registered.golden != registration.golden {
+                return Err(InstanceError::GoldenChanged {
+                    id,
+                    changed: golden_change(&registered.golden, &registration.golden),
+                });
+            }
+            Expected::Revision(entry.revision)
+        }
     };
     let record = InstanceRecord {
         id: id.clone(),
@@ -213,6 +233,23 @@ pub async fn register<R: Repository>(
             Ok((record, expected == Expected::Absent))
         }
         CasOutcome::Conflict { .. } => Err(InstanceError::Conflict { id }),
+    }
+}
+
+/// What differs between the registered golden values and those presented again: the changed
+/// PCRs (`sha256:7 differs`), or both selections when they are not the same.
+fn golden_change(registered: &PcrValues, presented: &PcrValues) -> String {
+    match differing_pcrs(registered, presented) {
+        Ok(changed) => {
+            let bank = registered.selection().bank().as_str();
+            let list: Vec<String> = changed.iter().map(|i| i.to_string()).collect();
+            format!("{bank}:{} differs", list.join(","))
+        }
+        Err(_) => format!(
+            "registered over {}, presented over {}",
+            registered.selection(),
+            presented.selection()
+        ),
     }
 }
 
@@ -502,6 +539,49 @@ mod tests {
                 "{what}"
             );
         }
+    }
+
+    /// Review of issue 9: an instance whose PCR 7 changed quotes its new state correctly over
+    /// a fresh nonce; registering that as its golden values again (or a narrower selection
+    /// that leaves PCR 7 out) would make every later fetch verify against it. Refused, and the
+    /// record keeps the values first registered.
+    #[tokio::test]
+    async fn review9_an_instance_cannot_re_register_changed_golden_values() {
+        let (_dir, store) = store().await;
+        enrol(&store, "vm-1", 1).await;
+        let register_now = |golden: PcrValues| {
+            let store = &store;
+            async move {
+                let c = challenge(store, &vm()).await.unwrap();
+                let quote = quote_by(&ak_key(1), c.nonce.as_bytes(), &golden);
+                let registration = InstanceRegistration {
+                    id: vm(),
+                    golden,
+                    nonce: c.nonce,
+                    quote,
+                };
+                register(store, registration, SystemTime::now()).await
+            }
+        };
+        let (first, created) = register_now(pcrs(7)).await.unwrap();
+        assert!(created);
+        let err = register_now(pcrs(8)).await.unwrap_err();
+        assert!(
+            matches!(err, InstanceError::GoldenChanged { .. })
+                && err.to_string().contains("sha256:7 differs"),
+            "{err}"
+        );
+        let narrower = PcrValues::new(PcrBank::Sha256, vec![(0, vec![0; 32])]).unwrap();
+        let err = register_now(narrower).await.unwrap_err();
+        assert!(
+            matches!(err, InstanceError::GoldenChanged { .. })
+                && err.to_string().contains("presented over sha256:0"),
+            "{err}"
+        );
+        assert_eq!(get_instance(&store, &vm()).await.unwrap().unwrap(), first);
+        // The same values again still re-register.
+        let (_, created) = register_now(pcrs(7)).await.unwrap();
+        assert!(!created);
     }
 
     #[test]

@@ -35,8 +35,10 @@
 //! Placement takes only hosts from [`HostRegistry::fresh_hosts`]. Until the attestation
 //! validator issues signed attestation results, "affirming" means: the stored record parses and
 //! its certification verifies again when it is read (so a record damaged in the store is never
-//! placed on), and "fresh" means: registered, with a certification over a CMS nonce, no longer
-//! ago than the registry's `max_age` ([`DEFAULT_MAX_AGE`]), and not in the future. A host stays
+//! placed on) and, with the operator's host list (`keyshard cms --hosts`,
+//! [`crate::admission`]), the list admits it as registered; "fresh" means: registered, with a
+//! certification over a CMS nonce, no longer ago than the registry's `max_age`
+//! ([`DEFAULT_MAX_AGE`]), and not in the future. A host stays
 //! fresh by registering again. Hosts left out are listed with the reason.
 //!
 //! # Record (JSON, version 1)
@@ -60,6 +62,7 @@
 //! | `registered_at_ms` | when the CMS accepted it, ms since the Unix epoch |
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keyshard_attest::tpm::{
@@ -70,6 +73,7 @@ use keyshard_shards::placement::Candidate;
 use keyshard_shards::{DomainName, FailureDomain, HostId};
 use serde::{Deserialize, Serialize};
 
+use crate::admission::{AdmissionError, HostAdmission};
 use crate::store::{
     CasOutcome, DeleteOutcome, Expected, Key, KeyPrefix, MAX_LIST_LIMIT, Nonce, Repository,
     Revision, StoreError,
@@ -192,6 +196,8 @@ pub enum Exclusion {
     Future { ahead: Duration },
     /// The record does not parse or its certification no longer verifies.
     Invalid(RegistryError),
+    /// The operator's host list does not admit the host as registered.
+    NotAdmitted(AdmissionError),
 }
 
 impl std::fmt::Display for Exclusion {
@@ -202,6 +208,7 @@ impl std::fmt::Display for Exclusion {
                 write!(f, "registered {} ms in the future", ahead.as_millis())
             }
             Self::Invalid(e) => write!(f, "{e}"),
+            Self::NotAdmitted(e) => write!(f, "{e}"),
         }
     }
 }
@@ -214,16 +221,19 @@ pub struct HostListing {
     pub excluded: Vec<(String, Exclusion)>,
 }
 
-/// The registry's policy: how long a registration stays fresh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The registry's policy: how long a registration stays fresh, and which hosts the operator
+/// admits (`keyshard cms --hosts`; None: every registered host).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostRegistry {
     pub max_age: Duration,
+    pub admission: Option<Arc<HostAdmission>>,
 }
 
 impl Default for HostRegistry {
     fn default() -> Self {
         Self {
             max_age: DEFAULT_MAX_AGE,
+            admission: None,
         }
     }
 }
@@ -334,13 +344,28 @@ impl HostRegistry {
                         .excluded
                         .push((key.as_str().to_owned(), Exclusion::Invalid(e)));
                 }
-                Ok(host) => match self.freshness(now_ms, host.registered_at_ms) {
+                Ok(host) => match self
+                    .freshness(now_ms, host.registered_at_ms)
+                    .or_else(|| self.not_admitted(&host))
+                {
                     Some(exclusion) => listing.excluded.push((key.as_str().to_owned(), exclusion)),
                     None => listing.fresh.push(host),
                 },
             }
         }
         Ok(listing)
+    }
+
+    /// None when the operator's list admits `host` as registered (or there is no list): a
+    /// record stored before the list, or since removed from it, is not placed on.
+    fn not_admitted(&self, host: &RegisteredHost) -> Option<Exclusion> {
+        let registration = &host.registration;
+        self.admission.as_ref().and_then(|admission| {
+            admission
+                .check_registration(&registration.id, &registration.domain, registration.weight)
+                .err()
+                .map(Exclusion::NotAdmitted)
+        })
     }
 
     /// None when a registration at `registered_ms` is fresh at `now_ms`.
@@ -529,6 +554,7 @@ mod tests {
     fn registry() -> HostRegistry {
         HostRegistry {
             max_age: Duration::from_secs(60),
+            admission: None,
         }
     }
 

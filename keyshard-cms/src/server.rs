@@ -209,6 +209,20 @@ impl CmsServer {
         signing_key: ed25519_dalek::SigningKey,
         ek_ca: Option<keyshard_attest::tpm::ek_cert::CaBundle>,
     ) -> Result<Self> {
+        Self::bind_admitting(addr, store, tls, limits, signing_key, ek_ca, None).await
+    }
+
+    /// [`CmsServer::bind_with`], admitting only the hosts `admission` lists when it is given
+    /// (`keyshard cms --hosts`, [`crate::admission`]).
+    pub async fn bind_admitting(
+        addr: SocketAddr,
+        store: Store,
+        tls: Arc<rustls::ServerConfig>,
+        limits: Limits,
+        signing_key: ed25519_dalek::SigningKey,
+        ek_ca: Option<keyshard_attest::tpm::ek_cert::CaBundle>,
+        admission: Option<crate::admission::HostAdmission>,
+    ) -> Result<Self> {
         limits.check()?;
         let listener = TcpListener::bind(addr)
             .await
@@ -219,6 +233,9 @@ impl CmsServer {
         let mut state = api::AppState::new(store, limits.nonce_ttl, limits.nonce_rate, signing_key);
         if let Some(bundle) = ek_ca {
             state = state.with_ek_ca(bundle);
+        }
+        if let Some(admission) = admission {
+            state = state.with_host_admission(admission);
         }
         Ok(Self {
             listener,

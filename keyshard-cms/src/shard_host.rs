@@ -2,8 +2,9 @@
 //!
 //! The caller first spends the nonce the evidence answers, in this host's nonce book
 //! ([`nonces::MemoryNonceBook::consume`] or [`nonces::take_from_store`]: issued here, not used,
-//! not expired), before anything else, so a refused request cannot be retried with it; that
-//! gives the [`nonces::SpentNonce`] a release requires. Then, given the sealed shard (`KSSE`,
+//! not expired), before the evidence is looked at, so a refused request cannot be retried with
+//! it; that gives the [`nonces::SpentNonce`] a release requires. (The HTTPS service checks the
+//! request's CMS grant before it spends the nonce, so only granted requests fill the book.) Then, given the sealed shard (`KSSE`,
 //! from the store) for (credential, epoch, index, this host), the instance's evidence and the
 //! instance policy the CMS registered, [`ShardHost::release`]:
 //!

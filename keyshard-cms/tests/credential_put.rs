@@ -495,6 +495,7 @@ async fn item4_a_stale_host_is_not_placed() {
         cms: SigningKey::from_bytes(&[0x11; 32]),
         registry: HostRegistry {
             max_age: Duration::from_secs(3600),
+            admission: None,
         },
         hosts: Vec::new(),
         _dir: Some(dir),
@@ -581,7 +582,7 @@ async fn concurrent_puts_do_not_both_win(lab: &Lab, second_store: Store) {
     let client = ClientKey::generate().unwrap();
     let shared = name("shared");
     let run = |store: Store, secret: &'static [u8]| {
-        let registry = lab.registry;
+        let registry = lab.registry.clone();
         let cms = lab.cms.clone();
         let client = client.public_key();
         let shared = shared.clone();

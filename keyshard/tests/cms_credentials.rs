@@ -399,8 +399,21 @@ async fn item2_a_forged_certification_is_refused_and_nothing_is_stored() {
     let (status, body) = lab.put_host("host-1", &good).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(error_code(&body).0, "nonce_refused");
-    // The same TPM under another id (enrolled for it too): refused, one TPM is one host.
-    lab.enrol("host-9", host).await;
+    // The same TPM under another id: its enrolment is refused (one TPM is one host), and so
+    // is a registration without one.
+    let err = keyshard::cli::enrol::enrol(
+        &lab.pki.cms_client(&lab.cms),
+        EnrolmentKind::Host,
+        "host-9",
+        host.tpm.get_mut().unwrap(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("ak_conflict") && err.contains("enrolled as host host-1"),
+        "{err}"
+    );
     let again = host.registration(lab.challenge().await, "us", "globex");
     let (status, body) = lab
         .put_host(
@@ -408,8 +421,8 @@ async fn item2_a_forged_certification_is_refused_and_nothing_is_stored() {
             &HostRegistrationRequest::from_registration(&again),
         )
         .await;
-    assert_eq!(status, StatusCode::CONFLICT);
-    assert_eq!(error_code(&body).0, "host_conflict");
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(error_code(&body).0, "not_enrolled");
     let listed = lab.hosts().await;
     assert_eq!(listed.hosts.len(), 1);
     assert_eq!(listed.hosts[0].id, "host-1");

@@ -218,6 +218,155 @@ fn keyshard(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Review of issue 9: without a list, a host's id, region, operator and weight were whatever it
+/// claimed (three genuine TPMs claiming three domains and weight 2^32-1 won 3 of 4 shares of
+/// every 3-of-4 credential put after them). `keyshard cms --hosts FILE` admits only the listed
+/// ids, in their listed domains, up to their weights, and with `ek_sha256` only by that TPM:
+/// each refusal is 403 `forbidden`, and nothing is stored; a host registered before the list
+/// is left out of placement until it registers as listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review9_the_cms_admits_only_listed_hosts_in_their_domain_and_weight() {
+    let pki = Pki::new();
+    let mut host = ShardHost::start_with_ek_certificates("host-1", &pki.ek_ca_dir());
+    let mut stranger = ShardHost::start_with_ek_certificates("host-9", &pki.ek_ca_dir());
+    async fn register_as(
+        lab: &Lab,
+        host: &ShardHost,
+        region: &str,
+        operator: &str,
+        weight: u32,
+    ) -> (StatusCode, Vec<u8>) {
+        let (status, body) = lab.post("/v1/hosts/challenge", json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        let nonce: NonceResponse = serde_json::from_slice(&body).unwrap();
+        let mut registration =
+            host.registration(Nonce::from_hex(&nonce.nonce).unwrap(), region, operator);
+        registration.weight = std::num::NonZeroU32::new(weight).unwrap();
+        let body = serde_json::to_value(HostRegistrationRequest::from_registration(&registration))
+            .unwrap();
+        lab.call(reqwest::Method::PUT, "/v1/hosts/host-1", &body)
+            .await
+    }
+    async fn listing(lab: &Lab) -> String {
+        let (status, body) = lab
+            .call(reqwest::Method::GET, "/v1/hosts", &json!(null))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        text(&body)
+    }
+
+    // Without a list: host-1 claims region ap and the largest weight, and is placed on.
+    let lab = Lab::start(pki);
+    lab.enrol(host.tpm.get_mut().unwrap(), EnrolmentKind::Host, "host-1")
+        .await;
+    let (status, body) = register_as(&lab, &host, "ap", "acme", u32::MAX).await;
+    assert_eq!(status, StatusCode::CREATED, "{}", text(&body));
+    assert!(listing(&lab).await.contains(r#""weight":4294967295"#));
+
+    // The same store, with the operator's list.
+    let Lab { pki, cms, http } = lab;
+    cms.stop();
+    let hosts = pki.dir.path().join("hosts.json");
+    std::fs::write(
+        &hosts,
+        json!({"hosts": [
+            {"id": "host-1", "region": "eu", "operator": "acme"},
+            {"id": "host-2", "region": "us", "operator": "globex", "max_weight": 4,
+             "ek_sha256": "11".repeat(32)},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let bundle = pki.ek_bundle();
+    let cms = Cms::start_with(
+        &pki,
+        &redb_url(&pki),
+        &[
+            "--ek-ca".as_ref(),
+            bundle.as_os_str(),
+            "--hosts".as_ref(),
+            hosts.as_os_str(),
+        ],
+    );
+    let lab = Lab { pki, cms, http };
+    // The record from before the list is left out, with the reason.
+    let listed = listing(&lab).await;
+    assert!(
+        listed.contains(r#""hosts":[]"#) && listed.contains("admitted in region eu"),
+        "{listed}"
+    );
+
+    let stranger_tpm = stranger.tpm.get_mut().unwrap();
+    assert_refused(
+        lab.begin(stranger_tpm, "host", "host-9").await,
+        403,
+        "forbidden",
+        "host host-9 is not on the CMS's list",
+    );
+    assert_refused(
+        lab.begin(stranger_tpm, "host", "host-2").await,
+        403,
+        "forbidden",
+        "admitted for another TPM",
+    );
+    // Instances are not hosts: the list does not apply to them.
+    let challenge = lab.challenge(stranger_tpm, "instance", "vm-1").await;
+    assert_eq!(challenge.ek, "rsa2048");
+
+    for (region, operator, weight, says) in [
+        (
+            "ap",
+            "acme",
+            1,
+            "admitted in region eu, operator acme, not region ap",
+        ),
+        ("eu", "globex", 1, "not region eu, operator globex"),
+        ("eu", "acme", u32::MAX, "at most 1"),
+    ] {
+        assert_refused(
+            register_as(&lab, &host, region, operator, weight).await,
+            403,
+            "forbidden",
+            says,
+        );
+    }
+    assert!(listing(&lab).await.contains(r#""hosts":[]"#));
+    let (status, body) = register_as(&lab, &host, "eu", "acme", 1).await;
+    assert_eq!(status, StatusCode::OK, "{}", text(&body));
+    let listed = listing(&lab).await;
+    assert!(
+        listed.contains(r#""id":"host-1""#) && listed.contains(r#""excluded":[]"#),
+        "{listed}"
+    );
+}
+
+/// Review of issue 9: one TPM (one EK) enrols one id. A host's swtpm, enrolled as host-1,
+/// asking to enrol as host-2 or as instance vm-1 is refused at the challenge (409
+/// `ak_conflict` naming host-1); before, both were pinned, so one machine stood as several
+/// holders (the registry only compared AKs, and a TPM makes as many AKs as it likes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review9_one_tpm_enrols_as_one_host_or_instance_only() {
+    let pki = Pki::new();
+    let host = ShardHost::start_with_ek_certificates("host-1", &pki.ek_ca_dir());
+    let lab = Lab::start(pki);
+    let mut host = host;
+    let tpm = host.tpm.get_mut().unwrap();
+    lab.enrol(tpm, EnrolmentKind::Host, "host-1").await;
+    for (kind, id) in [("host", "host-2"), ("instance", "vm-1")] {
+        assert_refused(
+            lab.begin(tpm, kind, id).await,
+            409,
+            "ak_conflict",
+            "enrolled as host host-1",
+        );
+    }
+    // Its own id again is still fine.
+    let challenge = lab.challenge(tpm, "host", "host-1").await;
+    let activated = tpm.activate_credential(&made(&challenge)).unwrap();
+    let (status, body) = lab.activate(&challenge.enrolment, &activated).await;
+    assert_eq!(status, StatusCode::OK, "{}", text(&body));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item2_enrolment_and_item6_instance_enroll_through_the_real_binaries() {
     let pki = Pki::new();

@@ -276,3 +276,101 @@ fn item6_a_fetch_the_cms_refuses_exits_1_naming_why() {
     );
     assert!(!out.exists());
 }
+
+/// Review of issue 9: an instance whose PCR 7 changed is refused, and running `keyshard
+/// instance enroll` again on it (its own TPM, a fresh nonce: nothing an attacker on the
+/// instance lacks) must not make its changed state golden. It did: the re-registration was
+/// taken (200) and the next fetch released the credential.
+#[test]
+fn review9_an_instance_whose_pcr_changed_cannot_re_enrol_its_way_to_a_fetch() {
+    let pki = harness::Pki::new();
+    let files = lab_files(&pki);
+    let store = format!("redb:{}", pki.dir.path().join("cms.redb").display());
+    let domains = [("eu", "acme"), ("us", "globex")];
+    let lab = ShardLab::start(bin(), &files, &store, &domains);
+    lab.put("db", SECRET, 2, 2);
+    lab.instance.extend_pcr(7, &[0x5a; 32]).unwrap();
+    let refused = pki.dir.path().join("db.refused.out");
+    let (code, stdout, stderr) = keyshard(&lab.fetch_args("db", &refused));
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(stderr.contains("(403, evidence_refused)"), "{stderr}");
+
+    let enroll = |pcrs: &str| {
+        keyshard(&[
+            "instance".to_owned(),
+            "enroll".to_owned(),
+            "--cms".to_owned(),
+            lab.cms_url(),
+            "--ca".to_owned(),
+            files.ca.to_str().unwrap().to_owned(),
+            "--instance-id".to_owned(),
+            lab.instance_id.clone(),
+            "--tcti".to_owned(),
+            lab.instance.tcti(),
+            "--pcrs".to_owned(),
+            pcrs.to_owned(),
+        ])
+    };
+    // The changed values, and a selection without PCR 7: both refused in one line.
+    for (pcrs, names) in [("sha256:0,7", "sha256:7 differs"), ("sha256:0", "sha256:0")] {
+        let (code, stdout, stderr) = enroll(pcrs);
+        assert_eq!(code, 1, "{pcrs}: {stdout}\n{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("(409, conflict)") && stderr.contains(names),
+            "{pcrs}: {stderr}"
+        );
+    }
+    let out = pki.dir.path().join("db.out");
+    let (code, stdout, stderr) = keyshard(&lab.fetch_args("db", &out));
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(stderr.contains("(403, evidence_refused)"), "{stderr}");
+    assert!(!out.exists());
+}
+
+/// Review of issue 9: a shard host kept every nonce it issued (4,096 at most) behind one rate
+/// limit for all callers, so one client asking for nonces in a loop (no grant, no TPM) made the
+/// host answer 429 to the instance and the fetch failed there (exit 2, naming the host).
+/// Nonces are now MAC'd and stored only once spent, after the grant: the fetch goes through
+/// while the flood runs.
+#[test]
+fn review9_a_nonce_flood_at_a_host_does_not_stop_a_fetch() {
+    let pki = harness::Pki::new();
+    let files = lab_files(&pki);
+    let store = format!("redb:{}", pki.dir.path().join("cms.redb").display());
+    let domains = [("eu", "acme"), ("us", "globex")];
+    let lab = ShardLab::start(bin(), &files, &store, &domains);
+    lab.put("db", SECRET, 2, 2);
+    let flood = pki.dir.path().join("flood.cfg");
+    let url = format!(
+        "url = \"{}/v1/nonces\"\noutput = \"/dev/null\"\n",
+        lab.hosts[0].endpoint
+    );
+    std::fs::write(&flood, url.repeat(200_000)).unwrap();
+    let mut curl = Command::new("curl")
+        .args([
+            "-s",
+            "--parallel",
+            "--parallel-max",
+            "16",
+            "-X",
+            "POST",
+            "--cacert",
+        ])
+        .arg(&files.ca)
+        .arg("-K")
+        .arg(&flood)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Long enough for the old book to fill (4,096 at 1,000 a second).
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let out = pki.dir.path().join("db.out");
+    let (code, stdout, stderr) = keyshard(&lab.fetch_args("db", &out));
+    let still_flooding = curl.try_wait().unwrap().is_none();
+    let _ = curl.kill();
+    let _ = curl.wait();
+    assert!(still_flooding, "the flood ended before the fetch");
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(std::fs::read(&out).unwrap(), SECRET);
+}

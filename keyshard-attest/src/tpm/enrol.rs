@@ -41,6 +41,9 @@ pub struct Challenge {
     pub ak_name: [u8; NAME_LEN],
     /// The subject of the CA root the EK certificate chains to.
     pub ek_root: String,
+    /// SHA-256 of the EK's SubjectPublicKeyInfo (DER): names the TPM whatever AK it presents,
+    /// so a verifier can refuse one TPM enrolling under several ids.
+    pub ek_sha256: [u8; 32],
     /// The credential blob and encrypted seed, for the host's ActivateCredential.
     pub made: MadeCredential,
     credential: Zeroizing<[u8; CREDENTIAL_LEN]>,
@@ -98,6 +101,7 @@ pub fn challenge(
     Ok(Challenge {
         ak,
         ak_name,
+        ek_sha256: Sha256::digest(&ek.spki).into(),
         ek_root: ek.root,
         made,
         credential,

@@ -33,6 +33,7 @@ use super::error::ApiError;
 use super::request::{ApiJson, BodyLimit};
 use super::{Limits, NonceRate};
 use super::{credentials, enrolment, fetch, hosts, instances, volumes};
+use crate::admission::HostAdmission;
 use crate::registry::HostRegistry;
 use crate::store::{Repository, Store};
 
@@ -50,6 +51,9 @@ pub struct AppState {
     pub(super) registry: HostRegistry,
     /// The CAs EK certificates must chain to; None: enrolment is disabled.
     pub(super) ek_ca: Option<Arc<CaBundle>>,
+    /// The operator's list of admitted hosts (`keyshard cms --hosts`); None: any host id,
+    /// domain and weight a host claims.
+    pub(super) admission: Option<Arc<HostAdmission>>,
 }
 
 impl AppState {
@@ -68,12 +72,21 @@ impl AppState {
             signing_key: Arc::new(signing_key),
             registry: HostRegistry::default(),
             ek_ca: None,
+            admission: None,
         }
     }
 
     /// Enables enrolment: EK certificates must chain to `bundle` (`--ek-ca`).
     pub fn with_ek_ca(mut self, bundle: CaBundle) -> Self {
         self.ek_ca = Some(Arc::new(bundle));
+        self
+    }
+
+    /// Admits only the hosts `admission` lists, in their domains and weights (`--hosts`).
+    pub fn with_host_admission(mut self, admission: HostAdmission) -> Self {
+        let admission = Arc::new(admission);
+        self.registry.admission = Some(admission.clone());
+        self.admission = Some(admission);
         self
     }
 }

@@ -107,9 +107,15 @@ pub(super) async fn begin(
     if !state.nonce_rate.take() {
         return Err(ApiError::RateLimited { what: "enrolments" });
     }
-    let begun = enrolment::begin(&*state.store, &bundle, &request, SystemTime::now())
-        .await
-        .map_err(enrolment_error)?;
+    let begun = enrolment::begin_admitted(
+        &*state.store,
+        &bundle,
+        &request,
+        SystemTime::now(),
+        state.admission.as_deref(),
+    )
+    .await
+    .map_err(enrolment_error)?;
     Ok((
         StatusCode::CREATED,
         axum::Json(EnrolmentChallenge {
@@ -171,7 +177,12 @@ pub(super) fn enrolment_error(error: EnrolmentError) -> ApiError {
         e @ EnrolmentError::ActivationRefused { .. } => ApiError::ActivationRefused {
             reason: e.to_string(),
         },
-        e @ EnrolmentError::AkConflict { .. } => ApiError::AkConflict {
+        e @ (EnrolmentError::AkConflict { .. } | EnrolmentError::EkConflict { .. }) => {
+            ApiError::AkConflict {
+                reason: e.to_string(),
+            }
+        }
+        e @ EnrolmentError::NotAdmitted(_) => ApiError::Forbidden {
             reason: e.to_string(),
         },
         EnrolmentError::Name(e) => invalid(e.to_string()),

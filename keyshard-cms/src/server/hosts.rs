@@ -13,7 +13,9 @@
 //! `not_enrolled`, see [`super::enrolment`]), its certification does not verify (403 `certification_refused`),
 //! its challenge is unknown, used or expired (403 `nonce_refused`), the id is held by another
 //! attestation key or the TPM by another id (409 `host_conflict`), or another registration of
-//! the id won a race (409 `conflict`).
+//! the id won a race (409 `conflict`). With the operator's host list (`keyshard cms --hosts`,
+//! [`crate::admission`]), an id it does not list, or a registration in another region or
+//! operator than listed or heavier than its `max_weight`, is refused first (403 `forbidden`).
 
 use std::num::NonZeroU32;
 use std::time::SystemTime;
@@ -193,6 +195,13 @@ pub(super) async fn register(
 ) -> Result<(StatusCode, axum::Json<HostRegistered>), ApiError> {
     let id = path_segment(id)?;
     let registration = request.into_registration(&id)?;
+    if let Some(admission) = &state.admission {
+        admission
+            .check_registration(&registration.id, &registration.domain, registration.weight)
+            .map_err(|e| ApiError::Forbidden {
+                reason: e.to_string(),
+            })?;
+    }
     check_enrolled(&state, &registration).await?;
     let key = registry::host_key(&registration.id).map_err(registry_error)?;
     let existed = state

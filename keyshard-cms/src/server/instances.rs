@@ -182,9 +182,11 @@ pub(super) fn instance_error(error: InstanceError) -> ApiError {
         InstanceError::Quote { id, source } => ApiError::EvidenceRefused {
             reason: format!("instance {id}: {source}"),
         },
-        e @ InstanceError::Conflict { .. } => ApiError::Conflict {
-            reason: e.to_string(),
-        },
+        e @ (InstanceError::Conflict { .. } | InstanceError::GoldenChanged { .. }) => {
+            ApiError::Conflict {
+                reason: e.to_string(),
+            }
+        }
         InstanceError::QuoteFormat { reason } => invalid(format!("quote: {reason}")),
         e @ (InstanceError::Record { .. } | InstanceError::Pcrs(_) | InstanceError::Clock) => {
             log::error!("{e}");

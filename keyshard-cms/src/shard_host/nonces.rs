@@ -3,7 +3,8 @@
 //!
 //! A release needs a [`SpentNonce`]: proof that the nonce its evidence answers was issued by
 //! this host and has just been used up. Only this module makes one, from one of two books:
-//! - [`MemoryNonceBook`]: the nonces of one host process, in memory;
+//! - [`MemoryNonceBook`]: the nonces of one host process, MAC'd by it and remembered only once
+//!   spent;
 //! - the attestation repository ([`take_from_store`] over [`Repository::nonce_take`]): shared
 //!   by every process on one store (an etcd lease or a redb table with expiry), so two replicas
 //!   never accept the same nonce. Issue those with [`Repository::nonce_issue`].
@@ -12,14 +13,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use hmac::{Hmac, KeyInit, Mac};
 use keyshard_shards::instance::Nonce;
+use sha2::Sha256;
+use zeroize::Zeroizing;
 
 use crate::store::{self, Repository, StoreError};
 
 /// How long an issued nonce stays good: a fetch quotes and asks within a second or two.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(30);
-/// Outstanding nonces kept at most.
-pub const DEFAULT_CAPACITY: usize = 4096;
+/// Spent nonces remembered at most (each until it would have expired): 48 bytes each.
+pub const DEFAULT_CAPACITY: usize = 65_536;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NonceError {
@@ -29,7 +33,7 @@ pub enum NonceError {
     Replayed,
     #[error("the nonce expired {0:?} ago")]
     Expired(Duration),
-    #[error("{0} nonces are outstanding: no more are issued until some are used or expire")]
+    #[error("{0} nonces were spent in the last lifetime: no more are taken until some expire")]
     Full(usize),
     #[error("no randomness from the operating system")]
     Random,
@@ -73,31 +77,35 @@ impl Clock for SystemClock {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Entry {
-    Issued(Instant),
-    Used(Instant),
-}
+/// What a nonce's MAC covers besides its time and random part.
+const MAC_CONTEXT: &[u8] = b"keyshard/shard-host-nonce/v1";
+/// Bytes of a nonce: issued time, random part, MAC.
+const TIME_LEN: usize = 8;
+const RANDOM_LEN: usize = 8;
+const MAC_LEN: usize = 16;
 
-impl Entry {
-    fn issued_at(self) -> Instant {
-        match self {
-            Self::Issued(at) | Self::Used(at) => at,
-        }
-    }
-}
-
-/// The nonces of one host process, in memory.
+/// The nonces of one host process: stateless until spent.
 ///
-/// Used entries are kept until they would have expired, to tell "replayed" from "unknown".
-/// When `capacity` entries are outstanding, issuing fails ([`NonceError::Full`]) rather than
-/// dropping an outstanding nonce: a flood of challenges then delays new fetches (rate limiting
-/// belongs to the server) but never invalidates one in progress.
+/// A nonce is `issued_ms (u64 LE, since the book was made) || 8 random bytes || the first 16
+/// bytes of HMAC-SHA-256(key, context || issued_ms || random)`, the key drawn at random for
+/// this process. Issuing stores nothing, so no caller, however many nonces it asks for, can
+/// fill the book or push out a nonce an instance is using: the host does not rate-limit
+/// nonces. Spending checks the MAC (issued here), the time (not in the future, not older than
+/// the lifetime) and the spent set (not used yet), and remembers the nonce until it would
+/// have expired; at most `capacity` are remembered, and beyond that spending fails closed
+/// ([`NonceError::Full`]). The server spends a nonce only after the request's CMS grant
+/// verified, so only instances the CMS admitted can fill that set. A process restart forgets
+/// the key: nonces issued before it are then unknown.
 pub struct MemoryNonceBook {
     clock: Arc<dyn Clock>,
     lifetime: Duration,
     capacity: usize,
-    entries: Mutex<HashMap<Nonce, Entry>>,
+    /// The origin of the issued times.
+    epoch: Instant,
+    /// The MAC key, drawn at the first issue.
+    key: Mutex<Option<Zeroizing<[u8; 32]>>>,
+    /// Spent nonces and when each was issued.
+    spent: Mutex<HashMap<Nonce, Instant>>,
 }
 
 impl MemoryNonceBook {
@@ -106,12 +114,16 @@ impl MemoryNonceBook {
         Self::with(Arc::new(SystemClock), DEFAULT_LIFETIME, DEFAULT_CAPACITY)
     }
 
+    /// A book on `clock` whose nonces live `lifetime`, remembering at most `capacity` spent.
     pub fn with(clock: Arc<dyn Clock>, lifetime: Duration, capacity: usize) -> Self {
+        let epoch = clock.now();
         Self {
             clock,
             lifetime,
             capacity,
-            entries: Mutex::new(HashMap::new()),
+            epoch,
+            key: Mutex::new(None),
+            spent: Mutex::new(HashMap::new()),
         }
     }
 
@@ -120,9 +132,9 @@ impl MemoryNonceBook {
         self.lifetime
     }
 
-    /// Entries kept now (issued or used, not yet expired).
+    /// Spent nonces remembered now.
     pub fn len(&self) -> usize {
-        self.entries
+        self.spent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
@@ -130,6 +142,15 @@ impl MemoryNonceBook {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The MAC over a nonce's time and random part, under `key`.
+    fn mac(key: &[u8; 32], time_and_random: &[u8]) -> Result<Hmac<Sha256>> {
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(key).map_err(|_| NonceError::Random)?;
+        mac.update(MAC_CONTEXT);
+        mac.update(time_and_random);
+        Ok(mac)
     }
 }
 
@@ -144,44 +165,79 @@ impl std::fmt::Debug for MemoryNonceBook {
         f.debug_struct("MemoryNonceBook")
             .field("lifetime", &self.lifetime)
             .field("capacity", &self.capacity)
-            .field("entries", &self.len())
-            .finish()
+            .field("spent", &self.len())
+            .finish_non_exhaustive()
     }
 }
 
 impl MemoryNonceBook {
-    /// A fresh random nonce, recorded as issued now.
+    /// A fresh nonce, issued now; nothing is stored.
     pub fn issue(&self) -> Result<Nonce> {
+        let key = {
+            let mut key = self.key.lock().unwrap_or_else(PoisonError::into_inner);
+            match key.as_ref() {
+                Some(key) => key.clone(),
+                None => {
+                    let mut fresh = Zeroizing::new([0u8; 32]);
+                    getrandom::fill(&mut fresh[..]).map_err(|_| NonceError::Random)?;
+                    key.insert(fresh).clone()
+                }
+            }
+        };
+        let issued_ms = u64::try_from(
+            self.clock
+                .now()
+                .saturating_duration_since(self.epoch)
+                .as_millis(),
+        )
+        .unwrap_or(u64::MAX);
         let mut nonce = [0u8; keyshard_shards::instance::NONCE_LEN];
-        getrandom::fill(&mut nonce).map_err(|_| NonceError::Random)?;
-        let now = self.clock.now();
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let lifetime = self.lifetime;
-        entries.retain(|_, entry| now.saturating_duration_since(entry.issued_at()) <= lifetime);
-        if entries.len() >= self.capacity {
-            return Err(NonceError::Full(entries.len()));
-        }
-        entries.insert(nonce, Entry::Issued(now));
+        let (time_and_random, tag) = nonce.split_at_mut(TIME_LEN + RANDOM_LEN);
+        let (time, random) = time_and_random.split_at_mut(TIME_LEN);
+        time.copy_from_slice(&issued_ms.to_le_bytes());
+        getrandom::fill(random).map_err(|_| NonceError::Random)?;
+        let full = Self::mac(&key, time_and_random)?.finalize().into_bytes();
+        let (truncated, _) = full.split_at(MAC_LEN);
+        tag.copy_from_slice(truncated);
         Ok(nonce)
     }
 
-    /// Spends `nonce`: it must have been issued here, not used yet, and not be expired. It is
-    /// used up whatever happens next, so a refused release cannot be retried with it.
+    /// Spends `nonce`: it must have been issued here, not used yet, and not be expired. A good
+    /// one is remembered as used until it would have expired, so it is taken once.
     pub fn consume(&self, nonce: &Nonce) -> Result<SpentNonce> {
         let now = self.clock.now();
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        match entries.get(nonce).copied() {
-            None => Err(NonceError::Unknown),
-            Some(Entry::Used(_)) => Err(NonceError::Replayed),
-            Some(Entry::Issued(at)) => {
-                entries.insert(*nonce, Entry::Used(at));
-                let age = now.saturating_duration_since(at);
-                match age.checked_sub(self.lifetime) {
-                    Some(late) if !late.is_zero() => Err(NonceError::Expired(late)),
-                    _ => Ok(SpentNonce(*nonce)),
-                }
-            }
+        let key = self
+            .key
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(NonceError::Unknown)?;
+        let (time_and_random, tag) = nonce.split_at(TIME_LEN + RANDOM_LEN);
+        Self::mac(&key, time_and_random)?
+            .verify_truncated_left(tag)
+            .map_err(|_| NonceError::Unknown)?;
+        let (time, _) = time_and_random.split_at(TIME_LEN);
+        let issued_ms = u64::from_le_bytes(time.try_into().map_err(|_| NonceError::Unknown)?);
+        let issued_at = self
+            .epoch
+            .checked_add(Duration::from_millis(issued_ms))
+            .filter(|at| *at <= now)
+            .ok_or(NonceError::Unknown)?;
+        let age = now.saturating_duration_since(issued_at);
+        if let Some(late) = age.checked_sub(self.lifetime).filter(|l| !l.is_zero()) {
+            return Err(NonceError::Expired(late));
         }
+        let mut spent = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
+        if spent.contains_key(nonce) {
+            return Err(NonceError::Replayed);
+        }
+        let lifetime = self.lifetime;
+        spent.retain(|_, at| now.saturating_duration_since(*at) <= lifetime);
+        if spent.len() >= self.capacity {
+            return Err(NonceError::Full(spent.len()));
+        }
+        spent.insert(*nonce, issued_at);
+        Ok(SpentNonce(*nonce))
     }
 }
 
@@ -221,7 +277,7 @@ mod tests {
     }
 
     #[test]
-    fn item6_a_late_nonce_is_refused_and_spent() {
+    fn item6_a_late_nonce_is_refused() {
         let (clock, book) = book(8);
         let nonce = book.issue().unwrap();
         clock.advance(Duration::from_secs(31));
@@ -229,24 +285,50 @@ mod tests {
             book.consume(&nonce),
             Err(NonceError::Expired(Duration::from_secs(1)))
         );
-        assert_eq!(book.consume(&nonce), Err(NonceError::Replayed));
+        assert!(matches!(book.consume(&nonce), Err(NonceError::Expired(_))));
         // Just inside the lifetime is still good.
         let nonce = book.issue().unwrap();
         clock.advance(Duration::from_secs(30));
         assert!(book.consume(&nonce).is_ok());
     }
 
+    /// Review of issue 9: a shard host kept every issued nonce (4,096 at most) behind a global
+    /// rate limit, so one client asking for nonces in a loop made the host answer 429 to every
+    /// instance (with the real binaries: a fetch then failed on that host, exit 2). Issuing
+    /// now stores nothing: a flood leaves the book empty and a nonce issued before it good;
+    /// only spent nonces are remembered, and a full spent set refuses rather than forgets.
     #[test]
-    fn item6_a_full_book_refuses_to_issue_until_entries_expire() {
+    fn review9_a_nonce_flood_stores_nothing_and_spares_a_nonce_in_use() {
         let (clock, book) = book(2);
-        let first = book.issue().unwrap();
-        let _second = book.issue().unwrap();
-        assert_eq!(book.issue(), Err(NonceError::Full(2)));
-        // The outstanding nonces stay good: the flood did not push them out.
-        assert!(book.consume(&first).is_ok());
+        let in_use = book.issue().unwrap();
+        for _ in 0..100_000 {
+            book.issue().unwrap();
+        }
+        assert!(book.is_empty());
+        assert_eq!(book.consume(&in_use), Ok(SpentNonce(in_use)));
+        assert_eq!(book.consume(&in_use), Err(NonceError::Replayed));
+        // Another book's nonce, a flipped MAC bit, a moved time: not issued here.
+        let (_, other) = super::tests::book(2);
+        assert_eq!(
+            book.consume(&other.issue().unwrap()),
+            Err(NonceError::Unknown)
+        );
+        for byte in [0, 9, 31] {
+            let mut forged = book.issue().unwrap();
+            forged[byte] ^= 1;
+            assert_eq!(
+                book.consume(&forged),
+                Err(NonceError::Unknown),
+                "byte {byte}"
+            );
+        }
+        // The spent set holds 2: a third spend within the lifetime is refused, then expiry frees it.
+        assert!(book.consume(&book.issue().unwrap()).is_ok());
+        let third = book.issue().unwrap();
+        assert_eq!(book.consume(&third), Err(NonceError::Full(2)));
         clock.advance(Duration::from_secs(31));
-        assert!(book.issue().is_ok());
-        assert_eq!(book.len(), 1, "expired entries are dropped");
+        assert!(book.consume(&book.issue().unwrap()).is_ok());
+        assert_eq!(book.len(), 1, "expired spent entries are dropped");
     }
 
     #[tokio::test]

@@ -5,17 +5,18 @@
 //! | method and path | request body | answer |
 //! |---|---|---|
 //! | `GET /v1/status` | none | 200 `{"host": ID, "version": "0.1.0"}` |
-//! | `POST /v1/nonces` | `{}` or empty | 200 `{"nonce": "<64 hex>", "expires_in_ms": N}`; 429 `rate_limited` when nonces are asked too fast or too many are outstanding |
+//! | `POST /v1/nonces` | `{}` or empty | 200 `{"nonce": "<64 hex>", "expires_in_ms": N}`: MAC'd by this process, nothing stored, not rate-limited ([`MemoryNonceBook`]) |
 //! | `POST /v1/release` | [`ReleaseRequest`] | 200 [`ReleaseResponse`], or a refusal below |
 //!
 //! A release, in this order:
 //! 1. The body's three byte strings are parsed (grant `KSGR`, sealed shard `KSSE`, evidence
 //!    `KSIE`): 422 `invalid_request` naming the field, and nothing is spent.
-//! 2. The nonce the evidence answers is spent in this host's nonce book
+//! 2. The grant is verified ([`Grant::verify`]): signed by the CMS key, for this host, for this
+//!    sealed shard, not expired -> else 403 `grant_refused` with the reason, and the nonce is
+//!    not spent: only requests the CMS granted spend (and so fill) the nonce book.
+//! 3. The nonce the evidence answers is spent in this host's nonce book
 //!    ([`MemoryNonceBook`]): unknown, used or expired -> 403 `nonce_refused`. From here on the
 //!    nonce is used up whatever happens, so a refused request cannot be retried with it.
-//! 3. The grant is verified ([`Grant::verify`]): signed by the CMS key, for this host, for this
-//!    sealed shard, not expired -> else 403 `grant_refused` with the reason.
 //! 4. [`ShardHost::release`] under the grant's credential, epoch, index and instance policy:
 //!    evidence that does not verify -> 403 `evidence_refused` with the `VerifyError` text
 //!    (which names changed PCRs); a granted shard this host's TPM cannot open -> 403
@@ -42,7 +43,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::nonces::{MemoryNonceBook, NonceError};
 use super::{ReleaseError, ShardHost, ShardRequest};
-use crate::server::api::{TokenBucket, with_fallbacks, with_layers};
+use crate::server::api::{with_fallbacks, with_layers};
 use crate::server::error::{ApiError, Result, ServerError};
 use crate::server::hosts::invalid;
 use crate::server::request::ApiJson;
@@ -135,7 +136,6 @@ struct Inner<K> {
     host: ShardHost<K>,
     cms: VerifyingKey,
     nonces: MemoryNonceBook,
-    nonce_rate: TokenBucket,
     observer: Option<ReleaseObserver>,
 }
 
@@ -163,20 +163,13 @@ impl<K> std::fmt::Debug for HostState<K> {
 }
 
 impl<K: SharedPointSource + Send + Sync + 'static> HostState<K> {
-    /// The state of `host`, trusting grants signed by `cms`, issuing nonces from `nonces` at
-    /// most as fast as `limits.nonce_rate` allows.
-    pub fn new(
-        host: ShardHost<K>,
-        cms: VerifyingKey,
-        nonces: MemoryNonceBook,
-        limits: &Limits,
-    ) -> Self {
+    /// The state of `host`, trusting grants signed by `cms`, issuing nonces from `nonces`.
+    pub fn new(host: ShardHost<K>, cms: VerifyingKey, nonces: MemoryNonceBook) -> Self {
         Self {
             inner: Arc::new(Inner {
                 host,
                 cms,
                 nonces,
-                nonce_rate: TokenBucket::new(limits.nonce_rate),
                 observer: None,
             }),
         }
@@ -187,7 +180,6 @@ impl<K: SharedPointSource + Send + Sync + 'static> HostState<K> {
         host: ShardHost<K>,
         cms: VerifyingKey,
         nonces: MemoryNonceBook,
-        limits: &Limits,
         observer: ReleaseObserver,
     ) -> Self {
         Self {
@@ -195,7 +187,6 @@ impl<K: SharedPointSource + Send + Sync + 'static> HostState<K> {
                 host,
                 cms,
                 nonces,
-                nonce_rate: TokenBucket::new(limits.nonce_rate),
                 observer: Some(observer),
             }),
         }
@@ -233,15 +224,9 @@ async fn issue_nonce<K: SharedPointSource + Send + Sync + 'static>(
     State(state): State<HostState<K>>,
     ApiJson(HostNonceRequest {}): ApiJson<HostNonceRequest>,
 ) -> std::result::Result<axum::Json<HostNonceResponse>, ApiError> {
-    if !state.inner.nonce_rate.take() {
-        return Err(ApiError::RateLimited { what: "nonces" });
-    }
-    let nonce = state.inner.nonces.issue().map_err(|e| match e {
-        NonceError::Full(_) => ApiError::RateLimited { what: "nonces" },
-        other => {
-            log::error!("issuing a nonce: {other}");
-            ApiError::Internal
-        }
+    let nonce = state.inner.nonces.issue().map_err(|e| {
+        log::error!("issuing a nonce: {e}");
+        ApiError::Internal
     })?;
     Ok(axum::Json(HostNonceResponse {
         nonce: hex::encode(nonce),
@@ -314,14 +299,6 @@ async fn release_parsed<K: SharedPointSource + Send + Sync + 'static>(
         sealed,
         evidence,
     } = parsed;
-    let spent =
-        state
-            .inner
-            .nonces
-            .consume(evidence.nonce())
-            .map_err(|e| ApiError::NonceRefused {
-                reason: e.to_string(),
-            })?;
     let verified = grant
         .verify(
             &state.inner.cms,
@@ -331,6 +308,16 @@ async fn release_parsed<K: SharedPointSource + Send + Sync + 'static>(
         )
         .map_err(|e| ApiError::GrantRefused {
             reason: e.to_string(),
+        })?;
+    let spent = state
+        .inner
+        .nonces
+        .consume(evidence.nonce())
+        .map_err(|e| match e {
+            NonceError::Full(_) => ApiError::RateLimited { what: "releases" },
+            other => ApiError::NonceRefused {
+                reason: other.to_string(),
+            },
         })?;
     let event = ReleaseEvent::Released {
         credential: verified.credential().to_string(),

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use keyshard_attest::tpm::ek_cert::CaBundle;
+use keyshard_cms::admission::HostAdmission;
 use keyshard_cms::server::{self, CmsServer, Limits};
 use keyshard_cms::store::{Store, StoreUrl};
 use vhost_keyshard::daemon;
@@ -41,6 +42,12 @@ pub struct Args {
     /// (503 `enrolment_disabled`), and so is registering hosts and instances.
     #[arg(long, value_name = "FILE")]
     pub ek_ca: Option<PathBuf>,
+    /// The operator's list of admitted shard hosts (JSON: `{"hosts": [{"id", "region",
+    /// "operator", "max_weight"?, "ek_sha256"?}]}`): only listed host ids enrol and register,
+    /// in their listed region and operator, at most their weight, and with `ek_sha256` only by
+    /// that TPM. Without it, hosts choose their own id, domain and weight.
+    #[arg(long, value_name = "FILE")]
+    pub hosts: Option<PathBuf>,
     /// Write the process id here once the server listens.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
@@ -54,6 +61,7 @@ pub struct Config {
     pub tls_key: PathBuf,
     pub signing_key: PathBuf,
     pub ek_ca: Option<PathBuf>,
+    pub hosts: Option<PathBuf>,
     pub pidfile: Option<PathBuf>,
 }
 
@@ -78,6 +86,7 @@ impl TryFrom<Args> for Config {
             tls_key: args.tls_key,
             signing_key: args.signing_key,
             ek_ca: args.ek_ca,
+            hosts: args.hosts,
             pidfile: args.pidfile,
         })
     }
@@ -125,14 +134,23 @@ async fn serve(config: Config) -> Result<(), CliError> {
             log::warn!("no --ek-ca: enrolment is disabled, hosts and instances cannot register")
         }
     }
+    let admission = config.hosts.as_deref().map(host_list).transpose()?;
+    match &admission {
+        Some(list) => log::info!("admitting the {} hosts of --hosts only", list.len()),
+        None => log::warn!(
+            "no --hosts: any host with a genuine TPM may register, in the domain and with the \
+             weight it claims"
+        ),
+    }
     let store = Store::open_url(&config.store).await?;
-    let server = CmsServer::bind_with(
+    let server = CmsServer::bind_admitting(
         config.listen,
         store,
         tls,
         Limits::default(),
         signing_key,
         ek_ca,
+        admission,
     )
     .await?;
     daemon::announce(
@@ -149,6 +167,16 @@ async fn serve(config: Config) -> Result<(), CliError> {
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// The largest `--hosts` file read.
+const MAX_HOSTS_LEN: usize = 1024 * 1024;
+
+/// Reads and parses the `--hosts` list; an unreadable or bad file is an error naming it.
+fn host_list(path: &Path) -> Result<HostAdmission, CliError> {
+    let json = keyshard_core::files::read_limited(path, MAX_HOSTS_LEN)?;
+    HostAdmission::parse(&json)
+        .map_err(|e| CliError::InvalidArgument(format!("--hosts {}: {e}", path.display())))
 }
 
 /// The largest `--ek-ca` file read.

@@ -345,7 +345,6 @@ async fn serve(config: Config) -> Result<(), CliError> {
         ShardHost::new(host_id.clone(), decrypt),
         cms_key,
         MemoryNonceBook::new(),
-        &limits,
         observer,
     );
     let server = ShardHostServer::bind(config.listen, state, tls, limits).await?;
