@@ -346,6 +346,8 @@ fn build(
         .arg(&signing)
         .arg("--ek-ca")
         .arg(&ek_bundle);
+    let admitted = write_admitted_hosts(&layout, &host_ids)?;
+    command.arg("--hosts").arg(&admitted);
     let (cms_index, cms_url) = start_server(started, "cms", &mut command, &layout, CMS_READY)?;
     progress(&format!("CMS on {cms_url} (store {store})"));
     let cms_key = layout.cms.join("signing.pem.pub");
@@ -630,6 +632,34 @@ fn enrol_instance(
     Ok((ak_name, policy))
 }
 
+/// The CMS's `--hosts` list in the lab directory.
+pub const ADMITTED_HOSTS_FILE: &str = "cms/hosts.json";
+
+/// The `keyshard cms --hosts` list of the lab's hosts: each id in the domain [`domain`] gives it,
+/// with placement weight 1 (what `keyshard shard-host` registers without `--weight`). It names
+/// no `ek_sha256`: any TPM with an EK certificate of the lab's own EK CA may enrol as a listed
+/// id, but only in that id's domain and weight.
+pub fn admitted_hosts(host_ids: &[String]) -> serde_json::Value {
+    let hosts: Vec<serde_json::Value> = host_ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let (region, operator) = domain(i);
+            serde_json::json!({"id": id, "region": region, "operator": operator, "max_weight": 1})
+        })
+        .collect();
+    serde_json::json!({ "hosts": hosts })
+}
+
+/// Writes [`admitted_hosts`] to [`ADMITTED_HOSTS_FILE`]; its path.
+fn write_admitted_hosts(layout: &Layout, host_ids: &[String]) -> Result<PathBuf> {
+    let path = layout.dir.join(ADMITTED_HOSTS_FILE);
+    let text = admitted_hosts(host_ids);
+    fs::write(&path, format!("{text}\n"))
+        .map_err(io_context(format!("writing {}", path.display())))?;
+    Ok(path)
+}
+
 /// A `keyshard` command with info logging unless the caller's RUST_LOG says otherwise.
 fn keyshard(bin: &Path) -> Command {
     let mut command = Command::new(bin);
@@ -809,6 +839,10 @@ pub fn commands(lab: &Lab) -> Vec<String> {
             lab.instance.tcti
         ),
         format!("everything is in {dir}/lab.json; every process's output in {dir}/logs/"),
+        format!(
+            "the CMS admits only the hosts of {dir}/{ADMITTED_HOSTS_FILE} (each id in its \
+             region, operator and weight 1; any TPM of the lab's EK CA may take a listed id)"
+        ),
     ];
     lines.extend(lab.hosts.iter().map(|h| {
         format!(
@@ -872,6 +906,20 @@ mod tests {
             ]
         );
         assert_eq!(domain(6), ("eu", "acme"));
+    }
+
+    #[test]
+    fn admission_the_cms_list_names_each_lab_host_in_its_domain_at_weight_1() {
+        let ids: Vec<String> = (1..=3).map(|i| format!("host-{i}")).collect();
+        let list = admitted_hosts(&ids);
+        assert_eq!(
+            list,
+            serde_json::json!({"hosts": [
+                {"id": "host-1", "region": "eu", "operator": "acme", "max_weight": 1},
+                {"id": "host-2", "region": "eu", "operator": "globex", "max_weight": 1},
+                {"id": "host-3", "region": "us", "operator": "acme", "max_weight": 1},
+            ]})
+        );
     }
 
     #[test]

@@ -272,6 +272,47 @@ fn item9_lab_up_starts_six_hosts_and_an_instance_and_down_stops_them() {
         assert_eq!(mode & 0o077, 0, "{}: {mode:o}", key.display());
     }
 
+    // Closed host admission: the CMS runs with `--hosts`, a list of exactly the lab's hosts in
+    // their domains (each then registers as listed: the put below places on them).
+    let cmdline = fs::read(format!("/proc/{}/cmdline", lab.cms.process.pid)).unwrap();
+    let args: Vec<String> = cmdline.split(|b| *b == 0).map(text).collect();
+    let listed = run.dir.join(keyshard_lab::up::ADMITTED_HOSTS_FILE);
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--hosts" && Path::new(&w[1]) == listed),
+        "{args:?}"
+    );
+    assert!(
+        !args.iter().any(|arg| arg == "--allow-any-host"),
+        "{args:?}"
+    );
+    let admitted: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&listed).unwrap()).unwrap();
+    let mut entries: Vec<(String, String, String)> = admitted["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            assert_eq!(h["max_weight"], 1, "{h}");
+            let field = |name: &str| h[name].as_str().unwrap().to_owned();
+            (field("id"), field("region"), field("operator"))
+        })
+        .collect();
+    let mut hosts: Vec<(String, String, String)> = lab
+        .hosts
+        .iter()
+        .map(|h| (h.id.clone(), h.region.clone(), h.operator.clone()))
+        .collect();
+    entries.sort();
+    hosts.sort();
+    assert_eq!(entries, hosts);
+    assert!(
+        run.up_stdout
+            .contains(keyshard_lab::up::ADMITTED_HOSTS_FILE),
+        "{}",
+        run.up_stdout
+    );
+
     // The map the CMS serves names only the lab's hosts, each at its lab endpoint.
     let put = run.put("lab-check", b"lab secret", 3, 4, &[]);
     assert!(put.status.success(), "{}", describe(&put));
