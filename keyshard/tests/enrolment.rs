@@ -340,6 +340,93 @@ async fn review9_the_cms_admits_only_listed_hosts_in_their_domain_and_weight() {
     );
 }
 
+/// Closed host admission by default: a CMS with `--ek-ca` (host enrolment on) and neither
+/// `--hosts` nor `--allow-any-host` does not start, and says why in one line; before, it only
+/// logged a warning and let every genuine TPM register in the domain and weight it claimed.
+#[test]
+fn admission_a_cms_with_ek_ca_and_no_host_list_refuses_to_start() {
+    let pki = Pki::new();
+    let _ca_maker = Swtpm::start_with_ek_certificates(&pki.ek_ca_dir());
+    let bundle = pki.ek_bundle();
+    let mut output = Command::new(env!("CARGO_BIN_EXE_keyshard"))
+        .env_remove("RUST_LOG")
+        .arg("cms")
+        .arg("--listen=127.0.0.1:0")
+        .arg(format!("--store={}", redb_url(&pki)))
+        .arg("--tls-cert")
+        .arg(&pki.cert)
+        .arg("--tls-key")
+        .arg(&pki.key)
+        .arg("--signing-key")
+        .arg(&pki.signing)
+        .arg("--ek-ca")
+        .arg(&bundle)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A CMS that starts serves until stopped: give it 20 s to exit, then fail the test.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while output.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            output.kill().unwrap();
+            let started = output.wait_with_output().unwrap();
+            panic!("the CMS started: {}", text(&started.stdout));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let output = output.wait_with_output().unwrap();
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(!text(&output.stdout).contains(harness::READY));
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines.iter().all(|line| line.contains("--hosts")
+            && line.contains("--allow-any-host")
+            && line.contains("weight")),
+        "{stderr}"
+    );
+    // It refused before opening anything.
+    assert!(!redb_path(&pki).exists());
+}
+
+/// Closed host admission by default: `--allow-any-host` is the explicit way to open host
+/// enrolment; the CMS starts, prints on stdout what that leaves open (a host claims its own
+/// domain and weight), and a host enrols and registers in a domain and weight nobody gave it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_allow_any_host_starts_and_says_what_it_leaves_open() {
+    let pki = Pki::new();
+    let mut host = ShardHost::start_with_ek_certificates("host-1", &pki.ek_ca_dir());
+    let lab = Lab::start(pki);
+    let stdout = lab.cms.daemon.stdout();
+    let notice: Vec<&String> = stdout
+        .iter()
+        .filter(|line| line.contains("--allow-any-host"))
+        .collect();
+    assert_eq!(notice.len(), 1, "{stdout:?}");
+    assert!(
+        notice
+            .iter()
+            .all(|line| line.contains("region") && line.contains("weight")),
+        "{notice:?}"
+    );
+    lab.enrol(host.tpm.get_mut().unwrap(), EnrolmentKind::Host, "host-1")
+        .await;
+    let (status, body) = lab.post("/v1/hosts/challenge", json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let nonce: NonceResponse = serde_json::from_slice(&body).unwrap();
+    let mut registration =
+        host.registration(Nonce::from_hex(&nonce.nonce).unwrap(), "ap", "anyone");
+    registration.weight = std::num::NonZeroU32::new(u32::MAX).unwrap();
+    let body =
+        serde_json::to_value(HostRegistrationRequest::from_registration(&registration)).unwrap();
+    let (status, body) = lab
+        .call(reqwest::Method::PUT, "/v1/hosts/host-1", &body)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{}", text(&body));
+}
+
 /// Review of issue 9: one TPM (one EK) enrols one id. A host's swtpm, enrolled as host-1,
 /// asking to enrol as host-2 or as instance vm-1 is refused at the challenge (409
 /// `ak_conflict` naming host-1); before, both were pinned, so one machine stood as several

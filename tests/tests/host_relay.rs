@@ -114,7 +114,9 @@ impl Lab {
                 .arg("--signing-key")
                 .arg(&signing_path)
                 .arg("--ek-ca")
-                .arg(path("ek-ca.pem")),
+                .arg(path("ek-ca.pem"))
+                // Host admission is not what this test is about.
+                .arg("--allow-any-host"),
             "ready: cms listening on https://",
             Duration::from_secs(30),
             &path("cms.log"),

@@ -45,9 +45,14 @@ pub struct Args {
     /// The operator's list of admitted shard hosts (JSON: `{"hosts": [{"id", "region",
     /// "operator", "max_weight"?, "ek_sha256"?}]}`): only listed host ids enrol and register,
     /// in their listed region and operator, at most their weight, and with `ek_sha256` only by
-    /// that TPM. Without it, hosts choose their own id, domain and weight.
+    /// that TPM. With `--ek-ca` it is required unless `--allow-any-host` is given.
     #[arg(long, value_name = "FILE")]
     pub hosts: Option<PathBuf>,
+    /// With `--ek-ca` and no `--hosts`: let any host with a genuine TPM enrol and register under
+    /// the id, region, operator and placement weight it claims. Without this flag such a CMS
+    /// refuses to start.
+    #[arg(long, conflicts_with = "hosts")]
+    pub allow_any_host: bool,
     /// Write the process id here once the server listens.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
@@ -62,8 +67,20 @@ pub struct Config {
     pub signing_key: PathBuf,
     pub ek_ca: Option<PathBuf>,
     pub hosts: Option<PathBuf>,
+    /// `--allow-any-host`: host enrolment is open to every genuine TPM (only with `--ek-ca`).
+    pub allow_any_host: bool,
     pub pidfile: Option<PathBuf>,
 }
+
+/// Why a CMS with `--ek-ca`, without `--hosts` and without `--allow-any-host` does not start.
+pub const OPEN_ADMISSION_REFUSED: &str = "--ek-ca without --hosts would let any host with a \
+    genuine TPM register under the id, region, operator and weight it claims: give --hosts FILE \
+    (the admitted hosts) or --allow-any-host";
+
+/// What `--allow-any-host` leaves open, printed on stdout when the CMS starts with it.
+pub const OPEN_ADMISSION_NOTICE: &str = "warning: --allow-any-host: any host with a genuine TPM \
+    may enrol; it claims its own id, region, operator and placement weight, so nothing stops one \
+    party from posing as several failure domains or attracting most shares with a large weight";
 
 impl TryFrom<Args> for Config {
     type Error = CliError;
@@ -79,6 +96,9 @@ impl TryFrom<Args> for Config {
             .store
             .parse::<StoreUrl>()
             .map_err(|e| CliError::InvalidArgument(format!("--store: {e}")))?;
+        if args.ek_ca.is_some() && args.hosts.is_none() && !args.allow_any_host {
+            return Err(CliError::InvalidArgument(OPEN_ADMISSION_REFUSED.to_owned()));
+        }
         Ok(Self {
             listen,
             store,
@@ -87,6 +107,7 @@ impl TryFrom<Args> for Config {
             signing_key: args.signing_key,
             ek_ca: args.ek_ca,
             hosts: args.hosts,
+            allow_any_host: args.allow_any_host,
             pidfile: args.pidfile,
         })
     }
@@ -137,10 +158,14 @@ async fn serve(config: Config) -> Result<(), CliError> {
     let admission = config.hosts.as_deref().map(host_list).transpose()?;
     match &admission {
         Some(list) => log::info!("admitting the {} hosts of --hosts only", list.len()),
-        None => log::warn!(
-            "no --hosts: any host with a genuine TPM may register, in the domain and with the \
-             weight it claims"
-        ),
+        None if ek_ca.is_some() && config.allow_any_host => {
+            use std::io::Write as _;
+            // On stdout too, where the operator reads the ready line; a closed stdout is not
+            // worth failing over (the log has it).
+            let _ = writeln!(std::io::stdout().lock(), "{OPEN_ADMISSION_NOTICE}");
+            log::warn!("{OPEN_ADMISSION_NOTICE}");
+        }
+        None => {}
     }
     let store = Store::open_url(&config.store).await?;
     let server = CmsServer::bind_admitting(
@@ -261,9 +286,40 @@ mod tests {
         );
         let missing = ek_ca_bundle(&dir.path().join("nope.pem")).unwrap_err();
         assert!(missing.to_string().contains("nope.pem"), "{missing}");
-        let config = parse(&["--ek-ca", "ca.pem"]).unwrap();
+        let config = parse(&["--ek-ca", "ca.pem", "--allow-any-host"]).unwrap();
         assert_eq!(config.ek_ca, Some(PathBuf::from("ca.pem")));
         assert_eq!(parse(&[]).unwrap().ek_ca, None);
+    }
+
+    #[test]
+    fn closed_host_admission_is_the_default_with_ek_ca() {
+        let err = parse(&["--ek-ca", "ca.pem"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--hosts") && err.contains("--allow-any-host") && !err.contains('\n'),
+            "{err}"
+        );
+        let listed = parse(&["--ek-ca", "ca.pem", "--hosts", "hosts.json"]).unwrap();
+        assert!(!listed.allow_any_host);
+        assert!(
+            parse(&["--ek-ca", "ca.pem", "--allow-any-host"])
+                .unwrap()
+                .allow_any_host
+        );
+        // Without --ek-ca nothing enrols, so nothing needs admitting.
+        assert!(parse(&[]).is_ok());
+        let argv = [
+            "cms",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--signing-key",
+            "s.pem",
+            "--hosts",
+            "h.json",
+            "--allow-any-host",
+        ];
+        assert!(Command::try_parse_from(argv).is_err());
     }
 
     #[test]

@@ -129,10 +129,19 @@ impl Cms {
     }
 
     /// A CMS on `store` that enrols TPMs whose EK certificates chain to `pki`'s EK CA
-    /// ([`Pki::ek_bundle`]: a TPM with EK certificates must have been made first).
+    /// ([`Pki::ek_bundle`]: a TPM with EK certificates must have been made first), admitting
+    /// any such host (`--allow-any-host`: these tests are not about host admission).
     pub fn start_enrolling(pki: &Pki, store: &str) -> Self {
         let bundle = pki.ek_bundle();
-        Self::start_with(pki, store, &["--ek-ca".as_ref(), bundle.as_os_str()])
+        Self::start_with(
+            pki,
+            store,
+            &[
+                "--ek-ca".as_ref(),
+                bundle.as_os_str(),
+                "--allow-any-host".as_ref(),
+            ],
+        )
     }
 
     /// A CMS on `store` with `extra` arguments.

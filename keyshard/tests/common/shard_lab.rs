@@ -101,7 +101,9 @@ impl ShardLab {
             .arg("--signing-key")
             .arg(&files.signing)
             .arg("--ek-ca")
-            .arg(&bundle);
+            .arg(&bundle)
+            // Host admission is not what this harness tests.
+            .arg("--allow-any-host");
         let cms = daemon("cms", &mut command, CMS_READY, &files.dir.join("cms.log"));
         let cms_addr: SocketAddr = cms
             .ready_line()
