@@ -480,6 +480,25 @@ async fn item6_the_cms_refuses_fetches_as_spec_c_says_and_spends_nothing_on_malf
         assert!(message.contains(says), "{name}: {message}");
     }
 
+    // Evidence that does not verify learns nothing of the instance policy: a credential that
+    // admits vm-1 and one that does not answer alike.
+    for name in ["db", "map-only"] {
+        let nonce = lab.challenge("vm-1").await;
+        let honest = lab.evidence(&nonce, &key);
+        let forged = InstanceEvidence::new(
+            nonce,
+            FetchKey::generate().unwrap().public_key(),
+            honest.quote().clone(),
+            honest.pcrs().clone(),
+        );
+        let (status, answer) = lab.fetch(name, Lab::body("vm-1", &forged)).await;
+        assert_eq!(
+            (status, refusal(&answer).0.as_str()),
+            (403, "evidence_refused"),
+            "{name}: {answer}"
+        );
+    }
+
     // Evidence re-used with another ephemeral key.
     let nonce = lab.challenge("vm-1").await;
     let honest = lab.evidence(&nonce, &key);

@@ -13,12 +13,13 @@
 //! 3. the nonce the evidence answers is spent in the store (single use across replicas): an
 //!    unknown, used or expired nonce -> 403 `nonce_refused`; from here on it is used up;
 //! 4. the instance is registered (`instances/<id>`): else 403 `not_enrolled`;
-//! 5. the credential's instance policy names the instance, with the AK name pinned for it now:
-//!    else 403 `forbidden` (an instance enrolled again with another TPM since the put is not
-//!    the instance the client admitted);
-//! 6. the evidence verifies against the registered AK and golden PCRs, bound to the nonce and
+//! 5. the evidence verifies against the registered AK and golden PCRs, bound to the nonce and
 //!    the instance's ephemeral key (`keyshard_shards::instance::verify`): else 403
-//!    `evidence_refused` with the reason (which names changed PCRs).
+//!    `evidence_refused` with the reason (which names changed PCRs);
+//! 6. the credential's instance policy names the instance, with the AK name pinned for it now:
+//!    else 403 `forbidden` (an instance enrolled again with another TPM since the put is not
+//!    the instance the client admitted). After the evidence, so that whether an instance is
+//!    admitted is told to that instance only, not to anyone holding a nonce who names it.
 //!
 //! Each grant (`keyshard_shards::grant`) names the credential, epoch, index, host, the
 //! instance, its registered policy and the SHA-256 of the sealed shard, and is good for
@@ -132,6 +133,12 @@ pub(super) async fn fetch(
         .ok_or_else(|| ApiError::NotEnrolled {
             reason: format!("instance {instance} is not registered"),
         })?;
+    // The evidence first: whether an instance is admitted to a credential is told only to that
+    // instance, not to whoever holds a nonce and names it.
+    let policy = record.policy();
+    verify(&evidence, &policy, evidence.nonce()).map_err(|e| ApiError::EvidenceRefused {
+        reason: e.to_string(),
+    })?;
     let Some(admitted) = stored.instances.iter().find(|a| a.id == instance) else {
         return Err(ApiError::Forbidden {
             reason: format!("instance {instance} may not fetch credential {name}"),
@@ -146,10 +153,6 @@ pub(super) async fn fetch(
             ),
         });
     }
-    let policy = record.policy();
-    verify(&evidence, &policy, evidence.nonce()).map_err(|e| ApiError::EvidenceRefused {
-        reason: e.to_string(),
-    })?;
     let map = stored
         .signed_map
         .verify(&state.signing_key.verifying_key())
