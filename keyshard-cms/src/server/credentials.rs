@@ -21,7 +21,7 @@
 use std::time::SystemTime;
 
 use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
@@ -30,12 +30,12 @@ use keyshard_shards::map::ClientPublicKey;
 use keyshard_shards::placement::{PlacementError, PlacementSeed};
 use keyshard_shards::{HostId, InstanceId};
 use serde::{Deserialize, Serialize};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use super::api::AppState;
 use super::error::ApiError;
 use super::hosts::{invalid, path_segment, registry_error, store_error};
-use super::request::{RawBody, parse_body};
+use super::request::WipedJson;
 use crate::credential::{
     AK_NAME_LEN, AdmittedInstance, CredentialError, MAX_INSTANCES, PutRequest, map_for,
     put_credential,
@@ -214,28 +214,11 @@ pub struct SealedMapResponse {
     pub sealed_map: String,
 }
 
-/// A put request read like [`super::request::ApiJson`] reads any body, after which the body's buffer is wiped
-/// when this handler holds its only reference (it holds the secret's base64).
-pub(super) struct PutBody(PutCredentialRequest);
-
-impl<S: Send + Sync> FromRequest<S> for PutBody {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let body = RawBody::read(request, state).await?;
-        let parsed = parse_body(body.content_type.as_deref(), &body.bytes, body.max);
-        if let Ok(mut owned) = body.bytes.try_into_mut() {
-            owned.as_mut().zeroize();
-        }
-        parsed.map(Self)
-    }
-}
-
 /// `POST /v1/credentials/{name}`.
 pub(super) async fn put(
     State(state): State<AppState>,
     name: Result<Path<String>, PathRejection>,
-    PutBody(request): PutBody,
+    WipedJson(request): WipedJson<PutCredentialRequest>,
 ) -> Result<(StatusCode, axum::Json<PutCredentialResponse>), ApiError> {
     let name = credential_name(name)?;
     let parsed = request.parse()?;
@@ -373,6 +356,7 @@ pub(super) fn credential_error(error: CredentialError) -> ApiError {
 
 #[cfg(test)]
 mod tests {
+    use super::super::request::parse_body;
     use super::*;
 
     const JSON: Option<&[u8]> = Some(b"application/json");

@@ -17,6 +17,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
 use serde::de::DeserializeOwned;
+use zeroize::Zeroize as _;
 
 use super::error::ApiError;
 
@@ -148,8 +149,30 @@ where
     }
 }
 
+/// Like [`ApiJson`], for a body that carries a secret (a credential, fragments): once parsed,
+/// the body's buffer is wiped when this extractor holds its only reference.
+#[derive(Debug)]
+pub struct WipedJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for WipedJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let body = RawBody::read(request, state).await?;
+        let parsed = parse_body(body.content_type.as_deref(), &body.bytes, body.max);
+        if let Ok(mut owned) = body.bytes.try_into_mut() {
+            owned.as_mut().zeroize();
+        }
+        parsed.map(Self)
+    }
+}
+
 /// A request body read under the router's body limit, not parsed yet: what [`ApiJson`] parses,
-/// for an extractor that must do something with the bytes after parsing (wipe them).
+/// for an extractor that must do something with the bytes after parsing ([`WipedJson`]).
 #[derive(Debug)]
 pub struct RawBody {
     pub content_type: Option<Vec<u8>>,

@@ -13,14 +13,14 @@
 use std::time::SystemTime;
 
 use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use ed25519_dalek::VerifyingKey;
 use keyshard_shards::HostId;
 use keyshard_shards::map::ClientPublicKey;
 use keyshard_shards::placement::PlacementSeed;
 use serde::{Deserialize, Serialize};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use super::api::AppState;
 use super::credentials::{
@@ -29,7 +29,7 @@ use super::credentials::{
 };
 use super::error::ApiError;
 use super::hosts::invalid;
-use super::request::{RawBody, parse_body};
+use super::request::WipedJson;
 use crate::credential::AdmittedInstance;
 use crate::volume::{VolumeError, VolumeSharesRequest, put_volume_shares};
 
@@ -131,28 +131,11 @@ impl PutVolumeSharesRequest {
     }
 }
 
-/// A request read like any body, after which the body's buffer is wiped when this handler holds
-/// its only reference (it holds the fragments' hex).
-pub(super) struct VolumeBody(PutVolumeSharesRequest);
-
-impl<S: Send + Sync> FromRequest<S> for VolumeBody {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let body = RawBody::read(request, state).await?;
-        let parsed = parse_body(body.content_type.as_deref(), &body.bytes, body.max);
-        if let Ok(mut owned) = body.bytes.try_into_mut() {
-            owned.as_mut().zeroize();
-        }
-        parsed.map(Self)
-    }
-}
-
 /// `POST /v1/volumes/{key id}/host-shares`.
 pub(super) async fn put_host_shares(
     State(state): State<AppState>,
     key_id: Result<Path<String>, PathRejection>,
-    VolumeBody(request): VolumeBody,
+    WipedJson(request): WipedJson<PutVolumeSharesRequest>,
 ) -> Result<(StatusCode, axum::Json<PutCredentialResponse>), ApiError> {
     let key_id = credential_name(key_id)?;
     let ParsedVolume {
@@ -210,6 +193,7 @@ fn volume_error(error: VolumeError) -> ApiError {
 
 #[cfg(test)]
 mod tests {
+    use super::super::request::parse_body;
     use super::*;
 
     const JSON: Option<&[u8]> = Some(b"application/json");
