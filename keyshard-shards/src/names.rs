@@ -15,81 +15,63 @@ pub const MAX_HOST_ID_LEN: usize = 64;
 /// Longest region or operator name.
 pub const MAX_DOMAIN_NAME_LEN: usize = 64;
 
-/// Names one shard host, e.g. `host-eu-1`: lower-case ASCII, so it reads the same everywhere it
-/// is bound (shard ciphertexts, placement hashes, the shard map).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct HostId(String);
+/// Declares an id type of 1..=64 bytes of `a-z 0-9 . _ -` (lower-case ASCII, so it reads the same
+/// everywhere it is bound), with `new`, `as_str`, `Display` and `FromStr`; `$what` names it in
+/// errors.
+macro_rules! lower_case_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
 
-impl HostId {
-    /// Checks 1..=64 bytes of `a-z 0-9 . _ -`.
-    pub fn new(value: impl Into<String>) -> Result<Self, NameError> {
-        let value = value.into();
-        check_name(
-            "host id",
-            &value,
-            MAX_HOST_ID_LEN,
-            "a-z, 0-9, '.', '_' and '-'",
-            |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b),
-        )?;
-        Ok(Self(value))
-    }
+        impl $name {
+            /// Checks 1..=64 bytes of `a-z 0-9 . _ -`.
+            pub fn new(value: impl Into<String>) -> Result<Self, NameError> {
+                let value = value.into();
+                check_name(
+                    $what,
+                    &value,
+                    MAX_HOST_ID_LEN,
+                    "a-z, 0-9, '.', '_' and '-'",
+                    |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b),
+                )?;
+                Ok(Self(value))
+            }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = NameError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::new(s)
+            }
+        }
+    };
 }
 
-impl fmt::Display for HostId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+lower_case_id!(
+    /// Names one shard host, e.g. `host-eu-1` (shard ciphertexts, placement hashes, the shard
+    /// map bind it).
+    HostId,
+    "host id"
+);
 
-impl FromStr for HostId {
-    type Err = NameError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::new(s)
-    }
-}
-
-/// Names one compute instance, e.g. `vm-web-1`: the same characters as a [`HostId`] (1..=64
-/// bytes of `a-z 0-9 . _ -`), so it reads the same wherever it is bound (grants, the store).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct InstanceId(String);
-
-impl InstanceId {
-    /// Checks 1..=64 bytes of `a-z 0-9 . _ -`.
-    pub fn new(value: impl Into<String>) -> Result<Self, NameError> {
-        let value = value.into();
-        check_name(
-            "instance id",
-            &value,
-            MAX_HOST_ID_LEN,
-            "a-z, 0-9, '.', '_' and '-'",
-            |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b),
-        )?;
-        Ok(Self(value))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for InstanceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl FromStr for InstanceId {
-    type Err = NameError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::new(s)
-    }
-}
+lower_case_id!(
+    /// Names one compute instance, e.g. `vm-web-1`: the same characters as a [`HostId`], so it
+    /// reads the same wherever it is bound (grants, the store).
+    InstanceId,
+    "instance id"
+);
 
 /// Names a region or an operator, e.g. `eu-west` or `acme`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
